@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` (main job on the bundled sample Hub) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/hpcstage: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/hpcstage
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+# As root, the suite starts the one-node Slurm test cluster first (scripts/slurm-test-cluster.sh).
+test: install
+	@if [ "$$(id -u)" = 0 ] && [ -x scripts/slurm-test-cluster.sh ]; then scripts/slurm-test-cluster.sh start; fi
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf demo-work .pytest_cache

@@ -1,0 +1,3 @@
+from hpcstage.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The standard Hugging Face hub cache, written exactly as huggingface_hub reads it offline.
+
+Layout (FACTS.md): `<cache>/<type>s--org--name/{blobs,snapshots,refs,trees}`. Blobs are named by their
+etag (git sha1 for regular files, sha256 for LFS files); snapshots hold relative symlinks to blobs; refs hold
+the commit sha with no trailing newline; `trees/<commit>.json` holds the full listing so offline
+`snapshot_download` can prove completeness.
+
+Every write here is atomic: a blob, symlink, ref or tree appears under its final name only complete.
+Our partial data and leases live beside the blob under names no other tool uses (`.hpcstage-*`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.file_download import repo_folder_name
+
+PARTIAL_SUFFIX = ".hpcstage-partial"
+LEASE_SUFFIX = ".hpcstage-lease"
+TREE_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """The hub cache huggingface_hub would use, computed from the environment now (not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expandvars(os.path.expanduser(os.environ["HF_HUB_CACHE"])))
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(os.path.expandvars(os.path.expanduser(hf_home))) / "hub"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.hpcstage-tmp")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` via a temporary sibling and rename, so readers never see a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """One file of a snapshot: its path in the repo and the blob it points to."""
+
+    path: str
+    size: int
+    blob_id: str  # git sha1 of the content
+    sha256: str | None = None  # set for LFS files
+
+    @property
+    def etag(self) -> str:
+        """The blob's name in the cache: sha256 for LFS files, git sha1 otherwise (as huggingface_hub)."""
+        return self.sha256 or self.blob_id
+
+
+@dataclass(frozen=True)
+class RepoCache:
+    """One repo's folder in the hub cache."""
+
+    cache_dir: Path
+    repo_type: str
+    repo_id: str
+
+    @property
+    def root(self) -> Path:
+        return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type=self.repo_type)
+
+    def blob(self, etag: str) -> Path:
+        return self.root / "blobs" / etag
+
+    def partial(self, etag: str) -> Path:
+        return self.root / "blobs" / (etag + PARTIAL_SUFFIX)
+
+    def lease(self, etag: str) -> Path:
+        return self.root / "blobs" / (etag + LEASE_SUFFIX)
+
+    def snapshot(self, commit: str) -> Path:
+        return self.root / "snapshots" / commit
+
+    def has_blob(self, file: CachedFile) -> bool:
+        try:
+            return self.blob(file.etag).stat().st_size == file.size
+        except FileNotFoundError:
+            return False
+
+    def is_linked(self, commit: str, file: CachedFile) -> bool:
+        """True when the snapshot entry resolves to the blob of the right size."""
+        link = self.snapshot(commit) / file.path
+        try:
+            return os.readlink(link) == self._link_target(link, file.etag) and link.stat().st_size == file.size
+        except OSError:
+            return False
+
+    def _link_target(self, link: Path, etag: str) -> str:
+        return os.path.relpath(self.blob(etag), link.parent)
+
+    def commit_blob(self, partial: Path, etag: str) -> None:
+        """Move a complete, hash-checked partial into place. If another writer committed the same etag
+        first, replacing it is harmless: the name is the content's hash."""
+        blob = self.blob(etag)
+        os.chmod(partial, 0o644 & ~_umask())
+        os.replace(partial, blob)
+
+    def link(self, commit: str, file: CachedFile) -> None:
+        """Point `snapshots/<commit>/<path>` at the blob with a relative symlink, replaced atomically."""
+        link = self.snapshot(commit) / file.path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = self._link_target(link, file.etag)
+        try:
+            if os.readlink(link) == target:
+                return
+        except OSError:
+            pass
+        tmp = _tmp_name(link)
+        os.symlink(target, tmp)
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def write_ref(self, revision: str, commit: str) -> None:
+        """`refs/<revision>` holds exactly the 40-hex commit, no newline (a newline breaks offline loads)."""
+        ref = self.root / "refs" / revision
+        try:
+            if ref.read_text() == commit:
+                return
+        except OSError:
+            pass
+        write_atomic(ref, commit.encode())
+
+    def read_ref(self, revision: str) -> str | None:
+        try:
+            return (self.root / "refs" / revision).read_text()
+        except OSError:
+            return None
+
+    def tree_path(self, commit: str) -> Path:
+        return self.root / "trees" / f"{commit}.json"
+
+    def write_tree(self, commit: str, files: list[CachedFile]) -> None:
+        """The full listing (all files, not only the selected ones), group/world-readable unlike
+        huggingface_hub's 0600 default, so a shared cache's completeness check works for everyone."""
+        entries = {}
+        for f in sorted(files, key=lambda f: f.path):
+            info: dict = {"size": f.size, "blob_id": f.blob_id}
+            if f.sha256:
+                info.update(lfs_sha256=f.sha256, lfs_size=f.size)
+            entries[f.path] = info
+        data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
+        write_atomic(self.tree_path(commit), json.dumps(data, indent=1).encode())
+
+    def read_tree(self, commit: str) -> list[CachedFile] | None:
+        try:
+            data = json.loads(self.tree_path(commit).read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("format_version") != TREE_FORMAT_VERSION:
+            return None
+        return [
+            CachedFile(path=p, size=i["size"], blob_id=i["blob_id"], sha256=i.get("lfs_sha256"))
+            for p, i in data["files"].items()
+        ]
