@@ -1,0 +1,465 @@
+"""Lease locks that hold across processes and nodes on shared filesystems (Lustre, GPFS, NFS).
+
+Why not a library: filelock's UnixFileLock (like huggingface_hub's locks) is `flock`, which raises ENOSYS
+on Lustre mounted without `flock` and is node-local on some NFS/GPFS setups, so two nodes both "hold" it.
+filelock's SoftFileLock (an O_EXCL file) works everywhere but never expires a dead holder's file: one
+SIGKILLed job blocks everyone until a human deletes it.
+
+A lease is a lock file created with O_CREAT|O_EXCL (atomic on NFSv3+, Lustre, GPFS) holding a small JSON
+that names its owner: host, boot id, pid namespace, pid, process start time, a random token, created
+time, ttl. While held, a heartbeat thread bumps the file's mtime every ttl/3 (after checking the file
+still carries our token; if not, the lease is `lost`). A lease is stale when
+
+* its owner is provably dead: same hostname, boot id and pid namespace as us, and the pid is gone, a
+  zombie, or a different process (start time differs). Judged at once, no waiting for the ttl; or
+* `fs_now - mtime > ttl` (the owner's ttl), where fs_now is the mtime of a probe file touched now in the
+  same directory. Both times come from the filesystem, so clock skew between nodes cancels where the
+  server stamps times (NFS). Where clients stamp times, skew eats into the ttl: keep ttl far above it.
+
+Every change to a lock file's name (create, takeover, release) happens under a guard, `<lock>.guard`,
+another O_EXCL file held for a few metadata operations (stale when its local owner is dead or after
+GUARD_TTL). Why: `rename` and `unlink` act on whatever is at the name at that moment. Without the guard,
+a contender B that judged lease X stale could stall while C takes X over and creates a fresh lease; B
+then moves C's fresh lease away, and if D creates on the free name before B can put it back, C and D
+both hold. Under the guard nobody else creates or removes the name, so B's view can only change by the
+holder's heartbeat, which the claim step below catches.
+
+Claim step (`_claim`): rename the file to a unique name (atomic: of racing renamers exactly one succeeds,
+the others get ENOENT), then judge what was actually moved. If it is still the file judged stale (same
+inode, same bytes, still stale by a fresh fs clock) delete it. If not (its holder heartbeated in
+between, or a second guard holder after a guard break raced us) put it back with `link`, which fails
+with EEXIST instead of clobbering a newer lease; if it cannot go back, its holder's next heartbeat finds
+its token gone and sets `lost`. So a holder that stalls past its ttl can lose the lease while it still
+runs: check `lost` (or call `check()`) before committing work.
+
+Files in a lock's directory: `<lock>`, `<lock>.guard`, `<lock>.claim-<hex>` (left only if a claimer dies
+mid-claim) and `.hpcstage-probe-<hex>` (fs clock probes, same). Reads use open+fstat, not stat: NFS
+revalidates attributes on open (close-to-open consistency), a bare stat may answer from its cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+
+from hpcstage.errors import HpcstageError
+
+DEFAULT_TTL = 60.0  # for lock files whose JSON is missing or unreadable (a creator died mid-write)
+GUARD_TTL = 10.0  # a guard lives for milliseconds; one older than this belongs to a crashed process
+_OFFSET_MAX_AGE = 30.0  # how long a measured fs-vs-local clock offset serves the no-guard fast path
+_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+
+
+class LeaseLost(HpcstageError):
+    """Another process took the lease over (we stalled past the ttl) or it vanished: work done under it
+    may have overlapped with someone else's, so do not commit it."""
+
+
+class LockTimeout(HpcstageError):
+    """`acquire(timeout=...)` ran out while a live owner held the lease."""
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A lock file as judged now. `created` is the owner's wall clock at creation (informational);
+    `age` is seconds since the last heartbeat by the filesystem's clock; `ttl` is the owner's."""
+
+    host: str
+    pid: int
+    token: str
+    created: float
+    age: float
+    expired: bool
+    ttl: float
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+_HOST = socket.gethostname()
+_BOOT = _read_text("/proc/sys/kernel/random/boot_id")
+try:
+    _PIDNS = os.readlink("/proc/self/ns/pid")
+except OSError:
+    _PIDNS = ""
+_me_cache: dict[int, dict] = {}
+
+
+def _me() -> dict:
+    """Who we are, for the lock file. Cached per pid (a forked child is someone else)."""
+    pid = os.getpid()
+    if pid not in _me_cache:
+        _me_cache.clear()
+        start = psutil.Process(pid).create_time()
+        _me_cache[pid] = {"host": _HOST, "boot": _BOOT, "pidns": _PIDNS, "pid": pid, "start": start}
+    return _me_cache[pid]
+
+
+def _record(token: str, ttl: float) -> bytes:
+    return json.dumps({**_me(), "token": token, "created": time.time(), "ttl": ttl}).encode()
+
+
+def _num(meta: dict, key: str, default: float) -> float:
+    value = meta.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _dead_local(meta: dict) -> bool:
+    """True only when the owner provably is gone. A pid means something only on the same host, boot and
+    pid namespace (containers share hostnames); anything uncertain counts as alive."""
+    if (meta.get("host"), meta.get("boot"), meta.get("pidns")) != (_HOST, _BOOT, _PIDNS):
+        return False
+    pid = int(_num(meta, "pid", 0))
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: it will never heartbeat
+            return True
+        return abs(proc.create_time() - _num(meta, "start", proc.create_time())) > 1.0  # pid reused
+    except psutil.NoSuchProcess:  # includes ZombieProcess
+        return True
+    except psutil.Error:  # access denied and the like: cannot tell
+        return False
+
+
+def fs_now(directory: str | Path) -> float:
+    """The filesystem's current time: the mtime of a probe file touched now in `directory`.
+
+    Lock mtimes are stamped by the filesystem too, so comparing against this instead of time.time()
+    keeps a node with a wrong clock from expiring live leases early (or dead ones never)."""
+    probe = Path(directory) / f".hpcstage-probe-{secrets.token_hex(6)}"
+    fd = os.open(probe, _FLAGS, 0o600)
+    try:
+        os.utime(fd)  # "now" as the filesystem stamps it (NFS: the server's clock)
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+_offsets: dict[str, tuple[float, float]] = {}  # directory -> (monotonic when measured, fs - local)
+
+
+def _fs_clock(directory: Path, fresh: bool) -> float:
+    """fs_now, or (fresh=False) local time plus a recently measured offset: good enough to skip the
+    guard when a lease is clearly live; every takeover decision re-checks with fresh=True."""
+    key = str(directory)
+    hit = _offsets.get(key)
+    if fresh or hit is None or time.monotonic() - hit[0] > _OFFSET_MAX_AGE:
+        try:
+            now = fs_now(directory)
+        except OSError:  # read-only directory (e.g. `status` by another user): the local clock it is
+            return time.time()
+        _offsets[key] = (time.monotonic(), now - time.time())
+        return now
+    return time.time() + hit[1]
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One read of a lock file: bytes, identity, mtime, parsed JSON ({} if empty or garbled)."""
+
+    raw: bytes
+    ino: tuple[int, int]
+    mtime: float
+    meta: dict
+
+
+def _read(path: Path) -> _Seen | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = {}
+    return _Seen(raw, (st.st_dev, st.st_ino), st.st_mtime, meta if isinstance(meta, dict) else {})
+
+
+def _stale(seen: _Seen, directory: Path, default_ttl: float, fresh: bool) -> bool:
+    if _dead_local(seen.meta):
+        return True
+    return _fs_clock(directory, fresh) - seen.mtime > _num(seen.meta, "ttl", default_ttl)
+
+
+def _still_stale(seen: _Seen, directory: Path, default_ttl: float) -> Callable[[_Seen], bool]:
+    """Claim predicate: the moved file is the very one judged stale, and it is still stale."""
+    return lambda moved: (
+        moved.ino == seen.ino and moved.raw == seen.raw and _stale(moved, directory, default_ttl, True)
+    )
+
+
+def _create(path: Path, data: bytes) -> bool:
+    """O_EXCL-create `path` holding `data`; False if it exists. 0o664 (minus umask): group-readable."""
+    try:
+        fd = os.open(path, _FLAGS, 0o664)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return True
+
+
+def _claim(path: Path, ok: Callable[[_Seen], bool]) -> bool:
+    """Remove `path` if the file there passes `ok`; True if removed. See the module docstring: rename
+    first (only one racer gets the file), judge what was moved, put it back if it was not ours to take."""
+    moved = path.with_name(f"{path.name}.claim-{secrets.token_hex(6)}")
+    try:
+        os.rename(path, moved)
+    except FileNotFoundError:
+        return False
+    seen = _read(moved)
+    if seen is not None and ok(seen):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(moved)
+        return True
+    try:
+        os.link(moved, path)  # EEXIST rather than clobber a lease created meanwhile
+    except FileExistsError:
+        pass  # the moved lease's holder will see its token gone and set `lost`
+    except FileNotFoundError:
+        return False  # the moved file vanished (a careless cleanup): nothing to put back
+    except OSError:  # no hard links on this filesystem; under the guard nobody creates the name
+        if not os.path.lexists(path):
+            os.rename(moved, path)
+            return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(moved)
+    return False
+
+
+def _guard_path(lock: Path) -> Path:
+    return lock.with_name(lock.name + ".guard")
+
+
+def _take_guard(lock: Path) -> str | None:
+    """One try (breaking a stale guard on the way) at `<lock>.guard`; its token, or None if busy."""
+    guard = _guard_path(lock)
+    for _ in range(2):
+        token = secrets.token_hex(8)
+        if _create(guard, _record(token, GUARD_TTL)):
+            return token
+        seen = _read(guard)
+        if seen is not None:
+            if not _stale(seen, guard.parent, GUARD_TTL, fresh=False):
+                return None
+            _claim(guard, _still_stale(seen, guard.parent, GUARD_TTL))
+    return None
+
+
+@contextlib.contextmanager
+def _guarded(lock: Path, wait: float) -> Iterator[bool]:
+    """Hold the guard for the block (yields False if it stayed busy for `wait` seconds)."""
+    deadline = time.monotonic() + wait
+    while (token := _take_guard(lock)) is None and time.monotonic() < deadline:
+        time.sleep(random.uniform(0.002, 0.02))
+    try:
+        yield token is not None
+    finally:
+        if token is not None:
+            with contextlib.suppress(OSError):  # if this fails the guard simply expires
+                _claim(_guard_path(lock), lambda s: s.meta.get("token") == token)
+
+
+class Lease:
+    """A lease on `path`: exclusive across processes and nodes while held and not `lost`.
+
+    Not reentrant. Use as a context manager, or try_acquire() to do other work while someone else holds
+    it. A SIGKILLed holder's lease is taken over at once on its own host, after `ttl` from elsewhere.
+    """
+
+    def __init__(self, path: str | Path, ttl: float = 60.0, heartbeat: float | None = None):
+        self.path = Path(path).absolute()
+        self.ttl = float(ttl)
+        self.heartbeat = self.ttl / 3 if heartbeat is None else float(heartbeat)
+        if not 0 < self.heartbeat < self.ttl:
+            raise ValueError(f"need 0 < heartbeat < ttl, got heartbeat={self.heartbeat}, ttl={self.ttl}")
+        self._token: str | None = None
+        self._pid = 0
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None and not self._lost.is_set()
+
+    @property
+    def lost(self) -> bool:
+        """Set when the heartbeat (or release) found the lock file no longer ours."""
+        return self._lost.is_set()
+
+    def check(self) -> None:
+        """Raise LeaseLost if the lease was lost: call before committing work done under it."""
+        if self._lost.is_set():
+            raise LeaseLost(f"lease {self.path} was lost: another process took it over after this one "
+                            f"stalled past ttl={self.ttl:g}s; redo the work under a new lease")
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free, expired or its owner is dead; never blocks."""
+        if self._token is not None:
+            raise RuntimeError(f"{self.path}: this Lease is held or lost; release() it first (not reentrant)")
+        directory = self.path.parent
+        seen = _read(self.path)
+        if seen is not None and not _stale(seen, directory, self.ttl, fresh=False):
+            return False  # a live owner: cheap answer, no guard traffic from waiters
+        directory.mkdir(parents=True, exist_ok=True)
+        with _guarded(self.path, wait=0) as ok:
+            if not ok:
+                return False  # someone else is acquiring or releasing right now
+            for _ in range(3):
+                token = secrets.token_hex(16)
+                if _create(self.path, _record(token, self.ttl)):
+                    self._start(token)
+                    return True
+                seen = _read(self.path)
+                if seen is not None:
+                    if not _stale(seen, directory, self.ttl, fresh=True):
+                        return False
+                    _claim(self.path, _still_stale(seen, directory, self.ttl))
+        return False
+
+    def acquire(self, timeout: float | None = None, poll: float = 0.2) -> None:
+        """Wait until the lease is ours; LockTimeout after `timeout` seconds (None: forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.try_acquire():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                info = read_lease(self.path)
+                owner = f"{info.host} pid {info.pid}, last heartbeat {info.age:.1f}s ago" if info else "?"
+                raise LockTimeout(f"{self.path}: still held after {timeout:g}s by {owner}")
+            nap = poll * random.uniform(0.5, 1.5)  # jitter: waiters on many nodes do not poll in step
+            time.sleep(nap if left is None else min(nap, left))
+
+    def release(self) -> None:
+        """Stop the heartbeat; delete the lock file only if it still carries our token."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        if os.getpid() != self._pid:
+            return  # a forked child's copy: the parent's lease is not ours to remove
+        seen = _read(self.path)
+        if seen is None or seen.meta.get("token") != token:
+            self._lost.set()
+            return
+        with _guarded(self.path, wait=GUARD_TTL * 1.5):  # on a stuck guard, the claim alone is still safe
+            if not _claim(self.path, lambda s: s.meta.get("token") == token):
+                self._lost.set()
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+        if exc_type is None:
+            self.check()
+
+    def _start(self, token: str) -> None:
+        self._token, self._pid = token, os.getpid()
+        self._lost.clear()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat_loop, name=f"lease {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _beat_loop(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.heartbeat):
+            state = self._beat()
+            if state:
+                last_ok = time.monotonic()
+            elif state is False or time.monotonic() - last_ok > self.ttl:  # unrefreshed past ttl: expired
+                self._lost.set()
+                return
+
+    def _beat(self) -> bool | None:
+        """Touch the lock file if it still carries our token. True: refreshed; False: not ours any more;
+        None: I/O error, try again next beat."""
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                if attempt == 0:  # a claimer may be putting it back this very moment
+                    time.sleep(0.05)
+                    continue
+                return False
+            except OSError:
+                return None
+            try:
+                try:
+                    meta = json.loads(os.read(fd, 1 << 16))
+                except ValueError:
+                    return False  # being rewritten: by someone else, never by us
+                if not isinstance(meta, dict) or meta.get("token") != self._token:
+                    return False
+                os.utime(fd)  # on the inode we just checked, stamped by the filesystem
+                return True
+            except OSError:
+                return None
+            finally:
+                os.close(fd)
+        return False
+
+
+def read_lease(path: str | Path) -> LeaseInfo | None:
+    """The lease at `path` judged now by the filesystem's clock, or None if there is none."""
+    path = Path(path)
+    seen = _read(path)
+    if seen is None:
+        return None
+    meta, ttl = seen.meta, _num(seen.meta, "ttl", DEFAULT_TTL)
+    age = _fs_clock(path.parent, fresh=False) - seen.mtime  # cheap enough for `status` over many locks
+    return LeaseInfo(
+        host=str(meta.get("host", "")),
+        pid=int(_num(meta, "pid", 0)),
+        token=str(meta.get("token", "")),
+        created=_num(meta, "created", seen.mtime),
+        age=max(age, 0.0),
+        expired=_dead_local(meta) or age > ttl,
+        ttl=ttl,
+    )
+
+
+def break_expired(path: str | Path) -> bool:
+    """Remove the lease at `path` only if it is expired or its owner dead (for `hpcstage cleanup`)."""
+    path = Path(path).absolute()
+    seen = _read(path)
+    if seen is None or not _stale(seen, path.parent, DEFAULT_TTL, fresh=True):
+        return False
+    with _guarded(path, wait=1.0) as ok:
+        seen = _read(path) if ok else None
+        if seen is None or not _stale(seen, path.parent, DEFAULT_TTL, fresh=True):
+            return False
+        return _claim(path, _still_stale(seen, path.parent, DEFAULT_TTL))
