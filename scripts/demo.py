@@ -51,7 +51,7 @@ def main() -> int:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     base.update(HF_HOME=str(WORK / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", HF_UPDATE_DOWNLOAD_COUNTS="0")
     hpcstage = [sys.executable, "-m", "hpcstage"]
-    with HubServer(WORK / "hub-root").start() as server:
+    with HubServer(WORK / "hub-root") as server:
         print(f"== Hub emulator on {server.url} serving {WORK / 'hub-root'}")
         env = dict(base, HF_ENDPOINT=server.url)
         print(f"== hpcstage pull -f {manifest.relative_to(REPO)}", flush=True)
@@ -62,7 +62,8 @@ def main() -> int:
         print(f"   requests sent by the warm pull: {len(server.log)}")
     print("== server stopped; loading offline in a fresh process (HF_HUB_OFFLINE=1)", flush=True)
     offline = dict(base, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(WORK / "hub-cache"),
-                   HF_DATASETS_CACHE=str(WORK / "datasets-cache"), HF_ENDPOINT="http://127.0.0.1:9")
+                   HF_DATASETS_CACHE=str(WORK / "datasets-cache"), HF_ENDPOINT="http://127.0.0.1:9",
+                   HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     subprocess.run([sys.executable, "-c", OFFLINE_LOAD], env=offline, check=True)
     print("== demo ok")
     return 0

@@ -1,0 +1,757 @@
+"""A local Hugging Face Hub: serves repos from a folder over the Hub protocol, with fault injection.
+
+Tests and benchmarks run the real clients (huggingface_hub, datasets, hpcstage itself) against it, so it
+answers exactly what those clients read (see FACTS.md): repo info, paged trees, paths-info, `resolve` with
+ETag/X-Repo-Commit headers, and a 302 to a second listener (the "CDN", another origin) for LFS files.
+
+Layout served: ``ROOT/{models,datasets}/<org>/<name>/...`` is revision ``main``; a sibling folder
+``<name>@<rev>/`` is revision ``<rev>``. Hashes and commit shas derive from content only, so they are
+stable across restarts and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, NamedTuple
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+logger = logging.getLogger(__name__)
+
+LFS_SUFFIXES = frozenset(
+    ".safetensors .bin .parquet .arrow .pt .pth .h5 .msgpack .onnx .gz .tgz .zip .tar .zst .xz .bz2 "
+    ".png .jpg .jpeg .npy .npz".split()
+)
+LFS_MIN_SIZE = 10 * 1024 * 1024
+CORRUPT_STRIDE = 4096  # a `corrupt` fault flips the body's first byte and every CORRUPT_STRIDE-th after it
+
+_KINDS = {"model": "models", "dataset": "datasets"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # org, repo name and revision folder names
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file of a served revision, as the Hub describes it."""
+
+    path: str  # path inside the repo, '/'-separated
+    size: int
+    oid: str  # git blob sha1; for LFS files the sha1 of the LFS pointer, as on the Hub
+    sha256: str | None  # set for LFS files only
+    local: Path
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 or self.oid
+
+
+@dataclass
+class FaultRule:
+    """Misbehaviour for the requests whose path matches `path` (a regex, searched, query excluded).
+
+    `method` ('GET', 'HEAD', ...) and `server` ('hub' or 'cdn') narrow the match; `times` is how many
+    matching requests it applies to (None: all). Effects, applied in this order: wait `delay` seconds;
+    `reset` the connection before any header; `stall` (never answer until the client leaves or the server
+    stops); answer `status` (with `Retry-After: retry_after`); otherwise answer normally but send the body
+    at `rate` bytes/s, with bytes flipped if `corrupt`, closing the connection after `drop_after` bytes.
+    """
+
+    path: str
+    method: str | None = None
+    server: str | None = None
+    times: int | None = None
+    status: int | None = None
+    retry_after: int | str | None = None
+    delay: float = 0.0
+    stall: bool = False
+    drop_after: int | None = None
+    reset: bool = False
+    rate: float | None = None
+    corrupt: bool = False
+
+    def matches(self, server: str, method: str, path: str) -> bool:
+        return (
+            (self.server is None or self.server == server)
+            and (self.method is None or self.method.upper() == method)
+            and re.search(self.path, path) is not None
+        )
+
+    @property
+    def alters_body(self) -> bool:
+        return self.drop_after is not None or bool(self.rate) or self.corrupt
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One served request, for tests to assert what a client actually did."""
+
+    server: str  # 'hub' or 'cdn'
+    method: str
+    path: str  # without the query string
+    query: str
+    range: str | None  # the Range header
+    status: int | None  # None when no response was sent (reset, stall)
+    bytes_sent: int  # body bytes actually written
+    has_auth: bool  # an Authorization header was present
+    time: float  # when the request arrived (time.time())
+    duration: float  # seconds until the answer was sent or abandoned
+
+
+class _HubError(Exception):
+    """An error answer in the Hub's shape: status, `X-Error-Code`, JSON `{"error": ...}`."""
+
+    def __init__(self, status: int, code: str | None, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers or {}
+
+
+class _FileSlice(NamedTuple):
+    path: Path
+    offset: int
+    length: int
+
+
+class _Response(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes | _FileSlice
+
+
+def _json_response(status: int, obj, headers: dict | None = None) -> _Response:
+    return _Response(status, {"Content-Type": "application/json; charset=utf-8", **(headers or {})},
+                     json.dumps(obj).encode())
+
+
+def _error_response(error: _HubError) -> _Response:
+    headers = dict(error.headers)
+    if error.code:
+        headers["X-Error-Code"] = error.code
+    headers["X-Error-Message"] = str(error).encode("ascii", "backslashreplace").decode()  # headers are latin-1
+    return _json_response(error.status, {"error": str(error)}, headers)
+
+
+class _Once:
+    """Compute a value once per key, even when many threads ask for it at the same moment."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: dict = {}
+        self._busy: dict = {}
+
+    def get(self, key, compute: Callable):
+        with self._lock:
+            if key in self._values:
+                return self._values[key]
+            key_lock = self._busy.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._values:
+                    return self._values[key]
+            value = compute()
+            with self._lock:
+                self._values[key] = value
+                self._busy.pop(key, None)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def _digest(path: Path, lfs: bool) -> str:
+    """sha256 for LFS files (streamed: they can be huge), git blob sha1 for the others (small)."""
+    if not lfs:
+        return _git_oid(path.read_bytes())
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+class _Revision:
+    """The files of one revision folder, with the tree entries the Hub would list for them."""
+
+    def __init__(self, kind: str, repo_id: str, name: str, files: dict[str, FileInfo], mtime_ns: int):
+        self.name = name
+        self.files = dict(sorted(files.items()))
+        listing = "".join(f"{p}\0{f.oid}\n" for p, f in self.files.items())
+        self.commit = hashlib.sha1(f"{kind}\n{repo_id}\n{name}\n{listing}".encode()).hexdigest()
+        self.last_modified = _iso(mtime_ns)
+        beneath: dict[str, list[str]] = {}
+        for path, f in self.files.items():
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                beneath.setdefault("/".join(parts[:i]), []).append(f"{path}\0{f.oid}\n")
+        self.dirs = {d: hashlib.sha1("".join(lines).encode()).hexdigest() for d, lines in sorted(beneath.items())}
+
+    def entry(self, path: str, expand: bool = False) -> dict | None:
+        if path in self.files:
+            f = self.files[path]
+            entry = {"type": "file", "oid": f.oid, "size": f.size, "path": path}
+            if f.sha256:
+                entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(_lfs_pointer(f.sha256, f.size))}
+        elif path in self.dirs:
+            entry = {"type": "directory", "oid": self.dirs[path], "size": 0, "path": path}
+        else:
+            return None
+        if expand:
+            entry["lastCommit"] = {"id": self.commit, "title": f"Revision {self.name}", "date": self.last_modified}
+        return entry
+
+    def tree(self, folder: str, recursive: bool, expand: bool) -> list[dict]:
+        if folder and folder not in self.dirs:
+            raise _HubError(404, "EntryNotFound", f"{folder!r} is not a folder at revision {self.name}")
+        prefix = f"{folder}/" if folder else ""
+        paths = [p for p in (*self.dirs, *self.files) if p.startswith(prefix)]
+        if not recursive:
+            paths = [p for p in paths if "/" not in p[len(prefix):]]
+        return [self.entry(p, expand) for p in sorted(paths)]
+
+    def info(self, repo_id: str, kind: str) -> dict:
+        siblings = []
+        for path, f in self.files.items():
+            sibling = {"rfilename": path, "size": f.size, "blobId": f.oid}
+            if f.sha256:
+                sibling["lfs"] = {"sha256": f.sha256, "size": f.size,
+                                  "pointerSize": len(_lfs_pointer(f.sha256, f.size))}
+            siblings.append(sibling)
+        info = {
+            "id": repo_id, "author": repo_id.split("/")[0], "sha": self.commit, "private": False,
+            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+            "lastModified": self.last_modified, "createdAt": self.last_modified,
+            "usedStorage": sum(f.size for f in self.files.values()), "siblings": siblings,
+        }
+        if kind == "models":
+            info["modelId"] = repo_id
+        return info
+
+
+class _Repos:
+    """Maps the served folder to repos and revisions; hashes each file once per (path, size, mtime)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self._hashes = _Once()
+        self._revisions = _Once()
+        self._lfs_lock = threading.Lock()
+        self._lfs: dict[str, FileInfo] = {}
+
+    def revision(self, kind: str, repo_id: str, revision: str) -> _Revision:
+        folders = self._revision_folders(kind, repo_id)
+        if revision in folders:
+            return self._scan(kind, repo_id, revision, folders[revision])
+        if _COMMIT.fullmatch(revision):
+            for name, folder in folders.items():
+                scanned = self._scan(kind, repo_id, name, folder)
+                if scanned.commit == revision:
+                    return scanned
+        raise _HubError(404, "RevisionNotFound", f"Revision {revision!r} not found in {repo_id}")
+
+    def lfs_file(self, sha256: str) -> FileInfo | None:
+        with self._lfs_lock:
+            return self._lfs.get(sha256)
+
+    def refresh(self) -> None:
+        self._revisions.clear()
+
+    def _revision_folders(self, kind: str, repo_id: str) -> dict[str, Path]:
+        org, _, name = repo_id.partition("/")
+        main = self.root / kind / org / name
+        if not (_NAME.fullmatch(org) and _NAME.fullmatch(name) and main.is_dir()):
+            raise _HubError(401, "RepoNotFound", f"Repository {repo_id!r} not found")
+        folders = {"main": main}
+        for sibling in main.parent.iterdir():
+            base, at, rev = sibling.name.partition("@")
+            if at and base == name and _NAME.fullmatch(rev) and sibling.is_dir():
+                folders.setdefault(rev, sibling)
+        return folders
+
+    def _scan(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
+        return self._revisions.get((kind, repo_id, name, folder), lambda: self._read(kind, repo_id, name, folder))
+
+    def _read(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
+        files: dict[str, FileInfo] = {}
+        newest = 0
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+            for filename in filenames:
+                local = Path(dirpath, filename)
+                real = local.resolve()  # symlinks are served only when they stay inside ROOT
+                if not real.is_relative_to(self.root) or not real.is_file():
+                    continue
+                st = real.stat()
+                lfs = real.suffix.lower() in LFS_SUFFIXES or st.st_size >= LFS_MIN_SIZE
+                digest = self._hashes.get((real, st.st_size, st.st_mtime_ns, lfs), lambda: _digest(real, lfs))
+                oid = _git_oid(_lfs_pointer(digest, st.st_size)) if lfs else digest
+                path = local.relative_to(folder).as_posix()
+                files[path] = FileInfo(path, st.st_size, oid, digest if lfs else None, real)
+                newest = max(newest, st.st_mtime_ns)
+        with self._lfs_lock:
+            self._lfs.update({f.sha256: f for f in files.values() if f.sha256})
+        return _Revision(kind, repo_id, name, files, newest)
+
+
+def _repo_path(segments: list[str]) -> str:
+    """A path inside a repo from URL segments; refuses anything that could leave the repo folder."""
+    path = "/".join(unquote(s) for s in segments).rstrip("/")
+    if "\0" in path or "\\" in path or (path and any(p in ("", ".", "..") for p in path.split("/"))):
+        raise _HubError(400, None, f"Invalid path {path!r}")
+    return path
+
+
+def _parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single `bytes=` range, None to send the whole body; 416 past the end."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", (value or "").strip())
+    if not m or m.groups() == ("", ""):
+        return None
+    first, last = m.groups()
+    if first:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None
+    else:
+        start, end = max(0, size - int(last)), size - 1
+        if int(last) == 0:
+            start = size
+    if start >= size:
+        raise _HubError(416, None, "Range not satisfiable", {"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Listener
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_HEAD(self):
+        self._handle("HEAD")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def version_string(self) -> str:
+        return "hpcstage-serve"
+
+    def log_message(self, format, *args):  # the request log replaces stderr lines
+        pass
+
+    def _handle(self, method: str) -> None:
+        owner, role = self.server.owner, self.server.role
+        url = urlsplit(self.path)
+        arrived, started = time.time(), time.monotonic()
+        owner._arrived()
+        self._status: int | None = None
+        self._sent = 0
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            fault = owner._take_fault(role, method, url.path)
+            if fault and fault.delay:
+                owner._stopping.wait(fault.delay)
+            if fault and fault.reset:
+                self._reset()
+            elif fault and fault.stall:
+                self._stall()
+            elif fault and fault.status:
+                retry = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                self._send(method, _error_response(_HubError(fault.status, None, "Injected fault", retry)), fault)
+            else:
+                self._send(method, self._answer(method, url.path, url.query, body), fault)
+        except OSError:  # the client went away, or stop() cut the connection
+            self.close_connection = True
+        finally:
+            owner._record(RequestRecord(
+                server=role, method=method, path=url.path, query=url.query, range=self.headers.get("Range"),
+                status=self._status, bytes_sent=self._sent, has_auth="Authorization" in self.headers,
+                time=arrived, duration=time.monotonic() - started,
+            ))
+
+    def _answer(self, method: str, path: str, query: str, body: bytes) -> _Response:
+        try:
+            return self._route(method, path, query, body)
+        except _HubError as error:
+            return _error_response(error)
+        except Exception as error:  # a bug or an unreadable file: answer like a failing Hub would
+            logger.exception("hpcstage serve: error answering %s %s", method, self.path)
+            return _error_response(_HubError(500, None, f"Internal error: {error!r}"))
+
+    # -- routing -------------------------------------------------------------------------------------
+
+    def _route(self, method: str, path: str, query: str, body: bytes) -> _Response:
+        segments = path.split("/")[1:]
+        if self.server.role == "cdn":
+            if method in ("GET", "HEAD") and len(segments) == 2 and segments[0] == "lfs":
+                return self._cdn(segments[1])
+        elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
+            return self._api(method, segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}",
+                             segments[4:], parse_qs(query, keep_blank_values=True), body)
+        elif method in ("GET", "HEAD"):
+            kind, rest = ("datasets", segments[1:]) if segments[:1] == ["datasets"] else ("models", segments)
+            if len(rest) >= 5 and rest[2] == "resolve":
+                return self._resolve(kind, f"{unquote(rest[0])}/{unquote(rest[1])}", unquote(rest[3]), rest[4:])
+        raise _HubError(404, None, f"Not found: {method} {path}")
+
+    def _api(self, method: str, kind: str, repo_id: str, rest: list[str], query: dict, body: bytes) -> _Response:
+        repos = self.server.owner._repos
+        get = method in ("GET", "HEAD")
+        if get and not rest:
+            return _json_response(200, repos.revision(kind, repo_id, "main").info(repo_id, kind))
+        if get and len(rest) == 2 and rest[0] == "revision":
+            return _json_response(200, repos.revision(kind, repo_id, unquote(rest[1])).info(repo_id, kind))
+        if get and len(rest) >= 2 and rest[0] == "tree":
+            revision = repos.revision(kind, repo_id, unquote(rest[1]))
+            return self._tree(revision, _repo_path(rest[2:]), query)
+        if method == "POST" and len(rest) == 2 and rest[0] == "paths-info":
+            revision = repos.revision(kind, repo_id, unquote(rest[1]))
+            return self._paths_info(revision, body)
+        raise _HubError(404, None, f"Not found: {method} {self.path}")
+
+    def _tree(self, revision: _Revision, folder: str, query: dict) -> _Response:
+        flag = lambda name: query.get(name, ["false"])[0].lower() in ("true", "1")  # noqa: E731
+        entries = revision.tree(folder, flag("recursive"), flag("expand"))
+        try:
+            cursor = int(query.get("cursor", ["0"])[0])
+        except ValueError:
+            raise _HubError(400, None, "Invalid cursor") from None
+        page_size = self.server.owner.page_size
+        headers = {}
+        if cursor + page_size < len(entries):
+            next_query = urlencode({**query, "cursor": [str(cursor + page_size)]}, doseq=True)
+            host = self.headers.get("Host") or self.server.owner.url.split("//")[1]
+            headers["Link"] = f'<http://{host}{urlsplit(self.path).path}?{next_query}>; rel="next"'
+        return _json_response(200, entries[cursor:cursor + page_size], headers)
+
+    def _paths_info(self, revision: _Revision, body: bytes) -> _Response:
+        if self.headers.get("Content-Type", "").startswith("application/json"):
+            fields = json.loads(body or b"{}")
+            paths, expand = fields.get("paths", []), bool(fields.get("expand", False))
+            paths = [paths] if isinstance(paths, str) else paths
+        else:
+            fields = parse_qs(body.decode(), keep_blank_values=True)
+            paths, expand = fields.get("paths", []), fields.get("expand", ["false"])[0].lower() in ("true", "1")
+        entries = [revision.entry(p.strip("/"), expand) for p in paths]
+        return _json_response(200, [e for e in entries if e is not None])
+
+    def _resolve(self, kind: str, repo_id: str, revision_name: str, path_segments: list[str]) -> _Response:
+        owner = self.server.owner
+        revision = owner._repos.revision(kind, repo_id, revision_name)
+        path = _repo_path(path_segments)
+        f = revision.files.get(path)
+        headers = {"X-Repo-Commit": revision.commit}
+        if f is None:
+            raise _HubError(404, "EntryNotFound", f"{path!r} not found at revision {revision.name}", headers)
+        headers.update({"ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"})
+        if f.sha256 is None:
+            return self._file(f, headers)
+        host = (self.headers.get("Host") or "127.0.0.1").rsplit(":", 1)[0]
+        location = f"http://{host}:{owner.cdn_port}/lfs/{f.sha256}?filename={quote(path.rsplit('/', 1)[-1])}"
+        headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size), "Location": location})
+        return _Response(302, headers, b"")
+
+    def _cdn(self, sha256: str) -> _Response:
+        f = self.server.owner._repos.lfs_file(sha256)
+        if f is None:
+            raise _HubError(404, None, "No such object")
+        return self._file(f, {"ETag": f'"{f.sha256}"', "Accept-Ranges": "bytes"})
+
+    def _file(self, f: FileInfo, headers: dict) -> _Response:
+        headers["Content-Type"] = "application/octet-stream"
+        span = _parse_range(self.headers.get("Range"), f.size)
+        if span is None:
+            return _Response(200, headers, _FileSlice(f.local, 0, f.size))
+        start, end = span
+        headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
+        return _Response(206, headers, _FileSlice(f.local, start, end - start + 1))
+
+    # -- sending -------------------------------------------------------------------------------------
+
+    def _send(self, method: str, response: _Response, fault: FaultRule | None) -> None:
+        body = response.body
+        length = body.length if isinstance(body, _FileSlice) else len(body)
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self._status = response.status
+        if method == "HEAD" or not length:
+            return
+        if fault and fault.alters_body:
+            self._send_altered(body, length, fault)
+        elif isinstance(body, bytes):
+            self.connection.sendall(body)
+            self._sent = length
+        else:
+            self._sendfile(body)
+
+    def _sendfile(self, body: _FileSlice) -> None:
+        """Kernel-side copy: the benchmark's 1 GiB file must go at disk/loopback speed."""
+        with open(body.path, "rb") as f:
+            offset, remaining = body.offset, body.length
+            while remaining:
+                n = os.sendfile(self.connection.fileno(), f.fileno(), offset, remaining)
+                if n == 0:  # file shrank under us: the promised length cannot be met
+                    self.close_connection = True
+                    return
+                offset, remaining, self._sent = offset + n, remaining - n, self._sent + n
+
+    def _send_altered(self, body: bytes | _FileSlice, length: int, fault: FaultRule) -> None:
+        limit = length if fault.drop_after is None else min(length, fault.drop_after)
+        chunk = 64 * 1024 if not fault.rate else max(1, min(64 * 1024, int(fault.rate / 20)))
+        stopping = self.server.owner._stopping
+        started = time.monotonic()
+        with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
+            if f:
+                f.seek(body.offset)
+            while self._sent < limit and not stopping.is_set():
+                n = min(chunk, limit - self._sent)
+                data = bytearray(f.read(n) if f else body[self._sent:self._sent + n])
+                if not data:
+                    break
+                if fault.corrupt:
+                    for i in range(-self._sent % CORRUPT_STRIDE, len(data), CORRUPT_STRIDE):
+                        data[i] ^= 0xFF
+                self.connection.sendall(data)
+                self._sent += len(data)
+                if fault.rate:
+                    stopping.wait(max(0.0, started + self._sent / fault.rate - time.monotonic()))
+        if self._sent < length:
+            self.close_connection = True
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST before any byte of the answer."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+
+    def _stall(self) -> None:
+        """Hold the request unanswered until the client disconnects or the server stops."""
+        self.close_connection = True
+        stopping = self.server.owner._stopping
+        while not stopping.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.1)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                return
+            if readable:
+                stopping.wait(0.1)
+
+
+class _Listener(ThreadingHTTPServer):
+    """One listening socket, a thread per connection; stop() can cut every connection and wait for it."""
+
+    daemon_threads = True  # a handler stuck on a dead client never keeps the interpreter alive
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], owner: HubServer, role: str):
+        self.owner, self.role = owner, role
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name=f"hpcstage-serve-{self.role}-conn", daemon=self.daemon_threads)
+        with self._connections_lock:
+            self._connections[request] = thread
+        thread.start()
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # clients and stop() closing sockets are routine
+            super().handle_error(request, client_address)
+
+    def close_connections(self, timeout: float) -> None:
+        """Shut every open connection down, then wait (bounded) for their handlers to log and exit."""
+        with self._connections_lock:
+            connections = list(self._connections.items())
+        for connection, _ in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class HubServer:
+    """The hub listener and its CDN listener (another port, hence another origin for LFS redirects)."""
+
+    def __init__(self, root: Path | str, host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0,
+                 page_size: int = 1000, log_file: Path | str | None = None):
+        self.root = Path(root)
+        self.host, self.page_size = host, page_size
+        self._ports = (port, cdn_port)
+        self._log_path = Path(log_file) if log_file else None
+        self._repos = _Repos(self.root)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._faults: list[list] = []  # [rule, remaining uses or None]
+        self._log: list[RequestRecord] = []
+        self._log_stream = None
+        self._listeners: list[_Listener] = []
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> HubServer:
+        if self._listeners:  # already running (e.g. `with HubServer(...).start()`)
+            return self
+        self._stopping.clear()
+        if self._log_path:
+            self._log_stream = open(self._log_path, "a", encoding="utf-8")
+        self._listeners = [_Listener((self.host, p), self, role) for p, role in zip(self._ports, ("hub", "cdn"))]
+        for listener in self._listeners:
+            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05},
+                                      name=f"hpcstage-serve-{listener.role}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        """Stop promptly: stalled and throttled requests end, idle keep-alive connections are cut."""
+        self._stopping.set()
+        for listener in self._listeners:
+            listener.shutdown()
+            listener.close_connections(timeout=5)
+            listener.server_close()
+        for thread in self._threads:
+            thread.join()
+        self._listeners, self._threads = [], []
+        if self._log_stream:
+            self._log_stream.close()
+            self._log_stream = None
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return self._url_of(self._listeners[0])
+
+    @property
+    def cdn_url(self) -> str:
+        return self._url_of(self._listeners[1])
+
+    @property
+    def cdn_port(self) -> int:
+        return self._listeners[1].server_address[1]
+
+    def _url_of(self, listener: _Listener) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{listener.server_address[1]}"
+
+    # -- content -------------------------------------------------------------------------------------
+
+    def commit_of(self, repo_type: str, repo_id: str, revision: str = "main") -> str:
+        return self._revision(repo_type, repo_id, revision).commit
+
+    def files_of(self, repo_type: str, repo_id: str, revision: str = "main") -> dict[str, FileInfo]:
+        return dict(self._revision(repo_type, repo_id, revision).files)
+
+    def refresh(self) -> None:
+        """Re-read the folders on the next request (after a test changed a repo); unchanged files keep their hashes."""
+        self._repos.refresh()
+
+    def _revision(self, repo_type: str, repo_id: str, revision: str) -> _Revision:
+        try:
+            return self._repos.revision(_KINDS[repo_type], repo_id, revision)
+        except _HubError as error:
+            raise LookupError(str(error)) from None
+
+    # -- faults and log ------------------------------------------------------------------------------
+
+    def add_fault(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._faults.append([rule, rule.times])
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, server: str, method: str, path: str) -> FaultRule | None:
+        with self._lock:
+            for slot in self._faults:
+                rule, remaining = slot
+                if rule.matches(server, method, path):
+                    if remaining is not None:
+                        slot[1] -= 1
+                        if slot[1] <= 0:
+                            self._faults.remove(slot)
+                    return rule
+        return None
+
+    @property
+    def log(self) -> list[RequestRecord]:
+        """Requests so far. Waits (at most 1 s) for requests being answered, so that a client which just got
+        its answer finds it here: the server logs a request only after its last byte has gone out."""
+        with self._answered:
+            self._answered.wait_for(lambda: self._in_flight == 0, timeout=1.0)
+            return list(self._log)
+
+    def clear_log(self) -> None:
+        with self._lock:
+            self._log.clear()
+
+    def _arrived(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def _record(self, record: RequestRecord) -> None:
+        with self._answered:
+            self._in_flight -= 1
+            self._answered.notify_all()
+            self._log.append(record)
+            if self._log_stream:
+                self._log_stream.write(json.dumps(asdict(record)) + "\n")
+                self._log_stream.flush()
+
+
+def serve_forever(root: Path | str, host: str = "127.0.0.1", port: int = 0, log_file: Path | str | None = None) -> None:
+    """Serve `root` until SIGINT/SIGTERM; print one line with the URL first (`hpcstage serve`)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with HubServer(root, host, port, log_file=log_file) as server:
+            print(f"{server.url} serving {root} (LFS files from {server.cdn_url})", flush=True)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,51 @@
+"""Slurm plumbing.
+
+- ``clusters``: which cluster this is and how it wants jobs asked for (bundled ``clusters.toml``
+  plus site and user overrides).
+- ``submit``: ``sbatch`` and ``scancel``.
+- ``jobs``: job states from ``squeue`` and ``sacct``; waiting for jobs to end.
+
+Every Slurm command runs from an argument list, never through a shell, and with a timeout:
+a controller that does not answer must not hang a launch forever.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+
+COMMAND_TIMEOUT = 60.0
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command could not run or failed; ``stderr`` holds what it said."""
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), stderr: str = "") -> None:
+        super().__init__(message)
+        self.argv = list(argv)
+        self.stderr = stderr
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = COMMAND_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run one Slurm client command; the caller judges its exit status."""
+    try:
+        return subprocess.run(
+            list(argv),
+            env=None if env is None else dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise SlurmError(f"{argv[0]} not found: is this a Slurm login node?", argv=argv) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise SlurmError(
+            f"{argv[0]} gave no answer within {timeout:g} s (is slurmctld up?)", argv=argv
+        ) from exc

@@ -1,0 +1,297 @@
+"""The cluster registry: what each cluster is, how to recognise it, how it wants jobs asked for.
+
+The bundled ``clusters.toml`` is overridden, key by key, by a site file (``$HPCSTAGE_CLUSTERS``),
+then the user's (``~/.config/hpcstage/clusters.toml``), then files named by the caller.
+A typo in an override is an error naming the file, the cluster and the nearest valid key:
+a silently ignored ``acount`` would submit jobs to the wrong account.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from hpcstage.slurm import SlurmError, run_command
+
+SITE_ENV = "HPCSTAGE_CLUSTERS"
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_MEM = re.compile(r"\d+[KMGT]?")
+# Optional keys an override can clear with "": TOML has no null.
+_UNSETTABLE = (
+    "hostname", "slurm_cluster", "mem", "partition", "account", "qos", "constraint", "licenses",
+    "exclude", "gres_name",
+)  # fmt: skip
+
+
+class RegistryError(ValueError):
+    """The cluster configuration is wrong, or names a cluster that does not exist."""
+
+
+class UnknownClusterError(RegistryError):
+    """A cluster name not in the registry; the message lists the valid ones."""
+
+
+def slurm_time_seconds(text: str) -> int:
+    """Seconds in a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = _TIME.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a Slurm time limit: {text!r} (e.g. 48:00:00 or 2-00:00:00)")
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:  # H:M:S
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)  # M[:S]
+
+
+class Cluster(BaseModel):
+    """One cluster's facts and sbatch conventions (keys documented in clusters.toml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    hostname: str | None = None
+    detect_env: dict[str, str] = Field(default_factory=dict)
+    slurm_cluster: str | None = None
+    internet: bool
+    gpus_per_node: int = Field(ge=0)
+    gpu_type: str
+    cpus_per_node: int = Field(ge=1)
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    licenses: str | None = None
+    exclude: str | None = None
+    gpu_directive: Literal["gres", "gpus-per-node", "none"]
+    gres_name: str | None = None
+    modules: list[str] = Field(default_factory=list)
+    max_time: str
+
+    @field_validator(*_UNSETTABLE, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("hostname")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {value!r}: {exc}") from exc
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _valid_mem(cls, value: str | None) -> str | None:
+        if value is not None and not _MEM.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Slurm memory size such as 500G")
+        return value
+
+    @field_validator("max_time")
+    @classmethod
+    def _valid_time(cls, value: str) -> str:
+        slurm_time_seconds(value)
+        return value
+
+    @property
+    def max_time_seconds(self) -> int:
+        return slurm_time_seconds(self.max_time)
+
+    def matches(self, hostnames: Iterable[str], environ: Mapping[str, str]) -> bool:
+        """Whether a whole host name matches, or the environment names this cluster."""
+        if self.hostname and any(
+            re.fullmatch(self.hostname, host, re.IGNORECASE) for host in hostnames
+        ):
+            return True
+        return bool(self.detect_env) and all(
+            environ.get(key) == value for key, value in self.detect_env.items()
+        )
+
+    def sbatch_options(self, gpus: int | None = None) -> list[str]:
+        """sbatch options for one node of this cluster with ``gpus`` GPUs (default: all)."""
+        gpus = self.gpus_per_node if gpus is None else gpus
+        if not 0 <= gpus <= self.gpus_per_node:
+            raise RegistryError(
+                f"{self.name} has {self.gpus_per_node} GPUs per node; {gpus} were asked for"
+            )
+        options = [
+            f"--{key}={value}"
+            for key, value in (
+                ("partition", self.partition),
+                ("account", self.account),
+                ("qos", self.qos),
+                ("constraint", self.constraint),
+                ("licenses", self.licenses),
+                ("exclude", self.exclude),
+                ("mem", self.mem),
+            )
+            if value
+        ]
+        if gpus and self.gpu_directive == "gres":
+            options.append(f"--gres=gpu:{self.gres_name + ':' if self.gres_name else ''}{gpus}")
+        elif gpus and self.gpu_directive == "gpus-per-node":
+            options.append(f"--gpus-per-node={gpus}")
+        return options
+
+
+class Registry:
+    """All known clusters, by name, and the files they were read from."""
+
+    def __init__(self, clusters: Mapping[str, Cluster], sources: Iterable[str]) -> None:
+        self._clusters = dict(clusters)
+        self.sources = tuple(sources)
+
+    def __iter__(self) -> Iterator[Cluster]:
+        return iter(self._clusters.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._clusters)
+
+    def get(self, name: str) -> Cluster:
+        try:
+            return self._clusters[name]
+        except KeyError:
+            raise UnknownClusterError(
+                f"unknown cluster {name!r}{_did_you_mean(name, self._clusters)}; "
+                f"known clusters: {', '.join(self.names())}"
+            ) from None
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _user_file() -> Path:
+    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config_home) / "hpcstage" / "clusters.toml"
+
+
+def _override_files(extra_files: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Override files in increasing precedence; named files must exist, the user's may not."""
+    files = []
+    if os.environ.get(SITE_ENV):
+        files.append(Path(os.environ[SITE_ENV]))
+    if (user := _user_file()).is_file():
+        files.append(user)
+    files += [Path(f) for f in extra_files]
+    for path in files:
+        if not path.is_file():
+            raise RegistryError(f"cluster file {path} does not exist")
+    return files
+
+
+def _parse(text: str, source: str) -> dict[str, dict[str, Any]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{source}: {exc}") from exc
+    valid = set(Cluster.model_fields) - {"name"}
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise RegistryError(f"{source}: {name!r} must be a table: [{name}]")
+        for key in table:
+            if key not in valid:
+                raise RegistryError(
+                    f"{source}: cluster {name!r}: unknown key {key!r}"
+                    f"{_did_you_mean(key, valid)}; valid keys: {', '.join(sorted(valid))}"
+                )
+    return data
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_registry(extra_files: Iterable[str | os.PathLike[str]] = ()) -> Registry:
+    """The bundled clusters with site, user and ``extra_files`` overrides applied, in that order."""
+    bundled = resources.files("hpcstage.slurm").joinpath("clusters.toml")
+    layers = [(bundled.read_text(encoding="utf-8"), str(bundled))]
+    layers += [(p.read_text(encoding="utf-8"), str(p)) for p in _override_files(extra_files)]
+    tables: dict[str, dict[str, Any]] = {}
+    origins: dict[str, list[str]] = {}
+    for text, source in layers:
+        for name, table in _parse(text, source).items():
+            tables[name] = _merge(tables.get(name, {}), table)
+            origins.setdefault(name, []).append(source)
+    clusters = {}
+    for name, table in tables.items():
+        try:
+            clusters[name] = Cluster(name=name, **table)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'cluster'}: {e['msg']}" for e in exc.errors()
+            )
+            raise RegistryError(
+                f"cluster {name!r} (from {', '.join(origins[name])}): {problems}"
+            ) from None
+    return Registry(clusters, [source for _, source in layers])
+
+
+def slurm_cluster_name() -> str | None:
+    """ClusterName of the Slurm this machine talks to, or None when there is none to ask."""
+    try:
+        proc = run_command(["scontrol", "show", "config"], timeout=10)
+    except SlurmError:
+        return None
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else ():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip() or None
+    return None
+
+
+def detect(
+    hostname: str | None = None,
+    *,
+    registry: Registry | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Cluster | None:
+    """The cluster a host belongs to, or None.
+
+    With no ``hostname``, this machine: its short and full names, its environment, and, when
+    neither matches, the ClusterName of its Slurm (how the local test cluster is found).
+    A name matching two clusters is an error: the registry's patterns must not overlap.
+    """
+    if registry is None:
+        registry = load_registry()
+    if hostname is None:
+        hostnames = {socket.gethostname(), socket.getfqdn()}
+        environ = os.environ if environ is None else environ
+    else:
+        hostnames = {hostname}
+        environ = environ or {}
+    found = [cluster for cluster in registry if cluster.matches(hostnames, environ)]
+    if not found and hostname is None and any(c.slurm_cluster for c in registry):
+        name = slurm_cluster_name()
+        found = [cluster for cluster in registry if name and cluster.slurm_cluster == name]
+    if len(found) > 1:
+        raise RegistryError(
+            f"host {' / '.join(sorted(hostnames))} matches several clusters: "
+            f"{', '.join(c.name for c in found)}; make their patterns exclusive"
+        )
+    return found[0] if found else None

@@ -1,0 +1,38 @@
+"""Run the real Hugging Face clients against a local HubServer, in a subprocess.
+
+huggingface_hub and datasets read every HF_* variable at import time, so each client run gets a fresh
+interpreter with the environment built here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def client_env(server, cache_dir: Path, **extra: str) -> dict:
+    """Environment for a client that talks only to `server` and caches under `cache_dir`."""
+    cache_dir = Path(cache_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update({
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(cache_dir / "home"),
+        "HF_HUB_CACHE": str(cache_dir / "hub"),
+        "HF_DATASETS_CACHE": str(cache_dir / "datasets"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",  # else the `hf` CLI asks pypi.org for a newer version
+    })
+    for name in ("NO_PROXY", "no_proxy"):  # a site proxy must never see the local test server
+        env[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter; stdout/stderr captured as text."""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
