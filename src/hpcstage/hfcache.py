@@ -23,14 +23,24 @@ LEASE_SUFFIX = ".hpcstage-lease"
 TREE_FORMAT_VERSION = 1
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(os.path.expandvars(os.path.expanduser(value))) if value else None
+
+
+def hf_home() -> Path:
+    xdg = _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return _env_path("HF_HOME") or xdg / "huggingface"
+
+
 def default_cache_dir() -> Path:
     """The hub cache huggingface_hub would use, computed from the environment now (not at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expandvars(os.path.expanduser(os.environ["HF_HUB_CACHE"])))
-    hf_home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-    )
-    return Path(os.path.expandvars(os.path.expanduser(hf_home))) / "hub"
+    return _env_path("HF_HUB_CACHE") or hf_home() / "hub"
+
+
+def default_datasets_cache_dir() -> Path:
+    """The `datasets` Arrow cache: HF_DATASETS_CACHE, else HF_HOME/datasets, as datasets computes it."""
+    return _env_path("HF_DATASETS_CACHE") or hf_home() / "datasets"
 
 
 def _tmp_name(path: Path) -> Path:

@@ -61,6 +61,7 @@ class HubEntry(_Strict):
 
 class Manifest(_Strict):
     cache_dir: Path | None = None
+    datasets_cache_dir: Path | None = None
     allow: list[str] | None = None
     models: list[HubEntry] = []
     datasets: list[HubEntry] = []
@@ -183,8 +184,10 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{_where(path, lines, loc)}: {_explain(err, valid)}") from None
     except TypeError:
         raise ManifestError(f"{path}: the manifest's top level must use keys {', '.join(_MANIFEST_KEYS)}") from None
-    if manifest.cache_dir is not None and not manifest.cache_dir.is_absolute():
-        manifest = manifest.model_copy(update={"cache_dir": (path.parent / manifest.cache_dir).resolve()})
+    for key in ("cache_dir", "datasets_cache_dir"):
+        folder = getattr(manifest, key)
+        if folder is not None and not folder.is_absolute():
+            manifest = manifest.model_copy(update={key: (path.parent / folder).resolve()})
     seen: set[str] = set()
     for entry in manifest.entries:
         if entry.key in seen:
