@@ -19,3 +19,26 @@ def hub(sample_root):
     """A started HubServer on the sample repos; stopped after the test."""
     with HubServer(sample_root) as server:
         yield server
+
+
+BIG_MODEL = "demo-org/big-model"
+BIG_SIZE = 100 * 2**20  # four range pieces of transfer.SEGMENT (32 MiB), the last one short
+
+
+@pytest.fixture(scope="session")
+def big_root(tmp_path_factory):
+    """A repo with one 100 MiB LFS file (large-file path: lease, parallel ranges, resume record)."""
+    import random
+
+    root = tmp_path_factory.mktemp("big")
+    repo = root / "models" / BIG_MODEL
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "llama"}\n')
+    (repo / "model.safetensors").write_bytes(random.Random(7).randbytes(BIG_SIZE))
+    return root
+
+
+@pytest.fixture
+def big_hub(big_root):
+    with HubServer(big_root) as server:
+        yield server

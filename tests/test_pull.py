@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BIG_MODEL
 from hpcstage.serve import FaultRule
+from hpcstage.transfer import SEGMENT
 from helpers import client_env, run_python
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
@@ -201,29 +203,64 @@ def test_always_wrong_bytes_fail_with_nothing_under_the_final_name(hub, tmp_path
     assert not (cache / "models--demo-org--tiny-model" / "blobs" / sha).exists()
 
 
-def test_dropped_connection_resumes_with_a_range_request(hub, tmp_path):
-    cache = tmp_path / "cache"
-    hub.add_fault(FaultRule(path=r".", server="cdn", drop_after=1000, times=1))
-    r = hpcstage("pull", MODEL, "--include", "*.safetensors", "--cache-dir", str(cache), env=client_env(hub, cache))
-    assert r.returncode == 0, r.stderr
-    cdn = [rec for rec in hub.log if rec.server == "cdn"]
-    assert cdn[-1].range == "bytes=1000-"
-    assert sum(rec.bytes_sent for rec in cdn) == hub.files_of("model", MODEL)["model.safetensors"].size
+def cdn_gets(server) -> list:
+    return [rec for rec in server.log if rec.server == "cdn" and rec.method == "GET"]
 
 
-def test_partial_left_by_a_dead_process_is_continued(hub, tmp_path):
+def big_blob(server, cache: Path) -> tuple[Path, object]:
+    info = server.files_of("model", BIG_MODEL)["model.safetensors"]
+    return cache / "models--demo-org--big-model" / "blobs" / info.sha256, info
+
+
+def test_large_file_arrives_in_parallel_ranges_byte_exact(big_hub, tmp_path):
     cache = tmp_path / "cache"
-    info = hub.files_of("model", MODEL)["model.safetensors"]
-    blobs = cache / "models--demo-org--tiny-model" / "blobs"
-    blobs.mkdir(parents=True)
-    half = info.size // 2
-    (blobs / f"{info.sha256}.hpcstage-partial").write_bytes(Path(info.local).read_bytes()[:half])
-    r = hpcstage("pull", MODEL, "--include", "*.safetensors", "--cache-dir", str(cache), env=client_env(hub, cache))
+    r = hpcstage("pull", BIG_MODEL, "--cache-dir", str(cache), env=client_env(big_hub, cache))
     assert r.returncode == 0, r.stderr
-    cdn = [rec for rec in hub.log if rec.server == "cdn"]
-    assert [rec.range for rec in cdn] == [f"bytes={half}-"]
-    assert sha256(blobs / info.sha256) == info.sha256
-    assert not (blobs / f"{info.sha256}.hpcstage-partial").exists()
+    blob, info = big_blob(big_hub, cache)
+    assert sha256(blob) == info.sha256
+    gets = cdn_gets(big_hub)
+    assert sorted(rec.range for rec in gets) == sorted(
+        f"bytes={a}-{min(a + SEGMENT, info.size) - 1}" for a in range(0, info.size, SEGMENT))
+    assert sum(rec.bytes_sent for rec in gets) == info.size
+    assert not list(blob.parent.glob("*.hpcstage-*"))  # no partial, record or lease left behind
+
+
+def test_dropped_connection_continues_where_it_broke(big_hub, tmp_path):
+    cache = tmp_path / "cache"
+    big_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", drop_after=1000, times=1))
+    r = hpcstage("pull", BIG_MODEL, "--cache-dir", str(cache), env=client_env(big_hub, cache))
+    assert r.returncode == 0, r.stderr
+    blob, info = big_blob(big_hub, cache)
+    assert sha256(blob) == info.sha256
+    gets = cdn_gets(big_hub)
+    dropped = [rec for rec in gets if rec.bytes_sent == 1000]
+    start = int(dropped[0].range.split("=")[1].split("-")[0])
+    assert any(rec.range.startswith(f"bytes={start + 1000}-") for rec in gets)
+    assert sum(rec.bytes_sent for rec in gets) == info.size  # no byte crossed twice
+
+
+def test_pieces_left_by_a_dead_process_are_not_fetched_again(big_hub, tmp_path):
+    cache = tmp_path / "cache"
+    blob, info = big_blob(big_hub, cache)
+    blob.parent.mkdir(parents=True)
+    partial = blob.with_name(blob.name + ".hpcstage-partial")
+    data = Path(info.local).read_bytes()
+    partial.write_bytes(data[: 2 * SEGMENT] + bytes(info.size - 2 * SEGMENT))
+    Path(str(partial) + ".ranges").write_text(json.dumps({"size": info.size, "segment": SEGMENT, "done": [0, 1]}))
+    r = hpcstage("pull", BIG_MODEL, "--cache-dir", str(cache), env=client_env(big_hub, cache))
+    assert r.returncode == 0, r.stderr
+    assert sha256(blob) == info.sha256
+    assert sum(rec.bytes_sent for rec in cdn_gets(big_hub)) == info.size - 2 * SEGMENT
+    assert not partial.exists()
+
+
+def test_large_file_with_wrong_bytes_is_refetched_whole(big_hub, tmp_path):
+    cache = tmp_path / "cache"
+    big_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", corrupt=True, times=1))
+    r = hpcstage("pull", BIG_MODEL, "--cache-dir", str(cache), env=client_env(big_hub, cache))
+    assert r.returncode == 0, r.stderr
+    blob, info = big_blob(big_hub, cache)
+    assert sha256(blob) == info.sha256
 
 
 @pytest.mark.parametrize("on", ["/revision/", "/tree/"])
@@ -235,18 +272,17 @@ def test_503_on_metadata_is_retried(hub, tmp_path, on):
     assert [rec.status for rec in hub.log if on in rec.path] == [503, 503, 200]
 
 
-def test_two_processes_at_once_fetch_each_blob_once(hub, tmp_path):
+def test_two_processes_at_once_fetch_the_large_blob_once(big_hub, tmp_path):
     cache = tmp_path / "cache"
-    env = client_env(hub, cache)
-    hub.add_fault(FaultRule(path=r".", server="cdn", rate=200_000))  # slow enough to overlap
-    procs = [subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", MODEL, "--cache-dir", str(cache), "-q"],
+    env = client_env(big_hub, cache)
+    big_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=20_000_000))  # ~1.3 s: the second process starts meanwhile
+    procs = [subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", BIG_MODEL, "--cache-dir", str(cache), "-q"],
                               env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
-    gets = [rec.path for rec in hub.log
-            if rec.method == "GET" and rec.status in (200, 206) and (rec.server == "cdn" or "/resolve/" in rec.path)]
-    assert gets
-    assert len(gets) == len(set(gets))
+    blob, info = big_blob(big_hub, cache)
+    assert sha256(blob) == info.sha256
+    assert sum(rec.bytes_sent for rec in cdn_gets(big_hub)) == info.size
 
 
 # -- bad input and unreachable endpoints: one line, the right exit code, no traceback

@@ -124,6 +124,10 @@ class RepoCache:
     def _link_target(self, link: Path, etag: str) -> str:
         return os.path.relpath(self.blob(etag), link.parent)
 
+    def write_blob(self, etag: str, data: bytes) -> None:
+        """A small blob checked in memory, written under a temporary name and renamed into place."""
+        write_atomic(self.blob(etag), data)
+
     def commit_blob(self, partial: Path, etag: str) -> None:
         """Move a complete, hash-checked partial into place. If another writer committed the same etag
         first, replacing it is harmless: the name is the content's hash."""

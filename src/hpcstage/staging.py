@@ -8,6 +8,7 @@ workers take other files, then linked when its writer is done.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -23,7 +24,7 @@ from hpcstage.locks import Lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, human_bytes
 from hpcstage.sources import hub
-from hpcstage.transfer import Http, RetryPolicy, fetch
+from hpcstage.transfer import SMALL, Http, RetryPolicy, fetch, fetch_small
 
 LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
@@ -90,6 +91,7 @@ class _Run:
         self._headers = hub.hub_headers(token)
         self._http: Http | None = None
         self.summary = PullSummary()
+        self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
 
     @property
     def http(self) -> Http:
@@ -194,6 +196,7 @@ class _Run:
                             self.summary.downloaded_files += 1
                             self.summary.downloaded_bytes += fetched
             except BaseException:
+                self.cancel.set()
                 for fut in running:
                     fut.cancel()
                 raise
@@ -206,6 +209,15 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
+        url = hub.RepoRef(plan.entry.repo_type, plan.entry.repo).file_url(plan.commit, f.path)
+        label = f"{plan.entry.repo}/{f.path}"
+        if f.size < SMALL:
+            # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
+            data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
+            cache.write_blob(f.etag, data)
+            cache.link(plan.commit, f)
+            progress.add(f.size)
+            return f.size
         lease = Lease(cache.lease(f.etag), ttl=LEASE_TTL)
         if not lease.try_acquire():
             return None
@@ -214,28 +226,27 @@ class _Run:
                 cache.link(plan.commit, f)
                 progress.add(f.size)
                 return 0
-            url = hub.RepoRef(plan.entry.repo_type, plan.entry.repo).file_url(plan.commit, f.path)
-            partial = cache.partial(f.etag)
-            have = partial.stat().st_size if partial.exists() else 0
 
             def on_bytes(n: int) -> None:
                 if lease.lost:
-                    raise TransferError(f"{f.path}: lost the lease on its blob to another process; run pull again")
+                    raise TransferError(f"{label}: lost the lease on its blob to another process; run pull again")
+                if self.cancel.is_set():
+                    raise KeyboardInterrupt
                 progress.add(n)
 
             for attempt in (1, 2):  # wrong bytes are discarded and fetched once more
                 try:
-                    fetch(self.http, url, partial, size=f.size, expected=f.etag, sha256=f.sha256,
-                          on_bytes=on_bytes, label=f"{plan.entry.repo}/{f.path}")
+                    fetched = fetch(self.http, url, cache.partial(f.etag), size=f.size, expected=f.etag,
+                                    sha256=f.sha256, on_bytes=on_bytes, label=label)
                     break
                 except TransferError as e:
                     if attempt == 2 or "hash mismatch" not in str(e):
                         raise
                     progress.add(-f.size)  # fetch reported the whole file before its hash failed
-                    have = 0
-            cache.commit_blob(partial, f.etag)
+            lease.check()
+            cache.commit_blob(cache.partial(f.etag), f.etag)
             cache.link(plan.commit, f)
-            return f.size - min(have, f.size)
+            return fetched
         finally:
             lease.release()
 

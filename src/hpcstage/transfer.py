@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,11 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from hpcstage.errors import TransferError
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # one read from the socket
+SMALL = 8 << 20  # files below this are fetched whole into memory: no partial, no lease
+SEGMENT = 32 << 20  # unit of parallel ranges and of the resume record
+CONNECTIONS = 4  # parallel range requests per large file
+RANGES_SUFFIX = ".ranges"
 
 
 @dataclass
@@ -154,16 +160,68 @@ def new_hasher(sha256: str | None, size: int):
     return h
 
 
-def _hash_prefix(fd: int, length: int, hasher) -> None:
-    buf = bytearray(8 * CHUNK)
-    view = memoryview(buf)
-    done = 0
-    while done < length:
-        n = os.preadv(fd, [view[: min(len(buf), length - done)]], done)
-        if n <= 0:
-            raise OSError("partial file shrank while resuming")
-        hasher.update(view[:n])
-        done += n
+def _hash_mismatch(label: str) -> TransferError:
+    return TransferError(f"download {label}: content hash mismatch (wrong bytes discarded)")
+
+
+def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "") -> bytes:
+    """A small file in one request, checked in memory: no partial, no lease, nothing to resume."""
+    label = label or url
+    attempts = _Attempts(http.retry, f"download {label}")
+    mismatched = False
+    while True:
+        resp = http.request("GET", url, what=f"download {label}")
+        try:
+            if resp.status != 200:
+                raise TransferError(f"download {label}: server answered {resp.status}")
+            data = resp.read()
+        except Urllib3Error as e:
+            attempts.wait(f"connection dropped ({type(e).__name__})")
+            continue
+        finally:
+            resp.release_conn()
+        if len(data) != size:
+            attempts.wait(f"got {len(data)} of {size} bytes")
+            continue
+        hasher = new_hasher(sha256, size)
+        hasher.update(data)
+        if hasher.hexdigest() == expected:
+            return data
+        if mismatched:
+            raise _hash_mismatch(label)
+        mismatched = True  # wrong bytes: discarded, fetched once more
+
+
+class _Stopped(Exception):
+    """Another piece of the same file failed: this one stops too (the first error is reported)."""
+
+
+class _Segments:
+    """Which SEGMENT-sized pieces of a partial file are complete, persisted beside it after each piece
+    (atomically), so a process started later, on any node, continues instead of starting over."""
+
+    def __init__(self, record: Path, size: int):
+        self.record, self.size = record, size
+        self.count = max(1, -(-size // SEGMENT))
+        self.done: set[int] = set()
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return
+        if data.get("size") == self.size and data.get("segment") == SEGMENT:
+            self.done = {i for i in data.get("done", []) if isinstance(i, int) and 0 <= i < self.count}
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        return i * SEGMENT, min(self.size, (i + 1) * SEGMENT)
+
+    def add(self, i: int) -> None:
+        self.done.add(i)
+        payload = {"size": self.size, "segment": SEGMENT, "done": sorted(self.done)}
+        tmp = self.record.with_name(f"{self.record.name}.{os.getpid()}-{threading.get_ident()}")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, self.record)
 
 
 def fetch(
@@ -176,57 +234,122 @@ def fetch(
     sha256: str | None,
     on_bytes: Callable[[int], None] = lambda n: None,
     label: str = "",
-) -> None:
-    """Download `url` into `partial` until it holds `size` bytes hashing to `expected`.
+    connections: int = CONNECTIONS,
+) -> int:
+    """Download `url` into `partial` until it holds `size` bytes hashing to `expected`; returns the
+    bytes fetched (less than `size` when pieces were already there).
 
-    Resumes from bytes already in `partial` (left by this or a dead process), with Range requests after
-    a dropped connection. On a hash mismatch the partial is deleted and TransferError raised: wrong bytes
-    are never kept. The caller holds the blob's lease, so no one else writes `partial` meanwhile.
+    Pieces of SEGMENT bytes are fetched over up to `connections` parallel Range requests and written in
+    place (pwrite); a hasher thread hashes the complete prefix in order while the rest arrives. Pieces
+    already done by this or a dead process (the `.ranges` record) are not fetched again. On a hash
+    mismatch the partial is deleted and TransferError raised: wrong bytes are never kept. The caller holds
+    the blob's lease, so no one else writes `partial` meanwhile.
     """
     label = label or url
-    hasher = new_hasher(sha256, size)
+    record = partial.with_name(partial.name + RANGES_SUFFIX)
+    segments = _Segments(record, size)
     partial.parent.mkdir(parents=True, exist_ok=True)
+    if partial.exists():
+        segments.load()
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        offset = os.fstat(fd).st_size
-        if offset > size:
-            os.ftruncate(fd, 0)
-            offset = 0
-        if offset:
-            _hash_prefix(fd, offset, hasher)
-            on_bytes(offset)
-        attempts = _Attempts(http.retry, f"download {label}")
-        while offset < size:
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            resp = http.request("GET", url, headers=headers, what=f"download {label}")
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        todo = iter([i for i in range(segments.count) if i not in segments.done])
+        resumed = sum(b - a for a, b in map(segments.bounds, segments.done))
+        on_bytes(resumed)
+        cond = threading.Condition()
+        failed: list[BaseException] = []
+
+        def next_piece() -> int | None:
+            with cond:
+                return None if failed else next(todo, None)
+
+        def worker() -> None:
             try:
-                if resp.status == 200 and offset:
-                    # The server ignored Range: start over rather than mix two streams.
-                    os.ftruncate(fd, 0)
-                    offset = 0
-                    hasher = new_hasher(sha256, size)
-                elif resp.status not in (200, 206):
-                    raise TransferError(f"download {label}: server answered {resp.status}")
-                while offset < size:
-                    chunk = resp.read(min(CHUNK, size - offset))
-                    if not chunk:
-                        break
-                    os.pwrite(fd, chunk, offset)
-                    hasher.update(chunk)
-                    offset += len(chunk)
-                    on_bytes(len(chunk))
-            except Urllib3Error as e:
-                attempts.wait(f"connection dropped at byte {offset} ({type(e).__name__})")
-                continue
-            finally:
-                resp.release_conn()
-            if offset < size:
-                attempts.wait(f"connection closed at byte {offset} of {size}")
-        if hasher.hexdigest() != expected:
+                while (i := next_piece()) is not None:
+                    _fetch_piece(http, url, fd, *segments.bounds(i), size, on_bytes, label, lambda: bool(failed))
+                    with cond:
+                        segments.add(i)
+                        cond.notify_all()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                with cond:
+                    failed.append(e)
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=worker, name=f"range-{n}", daemon=True)
+                   for n in range(min(connections, segments.count - len(segments.done)))]
+        for t in threads:
+            t.start()
+        try:
+            digest = _hash_in_order(fd, segments, new_hasher(sha256, size), cond, failed)
+        except BaseException as e:
+            with cond:
+                failed.append(e)
+            raise
+        finally:
+            for t in threads:
+                t.join()
+        if failed:
+            raise failed[0]
+        if digest != expected:
             os.close(fd)
             fd = -1
             partial.unlink(missing_ok=True)
-            raise TransferError(f"download {label}: content hash mismatch (wrong bytes discarded)")
+            record.unlink(missing_ok=True)
+            raise _hash_mismatch(label)
+        record.unlink(missing_ok=True)
+        return size - resumed
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _hash_in_order(fd: int, segments: _Segments, hasher, cond: threading.Condition, failed: list) -> str | None:
+    """Hash pieces from the file in order as they complete (page cache reads overlap the downloads)."""
+    buf = bytearray(CHUNK * 4)
+    view = memoryview(buf)
+    for i in range(segments.count):
+        with cond:
+            while i not in segments.done and not failed:
+                cond.wait()
+            if failed:
+                return None
+        pos, end = segments.bounds(i)
+        while pos < end:
+            n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                raise OSError(f"partial file shorter than recorded ({pos} of {end})")
+            hasher.update(view[:n])
+            pos += n
+    return hasher.hexdigest()
+
+
+def _fetch_piece(http: Http, url: str, fd: int, start: int, end: int, size: int,
+                 on_bytes: Callable[[int], None], label: str, stop: Callable[[], bool]) -> None:
+    """Bytes [start, end) into the file at the same offsets; a dropped connection continues where it broke."""
+    attempts = _Attempts(http.retry, f"download {label}")
+    pos = start
+    while pos < end:
+        whole = pos == 0 and end == size
+        headers = {} if whole else {"Range": f"bytes={pos}-{end - 1}"}
+        resp = http.request("GET", url, headers=headers, what=f"download {label}")
+        try:
+            if resp.status not in ((200, 206) if whole else (206,)):
+                raise TransferError(f"download {label}: server answered {resp.status} to a range request")
+            while pos < end:
+                if stop():
+                    raise _Stopped()
+                chunk = resp.read(min(CHUNK, end - pos))
+                if not chunk:
+                    break
+                os.pwrite(fd, chunk, pos)
+                pos += len(chunk)
+                on_bytes(len(chunk))
+        except Urllib3Error as e:
+            attempts.wait(f"connection dropped at byte {pos} ({type(e).__name__})")
+            continue
+        finally:
+            resp.release_conn()
+        if pos < end:
+            attempts.wait(f"connection closed at byte {pos} of {size}")
