@@ -10,6 +10,7 @@ Our partial data and leases live beside the blob under names no other tool uses 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -93,7 +94,11 @@ class RepoCache:
 
     @property
     def root(self) -> Path:
-        return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type=self.repo_type)
+        return self.cache_dir / self.folder_name
+
+    @functools.cached_property
+    def folder_name(self) -> str:
+        return repo_folder_name(repo_id=self.repo_id, repo_type=self.repo_type)
 
     def blob(self, etag: str) -> Path:
         return self.root / "blobs" / etag
@@ -117,12 +122,15 @@ class RepoCache:
         """True when the snapshot entry resolves to the blob of the right size."""
         link = self.snapshot(commit) / file.path
         try:
-            return os.readlink(link) == self._link_target(link, file.etag) and link.stat().st_size == file.size
+            return os.readlink(link) == self._link_target(file.path, file.etag) and link.stat().st_size == file.size
         except OSError:
             return False
 
-    def _link_target(self, link: Path, etag: str) -> str:
-        return os.path.relpath(self.blob(etag), link.parent)
+    @staticmethod
+    def _link_target(path: str, etag: str) -> str:
+        """`snapshots/<commit>/<path>` -> `../../blobs/<etag>`, one more `../` per folder in `path`
+        (what huggingface_hub writes; computed as a string because a warm pull checks thousands)."""
+        return "../" * (2 + path.count("/")) + "blobs/" + etag
 
     def write_blob(self, etag: str, data: bytes) -> None:
         """A small blob checked in memory, written under a temporary name and renamed into place."""
@@ -139,7 +147,7 @@ class RepoCache:
         """Point `snapshots/<commit>/<path>` at the blob with a relative symlink, replaced atomically."""
         link = self.snapshot(commit) / file.path
         link.parent.mkdir(parents=True, exist_ok=True)
-        target = self._link_target(link, file.etag)
+        target = self._link_target(file.path, file.etag)
         try:
             if os.readlink(link) == target:
                 return

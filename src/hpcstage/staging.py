@@ -125,7 +125,7 @@ class _Run:
         seen: set[Path] = set()
         for p in plans:
             for f in p.files:
-                if p.cache.is_linked(p.commit, f) and p.cache.has_blob(f):
+                if p.cache.is_linked(p.commit, f):  # the link resolves to a blob of the right size
                     continue
                 blob = p.cache.blob(f.etag)
                 jobs.append((p, f, blob in seen))
@@ -133,7 +133,7 @@ class _Run:
         total = sum(f.size for p in plans for f in p.files)
         self.summary.files = sum(len(p.files) for p in plans)
         self.summary.bytes = total
-        self._check_space(plans)
+        self._check_space([(p, f) for p, f, dup in jobs if not dup])
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
             progress.add(total - sum(f.size for _, f, dup in jobs if not dup))
             for _ in range(self.summary.files - len(jobs)):
@@ -153,8 +153,9 @@ class _Run:
                            len(p.files), sum(f.size for f in p.files))
             )
 
-    def _check_space(self, plans: list[_RepoPlan]) -> None:
-        need = sum(f.size for p in plans for f in p.files if not p.cache.has_blob(f))
+    def _check_space(self, jobs: list[tuple[_RepoPlan, CachedFile]]) -> None:
+        """Refuse early, with the numbers, when what is left to fetch cannot fit."""
+        need = sum(f.size for p, f in jobs if not p.cache.has_blob(f))
         if not need:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
