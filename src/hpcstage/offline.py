@@ -5,8 +5,15 @@ a running interpreter is too late; jobs and `check` get them in their environmen
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hpcstage.errors import HpcstageError
 from hpcstage.hfcache import default_cache_dir, default_datasets_cache_dir
 from hpcstage.manifest import Manifest
 
@@ -25,3 +32,252 @@ def env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
         "HF_HUB_CACHE": str(Path(hub).resolve()),
         "HF_DATASETS_CACHE": str(Path(ds).resolve()),
     }
+
+
+def online_env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
+               datasets_cache_dir: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """A full environment for a child that must reach the Hub (prebuild on the login node).
+
+    The user's endpoint, token and HF_HOME pass through from `base` (default: this process's environment);
+    offline flags are removed; the cache paths are the same ones `env()` gives jobs, so a build lands
+    exactly where the offline job will look for it."""
+    out = {k: v for k, v in (os.environ if base is None else base).items() if k not in OFFLINE_FLAGS}
+    paths = env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir)
+    out.update({k: v for k, v in paths.items() if k not in OFFLINE_FLAGS})
+    out["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    out["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    return out
+
+
+def job_env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
+            datasets_cache_dir: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """A full environment for a child that must behave like an offline job: `base` (default: this
+    process's environment) without any HF_* of its own, plus `env()`."""
+    out = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(("HF_", "HUGGING_FACE_")) or k in ("HF_HOME", "HF_TOKEN", "HF_TOKEN_PATH")}
+    out.update(env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir))
+    out["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    out["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    return out
+
+
+# -- readiness check: what a job would do, in a process with the network off ---------------------------
+
+# Files a job's loaders read when the repo has them (transformers' AutoConfig / AutoTokenizer and friends).
+JOB_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+# Installed in the check child when no network namespace is available: any IP connection fails.
+_GUARD = r"""
+import socket as _s
+_connect, _connect_ex = _s.socket.connect, _s.socket.connect_ex
+def _off(sock):
+    return sock.family in (_s.AF_INET, _s.AF_INET6)
+def connect(self, address, *a):
+    if _off(self):
+        raise OSError(101, f"hpcstage check: the network is off (connect to {address!r})")
+    return _connect(self, address, *a)
+def connect_ex(self, address, *a):
+    return 101 if _off(self) else _connect_ex(self, address, *a)
+_s.socket.connect, _s.socket.connect_ex = connect, connect_ex
+"""
+
+# Reads the task list (JSON) on stdin, does each task as a job would, prints one JSON list on stdout.
+_CHECK = r"""
+import json, os, sys
+tasks = json.load(sys.stdin)
+real_stdout = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+
+def first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+out = []
+for t in tasks:
+    r = {"error": None, "missing": [], "files": []}
+    try:
+        if t["kind"] in ("model", "dataset"):
+            from huggingface_hub import snapshot_download
+            snapshot_download(t["repo"], repo_type=t["kind"], revision=t["revision"], allow_patterns=t["include"],
+                              ignore_patterns=t["exclude"], local_files_only=True)
+        else:
+            from datasets import load_dataset
+            ds = load_dataset(t["path"], **t["kwargs"])
+            parts = ds.values() if isinstance(ds, dict) else [ds]
+            r["files"] = sorted({f["filename"] for d in parts for f in d.cache_files})
+    except Exception as e:
+        r["error"] = first_line(e)
+    snap = t.get("snapshot")
+    r["missing"] = [f for f in t.get("expect", []) if not (snap and os.path.exists(os.path.join(snap, f)))]
+    out.append(r)
+real_stdout.write(json.dumps(out) + "\n")
+real_stdout.flush()
+"""
+
+
+class CheckError(HpcstageError):
+    """The check process itself could not run (not: something is missing; that is a finding)."""
+
+
+@dataclass
+class EntryCheck:
+    """One manifest entry as an offline job sees it: ok, or what is missing and the command that fixes it."""
+
+    entry: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    fix: str | None = None
+
+
+@dataclass
+class CheckReport:
+    entries: list[EntryCheck]
+    isolation: str  # "netns" (unshare -n: no network interface but a downed loopback) or "guard" (socket patch)
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(e.ok for e in self.entries)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "isolation": self.isolation, "seconds": round(self.seconds, 3),
+                "entries": [asdict(e) for e in self.entries]}
+
+
+_netns: bool | None = None
+
+
+def netns_available() -> bool:
+    """True when `unshare -n` can start a process in a new network namespace here (root, or user namespaces)."""
+    global _netns
+    if _netns is None:
+        try:
+            _netns = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _netns = False
+    return _netns
+
+
+def _model_task(manifest: Manifest, entry, hub_cache: Path, lock) -> tuple[dict, dict]:
+    """The child's task for a Hub repo, and what the parent needs to explain its findings."""
+    from hpcstage import policy
+    from hpcstage.hfcache import RepoCache
+    from hpcstage.sources.hub import select
+
+    cache = RepoCache(hub_cache, entry.repo_type, entry.repo)
+    locked = lock.entries.get(entry.key) if lock else None
+    commit = (locked.commit if locked else None) or cache.read_ref(entry.revision) or (
+        entry.revision if policy.is_commit(entry.revision) else None)
+    tree = cache.read_tree(commit) if commit else None
+    selected = [f.path for f in select(tree, entry.include, entry.exclude)] if tree is not None else (
+        [f["path"] for f in locked.files] if locked and locked.matches(entry) else [])
+    in_repo = {f.path for f in tree} if tree is not None else set(selected)
+    job_files = [f for f in JOB_FILES if f in in_repo] if entry.repo_type == "model" else []
+    expect = sorted(set(selected) | set(job_files))
+    task = {"kind": entry.repo_type, "repo": entry.repo, "revision": entry.revision, "include": entry.include,
+            "exclude": entry.exclude, "snapshot": str(cache.snapshot(commit)) if commit else None, "expect": expect}
+    return task, {"selected": set(selected)}
+
+
+def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_dir: Path | None = None,
+          isolation: str = "auto", timeout: float = 600) -> CheckReport:
+    """Do, in a child process with the offline flags and the network off, what each job would do:
+    models through `snapshot_download(..., local_files_only=True)` plus their config/tokenizer files,
+    datasets through their `load:` call (else `snapshot_download`), `prebuild:` entries through theirs.
+
+    isolation: "netns" (`unshare -n`), "guard" (socket connect patched in the child) or "auto" (netns
+    where it works, else guard)."""
+    from hpcstage import prebuild
+    from hpcstage.manifest import load_lock
+
+    started = time.monotonic()
+    if isolation == "auto":
+        isolation = "netns" if netns_available() else "guard"
+    if isolation not in ("netns", "guard"):
+        raise ValueError(f"isolation must be auto, netns or guard, not {isolation!r}")
+    child_env = job_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir)
+    hub_cache, ds_cache = Path(child_env["HF_HUB_CACHE"]), Path(child_env["HF_DATASETS_CACHE"])
+    lock = load_lock(manifest.lock_path) if manifest.path else None
+    m = str(manifest.path) if manifest.path else "hpcstage.yaml"
+    pull_fix, prebuild_fix = f"hpcstage pull -f {m}", f"hpcstage prebuild -f {m}"
+
+    tasks: list[dict] = []
+    explain: list = []  # per entry: (label, kind, extra) for tasks, or a finished EntryCheck
+    for entry in manifest.entries:
+        if entry.repo_type == "dataset" and entry.load is not None:
+            label = f"dataset {entry.repo} load({', '.join(f'{k}={v!r}' for k, v in entry.load.items())})"
+            tasks.append({"kind": "load", "path": entry.repo, "kwargs": entry.load})
+            explain.append((label, "load", prebuild.read_marker(ds_cache, prebuild.hub_build(entry, lock))))
+            continue
+        task, extra = _model_task(manifest, entry, hub_cache, lock)
+        tasks.append(task)
+        explain.append((f"{entry.repo_type} {entry.repo}@{entry.revision}", "snapshot", extra))
+    for i, spec in enumerate(manifest.prebuild):
+        build = prebuild.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),
+                                     where=f"{m}: prebuild[{i}]")
+        label = f"prebuild {build.label}"
+        if build.missing:
+            explain.append(EntryCheck(label, False, [f"data file not found: {', '.join(build.missing)}"],
+                                      f"restore the file, or fix prebuild[{i}] in {m}"))
+        elif prebuild.read_marker(ds_cache, build) is None:  # loading would build it now, in the job's place
+            explain.append(EntryCheck(label, False, [f"no prebuilt Arrow cache for {build.call}"], prebuild_fix))
+        else:
+            tasks.append({"kind": "load", "path": build.path, "kwargs": build.kwargs})
+            explain.append((label, "load", None))
+
+    answers = _run_child(tasks, child_env, isolation, timeout) if tasks else []
+    entries, it = [], iter(answers)
+    for item in explain:
+        if isinstance(item, EntryCheck):
+            entries.append(item)
+            continue
+        label, kind, extra = item
+        r = next(it)
+        if kind == "load":
+            problems = [] if r["error"] is None else [f"offline load_dataset failed: {r['error']}"]
+            got = os.path.dirname(r["files"][0]) if r["files"] else None
+            if extra is not None and got and got != extra["cache_dir"]:  # extra: the prebuild marker
+                problems.append(f"offline load reads {got}, not the build prebuilt for this commit "
+                                f"({extra['cache_dir']}): datasets picks the newest build")
+            entries.append(EntryCheck(label, not problems, problems, prebuild_fix if problems else None))
+            continue
+        problems, fix = [], None
+        for f in r["missing"]:
+            problems.append(f"{f} is in the repo but not staged")
+            if f not in extra["selected"]:
+                fix = f"add {f!r} to include (or drop the exclude that matches it) in {m}, then `{pull_fix}`"
+        if r["error"] and not r["missing"]:
+            problems.append(f"offline snapshot_download failed: {r['error']}")
+        if problems and fix is None:
+            fix = pull_fix
+        entries.append(EntryCheck(label, not problems, problems, fix))
+    return CheckReport(entries, isolation, time.monotonic() - started)
+
+
+def isolated_command(code: str, isolation: str) -> list[str]:
+    """argv running Python `code` with the network off: in a new network namespace, or behind the guard."""
+    if isolation == "netns":
+        return ["unshare", "-n", sys.executable, "-c", code]
+    return [sys.executable, "-c", _GUARD + code]
+
+
+def _run_child(tasks: list[dict], child_env: dict[str, str], isolation: str, timeout: float) -> list[dict]:
+    argv = isolated_command(_CHECK, isolation)
+    try:
+        r = subprocess.run(argv, input=json.dumps(tasks), env=child_env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CheckError(f"the offline check process did not finish in {timeout:g}s") from None
+    try:
+        answers = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = [s for s in r.stderr.strip().splitlines() if s.strip()][-1:] or ["no output"]
+        raise CheckError(f"the offline check process exited with code {r.returncode} ({tail[0]})") from None
+    if len(answers) != len(tasks):
+        raise CheckError("the offline check process answered for the wrong number of entries")
+    return answers

@@ -1,0 +1,442 @@
+"""Build the `datasets` Arrow cache once, on the login node, for exactly the `load_dataset` calls jobs make.
+
+Why (FACTS.md, "datasets 5.x offline"): offline, `load_dataset("org/name")` cannot read the hub cache; it
+needs an Arrow build made online with the same arguments, and it picks the most recently modified build
+of the config. Local files (`load_dataset("json", data_files=...)`) do build offline, but N jobs starting
+together all build into one `<dir>.incomplete` folder and crash on a shared filesystem. So we build each
+call once, before any job starts:
+
+* each build runs in a child interpreter whose environment is computed here (`offline.online_env`):
+  HF_* variables are read at import time, so this process's imports cannot leak into the build;
+* one writer per build across processes and nodes: a `Lease` on
+  `<datasets_cache>/.hpcstage-locks/<key>.lease`, where key is a hash of the call's arguments;
+* a finished build leaves `<datasets_cache>/.hpcstage-prebuild/<key>.json` naming its Arrow files (and
+  the size and mtime of the local data files the datasets cache key depends on); while that marker
+  holds, the build is skipped without starting Python or importing `datasets`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from hpcstage import offline
+from hpcstage.errors import BadInput, HpcstageError
+from hpcstage.hfcache import write_atomic
+from hpcstage.locks import Lease
+from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
+
+LOCK_DIR = ".hpcstage-locks"
+MARKER_DIR = ".hpcstage-prebuild"
+MARKER_VERSION = 1
+LEASE_TTL = 60.0
+POLL = 0.2  # seconds between looks at builds other processes hold
+# datasets' packaged builders: their data_files are local paths; any other `path` is a Hub repo id
+PACKAGED = frozenset("json csv parquet text arrow pandas webdataset xml sql imagefolder audiofolder "
+                     "videofolder pdffolder".split())
+_GLOB_CHARS = frozenset("*?[")
+
+
+class PrebuildError(HpcstageError):
+    """The build child could not be started or died without answering."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """One `load_dataset(path, **kwargs)` call, as a job will make it (with the locked commit for Hub
+    repos). `label` is what the log names: the Hub repo id, or the local data file."""
+
+    path: str
+    kwargs: dict[str, Any] = field(hash=False)
+    label: str = ""
+    local_files: tuple[str, ...] = ()  # absolute local data files (their mtimes key datasets' cache)
+    missing: tuple[str, ...] = ()  # local data files named but absent
+
+    @property
+    def key(self) -> str:
+        """Stable across processes and nodes: a hash of the call (not of the label or of mtimes)."""
+        text = json.dumps({"path": self.path, "kwargs": self.kwargs}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def call(self) -> str:
+        args = [repr(self.path)] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"load_dataset({', '.join(args)})"
+
+    def fingerprint(self) -> list[list]:
+        """[path, size, mtime_ns] of each local data file: what datasets hashes besides the arguments."""
+        out = []
+        for p in self.local_files:
+            st = os.stat(p)
+            out.append([p, st.st_size, st.st_mtime_ns])
+        return out
+
+
+@dataclass
+class BuildResult:
+    label: str
+    key: str
+    call: str
+    status: str  # built | skipped (a valid marker) | missing (local data file absent) | failed
+    seconds: float = 0.0
+    cache_dir: str | None = None  # the Arrow build folder
+    error: str | None = None
+
+
+@dataclass
+class PrebuildSummary:
+    datasets_cache_dir: Path
+    results: list[BuildResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.status == "failed" for r in self.results)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{r.label}: data file not found" for r in self.results if r.status == "missing"]
+
+    def as_dict(self) -> dict:
+        return {
+            "datasets_cache_dir": str(self.datasets_cache_dir),
+            "ok": self.ok,
+            "results": [r.__dict__ for r in self.results],
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# -- what to build -----------------------------------------------------------------------------------
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """data_files with relative local paths made absolute against `base` (the manifest's folder)."""
+    if isinstance(value, str):
+        return value if "://" in value or os.path.isabs(value) else str((base / value).absolute())
+    if isinstance(value, (list, tuple)):
+        return [_absolute(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute(v, base) for k, v in value.items()}
+    return value
+
+
+def local_build(spec: dict[str, Any], base: Path, where: str = "prebuild") -> Build:
+    """A `prebuild:` entry: `{path: json, data_files: ..., field: test, split: train}`."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        raise BadInput(f"{where}: each prebuild entry is a mapping with a `path:` (e.g. "
+                       "{path: json, data_files: /data/eval.json, split: train})")
+    kwargs = {k: v for k, v in spec.items() if k != "path"}
+    path = spec["path"]
+    local_path = path not in PACKAGED and os.path.exists(base / path)
+    if path not in PACKAGED and not local_path:  # a Hub repo id: data_files are paths inside the repo
+        return Build(path, kwargs, label=path)
+    if local_path:
+        path = str((base / path).absolute())
+    if "data_files" in kwargs:
+        kwargs["data_files"] = _absolute(kwargs["data_files"], base)
+    files, missing = [], []
+    for pattern in _strings(kwargs.get("data_files")):
+        if "://" in pattern:
+            continue
+        if _GLOB_CHARS & set(pattern):
+            found = sorted(glob.glob(pattern, recursive=True))
+            (files.extend(found) if found else missing.append(pattern))
+        else:
+            (files.append(pattern) if os.path.isfile(pattern) else missing.append(pattern))
+    names = _strings(kwargs.get("data_files"))
+    label = names[0] if len(names) == 1 else f"{path} {names}" if names else path
+    return Build(path, kwargs, label=label, local_files=tuple(files), missing=tuple(missing))
+
+
+def hub_build(entry: HubEntry, lock: Lockfile | None) -> Build:
+    """A `datasets:` entry's `load:` call, at its locked commit (else its revision)."""
+    locked = lock.entries.get(entry.key) if lock else None
+    revision = locked.commit if locked else entry.revision
+    return Build(entry.repo, {"revision": revision, **(entry.load or {})}, label=entry.repo)
+
+
+def builds_from_manifest(manifest: Manifest) -> list[Build]:
+    """Every `datasets:` entry with `load:` (at its locked commit, else its revision) and every
+    `prebuild:` entry, without duplicates."""
+    lock = load_lock(manifest.lock_path) if manifest.path else None
+    base = manifest.path.parent if manifest.path else Path.cwd()
+    out: list[Build] = []
+    for i, entry in enumerate(manifest.datasets):
+        if entry.load is None:
+            continue
+        if "revision" in entry.load:
+            raise BadInput(f"{manifest.path}: datasets[{i}].load has `revision`; set `revision:` on the entry "
+                           "itself (prebuild uses its locked commit)")
+        out.append(hub_build(entry, lock))
+    for i, spec in enumerate(manifest.prebuild):
+        out.append(local_build(spec, base, where=f"{manifest.path}: prebuild[{i}]"))
+    return _unique(out)
+
+
+def builds_from_experiment(path: str | Path) -> list[Build]:
+    """`evaluation.tasks[].dataset` of an experiment summary: each unique file becomes
+    `load_dataset("json", data_files=PATH, field="test", split="train")`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise BadInput(f"cannot read experiment summary {path}: {e.strerror}; pass an existing file") from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    tasks = ((data or {}).get("evaluation") or {}).get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list):
+        raise BadInput(f"{path}: no `evaluation.tasks` list; expected evaluation: {{tasks: [{{dataset: PATH}}, ...]}}")
+    out = []
+    for task in tasks:
+        dataset = task.get("dataset") if isinstance(task, dict) else None
+        if isinstance(dataset, str) and dataset:
+            out.append(local_build({"path": "json", "data_files": dataset, "field": "test", "split": "train"},
+                                   path.parent))
+    return _unique(out)
+
+
+def _unique(builds: list[Build]) -> list[Build]:
+    seen: dict[str, Build] = {}
+    for b in builds:
+        seen.setdefault(b.key, b)
+    return list(seen.values())
+
+
+# -- markers -----------------------------------------------------------------------------------------
+
+
+def marker_path(datasets_cache_dir: Path, build: Build) -> Path:
+    return Path(datasets_cache_dir) / MARKER_DIR / f"{build.key}.json"
+
+
+def lease_path(datasets_cache_dir: Path, build: Build) -> Path:
+    return Path(datasets_cache_dir) / LOCK_DIR / f"{build.key}.lease"
+
+
+def read_marker(datasets_cache_dir: Path, build: Build) -> dict | None:
+    """The marker of a finished build if it still holds: same local data files (size, mtime) and every
+    recorded cache file present with its size. A few stats: well under a millisecond per build."""
+    try:
+        marker = json.loads(marker_path(datasets_cache_dir, build).read_text())
+        if marker.get("version") != MARKER_VERSION or marker.get("fingerprint") != build.fingerprint():
+            return None
+        for f in marker["files"]:
+            if os.stat(f["path"]).st_size != f["size"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return marker
+
+
+def _write_marker(datasets_cache_dir: Path, build: Build, cache_dir: str, seconds: float) -> None:
+    folder = Path(cache_dir)
+    files = [{"path": str(p), "size": p.stat().st_size} for p in sorted(folder.iterdir())
+             if p.is_file() and (p.suffix == ".arrow" or p.name == "dataset_info.json")]
+    marker = {
+        "version": MARKER_VERSION, "key": build.key, "path": build.path, "kwargs": build.kwargs,
+        "fingerprint": build.fingerprint(), "cache_dir": str(folder), "files": files,
+        "built_at": time.time(), "seconds": round(seconds, 3),
+    }
+    write_atomic(marker_path(datasets_cache_dir, build), json.dumps(marker, indent=1, default=str).encode())
+
+
+def newer_builds(cache_dir: str | Path) -> list[Path]:
+    """Other builds of the same dataset config at least as recent as `cache_dir`. Offline, datasets
+    ignores `revision` and loads the most recently modified build of the config, so any of these would
+    be loaded instead of ours."""
+    folder = Path(cache_dir)
+    try:
+        mine = folder.stat().st_mtime
+        return sorted(p for p in folder.parent.iterdir() if p != folder and p.is_dir()
+                      and not p.name.endswith(".incomplete") and p.stat().st_mtime >= mine)
+    except OSError:
+        return []
+
+
+def make_newest(cache_dir: str | Path) -> None:
+    """Bump the build folder's mtime (not its files') so an offline load of the config picks it."""
+    others = newer_builds(cache_dir)
+    if others:
+        when = max(time.time(), max(p.stat().st_mtime for p in others) + 1)
+        os.utime(cache_dir, (when, when))
+
+
+# -- the build child ---------------------------------------------------------------------------------
+
+# Reads one JSON request per line on stdin, answers one JSON line on the original stdout (datasets'
+# own output goes to stderr). Dies with its parent (PR_SET_PDEATHSIG) so a killed prebuild does not
+# leave a build running without the lease.
+_WORKER = r"""
+import ctypes, json, os, sys, time
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+proto = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+from datasets import load_dataset
+proto.write(json.dumps({"ready": True}) + "\n")
+for line in sys.stdin:
+    req = json.loads(line)
+    started = time.perf_counter()
+    try:
+        ds = load_dataset(req["path"], **req["kwargs"])
+        parts = ds.values() if isinstance(ds, dict) else [ds]
+        files = sorted({f["filename"] for d in parts for f in d.cache_files})
+        out = {"ok": bool(files), "files": files,
+               "error": None if files else "the result has no Arrow files (in memory or streaming)"}
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        out = {"ok": False, "error": f"{type(e).__name__}: {text[0] if text else ''}"}
+    out["seconds"] = time.perf_counter() - started
+    proto.write(json.dumps(out) + "\n")
+"""
+
+
+class _Worker:
+    """One child interpreter for all builds of a run: `datasets` is imported once, not per build."""
+
+    def __init__(self, env: dict[str, str]):
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(os.getpid())], env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+        )
+        self._answer()  # {"ready": true}: import errors surface here, not inside a lease
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._log.seek(0)
+            tail = [s for s in self._log.read().strip().splitlines() if s.strip()][-1:] or ["no output"]
+            raise PrebuildError(f"the build process exited with code {self.proc.returncode} ({tail[0]}); "
+                                "check that `datasets` is installed in this Python")
+        return json.loads(line)
+
+    def load(self, build: Build) -> dict:
+        self.proc.stdin.write(json.dumps({"path": build.path, "kwargs": build.kwargs}, default=str) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def prebuild(
+    builds: list[Build],
+    *,
+    datasets_cache_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    manifest: Manifest | None = None,
+    on_event: Callable[[str, str], None] | None = None,
+    lease_ttl: float = LEASE_TTL,
+    base_env: dict[str, str] | None = None,
+) -> PrebuildSummary:
+    """Build each call once into the datasets cache (manifest's, else HF_DATASETS_CACHE rules).
+
+    `on_event(kind, text)` is told of progress: kind is "start" (text: the count), "built", "skipped",
+    "missing", "failed" (text: label, or label and error). Builds held by another process are waited
+    for while this one builds the rest."""
+    started = time.monotonic()
+    env = offline.online_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir, base=base_env)
+    ds_dir = Path(env["HF_DATASETS_CACHE"])
+    summary = PrebuildSummary(ds_dir)
+    tell = on_event or (lambda kind, text: None)
+    tell("start", str(len(builds)))
+    results: dict[str, BuildResult] = {}
+    pending: list[Build] = []
+    for b in builds:
+        if b.missing:
+            results[b.key] = BuildResult(b.label, b.key, b.call, "missing", error=f"not found: {', '.join(b.missing)}")
+            tell("missing", b.label)
+        else:
+            pending.append(b)
+    worker: _Worker | None = None
+    try:
+        while pending:
+            progressed = False
+            for b in list(pending):
+                t0 = time.perf_counter()
+                marker = read_marker(ds_dir, b)
+                if marker is not None:
+                    make_newest(marker["cache_dir"])
+                    results[b.key] = BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0,
+                                                 marker["cache_dir"])
+                    pending.remove(b)
+                    progressed = True
+                    tell("skipped", b.label)
+                    continue
+                lease = Lease(lease_path(ds_dir, b), ttl=lease_ttl)
+                if not lease.try_acquire():
+                    continue  # another process builds it; look again next round
+                try:
+                    if worker is None:  # only once there is something to build: importing datasets costs ~1 s
+                        worker = _Worker(env)
+                    results[b.key] = _build_one(worker, ds_dir, b, lease, t0)
+                finally:
+                    lease.release()
+                pending.remove(b)
+                progressed = True
+                r = results[b.key]
+                tell(r.status, b.label if r.status != "failed" else f"{b.label}: {r.error}")
+            if pending and not progressed:
+                time.sleep(POLL)
+    finally:
+        if worker is not None:
+            worker.close()
+    summary.results = [results[b.key] for b in builds]
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _build_one(worker: _Worker, ds_dir: Path, b: Build, lease: Lease, t0: float) -> BuildResult:
+    marker = read_marker(ds_dir, b)  # built by the lease's previous holder while we looked elsewhere
+    if marker is not None:
+        return BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0, marker["cache_dir"])
+    answer = worker.load(b)
+    seconds = time.perf_counter() - t0
+    if not answer["ok"]:
+        return BuildResult(b.label, b.key, b.call, "failed", seconds, error=answer["error"])
+    if lease.lost:  # we stalled past the ttl: someone else may have built alongside; do not vouch for it
+        return BuildResult(b.label, b.key, b.call, "failed", seconds,
+                           error=f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
+    cache_dir = os.path.dirname(answer["files"][0])
+    make_newest(cache_dir)
+    _write_marker(ds_dir, b, cache_dir, seconds)
+    return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir)
+
