@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 COMMAND_TIMEOUT = 60.0
+JOB_TYPES = ("train", "datagen", "consolidate", "eval", "run")  # what `hpcstage launch --job-type` renders
 
 
 class SlurmError(RuntimeError):

@@ -32,7 +32,7 @@ _MEM = re.compile(r"\d+[KMGT]?")
 # Optional keys an override can clear with "": TOML has no null.
 _UNSETTABLE = (
     "hostname", "slurm_cluster", "mem", "partition", "account", "qos", "constraint", "licenses",
-    "exclude", "gres_name",
+    "exclude", "gres_name", "python",
 )  # fmt: skip
 
 
@@ -82,6 +82,7 @@ class Cluster(BaseModel):
     gres_name: str | None = None
     modules: list[str] = Field(default_factory=list)
     max_time: str
+    python: str | None = None
 
     @field_validator(*_UNSETTABLE, mode="before")
     @classmethod

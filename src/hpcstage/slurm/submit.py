@@ -52,3 +52,14 @@ def cancel(job_ids: Iterable[str]) -> None:
     proc = run_command(argv)
     if proc.returncode != 0:
         raise SlurmError(f"scancel failed: {proc.stderr.strip()}", argv=argv, stderr=proc.stderr)
+
+
+def release(job_ids: Iterable[str]) -> None:
+    """Release held jobs (submitted with ``--hold``) so the scheduler may start them."""
+    ids = [str(job_id) for job_id in job_ids]
+    if not ids:
+        return
+    argv = ["scontrol", "release", ",".join(ids)]
+    proc = run_command(argv)
+    if proc.returncode != 0:
+        raise SlurmError(f"scontrol release failed: {proc.stderr.strip()}", argv=argv, stderr=proc.stderr)

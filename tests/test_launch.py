@@ -1,0 +1,346 @@
+"""`hpcstage launch --dry-run` and `hpcstage clusters`: rendered scripts against golden files, no Slurm needed.
+
+Golden files live in tests/golden/launch/<case>/ with the test's folder written as <TMP> and this interpreter
+as <PYTHON>. After an intended change to the templates, regenerate them and review the diff:
+
+    HPCSTAGE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_launch.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcstage import cli
+from hpcstage.slurm import clusters
+from hpcstage.slurm.clusters import load_registry
+
+GOLDEN = Path(__file__).parent / "golden" / "launch"
+UPDATE = os.environ.get("HPCSTAGE_UPDATE_GOLDEN") == "1"
+CLUSTERS = load_registry().names()
+OFFLINE_LINES = ("HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1", "TRANSFORMERS_OFFLINE=1")
+MODEL = "demo-org/tiny-model"
+CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
+TRAIN_CONFIG = """\
+### llama-factory SFT config (what the jobs of the original launcher ran)
+model_name_or_path: Qwen/Qwen2.5-7B-Instruct
+stage: sft
+do_train: true
+finetuning_type: full
+deepspeed: examples/deepspeed/ds_z3_config.json
+dataset: my_sft_data
+template: qwen
+cutoff_len: 4096
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-5
+num_train_epochs: 3.0
+bf16: true
+"""
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Bundled registry only; HF caches and experiments under tmp_path; a canary token in the environment."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv(clusters.SITE_ENV, raising=False)
+    for name in list(os.environ):
+        if name.startswith(("HF_", "HUGGING_FACE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    monkeypatch.chdir(tmp_path)
+
+
+def hpcstage(*args: str, capsys=None) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+def normalise(text: str, tmp_path: Path) -> str:
+    return text.replace(str(tmp_path), "<TMP>").replace(sys.executable, "<PYTHON>")
+
+
+def compare_golden(case: str, exp: Path, tmp_path: Path, names: list[str]) -> None:
+    folder = GOLDEN / case
+    if UPDATE:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_text(normalise((exp / name).read_text(), tmp_path))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names), f"regenerate {folder} (see module docstring)"
+    for name in names:
+        assert normalise((exp / name).read_text(), tmp_path) == (folder / name).read_text(), (
+            f"{case}/{name} differs from the golden file; if intended, regenerate (see module docstring)"
+        )
+
+
+def check_script(path: Path) -> str:
+    text = path.read_text()
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+    return text
+
+
+def no_canary(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert CANARY not in path.read_text(), path
+
+
+def train_config(tmp_path: Path) -> Path:
+    path = tmp_path / "sft.yaml"
+    path.write_text(TRAIN_CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_train_with_eval_dry_run_matches_golden_on_every_cluster(name, tmp_path, capsys):
+    code, out, err = hpcstage(
+        "launch", "--job-type", "train", "--cluster", name, "--train-config", train_config(tmp_path),
+        "--model", "demo-org/tiny-model", "--dataset", "demo-org/tiny-dataset", "--num-nodes", "2",
+        "--eval-tasks", "hellaswag,arc_easy", "--name", "sft", "--time-limit", "12:00:00", "--dry-run",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "sft"
+    cluster = load_registry().get(name)
+    for script in ("train.sbatch", "eval.sbatch"):
+        text = check_script(exp / script)
+        offline_lines = [line for line in OFFLINE_LINES if line in text.splitlines()]
+        assert offline_lines == ([] if cluster.internet else list(OFFLINE_LINES)), script
+        assert ("HPCSTAGE_MODEL=\"$HF_HUB_CACHE/models--demo-org--tiny-model/snapshots/" in text) != cluster.internet
+        assert text in out  # dry run prints every script
+    jobs = json.loads((exp / "jobs.json").read_text())
+    assert [(j["key"], j["job_id"], j["dependency"]) for j in jobs["jobs"]] == [
+        ("train", None, None), ("eval", None, "afterok:{train#0}")
+    ]
+    assert "would run: sbatch --parsable --dependency=afterok:{train#0} " in out
+    assert "demo-org/tiny-model@main: " + ("online" if cluster.internet else "would fetch") in out
+    config = json.loads((exp / "config.json").read_text())
+    assert config["cluster"]["name"] == name and config["offline"] is not cluster.internet
+    assert not (tmp_path / "hub").exists()  # a dry run stages nothing
+    no_canary(exp)
+    compare_golden(f"train-eval-{name}", exp, tmp_path, ["train.sbatch", "eval.sbatch", "jobs.json"])
+
+
+def test_datagen_35_task_folders_in_chunks_of_10_is_an_array_of_4(tmp_path, capsys):
+    tasks = tmp_path / "traces"
+    for n in range(35):
+        (tasks / f"task-{n:03d}").mkdir(parents=True)
+        (tasks / f"task-{n:03d}" / "trace.json").write_text("{}")
+    (tasks / "README.md").write_text("not a task folder")
+    script = tmp_path / "gen.py"
+    script.write_text("print('generate')\n")
+    code, out, err = hpcstage(
+        "launch", "--job-type", "datagen", "--cluster", "jureca", "--datagen-script", script,
+        "--datagen-engine", "vllm", "--datagen-extra-args", "--temperature 0.7 --n 'two words'",
+        "--trace-input-path", tasks, "--chunk-size", "10", "--name", "gen", "--dry-run", capsys=capsys,
+    )
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "gen"
+    text = check_script(exp / "datagen.sbatch")
+    assert "#SBATCH --array=0-3\n" in text
+    assert "#SBATCH --output=<TMP>/experiments/gen/logs/%x-%A_%a.out" in normalise(text, tmp_path)
+    chunk_map = json.loads((exp / "chunk_map.json").read_text())
+    assert [len(c) for c in chunk_map["chunks"]] == [10, 10, 10, 5]
+    assert sum(chunk_map["chunks"], []) == [str(tasks / f"task-{n:03d}") for n in range(35)]
+    assert len(list(tasks.iterdir())) == 36  # nothing copied, moved or deleted
+    compare_golden("datagen-chunks-jureca", exp, tmp_path, ["datagen.sbatch", "jobs.json", "chunk_map.json"])
+
+    code, _, err = hpcstage(
+        "launch", "--job-type", "datagen", "--cluster", "jureca", "--datagen-script", script,
+        "--trace-input-path", tasks, "--chunk-size", "10", "--max-parallel", "2", "--name", "gen2", "--dry-run",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert "#SBATCH --array=0-3%2\n" in (tmp_path / "experiments" / "gen2" / "datagen.sbatch").read_text()
+
+
+def test_consolidate_uses_the_checkpoints_own_zero_to_fp32(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints" / "checkpoint-500"
+    code, _, err = hpcstage("launch", "--job-type", "consolidate", "--cluster", "leonardo", "--checkpoint-dir", ckpt,
+                            "--name", "merge", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "merge"
+    text = check_script(exp / "consolidate.sbatch")
+    assert '"$HPCSTAGE_PYTHON" "$checkpoint/zero_to_fp32.py" "$checkpoint" "$output" --safe_serialization' in text
+    assert "--gres" not in text  # merging needs memory, not GPUs
+    compare_golden("consolidate-leonardo", exp, tmp_path, ["consolidate.sbatch", "jobs.json"])
+
+
+def test_run_with_restarts_and_after_renders_an_afternotok_chain(tmp_path, capsys):
+    code, out, err = hpcstage("launch", "--job-type", "run", "--cluster", "claix", "--command", "python x.py --n 1",
+                              "--after", "4242", "--max-restarts", "2", "--name", "retry", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "retry"
+    text = check_script(exp / "run.sbatch")
+    assert "trap hpcstage_end_chain EXIT" in text and "\npython x.py --n 1\n" in text
+    assert [j["sbatch"][2:-1] for j in json.loads((exp / "jobs.json").read_text())["jobs"]] == [
+        ["--dependency=afterok:4242", "--hold"],
+        ["--dependency=afternotok:{run#0}", "--kill-on-invalid-dep=yes"],
+        ["--dependency=afternotok:{run#1}", "--kill-on-invalid-dep=yes"],
+    ]
+    compare_golden("run-restarts-claix", exp, tmp_path, ["run.sbatch", "jobs.json"])
+
+
+def test_online_and_offline_override_the_registry(tmp_path, capsys):
+    for name, flag, expect_offline in (("jureca", "--online", False), ("claix", "--offline", True)):
+        code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", name, flag, "--command", "true",
+                                "--model", "demo-org/tiny-model", "--name", f"{name}{flag}", "--dry-run", capsys=capsys)
+        assert code == 0, err
+        text = (tmp_path / "experiments" / f"{name}{flag}" / "run.sbatch").read_text()
+        assert ("HF_HUB_OFFLINE=1" in text.splitlines()) is expect_offline
+        assert ("HPCSTAGE_MODEL=demo-org/tiny-model" in text) is not expect_offline
+
+
+def test_local_model_path_is_used_as_is(tmp_path, capsys):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    code, out, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                              "--model", model, "--name", "local", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    assert f"HPCSTAGE_MODEL={model}\n" in (tmp_path / "experiments" / "local" / "run.sbatch").read_text()
+    assert f"model {model}: local -> {model}" in out
+
+
+def test_user_templates_override_one_job_type(tmp_path, capsys):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "run.sbatch.j2").write_text(
+        '{% extends "base.sbatch.j2" %}\n{% block body %}\necho "site wrapper"\n{{ command }}\n{% endblock %}\n'
+    )
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "juwels", "--command", "true",
+                            "--templates", templates, "--name", "site", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    text = check_script(tmp_path / "experiments" / "site" / "run.sbatch")
+    assert 'echo "site wrapper"\ntrue\n' in text and "#SBATCH --partition=booster" in text
+
+
+def test_a_template_naming_an_unknown_variable_is_refused(tmp_path, capsys):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "run.sbatch.j2").write_text('{% extends "base.sbatch.j2" %}\n{% block body %}{{ comand }}{% endblock %}')
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "juwels", "--command", "true",
+                            "--templates", templates, "--name", "typo", "--dry-run", capsys=capsys)
+    assert code == 2
+    assert "'comand' is undefined" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--job-type", "run", "--command", "true", "--chunk-size", "3"], "--chunk-size is for --job-type datagen"),
+        (["--job-type", "run", "--command", "true", "--time-limit", "25:00:00"], "over jureca's limit of 24:00:00"),
+        (["--job-type", "run", "--command", "true", "--gpus-per-node", "5"], "jureca has 4 GPUs per node"),
+        (["--job-type", "run"], '--job-type run needs --command "..."'),
+        (["--job-type", "train"], "--train-config is required"),
+        (["--job-type", "run", "--command", "true", "--after", "x1"], "--after 'x1' is not a Slurm job id"),
+        (["--job-type", "run", "--command", "true", "--cluster", "jurecaa"], "did you mean 'jureca'"),
+        (["--job-type", "run", "--command", "true", "--model", "not a repo"], "--model"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(args, message, tmp_path, capsys):
+    if "--cluster" not in args:
+        args = [*args, "--cluster", "jureca"]
+    code, _, err = hpcstage("launch", *args, "--name", "bad", "--dry-run", capsys=capsys)
+    assert code == 2, err
+    assert message in err
+    assert not (tmp_path / "experiments" / "bad" / "jobs.json").exists()
+
+
+def test_not_staged_with_no_stage_refuses_to_submit(tmp_path, capsys):
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                            "--model", "demo-org/tiny-model", "--no-stage", "--name", "ns", capsys=capsys)
+    assert code == 1
+    assert "not staged in" in err and "model demo-org/tiny-model@main" in err
+    assert not (tmp_path / "experiments" / "ns" / "jobs.json").exists()
+
+
+def test_offline_check_failure_refuses_to_submit(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text("models:\n  - repo: demo-org/tiny-model\n    include: ['*.safetensors']\n")
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                            "-f", manifest, "--name", "chk", capsys=capsys)
+    assert code == 1, err
+    assert "offline check failed, nothing submitted" in err and "config.json" in err
+    assert not (tmp_path / "experiments" / "chk" / "jobs.json").exists()
+
+
+def test_an_experiment_is_launched_once(tmp_path, capsys):
+    exp = tmp_path / "experiments" / "once"
+    exp.mkdir(parents=True)
+    (exp / "jobs.json").write_text(json.dumps({"jobs": [{"key": "run", "job_id": "12"}]}))
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                            "--name", "once", "--dry-run", capsys=capsys)
+    assert code == 2 and "was launched already" in err
+
+
+def test_clusters_table_show_and_detect(capsys, monkeypatch):
+    code, out, _ = hpcstage("clusters", capsys=capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "INTERNET", "GPUS", "GPU", "TYPE", "PARTITION", "MAX", "TIME"]
+    assert sorted(line.lstrip("* ").split()[0] for line in lines[1:-1]) == CLUSTERS
+    code, out, _ = hpcstage("clusters", "show", "perlmutter", capsys=capsys)
+    assert code == 0
+    assert "--qos=regular --constraint=gpu&hbm80g --gpus-per-node=4" in out
+    assert "--time-limit up to 48:00:00; stages before launch: no" in out
+    code, _, err = hpcstage("clusters", "show", "perlmuter", capsys=capsys)
+    assert code == 2 and "did you mean 'perlmutter'" in err
+    monkeypatch.setenv("TACC_SYSTEM", "vista")
+    code, out, _ = hpcstage("clusters", "detect", capsys=capsys)
+    assert (code, out) == (0, "vista\n")
+
+
+def test_status_of_a_dry_run_lists_unsubmitted_jobs(tmp_path, capsys):
+    hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "--name", "st", "--dry-run",
+             capsys=capsys)
+    code, out, _ = hpcstage("status", "--experiment", tmp_path / "experiments" / "st", capsys=capsys)
+    assert (code, out) == (0, "run\t-\tNOT SUBMITTED (dry run)\n")
+
+
+def test_dry_run_pins_what_is_staged_and_says_what_would_be_fetched(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    assert hpcstage("pull", "demo-org/tiny-model", "-q", capsys=capsys)[0] == 0
+    requests = len(hub.log)
+    code, out, err = hpcstage("launch", "--job-type", "run", "--cluster", "juwels", "--command", "true",
+                              "--model", "demo-org/tiny-model", "--dataset", "demo-org/tiny-dataset",
+                              "--name", "plan", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    snapshot = tmp_path / "hub" / "models--demo-org--tiny-model" / "snapshots" / hub.commit_of("model", MODEL, "main")
+    assert f"model demo-org/tiny-model@main: staged -> {snapshot}" in out
+    assert "dataset demo-org/tiny-dataset@main: would fetch" in out
+    assert f"HPCSTAGE_MODEL={snapshot}\n" in (tmp_path / "experiments" / "plan" / "run.sbatch").read_text()
+    assert not (tmp_path / "hub" / "datasets--demo-org--tiny-dataset").exists()
+    assert len(hub.log) == requests  # planning asks the Hub nothing
+
+
+def test_restarted_array_relies_on_kill_on_invalid_dep(tmp_path, capsys):
+    tasks = tmp_path / "traces"
+    for n in range(3):
+        (tasks / f"t{n}").mkdir(parents=True)
+    script = tmp_path / "gen.py"
+    script.write_text("")
+    code, _, err = hpcstage("launch", "--job-type", "datagen", "--cluster", "local", "--datagen-script", script,
+                            "--trace-input-path", tasks, "--chunk-size", "2", "--max-restarts", "1", "--name", "ra",
+                            "--dry-run", capsys=capsys)
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "ra"
+    assert "hpcstage_end_chain" not in check_script(exp / "datagen.sbatch")
+    assert json.loads((exp / "jobs.json").read_text())["jobs"][1]["sbatch"][2:4] == [
+        "--dependency=afternotok:{datagen#0}", "--kill-on-invalid-dep=yes"]

@@ -1,0 +1,197 @@
+"""`hpcstage launch` on the real one-node Slurm test cluster (scripts/slurm-test-cluster.sh).
+
+Each test drives the real CLI in a subprocess, lets the scheduler run the rendered scripts and asserts on
+what the jobs wrote and on their states. Skipped without the cluster, failed when HPCSTAGE_REQUIRE_SLURM=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import client_env
+from hpcstage.slurm.jobs import job_states, wait
+from hpcstage.slurm.submit import cancel
+from test_slurm import cluster  # noqa: F401  (the fixture: skip or fail without the test cluster)
+
+MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
+CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
+POLL = 0.2
+PY = sys.executable
+
+LOADER = """\
+import json, os, sys
+from huggingface_hub import snapshot_download
+from datasets import load_dataset
+model = snapshot_download("demo-org/tiny-model", local_files_only=True)
+data = snapshot_download("demo-org/tiny-dataset", repo_type="dataset", local_files_only=True)
+rows = {split: d.num_rows for split, d in load_dataset(os.environ["HPCSTAGE_DATASET"]).items()}
+with open(os.path.join(model, "config.json")) as f:
+    config = json.load(f)
+json.dump({
+    "model": model, "model_env": os.environ["HPCSTAGE_MODEL"], "model_type": config.get("model_type"),
+    "dataset": data, "dataset_env": os.environ["HPCSTAGE_DATASET"], "rows": rows,
+    "offline": [os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")],
+    "token": os.environ.get("HF_TOKEN", "none"), "job": os.environ["SLURM_JOB_ID"], "ended": __import__("time").time(),
+}, open(sys.argv[1], "w"))
+"""
+
+FAKE_TRAINER = """\
+import json, os, sys
+keys = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE", "FORCE_TORCHRUN", "CUDA_VISIBLE_DEVICES")
+json.dump({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}, open(sys.argv[1] + ".seen", "w"))
+sys.exit(1)  # a training run that crashes
+"""
+
+DATAGEN = """\
+import json, os
+index = os.environ["HPCSTAGE_CHUNK_INDEX"]
+folders = open(os.environ["HPCSTAGE_CHUNK_LIST"]).read().split()
+out = os.path.join(os.environ["HPCSTAGE_EXPERIMENT"], "out")
+os.makedirs(out, exist_ok=True)
+json.dump({"index": int(index), "folders": folders, "engine": os.environ.get("ENGINE_SEEN")},
+          open(os.path.join(out, f"{index}.json"), "w"))
+"""
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """The launching process's environment: bundled registry, caches under tmp_path, a canary token."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    base.update(XDG_CONFIG_HOME=str(tmp_path / "config"), HF_TOKEN=CANARY,
+                HF_HUB_CACHE=str(tmp_path / "hub"), HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    base.pop("HPCSTAGE_CLUSTERS", None)
+    return base
+
+
+def hpcstage(*args, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PY, "-m", "hpcstage", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def launch(tmp_path: Path, env: dict, *args) -> list[dict]:
+    """Launch on the local cluster; returns jobs.json's records."""
+    proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--json",
+                    *args, env=env)
+    return json.loads(proc.stdout)["jobs"]
+
+
+def ids(records: list[dict], key: str | None = None) -> list[str]:
+    return [r["job_id"] for r in records if key is None or r["key"] == key]
+
+
+def no_canary(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert CANARY not in path.read_text(errors="replace"), path
+
+
+def test_offline_job_loads_staged_model_and_dataset_by_repo_id_then_after_job_runs(cluster, hub, tmp_path, env):
+    online = client_env(hub, tmp_path / "unused", **{k: env[k] for k in ("HF_HUB_CACHE", "HF_DATASETS_CACHE")})
+    hpcstage("pull", MODEL, env=online)
+    hpcstage("pull", "--repo-type", "dataset", DATASET, env=online)
+    commit = hub.commit_of("model", MODEL, "main")
+    env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"}
+    hub.stop()  # from here on, nothing can be fetched
+    (tmp_path / "load.py").write_text(LOADER)
+    out, after_out = tmp_path / "loaded.json", tmp_path / "after.txt"
+
+    t0 = time.monotonic()
+    first = launch(tmp_path, env, "--job-type", "run", "--offline", "--name", "load", "--model", MODEL,
+                   "--dataset", DATASET, "--command", f"{PY} {tmp_path / 'load.py'} {out}")
+    second = launch(tmp_path, env, "--job-type", "run", "--name", "next", "--after", ids(first)[0],
+                    "--command", f"test -s {out} && date +%s.%N >{after_out}")
+    t_submitted = time.monotonic() - t0
+    states = wait(ids(first) + ids(second), timeout=60, poll=POLL)
+    t_done = time.monotonic() - t0
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+
+    loaded = json.loads(out.read_text())
+    snapshot = str(tmp_path / "hub" / "models--demo-org--tiny-model" / "snapshots" / commit)
+    assert loaded["model"] == loaded["model_env"] == snapshot
+    assert loaded["dataset"] == loaded["dataset_env"]
+    assert loaded["rows"] == {"train": 300, "test": 100} and loaded["model_type"] == "llama"
+    assert loaded["offline"] == ["1", "1", "1"]
+    assert loaded["token"] == "none"  # the token stays on the login node
+    assert float(after_out.read_text()) >= loaded["ended"]
+    for exp in ("load", "next"):
+        no_canary(tmp_path / "experiments" / exp)
+    status = hpcstage("status", "--experiment", tmp_path / "experiments" / "load", env=env).stdout
+    assert status == f"run\t{ids(first)[0]}\tCOMPLETED exit 0\n"
+    print(f"\nstaged-offline run + after: submitted in {t_submitted:.1f}s, both done {t_done:.1f}s after launch")
+
+
+def test_failing_train_leaves_its_chained_eval_never_running(cluster, tmp_path, env):
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
+    (tmp_path / "sft.yaml").write_text("stage: sft\nmodel_name_or_path: demo-org/tiny-model\n")
+    records = launch(tmp_path, env, "--job-type", "train", "--name", "crash", "--train-config", tmp_path / "sft.yaml",
+                     "--train-command", f"{PY} {tmp_path / 'fake_train.py'}", "--gpus-per-node", "2",
+                     "--eval-tasks", "hellaswag", "--time-limit", "10:00")
+    train, evaluation = ids(records, "train")[0], ids(records, "eval")[0]
+    try:
+        states = wait([train, evaluation], timeout=60, poll=POLL)
+        assert (states[train].state, states[train].exit_code) == ("FAILED", 1)
+        assert (states[evaluation].state, states[evaluation].reason) == ("PENDING", "DependencyNeverSatisfied")
+        status = hpcstage("status", "--experiment", tmp_path / "experiments" / "crash", env=env).stdout
+        assert f"eval\t{evaluation}\tPENDING (DependencyNeverSatisfied)\n" in status
+    finally:
+        cancel([evaluation])
+    assert wait([evaluation], timeout=20, poll=POLL)[evaluation].state == "CANCELLED"
+    exp = tmp_path / "experiments" / "crash"
+    seen = json.loads((exp / "train_config.yaml.seen").read_text())
+    assert seen["argv"] == [str(exp / "train_config.yaml"), f"output_dir={exp / 'checkpoints'}"]
+    assert seen["env"] == {"NODE_RANK": "0", "MASTER_ADDR": seen["env"]["MASTER_ADDR"], "MASTER_PORT": "29500",
+                           "NNODES": "1", "NPROC_PER_NODE": "2", "FORCE_TORCHRUN": "1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert seen["env"]["MASTER_ADDR"]
+    assert not list((exp / "logs").glob("crash-eval-*"))  # the eval never started
+
+
+def test_datagen_array_of_4_chunks_at_most_2_at_once_covers_every_task(cluster, tmp_path, env):
+    tasks = tmp_path / "traces"
+    for n in range(35):
+        (tasks / f"task-{n:02d}").mkdir(parents=True)
+    (tmp_path / "gen.py").write_text(DATAGEN)
+    records = launch(tmp_path, env, "--job-type", "datagen", "--name", "gen", "--datagen-script", tmp_path / "gen.py",
+                     "--trace-input-path", tasks, "--chunk-size", "10", "--max-parallel", "2", "--gpus-per-node", "0")
+    array = ids(records)[0]
+    running, deadline = [], time.monotonic() + 60
+    while not ((states := job_states([array])) and len(states) == 4 and all(s.done for s in states.values())):
+        running.append(sum(s.state == "RUNNING" for s in states.values()))
+        assert time.monotonic() < deadline, states
+        time.sleep(POLL)
+    assert sorted(states) == [f"{array}_{i}" for i in range(4)]
+    assert {s.state for s in states.values()} == {"COMPLETED"}
+    assert max(running, default=0) <= 2
+    out = tmp_path / "experiments" / "gen" / "out"
+    chunks = [json.loads((out / f"{i}.json").read_text()) for i in range(4)]
+    assert [len(c["folders"]) for c in chunks] == [10, 10, 10, 5]
+    assert sorted(sum((c["folders"] for c in chunks), [])) == sorted(str(p) for p in tasks.iterdir())
+    assert len(list(tasks.iterdir())) == 35
+
+
+def test_restarts_stop_at_the_first_success_and_leave_nothing_pending(cluster, tmp_path, env):
+    marker = tmp_path / "failed-once"
+    ok = launch(tmp_path, env, "--job-type", "run", "--name", "ok", "--max-restarts", "2", "--command", "true")
+    flaky = launch(tmp_path, env, "--job-type", "run", "--name", "flaky", "--max-restarts", "2",
+                   "--command", f"if [[ ! -e {marker} ]]; then touch {marker}; exit 3; fi")
+    chain = ids(ok) + ids(flaky)
+    states = wait(chain, timeout=60, poll=POLL)
+    assert [states[i].state for i in ids(ok)] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+    assert [states[i].state for i in ids(flaky)] == ["FAILED", "COMPLETED", "CANCELLED"]
+    time.sleep(1)  # nothing comes back to life afterwards
+    assert not [s for s in job_states(chain).values() if s.state == "PENDING"]
+    status = hpcstage("status", "--experiment", tmp_path / "experiments" / "flaky", env=env).stdout.splitlines()
+    assert [line.split("\t")[2] for line in status] == [
+        "FAILED (NonZeroExitCode) exit 3", "COMPLETED exit 0", "CANCELLED (Dependency) exit 0"
+    ]
+    records = json.loads((tmp_path / "experiments" / "flaky" / "jobs.json").read_text())["jobs"]
+    assert [r["dependency"] for r in records] == [None, f"afternotok:{ids(flaky)[0]}", f"afternotok:{ids(flaky)[1]}"]
