@@ -11,13 +11,16 @@ Our partial data and leases live beside the blob under names no other tool uses 
 from __future__ import annotations
 
 import functools
+import grp
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub.file_download import repo_folder_name
+
+from hpcstage.errors import BadInput
 
 PARTIAL_SUFFIX = ".hpcstage-partial"
 LEASE_SUFFIX = ".hpcstage-lease"
@@ -48,8 +51,9 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.hpcstage-tmp")
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` via a temporary sibling and rename, so readers never see a torn file."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, sharing: Sharing | None = None) -> None:
+    """Write `data` to `path` via a temporary sibling and rename, so readers never see a torn file
+    (nor, on a shared cache, a file the group cannot read yet)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
@@ -57,6 +61,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, mode & ~_umask())
+        if sharing is not None:
+            sharing.file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -67,6 +73,88 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """A group-shared cache: folders setgid and group-writable, files and trees group-readable, all owned
+    by one group, so everyone in it can read (and add to) what anyone staged."""
+
+    gid: int
+    group: str
+
+    @classmethod
+    def for_group(cls, group: str | int) -> Sharing:
+        """Resolve a group name (or gid); checked before anything is written."""
+        try:
+            entry = grp.getgrgid(int(group)) if str(group).isdigit() else grp.getgrnam(str(group))
+        except (KeyError, ValueError):
+            raise BadInput(f"unknown group {group!r} for --shared-group; pick one of yours (`id -Gn`)") from None
+        if os.geteuid() != 0 and entry.gr_gid not in (os.getegid(), *os.getgroups()):
+            raise BadInput(f"you are not a member of group {entry.gr_name!r}; pick one of yours (`id -Gn`)")
+        return cls(entry.gr_gid, entry.gr_name)
+
+    def dir(self, path: Path | str) -> None:
+        st = os.lstat(path)
+        if st.st_gid != self.gid:
+            os.chown(path, -1, self.gid)
+        want = stat.S_IMODE(st.st_mode) | SHARED_DIR_BITS
+        if stat.S_IMODE(st.st_mode) != want or st.st_gid != self.gid:  # chown may clear setgid
+            os.chmod(path, want)
+
+    def file(self, path: Path | str) -> None:
+        st = os.lstat(path)
+        if st.st_gid != self.gid:
+            os.chown(path, -1, self.gid)
+        mode = stat.S_IMODE(st.st_mode)
+        want = mode | SHARED_FILE_BITS | (0o010 if mode & 0o100 else 0)
+        if mode != want:
+            os.chmod(path, want)
+
+    def link(self, path: Path | str) -> None:
+        if os.lstat(path).st_gid != self.gid:
+            os.lchown(path, -1, self.gid)
+
+    def apply(self, path: Path | str) -> None:
+        """Whatever `path` is (folder, file, symlink), give it the shared group and bits."""
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            self.link(path)
+        elif stat.S_ISDIR(mode):
+            self.dir(path)
+        else:
+            self.file(path)
+
+
+SHARED_DIR_BITS = stat.S_ISGID | 0o070  # setgid: new entries inherit the group; rwx for the group
+SHARED_FILE_BITS = 0o040  # group-readable
+
+
+def fix_permissions(path: Path | str, group: str | int | Sharing) -> int:
+    """Give `path` (a hub cache or one repo folder in it) and everything below it the shared group and bits,
+    including `trees/*.json` that huggingface_hub writes 0600. Symlinks are not followed. Returns how many
+    entries were looked at."""
+    sharing = group if isinstance(group, Sharing) else Sharing.for_group(group)
+    path = Path(path)
+    sharing.dir(path)
+    n = 1
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            sharing.apply(os.path.join(folder, name))
+            n += 1
+    return n
+
+
+def share_cache(cache_dir: Path | str, group: str | int | Sharing, repos: list[Path] | None = None) -> int:
+    """`fix_permissions` for a hub cache: the folder itself, its `.locks/` (huggingface_hub's locks and the
+    hpcstage ledger, which every member writes) and the repo folders in `repos` (default: all of them)."""
+    sharing = group if isinstance(group, Sharing) else Sharing.for_group(group)
+    cache_dir = Path(cache_dir)
+    sharing.dir(cache_dir)
+    if repos is None:
+        repos = [p for p in cache_dir.iterdir() if p.is_dir() and "--" in p.name]
+    folders = [p for p in (cache_dir / ".locks", *repos) if p.is_dir()]
+    return 1 + sum(fix_permissions(p, sharing) for p in folders)
 
 
 @dataclass(frozen=True)
@@ -91,6 +179,19 @@ class RepoCache:
     cache_dir: Path
     repo_type: str
     repo_id: str
+    sharing: Sharing | None = None  # a group-shared cache: every write gets the group's bits
+
+    def _mkdirs(self, folder: Path) -> None:
+        """`folder` and its parents up to the cache folder, shared when the cache is."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.sharing is None:
+            return
+        top = self.cache_dir
+        while True:
+            self.sharing.dir(folder)
+            if folder == top or top not in folder.parents:
+                return
+            folder = folder.parent
 
     @property
     def root(self) -> Path:
@@ -98,7 +199,8 @@ class RepoCache:
 
     @functools.cached_property
     def folder_name(self) -> str:
-        return repo_folder_name(repo_id=self.repo_id, repo_type=self.repo_type)
+        """`models--org--name`, as huggingface_hub's `repo_folder_name` spells it."""
+        return "--".join([f"{self.repo_type}s", *self.repo_id.split("/")])
 
     def blob(self, etag: str) -> Path:
         return self.root / "blobs" / etag
@@ -134,19 +236,33 @@ class RepoCache:
 
     def write_blob(self, etag: str, data: bytes) -> None:
         """A small blob checked in memory, written under a temporary name and renamed into place."""
-        write_atomic(self.blob(etag), data)
+        if self.sharing is not None:
+            self._mkdirs(self.blob(etag).parent)
+        write_atomic(self.blob(etag), data, sharing=self.sharing)
+
+    def create_partial(self, etag: str) -> None:
+        """The partial file, group-writable on a shared cache so anyone in the group can resume it."""
+        partial = self.partial(etag)
+        self._mkdirs(partial.parent)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT, 0o664))
+        if self.sharing is not None:
+            self.sharing.file(partial)
+            os.chmod(partial, os.stat(partial).st_mode | stat.S_IWGRP)
 
     def commit_blob(self, partial: Path, etag: str) -> None:
         """Move a complete, hash-checked partial into place. If another writer committed the same etag
         first, replacing it is harmless: the name is the content's hash."""
         blob = self.blob(etag)
         os.chmod(partial, 0o644 & ~_umask())
+        if self.sharing is not None:
+            self._mkdirs(blob.parent)
+            self.sharing.file(partial)
         os.replace(partial, blob)
 
     def link(self, commit: str, file: CachedFile) -> None:
         """Point `snapshots/<commit>/<path>` at the blob with a relative symlink, replaced atomically."""
         link = self.snapshot(commit) / file.path
-        link.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(link.parent)
         target = self._link_target(file.path, file.etag)
         try:
             if os.readlink(link) == target:
@@ -156,6 +272,8 @@ class RepoCache:
         tmp = _tmp_name(link)
         os.symlink(target, tmp)
         try:
+            if self.sharing is not None:
+                self.sharing.link(tmp)
             os.replace(tmp, link)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -169,7 +287,8 @@ class RepoCache:
                 return
         except OSError:
             pass
-        write_atomic(ref, commit.encode())
+        self._mkdirs(ref.parent)
+        write_atomic(ref, commit.encode(), sharing=self.sharing)
 
     def read_ref(self, revision: str) -> str | None:
         try:
@@ -190,7 +309,8 @@ class RepoCache:
                 info.update(lfs_sha256=f.sha256, lfs_size=f.size)
             entries[f.path] = info
         data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
-        write_atomic(self.tree_path(commit), json.dumps(data, indent=1).encode())
+        self._mkdirs(self.tree_path(commit).parent)
+        write_atomic(self.tree_path(commit), json.dumps(data, indent=1).encode(), sharing=self.sharing)
 
     def read_tree(self, commit: str) -> list[CachedFile] | None:
         try:

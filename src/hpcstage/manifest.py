@@ -63,6 +63,7 @@ class Manifest(_Strict):
     cache_dir: Path | None = None
     datasets_cache_dir: Path | None = None
     allow: list[str] | None = None
+    shared_group: str | None = None  # a group-shared cache: folders setgid + group-writable, files group-readable
     models: list[HubEntry] = []
     datasets: list[HubEntry] = []
     prebuild: list[dict[str, Any]] = []

@@ -7,7 +7,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+
+import yaml
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -60,17 +62,55 @@ def check_relative_path(path: str, what: str = "path") -> str:
     return path
 
 
-class Allowlist:
-    """`allow:` globs from the manifest (or a site policy): when present, anything else is refused."""
+SITE_POLICY = Path("/etc/hpcstage/policy.yaml")
+POLICY_ENV = "HPCSTAGE_POLICY"
 
-    def __init__(self, patterns: list[str] | None):
+
+def site_policy_path() -> Path | None:
+    """`HPCSTAGE_POLICY` when set (then the file must exist), else /etc/hpcstage/policy.yaml if present."""
+    value = os.environ.get(POLICY_ENV)
+    if value:
+        return Path(os.path.expanduser(value))
+    return SITE_POLICY if SITE_POLICY.exists() else None
+
+
+def site_allowlist() -> Allowlist:
+    """The site policy's `allow:` globs, read now (not at import), so an admin's change applies to the next call."""
+    path = site_policy_path()
+    if path is None:
+        return Allowlist(None, site=False)
+    fix = f"fix it or point {POLICY_ENV} at a valid file"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise PolicyError(f"cannot read site policy {path} ({e.strerror}); {fix}") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(f"site policy {path} is not valid YAML ({getattr(e, 'problem', e)}); {fix}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) or set(data) - {"allow"}:
+        raise PolicyError(f"site policy {path} must be a mapping with the one key `allow: [GLOB, ...]`; {fix}")
+    allow = data.get("allow")
+    if allow is not None and (not isinstance(allow, list) or not all(isinstance(p, str) for p in allow)):
+        raise PolicyError(f"site policy {path}: `allow:` must be a list of glob strings; {fix}")
+    return Allowlist(allow, source=f"the site policy {path}", site=False)
+
+
+class Allowlist:
+    """`allow:` globs from the manifest, plus the site policy (read when the Allowlist is made): a repo must
+    pass both; a list that is absent allows everything, an empty list nothing."""
+
+    def __init__(self, patterns: list[str] | None, source: str = "the manifest's `allow:`", site: bool = True):
         self.patterns = list(patterns) if patterns is not None else None
+        self.source = source
+        self.site = site_allowlist() if site else None
 
     def check(self, repo_id: str) -> None:
-        if self.patterns is None:
-            return
-        if not any(fnmatch.fnmatchcase(repo_id, p) for p in self.patterns):
+        if self.patterns is not None and not any(fnmatch.fnmatchcase(repo_id, p) for p in self.patterns):
+            fix = ("add a matching pattern to `allow:` or remove the entry" if self.site is not None
+                   else "ask the site's admins to allow it, or stage another repo")
             raise PolicyError(
-                f"{repo_id} is not allowed by the allowlist ({', '.join(self.patterns) or 'empty'}): "
-                "add a matching pattern to `allow:` or remove the entry"
+                f"{repo_id} is not allowed by the allowlist of {self.source} ({', '.join(self.patterns) or 'empty'}): {fix}"
             )
+        if self.site is not None:
+            self.site.check(repo_id)

@@ -1,0 +1,564 @@
+"""`verify`: prove, offline, that every staged file holds the bytes the lockfile or `trees/<commit>.json` name.
+
+What is expected comes from the lockfile beside a manifest (`hpcstage.lock`: the files each entry needs)
+and from `trees/<commit>.json` (the full listing hpcstage, `hf download` and `snapshot_download` write).
+LFS files are checked by sha256, the others by their git blob sha1 (`sha1(b"blob <size>\\0" + content)`).
+
+Hashing runs in a thread pool with 8 MiB reads: hashlib releases the GIL on large updates, so each core
+hashes at about `sha256sum` speed. A blob is hashed once however many snapshots point at it.
+
+Nothing here touches the network except `--repair`, which removes only the bad files (never anything
+outside the repo's own folders) and fetches exactly those again through `staging.pull`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from hpcstage import policy
+from hpcstage.errors import BadInput, HpcstageError, PolicyError
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, share_cache, write_atomic
+from hpcstage.manifest import HubEntry, Manifest, load_lock
+
+logger = logging.getLogger(__name__)
+
+HASH_BUF = 8 << 20  # bytes per read: large updates release the GIL for long stretches
+_RAW_COMMIT = re.compile(rb"[0-9a-f]{40}")
+_FOLDER = re.compile(r"^(models|datasets)--(.+)$")
+
+# Kinds of problem, each with its path. All make `verify` fail (exit 1).
+MISSING = "missing"  # a file the lockfile lists is not in the snapshot
+CORRUPT = "corrupt"  # wrong size or hash
+BROKEN_LINK = "broken_link"  # the snapshot's symlink points at a blob that is gone
+BAD_LINK = "bad_link"  # the symlink points outside the repo's blobs/ folder
+BAD_REF = "bad_ref"  # refs/<name> not exactly 40 hex, trailing newline, no such snapshot, or not the locked commit
+EXTRA = "extra"  # a file in the snapshot that neither the listing nor the lockfile knows
+BAD_PATH = "bad_path"  # a listing or lockfile path that would escape its folder (never touched)
+UNVERIFIABLE = "unverifiable"  # a snapshot with neither trees/<commit>.json nor a lockfile entry
+UNREADABLE = "unreadable"  # permission or I/O error
+NOT_STAGED = "not_staged"  # a requested repo, revision or manifest entry is not in the cache at all
+REPAIRABLE = frozenset({MISSING, CORRUPT, BROKEN_LINK, BAD_LINK})
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    repo_type: str
+    repo_id: str
+    commit: str | None
+    path: str  # the file's path in the repo, or the ref's name
+    where: str  # what on disk is wrong (snapshot entry, blob, ref file)
+    detail: str
+
+    def __str__(self) -> str:
+        at = f"@{self.commit[:12]}" if self.commit else ""
+        name = f" {self.path}:" if self.path else ":"
+        return f"{self.kind}: {self.repo_type} {self.repo_id}{at}{name} {self.detail} [{self.where}]"
+
+    @property
+    def key(self) -> tuple:
+        return self.kind, self.repo_type, self.repo_id, self.commit, self.path
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class VerifyReport:
+    cache_dir: Path
+    repos: int = 0
+    snapshots: int = 0
+    files: int = 0
+    blobs_hashed: int = 0
+    bytes_hashed: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+    repaired: list[Problem] = field(default_factory=list)  # found, then fixed by --repair
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok, "cache_dir": str(self.cache_dir), "repos": self.repos, "snapshots": self.snapshots,
+            "files": self.files, "blobs_hashed": self.blobs_hashed, "bytes_hashed": self.bytes_hashed,
+            "seconds": round(self.seconds, 3),
+            "problems": [p.as_dict() for p in self.problems], "repaired": [p.as_dict() for p in self.repaired],
+        }
+
+
+# -- hashing
+
+
+def digest_file(path: str | os.PathLike, algo: str) -> str:
+    """`sha256` of the content, or `git` (git blob sha1: header with the size, then the content)."""
+    with open(path, "rb", buffering=0) as f:
+        if algo == "sha256":
+            h = hashlib.sha256()
+        else:
+            h = hashlib.sha1()
+            h.update(b"blob %d\0" % os.fstat(f.fileno()).st_size)
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        buf = bytearray(HASH_BUF)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def hash_files(items: Iterable[tuple[str, str]], workers: int | None = None) -> dict[tuple[str, str], str | OSError]:
+    """Hash each distinct `(path, algo)` once, in parallel, biggest first. Values are hex digests, or the
+    OSError that stopped the read. Benchmarks can time this directly against `sha256sum`."""
+    keys = list(dict.fromkeys(items))
+
+    def size(key):
+        try:
+            return os.stat(key[0]).st_size
+        except OSError:
+            return 0
+
+    keys.sort(key=size, reverse=True)
+
+    def one(key):
+        try:
+            return digest_file(*key)
+        except OSError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="hpcstage-hash") as pool:
+        return dict(zip(keys, pool.map(one, keys)))
+
+
+def default_workers() -> int:
+    return min(32, (os.cpu_count() or 4) + 2)
+
+
+def throughput(paths: Iterable[str | os.PathLike], workers: int | None = None, algo: str = "sha256") -> dict:
+    """Hash `paths` the way verify does and return {bytes, seconds, bytes_per_second} (for bench/)."""
+    keys = [(str(p), algo) for p in paths]
+    total = sum(os.stat(p).st_size for p, _ in dict.fromkeys(keys))
+    started = time.perf_counter()
+    results = hash_files(keys, workers)
+    seconds = time.perf_counter() - started
+    errors = [e for e in results.values() if isinstance(e, OSError)]
+    if errors:
+        raise errors[0]
+    return {"bytes": total, "seconds": seconds, "bytes_per_second": total / seconds if seconds else 0.0}
+
+
+# -- what is expected
+
+
+@dataclass
+class _Snapshot:
+    cache: RepoCache
+    commit: str
+    expected: dict[str, CachedFile] = field(default_factory=dict)  # lockfile entries, then the listing
+    required: set[str] = field(default_factory=set)  # the lockfile's files: must be present
+    locked: bool = False
+    listed: bool = False
+
+
+class _Plan:
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = cache_dir
+        self.snapshots: dict[tuple[Path, str], _Snapshot] = {}
+        self.repos: dict[Path, RepoCache] = {}
+        self.ref_expect: dict[tuple[Path, str], str] = {}  # (repo root, ref) -> the locked commit
+        self.problems: list[Problem] = []
+
+    def problem(self, kind: str, cache: RepoCache, commit: str | None, path: str, where, detail: str) -> None:
+        self.problems.append(Problem(kind, cache.repo_type, cache.repo_id, commit, path, str(where), detail))
+
+    def repo(self, repo_type: str, repo_id: str) -> RepoCache:
+        cache = RepoCache(self.cache_dir, repo_type, repo_id)
+        return self.repos.setdefault(cache.root, cache)
+
+    def snapshot(self, cache: RepoCache, commit: str) -> _Snapshot:
+        key = (cache.root, commit)
+        if key not in self.snapshots:
+            self.snapshots[key] = snap = _Snapshot(cache, commit)
+            self._add_listing(snap)
+        return self.snapshots[key]
+
+    def _add_listing(self, snap: _Snapshot) -> None:
+        tree = snap.cache.tree_path(snap.commit)
+        try:
+            data = json.loads(tree.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            self.problem(UNREADABLE, snap.cache, snap.commit, "", tree,
+                         f"cannot read the listing ({getattr(e, 'strerror', None) or e}); "
+                         f"delete it and run `hpcstage pull {snap.cache.repo_id} --revision {snap.commit}`")
+            return
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(files, dict):
+            self.problem(UNREADABLE, snap.cache, snap.commit, "", tree, "not a trees/<commit>.json listing")
+            return
+        snap.listed = True
+        for path, info in files.items():
+            try:
+                policy.check_relative_path(path, "listing path")
+                f = CachedFile(path, int(info["size"]), str(info["blob_id"]), info.get("lfs_sha256"))
+            except PolicyError as e:
+                self.problem(BAD_PATH, snap.cache, snap.commit, path, tree, f"{e}; it was not touched")
+                continue
+            except (KeyError, TypeError, ValueError):
+                self.problem(UNREADABLE, snap.cache, snap.commit, path, tree, "listing entry without size/blob_id")
+                continue
+            snap.expected.setdefault(path, f)
+
+    def add_locked(self, cache: RepoCache, commit: str, files: list[CachedFile], where: Path) -> None:
+        snap = self.snapshot(cache, commit)
+        snap.locked = True
+        for f in files:
+            try:
+                policy.check_relative_path(f.path, "lockfile path")
+            except PolicyError as e:
+                self.problem(BAD_PATH, cache, commit, f.path, where, f"{e}; it was not touched")
+                continue
+            snap.expected[f.path] = f  # the lockfile wins over the listing
+            snap.required.add(f.path)
+
+
+def _repo_of_folder(name: str) -> tuple[str, str] | None:
+    m = _FOLDER.match(name)
+    if not m:
+        return None
+    return m.group(1)[:-1], m.group(2).replace("--", "/")
+
+
+def _snapshot_commits(cache: RepoCache) -> list[str]:
+    try:
+        return sorted(p.name for p in (cache.root / "snapshots").iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
+def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None, repo_type: str | None,
+          revision: str | None) -> _Plan:
+    plan = _Plan(cache_dir)
+    if manifest is not None:
+        lock_path = manifest.lock_path
+        lock = load_lock(lock_path)
+        for entry in manifest.entries:
+            cache = plan.repo(entry.repo_type, entry.repo)
+            locked = lock.entries.get(entry.key)
+            if locked is None:
+                plan.problem(NOT_STAGED, cache, None, "", lock_path,
+                             f"{entry.repo}@{entry.revision} has no entry in the lockfile; run `hpcstage pull -f {manifest.path}`")
+                continue
+            plan.add_locked(cache, locked.commit, locked.cached_files(), lock_path)
+            if not policy.is_commit(entry.revision):
+                plan.ref_expect[(cache.root, entry.revision)] = locked.commit
+        return plan
+    if repo_ids:
+        for repo_id in repo_ids:
+            policy.check_repo_id(repo_id)
+            cache = plan.repo(repo_type or "model", repo_id)
+            if not cache.root.is_dir():
+                plan.problem(NOT_STAGED, cache, None, "", cache.root,
+                             f"not in the cache {cache_dir}; run `hpcstage pull {repo_id}` or pass --cache-dir")
+                continue
+            if revision is None:
+                for commit in _snapshot_commits(cache):
+                    plan.snapshot(cache, commit)
+                continue
+            commit = revision if policy.is_commit(revision) else (cache.read_ref(revision) or "").strip()
+            if not policy.is_commit(commit):
+                plan.problem(NOT_STAGED, cache, None, revision, cache.root / "refs" / revision,
+                             f"revision {revision!r} is not staged; run `hpcstage pull {repo_id} --revision {revision}`")
+            elif not cache.snapshot(commit).is_dir():
+                plan.problem(NOT_STAGED, cache, commit, "", cache.snapshot(commit),
+                             f"no snapshot; run `hpcstage pull {repo_id} --revision {revision}`")
+            else:
+                plan.snapshot(cache, commit)
+        return plan
+    try:
+        folders = sorted(p.name for p in cache_dir.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        raise BadInput(f"no hub cache at {cache_dir}; pass --cache-dir or set HF_HUB_CACHE") from None
+    for name in folders:
+        parsed = _repo_of_folder(name)
+        if parsed is None or (repo_type and parsed[0] != repo_type):
+            continue
+        cache = plan.repo(*parsed)
+        for commit in _snapshot_commits(cache):
+            plan.snapshot(cache, commit)
+    return plan
+
+
+# -- checking
+
+
+@dataclass
+class _Pending:
+    snap: _Snapshot
+    file: CachedFile
+    data: str  # the path whose bytes are hashed (the blob, or a plain file in the snapshot)
+    algo: str
+    digest: str
+
+
+def _check_refs(plan: _Plan) -> None:
+    for root, cache in plan.repos.items():
+        refs = root / "refs"
+        if not refs.is_dir():
+            continue
+        for ref_file in sorted(p for p in refs.rglob("*") if not p.is_dir()):
+            name = ref_file.relative_to(refs).as_posix()
+            try:
+                raw = ref_file.read_bytes()
+            except OSError as e:
+                plan.problem(UNREADABLE, cache, None, f"refs/{name}", ref_file, f"cannot read ({e.strerror})")
+                continue
+            if not _RAW_COMMIT.fullmatch(raw):
+                fix = ("remove the trailing newline/whitespace (`hpcstage verify --repair` does); offline loads fail"
+                       if _RAW_COMMIT.fullmatch(raw.strip()) else
+                       f"not a 40-hex commit; run `hpcstage pull {cache.repo_id} --revision {name}`")
+                plan.problem(BAD_REF, cache, None, f"refs/{name}", ref_file, fix)
+                continue
+            commit = raw.decode()
+            if not cache.snapshot(commit).is_dir():
+                plan.problem(BAD_REF, cache, commit, f"refs/{name}", ref_file,
+                             f"points at {commit[:12]}, which has no snapshot; run `hpcstage pull {cache.repo_id} --revision {name}`")
+        for (r, name), locked in plan.ref_expect.items():
+            if r != root:
+                continue
+            current = cache.read_ref(name)
+            if current is None:
+                plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name,
+                             f"missing, so offline loads of {name!r} fail; run `hpcstage verify --repair -f ...`")
+            elif current.strip() != locked and policy.is_commit(current.strip()):
+                plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name,
+                             f"points at {current.strip()[:12]}, the lockfile at {locked[:12]}: offline loads of {name!r} "
+                             "get other files; pass the commit as revision or run `hpcstage pull -f ...`")
+
+
+def _walk_snapshot(folder: Path) -> list[str]:
+    found = []
+    for here, dirs, files in os.walk(folder):
+        rel = os.path.relpath(here, folder)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
+            found.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    return found
+
+
+def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending: list[_Pending]) -> None:
+    cache, commit = snap.cache, snap.commit
+    entry = snap.cache.snapshot(commit) / path
+    try:
+        st = os.lstat(entry)
+    except OSError as e:
+        plan.problem(UNREADABLE, cache, commit, path, entry, f"cannot stat ({e.strerror})")
+        return
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(entry)
+        data = os.path.normpath(os.path.join(entry.parent, target))
+        if os.path.isabs(target) or os.path.dirname(data) != os.path.normpath(cache.root / "blobs"):
+            plan.problem(BAD_LINK, cache, commit, path, entry,
+                         f"symlink points outside the repo's blobs folder ({target}); `--repair` replaces the link")
+            return
+        try:
+            size = os.stat(data).st_size
+        except FileNotFoundError:
+            plan.problem(BROKEN_LINK, cache, commit, path, entry,
+                         f"its blob {os.path.basename(data)} is missing; run `hpcstage verify --repair`")
+            return
+        except OSError as e:
+            plan.problem(UNREADABLE, cache, commit, path, data, f"cannot stat the blob ({e.strerror})")
+            return
+    elif stat.S_ISREG(st.st_mode):
+        data, size = str(entry), st.st_size
+    else:
+        plan.problem(CORRUPT, cache, commit, path, entry, "not a file or a symlink to a blob")
+        return
+    if size != f.size:
+        plan.problem(CORRUPT, cache, commit, path, data, f"size {size}, expected {f.size}; run `hpcstage verify --repair`")
+        return
+    algo, digest = ("sha256", f.sha256) if f.sha256 else ("git", f.blob_id)
+    pending.append(_Pending(snap, f, os.path.realpath(data), algo, digest))
+
+
+def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
+    """Run every check; returns the blobs (real paths) whose bytes were proven right."""
+    _check_refs(plan)
+    pending: list[_Pending] = []
+    for snap in plan.snapshots.values():
+        cache, commit = snap.cache, snap.commit
+        report.snapshots += 1
+        folder = cache.snapshot(commit)
+        if not snap.locked and not snap.listed:
+            plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
+                         f"no listing and no lockfile entry to check against; run `hpcstage pull {cache.repo_id} "
+                         f"--revision {commit}` to record one, or verify with -f MANIFEST")
+            continue
+        present = set(_walk_snapshot(folder)) if folder.is_dir() else set()
+        for path in sorted(snap.required - present):
+            plan.problem(MISSING, cache, commit, path, folder / path,
+                         "listed in the lockfile but not in the snapshot; run `hpcstage verify --repair`")
+        for path in sorted(present):
+            f = snap.expected.get(path)
+            if f is None:
+                plan.problem(EXTRA, cache, commit, path, folder / path,
+                             "not in the listing or the lockfile; delete it if nothing needs it")
+                continue
+            report.files += 1
+            _check_file(plan, snap, path, f, pending)
+    results = hash_files(((p.data, p.algo) for p in pending), workers)
+    report.blobs_hashed = len(results)
+    report.bytes_hashed = sum(p.file.size for p in {(p.data, p.algo): p for p in pending}.values())
+    good: set[str] = set()
+    for p in pending:
+        got = results[(p.data, p.algo)]
+        cache, commit = p.snap.cache, p.snap.commit
+        if isinstance(got, OSError):
+            plan.problem(UNREADABLE, cache, commit, p.file.path, p.data, f"cannot read ({got.strerror or got})")
+        elif got != p.digest:
+            name = "sha256" if p.algo == "sha256" else "git blob sha1"
+            plan.problem(CORRUPT, cache, commit, p.file.path, p.data,
+                         f"{name} {got[:12]}…, expected {p.digest[:12]}…; run `hpcstage verify --repair`")
+        else:
+            good.add(p.data)
+    return good
+
+
+# -- repair
+
+
+def _blob_in_repo(cache: RepoCache, path: str) -> bool:
+    """Only files directly in this repo's blobs/ are ever deleted (a link may point anywhere)."""
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(cache.root / "blobs")
+
+
+def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[HubEntry]:
+    """Delete the bad snapshot entries and bad blobs (only inside the repo's own folders) and return one
+    pull entry per (repo, commit) naming exactly the bad paths."""
+    wanted: dict[tuple, set[str]] = defaultdict(set)
+    for p in problems:
+        if p.kind not in REPAIRABLE or not p.commit:
+            continue
+        snap = plan.snapshots.get((RepoCache(plan.cache_dir, p.repo_type, p.repo_id).root, p.commit))
+        if snap is None or p.path not in snap.expected:
+            continue
+        cache, f = snap.cache, snap.expected[p.path]
+        entry = cache.snapshot(p.commit) / p.path
+        for blob in (p.where, str(cache.blob(f.etag))):
+            real = os.path.realpath(blob)
+            if _blob_in_repo(cache, blob) and real not in good and os.path.lexists(blob):
+                logger.info("removing bad blob %s", blob)
+                os.unlink(blob)
+        if os.path.lexists(entry):
+            os.unlink(entry)
+        wanted[(p.repo_type, p.repo_id, p.commit)].add(p.path)
+    return [
+        HubEntry(repo=repo_id, repo_type=repo_type, revision=commit, include=sorted(glob.escape(x) for x in paths))
+        for (repo_type, repo_id, commit), paths in sorted(wanted.items())
+    ]
+
+
+def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
+    """Refs fixable offline: a valid commit with a trailing newline, or a locked branch's missing ref. A ref
+    that names another staged commit is left alone: on a shared cache someone may have pulled it on purpose."""
+    for p in problems:
+        cache = plan.repos.get(RepoCache(plan.cache_dir, p.repo_type, p.repo_id).root)
+        if p.kind != BAD_REF or cache is None:
+            continue
+        name = p.path.removeprefix("refs/")
+        ref = cache.root / "refs" / name
+        try:
+            raw = ref.read_bytes()
+        except FileNotFoundError:
+            raw = None
+        except OSError:
+            continue
+        if raw is None:
+            commit = plan.ref_expect.get((cache.root, name))
+        elif raw != raw.strip() and _RAW_COMMIT.fullmatch(raw.strip()):
+            commit = raw.strip().decode()
+        else:
+            continue
+        if commit and cache.snapshot(commit).is_dir():
+            write_atomic(ref, commit.encode())
+
+
+def verify(
+    repo_ids: list[str] | None = None,
+    *,
+    manifest: Manifest | None = None,
+    repo_type: str | None = None,
+    revision: str | None = None,
+    cache_dir: Path | str | None = None,
+    workers: int | None = None,
+    repair: bool = False,
+    shared_group: str | None = None,
+    quiet: bool = True,
+) -> VerifyReport:
+    """Check staged files offline against the lockfile (with `manifest`) or `trees/<commit>.json`.
+
+    Scope: the manifest's entries; else `repo_ids` (all their snapshots, or the one `revision` names);
+    else every model and dataset repo in the cache. With `repair`, the bad files are removed and fetched
+    again (the only network use), refs with a trailing newline rewritten, then everything re-checked:
+    the returned report lists what is still wrong in `problems` and what was fixed in `repaired`.
+    """
+    if manifest is not None and (repo_ids or revision):
+        raise BadInput("give either REPO_ID... or -f MANIFEST, not both")
+    if revision is not None and not repo_ids:
+        raise BadInput("--revision needs a REPO_ID")
+    if repo_type is not None:
+        policy.check_repo_type(repo_type)
+    if revision is not None:
+        policy.check_revision(revision)
+    if workers is not None and workers < 1:
+        raise BadInput("--workers must be at least 1")
+    group = shared_group or (manifest.shared_group if manifest is not None else None)
+    sharing = Sharing.for_group(group) if group else None
+    folder = Path(cache_dir) if cache_dir else (manifest.cache_dir if manifest and manifest.cache_dir else None)
+    folder = folder or default_cache_dir()
+    started = time.monotonic()
+
+    def run() -> tuple[VerifyReport, _Plan, set[str]]:
+        report = VerifyReport(cache_dir=folder)
+        plan = _plan(folder, repo_ids, manifest, repo_type, revision)
+        good = _check(plan, workers or default_workers(), report)
+        report.repos = len(plan.repos)
+        report.problems = plan.problems
+        return report, plan, good
+
+    try:
+        report, plan, good = run()
+    except PermissionError as e:
+        raise HpcstageError(f"cannot read {e.filename or folder}: permission denied; run as a member of the cache's "
+                            "group, or have its owner run `hpcstage pull --shared-group GROUP`") from None
+    if repair and not report.ok:
+        before = report.problems
+        entries = _remove_bad(plan, before, good)
+        _repair_refs(plan, before)
+        if entries:
+            from hpcstage.staging import Options, pull  # the network, only now
+
+            allow = manifest.allow if manifest is not None else None
+            pull(entries, Options(cache_dir=folder, workers=workers or 8, quiet=quiet, allow=allow))
+        if sharing is not None:
+            share_cache(folder, sharing, [c.root for c in plan.repos.values() if c.root.is_dir()])
+        report, plan, good = run()
+        still = {p.key for p in report.problems}
+        report.repaired = [p for p in before if p.key not in still]
+    report.seconds = time.monotonic() - started
+    return report

@@ -1,0 +1,198 @@
+"""`hpcstage verify`: offline hashing against the lockfile and trees/<commit>.json, and `--repair`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hpcstage import verify as verify_mod
+from helpers import client_env
+
+MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
+MANIFEST = "cache_dir: cache\nmodels:\n  - repo: demo-org/tiny-model\ndatasets:\n  - repo: demo-org/tiny-dataset\n"
+MODEL_DIR, DATASET_DIR = "models--demo-org--tiny-model", "datasets--demo-org--tiny-dataset"
+
+
+def hpcstage(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def problems(stdout: str) -> set[tuple[str, str, str]]:
+    return {(p["kind"], p["repo_id"], p["path"]) for p in json.loads(stdout)["problems"]}
+
+
+def staged(tmp_path: Path, hub) -> tuple[Path, dict]:
+    (tmp_path / "hpcstage.yaml").write_text(MANIFEST)
+    env = client_env(hub, tmp_path / "unused")
+    r = hpcstage("pull", "-f", str(tmp_path / "hpcstage.yaml"), "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "hpcstage.yaml", env
+
+
+def test_corrupt_and_deleted_blobs_are_named_and_repair_refetches_only_them(hub, tmp_path):
+    manifest, env = staged(tmp_path, hub)
+    cache = tmp_path / "cache"
+    weights = hub.files_of("model", MODEL)["model.safetensors"]
+    shard = hub.files_of("dataset", DATASET)["data/train-00000-of-00002.parquet"]
+    flip_byte(cache / MODEL_DIR / "blobs" / weights.etag, weights.size // 2)
+    (cache / DATASET_DIR / "blobs" / shard.etag).unlink()
+    hub.clear_log()
+
+    r = hpcstage("verify", "-f", str(manifest), "--json", env=env)
+    assert r.returncode == 1, r.stderr
+    assert problems(r.stdout) == {("corrupt", MODEL, "model.safetensors"),
+                                  ("broken_link", DATASET, "data/train-00000-of-00002.parquet")}
+    assert hub.log == []  # verify is offline
+    r = hpcstage("verify", "-f", str(manifest), env=env)
+    assert r.returncode == 1
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("FAILED")]
+    assert len(lines) == 2 and "model.safetensors" in lines[0] + lines[1] and "train-00000" in lines[0] + lines[1]
+
+    r = hpcstage("verify", "-f", str(manifest), "--repair", "--json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {(p["kind"], p["path"]) for p in json.loads(r.stdout)["repaired"]} == {
+        ("corrupt", "model.safetensors"), ("broken_link", "data/train-00000-of-00002.parquet")}
+    fetched = sorted(rec.path for rec in hub.log if rec.server == "hub" and rec.method == "GET")
+    assert fetched == sorted([f"/{MODEL}/resolve/{hub.commit_of('model', MODEL)}/model.safetensors",
+                              f"/datasets/{DATASET}/resolve/{hub.commit_of('dataset', DATASET)}/"
+                              "data/train-00000-of-00002.parquet"])
+    assert sorted(rec.path for rec in hub.log if rec.server == "cdn") == sorted(
+        f"/lfs/{f.sha256}" for f in (weights, shard) if f.sha256)
+
+    hub.stop()  # and now with no server at all
+    offline = dict(env, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1")
+    r = hpcstage("verify", "-f", str(manifest), env=offline)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok: ")
+    snap = cache / MODEL_DIR / "snapshots" / hub.commit_of("model", MODEL)
+    assert sha256(snap / "model.safetensors") == sha256(weights.local)
+    data_snap = cache / DATASET_DIR / "snapshots" / hub.commit_of("dataset", DATASET)
+    assert sha256(data_snap / shard.path) == sha256(shard.local)
+
+
+def test_a_deleted_snapshot_entry_is_missing_by_the_lockfile_and_an_extra_file_is_named(hub, tmp_path):
+    manifest, env = staged(tmp_path, hub)
+    snap = tmp_path / "cache" / MODEL_DIR / "snapshots" / hub.commit_of("model", MODEL)
+    (snap / "config.json").unlink()
+    (snap / "notes.txt").write_text("left here by hand\n")
+    r = hpcstage("verify", "-f", str(manifest), "--json", env=env)
+    assert r.returncode == 1
+    assert problems(r.stdout) == {("missing", MODEL, "config.json"), ("extra", MODEL, "notes.txt")}
+    r = hpcstage("verify", "-f", str(manifest), "--repair", "--json", env=env)
+    assert r.returncode == 1  # the extra file is the user's: reported, never deleted
+    assert problems(r.stdout) == {("extra", MODEL, "notes.txt")}
+    assert sha256(snap / "config.json") == sha256(hub.files_of("model", MODEL)["config.json"].local)
+    assert (snap / "notes.txt").read_text() == "left here by hand\n"
+
+
+def test_bad_refs_are_reported_and_a_trailing_newline_is_repaired_offline(hub, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(hub, cache)
+    assert hpcstage("pull", MODEL, "--cache-dir", str(cache), "-q", env=env).returncode == 0
+    refs = cache / MODEL_DIR / "refs"
+    commit = hub.commit_of("model", MODEL)
+    (refs / "main").write_text(commit + "\n")
+    (refs / "gone").write_text("b" * 40)
+    (refs / "junk").write_text("not-a-commit")
+    hub.clear_log()
+    r = hpcstage("verify", MODEL, "--cache-dir", str(cache), "--json", env=env)
+    assert r.returncode == 1
+    assert problems(r.stdout) == {("bad_ref", MODEL, "refs/main"), ("bad_ref", MODEL, "refs/gone"),
+                                  ("bad_ref", MODEL, "refs/junk")}
+    r = hpcstage("verify", MODEL, "--cache-dir", str(cache), "--repair", "--json", env=env)
+    assert r.returncode == 1
+    assert problems(r.stdout) == {("bad_ref", MODEL, "refs/gone"), ("bad_ref", MODEL, "refs/junk")}
+    assert (refs / "main").read_bytes() == commit.encode()
+    assert hub.log == []
+
+
+def test_hf_download_cache_verifies_clean_and_a_flipped_byte_is_found(hub, tmp_path):
+    cache = tmp_path / "hfc"
+    env = client_env(hub, cache)
+    hf = Path(sys.executable).with_name("hf")
+    for args in ([MODEL], [DATASET, "--repo-type", "dataset"]):
+        r = subprocess.run([str(hf), "download", *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    trees = list((cache / "hub").glob("*/trees/*.json"))
+    assert len(trees) == 2  # what huggingface_hub itself wrote, not hpcstage
+    r = hpcstage("verify", "--cache-dir", str(cache / "hub"), "--json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["repos"] == 2 and report["files"] == len(hub.files_of("model", MODEL)) + len(
+        hub.files_of("dataset", DATASET))
+    tok = hub.files_of("model", MODEL)["tokenizer.json"]
+    flip_byte(cache / "hub" / MODEL_DIR / "blobs" / tok.etag, 0)
+    r = hpcstage("verify", "--cache-dir", str(cache / "hub"), "--json", env=env)
+    assert r.returncode == 1 and problems(r.stdout) == {("corrupt", MODEL, "tokenizer.json")}
+
+
+def test_a_blob_shared_by_two_snapshots_is_hashed_once(hub, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(hub, cache)
+    for rev in ("main", "v1.0"):
+        assert hpcstage("pull", MODEL, "--revision", rev, "--cache-dir", str(cache), "-q", env=env).returncode == 0
+    files = [*hub.files_of("model", MODEL).values(), *hub.files_of("model", MODEL, "v1.0").values()]
+    r = hpcstage("verify", MODEL, "--cache-dir", str(cache), "--json", env=env)
+    assert r.returncode == 0, r.stdout
+    report = json.loads(r.stdout)
+    assert report["snapshots"] == 2 and report["files"] == len(files)
+    assert report["blobs_hashed"] == len({f.etag for f in files}) < len(files)
+    r = hpcstage("verify", MODEL, "--revision", "v1.0", "--cache-dir", str(cache), "--json", env=env)
+    assert json.loads(r.stdout)["snapshots"] == 1
+
+
+def test_unknown_repo_and_snapshot_without_listing_fail_with_the_fix(hub, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(hub, cache)
+    assert hpcstage("pull", MODEL, "--cache-dir", str(cache), "-q", env=env).returncode == 0
+    r = hpcstage("verify", "demo-org/nope", "--cache-dir", str(cache), env=env)
+    assert r.returncode == 1 and "not_staged" in r.stdout and "hpcstage pull demo-org/nope" in r.stdout
+    commit = hub.commit_of("model", MODEL)
+    (cache / MODEL_DIR / "trees" / f"{commit}.json").unlink()
+    r = hpcstage("verify", MODEL, "--cache-dir", str(cache), env=env)
+    assert r.returncode == 1 and "unverifiable" in r.stdout and f"--revision {commit}" in r.stdout
+    r = hpcstage("verify", "--revision", "main", "--cache-dir", str(cache), env=env)
+    assert r.returncode == 2 and "needs a REPO_ID" in r.stderr
+
+
+def test_digests_match_git_and_sha256(tmp_path):
+    empty, data = tmp_path / "empty", tmp_path / "data"
+    empty.write_bytes(b"")
+    data.write_bytes(os.urandom(3 * verify_mod.HASH_BUF + 17))
+    assert verify_mod.digest_file(empty, "git") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
+    got = verify_mod.hash_files([(str(data), "sha256"), (str(data), "git"), (str(data), "sha256")], workers=2)
+    raw = data.read_bytes()
+    assert got == {(str(data), "sha256"): hashlib.sha256(raw).hexdigest(),
+                   (str(data), "git"): hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest()}
+    assert verify_mod.throughput([data])["bytes"] == len(raw)
+
+
+def test_locked_branch_ref_missing_is_restored_but_a_moved_ref_is_only_reported(hub, tmp_path):
+    manifest, env = staged(tmp_path, hub)
+    refs = tmp_path / "cache" / MODEL_DIR / "refs"
+    commit = hub.commit_of("model", MODEL)
+    (refs / "main").unlink()
+    r = hpcstage("verify", "-f", str(manifest), "--repair", "--json", env=env)
+    assert r.returncode == 0, r.stdout
+    assert (refs / "main").read_bytes() == commit.encode()
+    other = hub.commit_of("model", MODEL, "v1.0")  # someone pulled another commit as main on a shared cache
+    assert hpcstage("pull", MODEL, "--revision", "v1.0", "--cache-dir", str(tmp_path / "cache"), "-q",
+                    env=env).returncode == 0
+    (refs / "main").write_text(other)
+    r = hpcstage("verify", "-f", str(manifest), "--repair", "--json", env=env)
+    assert r.returncode == 1 and problems(r.stdout) == {("bad_ref", MODEL, "refs/main")}
+    assert (refs / "main").read_text() == other
