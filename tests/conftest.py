@@ -42,3 +42,29 @@ def big_root(tmp_path_factory):
 def big_hub(big_root):
     with HubServer(big_root) as server:
         yield server
+
+
+GIB_MODEL = "demo-org/gib-model"
+GIB = 2**30
+
+
+@pytest.fixture(scope="session")
+def gib_root(tmp_path_factory):
+    """A repo with one 1 GiB LFS file, for kill/concurrency tests that the issue states at that size."""
+    import random
+
+    root = tmp_path_factory.mktemp("gib")
+    repo = root / "models" / GIB_MODEL
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "llama"}\n')
+    rng = random.Random(11)
+    with open(repo / "model.safetensors", "wb") as f:
+        for _ in range(GIB // (64 << 20)):
+            f.write(rng.randbytes(64 << 20))
+    return root
+
+
+@pytest.fixture
+def gib_hub(gib_root):
+    with HubServer(gib_root) as server:
+        yield server

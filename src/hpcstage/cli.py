@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,9 +14,10 @@ from hpcstage.errors import HpcstageError
 from hpcstage.progress import human_bytes
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
     p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: HF_HUB_CACHE rules)")
-    p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    if workers:
+        p.add_argument("--workers", type=int, default=8, help=f"{workers} (default 8)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary line")
     p.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -32,7 +35,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         raise BadInput("--workers must be at least 1")
     opts = Options(
         cache_dir=args.cache_dir, workers=args.workers, timeout=args.timeout,
-        retry=RetryPolicy(budget=args.retry_budget), quiet=args.quiet or args.json,
+        retry=RetryPolicy(budget=args.retry_budget), quiet=args.quiet or args.json, shared_group=args.shared_group,
     )
     if args.manifest:
         if args.include or args.exclude or args.revision or args.repo_type:
@@ -54,6 +57,166 @@ def _cmd_pull(args: argparse.Namespace) -> int:
                   f"{human_bytes(r.bytes)} -> {r.snapshot}")
         print(f"staged {summary.files} files ({human_bytes(summary.bytes)}); downloaded {summary.downloaded_files} "
               f"({human_bytes(summary.downloaded_bytes)}) in {summary.seconds:.1f}s ({human_bytes(rate)}/s)")
+    return 0
+
+
+def _cmd_prebuild(args: argparse.Namespace) -> int:
+    from hpcstage.errors import BadInput
+    from hpcstage.manifest import load_manifest
+    from hpcstage.prebuild import builds_from_experiment, builds_from_manifest, prebuild
+    from hpcstage.progress import stamp
+
+    if not args.manifest and not args.from_experiment:
+        raise BadInput("give -f MANIFEST and/or --from-experiment FILE (see `hpcstage prebuild --help`)")
+    manifest = load_manifest(args.manifest) if args.manifest else None
+    builds = builds_from_manifest(manifest) if manifest else []
+    if args.from_experiment:
+        builds += [b for b in builds_from_experiment(args.from_experiment) if b.key not in {x.key for x in builds}]
+    quiet = args.quiet or args.json
+
+    def event(kind: str, text: str) -> None:
+        if quiet:
+            return
+        if kind == "start":
+            print(f"{stamp()} CACHE_PREBUILD: Pre-building HF datasets cache\nUnique datasets: {text}", flush=True)
+        elif kind in ("built", "skipped"):
+            print(f"{stamp()} CACHE_BUILT: {text}", flush=True)
+        elif kind == "missing":
+            print(f"{stamp()} CACHE_WARNING: {text}: data file not found; skipped", flush=True)
+        else:
+            print(f"{stamp()} CACHE_FAILED: {text}", flush=True)
+
+    summary = prebuild(builds, manifest=manifest, cache_dir=args.cache_dir,
+                       datasets_cache_dir=args.datasets_cache_dir, on_event=event)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=1))
+    elif not quiet:
+        failed = [r for r in summary.results if r.status == "failed"]
+        if failed:
+            print(f"{stamp()} CACHE_PREBUILD_FAILED: {len(failed)} of {len(summary.results)} builds failed", flush=True)
+        else:
+            print(f"{stamp()} CACHE_PREBUILD_COMPLETE: All dataset caches ready", flush=True)
+        for w in summary.warnings:
+            print(f"Warning: {w}")
+    return 0 if summary.ok else 1
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from hpcstage.manifest import load_manifest
+    from hpcstage.offline import check
+
+    report = check(load_manifest(args.manifest), cache_dir=args.cache_dir,
+                   datasets_cache_dir=args.datasets_cache_dir, isolation=args.isolation)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    elif not args.quiet:
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.table import Table
+            from rich.text import Text
+
+            table = Table(title=f"offline check (network off: {report.isolation})")
+            for col in ("entry", "status", "fix"):
+                table.add_column(col, overflow="fold")
+            for e in report.entries:
+                status = Text("ok", style="green") if e.ok else Text("; ".join(e.problems), style="red")
+                table.add_row(Text(e.entry), status, Text(e.fix or ""))
+            Console().print(table)
+        else:
+            for e in report.entries:
+                print(f"{'ok' if e.ok else 'MISSING'}\t{e.entry}" + ("" if e.ok else f"\t{'; '.join(e.problems)}\tfix: {e.fix}"))
+        bad = sum(not e.ok for e in report.entries)
+        print(f"{'ready' if report.ok else 'NOT READY'}: {len(report.entries) - bad} of {len(report.entries)} entries load "
+              f"offline (network off: {report.isolation}, {report.seconds:.1f}s)")
+    return 0 if report.ok else 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from hpcstage.manifest import load_manifest
+    from hpcstage.verify import verify
+
+    report = verify(args.repo_ids or None, manifest=load_manifest(args.manifest) if args.manifest else None,
+                    repo_type=args.repo_type, revision=args.revision, cache_dir=args.cache_dir,
+                    workers=args.workers, repair=args.repair, shared_group=args.shared_group,
+                    quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return 0 if report.ok else 1
+    for p in report.repaired:
+        print(f"repaired {p.kind}: {p.repo_type} {p.repo_id}@{(p.commit or '')[:12]} {p.path}")
+    for p in report.problems:
+        print(p)
+    if not args.quiet:
+        rate = report.bytes_hashed / report.seconds if report.seconds else 0
+        print(f"{'ok' if report.ok else 'FAILED'}: {report.files} files in {report.snapshots} snapshots of "
+              f"{report.repos} repos; hashed {report.blobs_hashed} blobs ({human_bytes(report.bytes_hashed)}) in "
+              f"{report.seconds:.1f}s ({human_bytes(rate)}/s); {len(report.problems)} problems"
+              + (f", {len(report.repaired)} repaired" if args.repair else ""))
+    return 0 if report.ok else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from hpcstage.errors import BadInput
+    from hpcstage.slurm.launch import experiment_status
+
+    if args.experiment and args.manifest:
+        raise BadInput("give either -f MANIFEST (staging) or --experiment DIR (jobs), not both")
+    if not args.experiment:
+        return _staging_status(args)
+    rows = experiment_status(args.experiment)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        detail = f" ({r['reason']})" if r["reason"] else ""
+        code = f" exit {r['exit_code']}" if r["exit_code"] is not None else ""
+        attempt = f" attempt {r['attempt']}" if r["attempt"] else ""
+        print(f"{r['key']}{attempt}\t{r['job_id'] or '-'}\t{r['state']}{detail}{code}")
+    return 0
+
+
+def _staging_status(args: argparse.Namespace) -> int:
+    """What is staged, partial, locked or failed: per manifest entry, or every artifact pulled into the cache."""
+    from dataclasses import asdict
+
+    from hpcstage.hfcache import default_cache_dir
+    from hpcstage.ledger import artifact_status, known_artifacts
+    from hpcstage.manifest import load_lock, load_manifest
+
+    if args.manifest:
+        manifest = load_manifest(args.manifest)
+        cache_dir = args.cache_dir or manifest.cache_dir or default_cache_dir()
+        lock = load_lock(manifest.lock_path)
+        rows = []
+        for e in manifest.entries:
+            locked = lock.entries.get(e.key)
+            rows.append(artifact_status(cache_dir, e.repo_type, e.repo, e.revision, locked.commit if locked else None,
+                                        locked.cached_files() if locked and locked.matches(e) else None))
+    else:
+        cache_dir = args.cache_dir or default_cache_dir()
+        rows = [artifact_status(cache_dir, *key) for key in known_artifacts(cache_dir)]
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=1))
+    for r in [] if args.json else rows:
+        extra = [f"{r.staged_files}/{r.files} files"]
+        if r.partial_percent is not None:
+            extra.append(f"partial {r.partial_percent:.0f}%")
+        if r.locked_by:
+            extra.append("locked by " + ", ".join(r.locked_by))
+        if r.reason:
+            extra.append(r.reason)
+        print(f"{r.repo_type} {r.repo}@{r.revision}\t{r.state}\t" + "; ".join(extra))
+    return 0 if all(r.state == "staged" for r in rows) else 1
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from hpcstage.staging import cleanup
+
+    found = cleanup(args.cache_dir, older_than=args.older_than * 3600, dry_run=args.dry_run)
+    for item in found:
+        print(f"{'would remove' if args.dry_run else 'removed'} {item.path} ({item.why})")
+    if not found:
+        print("nothing to clean up")
     return 0
 
 
@@ -87,8 +250,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)")
     p.add_argument("--retry-budget", type=float, default=300.0,
                    help="seconds one request may spend retrying 429/5xx/network errors (default 300)")
-    _common(p)
+    p.add_argument("--shared-group", metavar="GROUP",
+                   help="group-shared cache: folders setgid + group-writable, files group-readable")
+    _common(p, workers="files downloaded at once")
     p.set_defaults(func=_cmd_pull)
+
+    p = sub.add_parser("verify", help="offline: hash every staged file against the lockfile or trees/<commit>.json")
+    p.add_argument("repo_ids", nargs="*", metavar="REPO_ID", help="default: every repo in the cache")
+    p.add_argument("-f", "--manifest", type=Path, help="check this manifest's entries against hpcstage.lock beside it")
+    p.add_argument("--repo-type", choices=["model", "dataset"])
+    p.add_argument("--revision", help="only this branch, tag or commit (default: every snapshot)")
+    p.add_argument("--repair", action="store_true", help="refetch only the bad files (uses the network), then verify again")
+    p.add_argument("--shared-group", metavar="GROUP", help="give repaired repos this group's bits")
+    _common(p, workers="files hashed at once")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("prebuild", help="build the datasets Arrow caches jobs will load offline, one writer each")
+    p.add_argument("-f", "--manifest", type=Path, help="datasets entries with `load:` and `prebuild:` entries")
+    p.add_argument("--from-experiment", type=Path, metavar="FILE",
+                   help="experiment_summary.yaml: build each evaluation.tasks[].dataset as json, field=test")
+    p.add_argument("--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)")
+    _common(p)
+    p.set_defaults(func=_cmd_prebuild)
+
+    p = sub.add_parser("check", help="offline readiness: load every entry as a job would, with the network off")
+    p.add_argument("-f", "--manifest", type=Path, required=True)
+    p.add_argument("--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)")
+    p.add_argument("--isolation", choices=["auto", "netns", "guard"], default="auto",
+                   help="network off by `unshare -n` (netns) or a socket guard in the child (default: netns if possible)")
+    _common(p)
+    p.set_defaults(func=_cmd_check)
+
+    from hpcstage.slurm.commands import add_clusters_parser, add_launch_parser
+
+    add_launch_parser(sub)
+    add_clusters_parser(sub)
+
+    p = sub.add_parser("status", help="what is staged, partial, locked or failed; or an experiment's Slurm jobs")
+    p.add_argument("-f", "--manifest", type=Path, help="the entries of this manifest (default: all pulled into the cache)")
+    p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: manifest, else HF_HUB_CACHE rules)")
+    p.add_argument("--experiment", type=Path, metavar="DIR", help="experiment folder written by `hpcstage launch`")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("cleanup", help="remove expired leases and abandoned partial files (never live ones)")
+    p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: HF_HUB_CACHE rules)")
+    p.add_argument("--older-than", type=float, default=24.0, metavar="HOURS",
+                   help="partial and temporary files untouched this long are abandoned (default 24)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.set_defaults(func=_cmd_cleanup)
 
     p = sub.add_parser("serve", help="serve repos from a folder over the Hub protocol (demo and tests)")
     p.add_argument("root", type=Path, help="folder with models/<org>/<name>/ and datasets/<org>/<name>/")
@@ -100,7 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's scancel, a time limit): handled like Ctrl-C, exit 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -109,6 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     except HpcstageError as e:
         print(f"hpcstage: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("hpcstage: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Partial pieces are recorded and leases released; threads stuck in a read are not waited for.
+        code = 143 if isinstance(e, Terminated) else 130
+        print(f"hpcstage: {'terminated' if code == 143 else 'interrupted'}; run the same command again to "
+              "continue", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    except BrokenPipeError:  # `hpcstage status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        print(f"hpcstage: error: {e}", file=sys.stderr)
+        return 1

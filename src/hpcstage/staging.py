@@ -7,6 +7,8 @@ workers take other files, then linked when its writer is done.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import shutil
 import threading
 import time
@@ -15,19 +17,19 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import get_token
-
-from hpcstage import policy
-from hpcstage.errors import TransferError
-from hpcstage.hfcache import CachedFile, RepoCache, default_cache_dir
-from hpcstage.locks import Lease
+from hpcstage import ledger, policy
+from hpcstage.errors import HpcstageError, TransferError
+from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
+                              share_cache)
+from hpcstage.locks import Lease, break_expired, read_lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, human_bytes
 from hpcstage.sources import hub
-from hpcstage.transfer import SMALL, Http, RetryPolicy, fetch, fetch_small
+from hpcstage.transfer import RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
 
 LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
+STOP_GRACE = 5.0  # seconds workers get to stop and release their leases after Ctrl-C/SIGTERM
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Options:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     quiet: bool = False
     allow: list[str] | None = None
+    shared_group: str | None = None  # a group-shared cache: setgid folders, group-readable files
 
 
 class _Run:
@@ -87,9 +90,8 @@ class _Run:
     def __init__(self, opts: Options):
         self.opts = opts
         self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
-        token = opts.token if opts.token is not None else get_token()
-        self._headers = hub.hub_headers(token)
         self._http: Http | None = None
+        self.sharing = Sharing.for_group(opts.shared_group) if opts.shared_group else None  # checked before any request
         self.summary = PullSummary()
         self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
 
@@ -97,14 +99,16 @@ class _Run:
     def http(self) -> Http:
         # Created on first use: a warm pull from the lockfile never opens a connection.
         if self._http is None:
-            self._http = Http(
-                self._headers, pool_size=self.opts.workers + 2, read_timeout=self.opts.timeout, retry=self.opts.retry
-            )
+            from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
+
+            token = self.opts.token if self.opts.token is not None else get_token()
+            self._http = Http(hub.hub_headers(token), pool_size=self.opts.workers + 2,
+                              read_timeout=self.opts.timeout, retry=self.opts.retry)
         return self._http
 
     def plan(self, entry: HubEntry, locked) -> _RepoPlan:
         ref = hub.RepoRef(entry.repo_type, entry.repo)
-        cache = RepoCache(self.cache_dir, entry.repo_type, entry.repo)
+        cache = RepoCache(self.cache_dir, entry.repo_type, entry.repo, sharing=self.sharing)
         if locked is not None and locked.matches(entry):
             files = locked.cached_files()
             all_files = None if cache.tree_path(locked.commit).exists() else hub.list_files(self.http, ref, locked.commit)
@@ -160,7 +164,7 @@ class _Run:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.cache_dir).free
-        margin = 256 << 20
+        margin = (64 << 20) + need // 50  # room for trees, refs and what others write meanwhile
         if need + margin > free:
             raise TransferError(
                 f"not enough space in {self.cache_dir}: need {human_bytes(need)} (+{human_bytes(margin)} margin), "
@@ -168,39 +172,60 @@ class _Run:
             )
 
     def _run_jobs(self, jobs: list[tuple[_RepoPlan, CachedFile]], progress: Progress) -> None:
+        """Run file jobs on `workers` threads. A blob leased elsewhere goes to the back of the queue; a
+        file that fails is reported at the end while the others go on. On Ctrl-C/SIGTERM workers stop at
+        their next chunk, and after STOP_GRACE we stop waiting for any stuck in a read: their partials are
+        recorded piece by piece and a dead local holder's lease is taken over at once by the next run."""
         pending: deque = deque((0.0, j) for j in jobs)
         running: dict[Future, tuple] = {}
-        with ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage") as pool:
-            try:
-                while pending or running:
-                    now = time.monotonic()
-                    for _ in range(len(pending)):
-                        if len(running) >= self.opts.workers:
-                            break
-                        not_before, job = pending.popleft()
-                        if not_before > now:
-                            pending.append((not_before, job))
-                            continue
-                        running[pool.submit(self._stage_file, *job, progress)] = job
-                    if not running:
-                        time.sleep(min(BUSY_RETRY, max(0.0, min(t for t, _ in pending) - now)))
+        failures: list[str] = []
+        pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
+        try:
+            while pending or running:
+                now = time.monotonic()
+                for _ in range(len(pending)):
+                    if len(running) >= self.opts.workers:
+                        break
+                    not_before, job = pending.popleft()
+                    if not_before > now:
+                        pending.append((not_before, job))
                         continue
-                    done, _ = wait(running, timeout=BUSY_RETRY, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        job = running.pop(fut)
+                    running[pool.submit(self._stage_file, *job, progress)] = job
+                if not running:
+                    time.sleep(min(BUSY_RETRY, max(0.0, min(t for t, _ in pending) - now)))
+                    continue
+                done, _ = wait(running, timeout=BUSY_RETRY, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    plan, f = running.pop(fut)
+                    try:
                         fetched = fut.result()
-                        if fetched is None:
-                            pending.append((time.monotonic() + BUSY_RETRY, job))
-                            continue
-                        progress.file_done()
-                        if fetched:
-                            self.summary.downloaded_files += 1
-                            self.summary.downloaded_bytes += fetched
-            except BaseException:
-                self.cancel.set()
-                for fut in running:
-                    fut.cancel()
-                raise
+                    except TransferError as e:
+                        failures.append(str(e))
+                        continue
+                    except OSError as e:
+                        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        raise TransferError(
+                            f"{plan.entry.repo}/{f.path}: the disk or quota under {self.cache_dir} is full "
+                            f"({e.strerror}); the partial file is kept: free space and run the same pull again "
+                            "to continue") from None
+                    if fetched is None:
+                        pending.append((time.monotonic() + BUSY_RETRY, (plan, f)))
+                        continue
+                    progress.file_done()
+                    if fetched:
+                        self.summary.downloaded_files += 1
+                        self.summary.downloaded_bytes += fetched
+        except BaseException:
+            self.cancel.set()
+            wait(running, timeout=STOP_GRACE)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise TransferError(f"{len(failures)} of {len(jobs)} files failed: {failures[0]}{more}; "
+                                "run the same pull again to retry them (finished files are kept)")
 
     def _stage_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress) -> int | None:
         """Put one file in place; returns the bytes it downloaded, or None when another process holds
@@ -235,6 +260,8 @@ class _Run:
                     raise KeyboardInterrupt
                 progress.add(n)
 
+            if cache.sharing is not None:  # another member of the group must be able to continue it
+                cache.create_partial(f.etag)
             for attempt in (1, 2):  # wrong bytes are discarded and fetched once more
                 try:
                     fetched = fetch(self.http, url, cache.partial(f.etag), size=f.size, expected=f.etag,
@@ -244,12 +271,30 @@ class _Run:
                     if attempt == 2 or "hash mismatch" not in str(e):
                         raise
                     progress.add(-f.size)  # fetch reported the whole file before its hash failed
+
             lease.check()
             cache.commit_blob(cache.partial(f.etag), f.etag)
             cache.link(plan.commit, f)
             return fetched
         finally:
             lease.release()
+
+
+def _record(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str = "") -> None:
+    """Ledger records: an entry whose files are all linked is staged whatever happened to the others.
+    Best effort: a full disk must not hide the error that brought us here."""
+    try:
+        _write_records(cache_dir, plans, state, reason)
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not write the ledger in %s: %s", cache_dir, e)
+
+
+def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str) -> None:
+    for p in plans:
+        done = all(p.cache.is_linked(p.commit, f) for f in p.files)
+        ledger.write(cache_dir, ledger.Record(
+            p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, "staged" if done else state,
+            len(p.files), sum(f.size for f in p.files), "" if done else reason))
 
 
 def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
@@ -263,7 +308,17 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
     run = _Run(opts)
     lock = lock or Lockfile()
     plans = [run.plan(e, None if update else lock.entries.get(e.key)) for e in entries]
-    run.execute(plans)
+    try:
+        run.execute(plans)
+    except BaseException as e:
+        _record(run.cache_dir, plans, "failed" if isinstance(e, HpcstageError) else "interrupted",
+                str(e) or type(e).__name__)
+        raise
+    _record(run.cache_dir, plans, "staged")
+    if run.sharing is not None:
+        # New writes got the group's bits already; this also mends what others wrote (huggingface_hub's
+        # 0600 trees/*.json), the cache folder itself and `.locks/` (the ledger, huggingface_hub's locks).
+        share_cache(run.cache_dir, run.sharing, repos=sorted({p.cache.root for p in plans}))
     new_entries = dict(lock.entries)
     for p in plans:
         new_entries[p.entry.key] = entry_lock(p.entry, p.commit, p.files)
@@ -278,6 +333,8 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
         opts.cache_dir = manifest.cache_dir
     if manifest.allow is not None:
         opts.allow = manifest.allow
+    if manifest.shared_group and not opts.shared_group:
+        opts.shared_group = manifest.shared_group
     old = load_lock(manifest.lock_path)
     summary, new = pull(manifest.entries, opts, old, update)
     keep = {e.key for e in manifest.entries}
@@ -285,3 +342,45 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     if new != old:
         save_lock(manifest.lock_path, new)
     return summary
+
+
+@dataclass
+class Leftover:
+    path: Path
+    why: str
+
+
+def cleanup(cache_dir: Path | None = None, *, older_than: float = 24 * 3600, dry_run: bool = False) -> list[Leftover]:
+    """Remove what dead runs left in the hub cache: leases whose owner is dead or expired, and partial
+    and temporary files that no live lease protects and that have not changed for `older_than` seconds
+    (a partial younger than that may still be continued). Never a live lease or the partial it guards."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    now = time.time()
+    found: list[Leftover] = []
+
+    def old(path: Path) -> float | None:
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            return None
+        return age if age >= older_than else None
+
+    for blobs in sorted(cache_dir.glob("*/blobs")):
+        for lease_path in sorted(blobs.glob(f"*{LEASE_SUFFIX}")):
+            info = read_lease(lease_path)
+            if info is not None and info.expired and (dry_run or break_expired(lease_path)):
+                found.append(Leftover(lease_path, f"lease of {info.host}:{info.pid}, dead or silent {info.age:.0f}s"))
+        for partial in sorted(blobs.glob(f"*{PARTIAL_SUFFIX}")):
+            live = read_lease(partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX) + LEASE_SUFFIX))
+            if (live is not None and not live.expired) or (age := old(partial)) is None:
+                continue
+            found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
+            if not dry_run:
+                partial.unlink(missing_ok=True)
+                partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
+    for tmp in sorted(cache_dir.glob("*/**/.*.hpcstage-tmp")):
+        if (age := old(tmp)) is not None:
+            found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))
+            if not dry_run:
+                tmp.unlink(missing_ok=True)
+    return found

@@ -138,12 +138,20 @@ class Http:
                 attempts.wait(f"connection failed ({type(e).__name__}: {_short(e)})")
                 continue
             if resp.status in RETRY_STATUSES:
-                retry_after = resp.headers.get("Retry-After")
+                retry_after = resp.headers.get("Retry-After") or _ratelimit_reset(resp.headers)
                 resp.drain_conn()
                 resp.release_conn()
                 attempts.wait(f"server answered {resp.status}", retry_after)
                 continue
             return resp
+
+
+def _ratelimit_reset(headers) -> str | None:
+    """The Hub's 429s say when the window resets in `RateLimit: "api";r=0;t=55` (IETF draft)."""
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    info = parse_ratelimit_headers(headers)
+    return str(info.reset_in_seconds) if info is not None and info.remaining == 0 else None
 
 
 def _short(e: Exception) -> str:

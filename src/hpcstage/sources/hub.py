@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from huggingface_hub.utils import build_hf_headers, filter_repo_objects
-
 from hpcstage import __version__, policy
 from hpcstage.errors import HubError, TransferError
 from hpcstage.hfcache import CachedFile
@@ -28,6 +26,8 @@ def endpoint() -> str:
 
 def hub_headers(token: str | None) -> dict[str, str]:
     """User agent plus Authorization when a token is known (HF_TOKEN or the token file)."""
+    from huggingface_hub.utils import build_hf_headers
+
     return build_hf_headers(token=token or False, library_name="hpcstage", library_version=__version__)
 
 
@@ -106,4 +106,6 @@ def _next_link(header: str) -> str | None:
 def select(files: list[CachedFile], include: list[str] | None, exclude: list[str] | None) -> list[CachedFile]:
     """The same pattern rules as `snapshot_download(allow_patterns, ignore_patterns)`, so the offline
     completeness check agrees with what was staged."""
+    from huggingface_hub.utils import filter_repo_objects
+
     return list(filter_repo_objects(files, allow_patterns=include, ignore_patterns=exclude, key=lambda f: f.path))

@@ -1,0 +1,129 @@
+"""Per-artifact records (what the last pull did to each repo@revision) and the live status of a cache.
+
+A record is one small JSON file per artifact under `<cache>/.locks/hpcstage/ledger/`, replaced atomically, so
+concurrent pulls on many nodes never interleave writes. Status combines the records with what is on disk
+right now: linked files, partial files (with the pieces done) and leases (who holds them, how old).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, write_atomic
+from hpcstage.locks import read_lease
+from hpcstage.transfer import RANGES_SUFFIX
+
+# Inside huggingface_hub's own `.locks/` folder, which `scan_cache_dir` skips: any other extra folder in
+# the hub cache is reported as a corrupted repo.
+LEDGER_DIR = Path(".locks") / "hpcstage" / "ledger"
+
+
+@dataclass
+class Record:
+    repo_type: str
+    repo: str
+    revision: str
+    commit: str
+    state: str  # staged | failed | interrupted
+    files: int
+    bytes: int
+    reason: str = ""
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    updated: float = field(default_factory=time.time)
+
+
+def _path(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Path:
+    return Path(cache_dir) / LEDGER_DIR / f"{repo_type}s--{repo.replace('/', '--')}@{quote(revision, safe='')}.json"
+
+
+def write(cache_dir: Path, record: Record) -> None:
+    write_atomic(_path(cache_dir, record.repo_type, record.repo, record.revision), json.dumps(asdict(record)).encode())
+
+
+def read(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Record | None:
+    try:
+        return Record(**json.loads(_path(cache_dir, repo_type, repo, revision).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def read_all(cache_dir: Path) -> list[Record]:
+    records = []
+    for p in sorted((Path(cache_dir) / LEDGER_DIR).glob("*.json")):
+        try:
+            records.append(Record(**json.loads(p.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue
+    return records
+
+
+@dataclass
+class ArtifactStatus:
+    """One repo@revision as it is now: `state` is staged, partial, locked, failed, interrupted or missing."""
+
+    repo_type: str
+    repo: str
+    revision: str
+    commit: str | None
+    state: str
+    files: int  # expected (from the lockfile or the last record); 0 when unknown
+    staged_files: int
+    partial_percent: float | None = None  # bytes done across partial files, when any
+    locked_by: list[str] = field(default_factory=list)  # "host:pid (age 12s)"
+    reason: str = ""
+    updated: float | None = None
+
+
+def partial_progress(partial: Path) -> tuple[int, int]:
+    """(bytes done, size) of a partial file, from its pieces record; (0, 0) when there is none."""
+    try:
+        data = json.loads(partial.with_name(partial.name + RANGES_SUFFIX).read_text())
+        size, segment = int(data["size"]), int(data["segment"])
+        return sum(min(size, (i + 1) * segment) - i * segment for i in data["done"]), size
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0
+
+
+def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
+                    commit: str | None = None, files: list[CachedFile] | None = None) -> ArtifactStatus:
+    """The record plus a look at the disk; `files` (from the lockfile) makes the counts exact."""
+    rec = read(cache_dir, repo_type, repo, revision)
+    cache = RepoCache(Path(cache_dir), repo_type, repo)
+    commit = commit or (rec.commit if rec else None) or cache.read_ref(revision)
+    if files is not None and commit:
+        expected, staged = len(files), sum(cache.is_linked(commit, f) for f in files)
+    elif rec is not None:
+        expected, staged = rec.files, (rec.files if rec.state == "staged" else 0)
+    else:
+        expected = staged = 0
+    st = ArtifactStatus(repo_type, repo, revision, commit, "missing", expected, staged,
+                        reason=rec.reason if rec else "", updated=rec.updated if rec else None)
+    blobs = cache.root / "blobs"
+    progress = [partial_progress(p) for p in blobs.glob(f"*{PARTIAL_SUFFIX}")]
+    if progress:
+        done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
+        st.partial_percent = round(100.0 * done / total, 1) if total else 0.0
+    for lease_path in blobs.glob(f"*{LEASE_SUFFIX}"):
+        lease = read_lease(lease_path)
+        if lease is not None and not lease.expired:
+            st.locked_by.append(f"{lease.host}:{lease.pid} (age {lease.age:.0f}s)")
+    if expected and staged >= expected:
+        st.state = "staged"
+    elif st.locked_by:
+        st.state = "locked"
+    elif rec is not None and rec.state != "staged":
+        st.state = rec.state
+    elif staged or progress:
+        st.state = "partial"
+    return st
+
+
+def known_artifacts(cache_dir: Path) -> list[tuple[str, str, str]]:
+    """(repo_type, repo, revision) of every artifact with a record, for `status` without a manifest."""
+    return [(r.repo_type, r.repo, r.revision) for r in read_all(cache_dir)]
