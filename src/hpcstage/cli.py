@@ -37,6 +37,11 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, workers=args.workers, timeout=args.timeout,
         retry=RetryPolicy(budget=args.retry_budget), quiet=args.quiet or args.json, shared_group=args.shared_group,
     )
+    if (args.slurm_array is not None or args.worker) and not args.manifest:
+        raise BadInput("--slurm-array and --worker need -f MANIFEST")
+    opts.worker = args.worker
+    if args.slurm_array is not None:
+        return _pull_array(args, load_manifest(args.manifest), opts)
     if args.manifest:
         if args.include or args.exclude or args.revision or args.repo_type:
             raise BadInput("--include/--exclude/--revision/--repo-type go in the manifest when -f is used")
@@ -58,6 +63,29 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         print(f"staged {summary.files} files ({human_bytes(summary.bytes)}); downloaded {summary.downloaded_files} "
               f"({human_bytes(summary.downloaded_bytes)}) in {summary.seconds:.1f}s ({human_bytes(rate)}/s)")
     return 0
+
+
+def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
+    from hpcstage.hfcache import default_cache_dir
+    from hpcstage.slurm.stage_array import follow, resolve, submit_array
+    from hpcstage.staging import plan_manifest
+
+    cluster = resolve(args.cluster, args.partition, args.account)  # bad input is refused before any request
+    plan = plan_manifest(manifest, opts, update=args.update)
+    print(f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
+          f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})", flush=True)
+    run = submit_array(manifest, args.slurm_array, cluster=cluster, time_limit=args.time or cluster.max_time or "24:00:00",
+                       cache_dir=args.cache_dir)
+    print(f"submitted {args.slurm_array} workers as array {run.array_id} on {cluster.name}; finish {run.finish_id} "
+          f"(pull leftovers + verify), report {run.report_id} (status); scripts and logs in {run.folder}", flush=True)
+    if not args.wait:
+        return 0
+    if follow(run, manifest, opts.cache_dir or manifest.cache_dir or default_cache_dir(), quiet=args.quiet):
+        print(f"staged and verified: {plan.files} files")
+        return 0
+    print(f"hpcstage: error: the array did not finish cleanly; see {run.folder} and `hpcstage status -f "
+          f"{args.manifest}`", file=sys.stderr)
+    return 1
 
 
 def _cmd_prebuild(args: argparse.Namespace) -> int:
@@ -220,6 +248,35 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from hpcstage.doctor import as_json, exit_code, run_checks
+    from hpcstage.manifest import load_manifest
+
+    checks = run_checks(load_manifest(args.manifest) if args.manifest else None, args.cache_dir, timeout=args.timeout)
+    if args.json:
+        print(as_json(checks))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+        table = Table(title="hpcstage doctor")
+        for col in ("check", "status", "detail", "fix"):
+            table.add_column(col, overflow="fold")
+        for c in checks:
+            table.add_row(c.name, Text(c.status, style=colour[c.status]), Text(c.detail), Text(c.fix))
+        Console().print(table)
+    else:
+        for c in checks:
+            if not args.quiet or c.status != "ok":
+                print(f"{c.status}\t{c.name}\t{c.detail}" + (f"\tfix: {c.fix}" if c.fix else ""))
+    if not args.json and not args.quiet:
+        counts = {s: sum(c.status == s for c in checks) for s in ("ok", "warn", "fail")}
+        print(f"doctor: {counts['ok']} ok, {counts['warn']} warn, {counts['fail']} fail")
+    return exit_code(checks)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from hpcstage.samples import make_samples
     from hpcstage.serve import serve_forever
@@ -247,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
     p.add_argument("--update", action="store_true", help="re-resolve revisions instead of the lockfile's commits")
+    g = p.add_argument_group("staging as a Slurm job array (with -f)")
+    g.add_argument("--slurm-array", type=int, metavar="N",
+                   help="plan here, then stage on N array workers that share the work through the leases")
+    g.add_argument("--cluster", help="registry name (default: detected; see `hpcstage clusters`)")
+    g.add_argument("--partition", help="override the registry's partition (e.g. a data-mover partition)")
+    g.add_argument("--account", help="Slurm account")
+    g.add_argument("--time", help="time limit of each worker (default: the cluster's longest)")
+    g.add_argument("--wait", action="store_true", help="follow the array with a progress bar; exit with its result")
+    g.add_argument("--worker", action="store_true", help="run as one of the array's workers (set by --slurm-array)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)")
     p.add_argument("--retry-budget", type=float, default=300.0,
                    help="seconds one request may spend retrying 429/5xx/network errors (default 300)")
@@ -299,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partial and temporary files untouched this long are abandoned (default 24)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     p.set_defaults(func=_cmd_cleanup)
+
+    p = sub.add_parser("doctor", help="disk, quota, memory, filesystem, permissions, token, endpoint: ok/warn/fail with fixes")
+    p.add_argument("-f", "--manifest", type=Path, help="check space against this manifest's plan (hpcstage.lock beside it)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds for each network check and the quota tool (default 2)")
+    _common(p)
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("serve", help="serve repos from a folder over the Hub protocol (demo and tests)")
     p.add_argument("root", type=Path, help="folder with models/<org>/<name>/ and datasets/<org>/<name>/")

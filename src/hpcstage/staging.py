@@ -8,6 +8,7 @@ workers take other files, then linked when its writer is done.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import shutil
 import threading
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import HpcstageError, TransferError
+from hpcstage.errors import BadInput, HpcstageError, TransferError
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -29,6 +30,8 @@ from hpcstage.transfer import RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fe
 
 LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
+BATCH_FILES = 64  # small files leased together by array workers
+BATCH_LEASES = Path(".locks") / "hpcstage" / "batches"  # inside .locks: scan_cache_dir skips it
 STOP_GRACE = 5.0  # seconds workers get to stop and release their leases after Ctrl-C/SIGTERM
 
 
@@ -82,6 +85,7 @@ class Options:
     quiet: bool = False
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: setgid folders, group-readable files
+    worker: bool = False  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
 
 
 class _Run:
@@ -137,12 +141,13 @@ class _Run:
         total = sum(f.size for p in plans for f in p.files)
         self.summary.files = sum(len(p.files) for p in plans)
         self.summary.bytes = total
-        self._check_space([(p, f) for p, f, dup in jobs if not dup])
+        todo = [(p, f) for p, f, dup in jobs if not dup]
+        self._check_space(todo)
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
-            progress.add(total - sum(f.size for _, f, dup in jobs if not dup))
+            progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
                 progress.file_done()
-            self._run_jobs([(p, f) for p, f, dup in jobs if not dup], progress)
+            self._run_jobs(self._units(plans, todo), progress)
             for p, f, dup in jobs:  # same blob wanted twice: link the second once the first is in place
                 if dup:
                     p.cache.link(p.commit, f)
@@ -171,7 +176,7 @@ class _Run:
                 f"{human_bytes(free)} free; free space or pass --cache-dir on a larger filesystem"
             )
 
-    def _run_jobs(self, jobs: list[tuple[_RepoPlan, CachedFile]], progress: Progress) -> None:
+    def _run_jobs(self, jobs: list[tuple[Path | None, list]], progress: Progress) -> None:
         """Run file jobs on `workers` threads. A blob leased elsewhere goes to the back of the queue; a
         file that fails is reported at the end while the others go on. On Ctrl-C/SIGTERM workers stop at
         their next chunk, and after STOP_GRACE we stop waiting for any stuck in a read: their partials are
@@ -190,13 +195,14 @@ class _Run:
                     if not_before > now:
                         pending.append((not_before, job))
                         continue
-                    running[pool.submit(self._stage_file, *job, progress)] = job
+                    running[pool.submit(self._stage_unit, *job, progress)] = job
                 if not running:
                     time.sleep(min(BUSY_RETRY, max(0.0, min(t for t, _ in pending) - now)))
                     continue
                 done, _ = wait(running, timeout=BUSY_RETRY, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    plan, f = running.pop(fut)
+                    job = running.pop(fut)
+                    plan, f = job[1][0]
                     try:
                         fetched = fut.result()
                     except TransferError as e:
@@ -210,12 +216,12 @@ class _Run:
                             f"({e.strerror}); the partial file is kept: free space and run the same pull again "
                             "to continue") from None
                     if fetched is None:
-                        pending.append((time.monotonic() + BUSY_RETRY, (plan, f)))
+                        pending.append((time.monotonic() + BUSY_RETRY, job))
                         continue
-                    progress.file_done()
-                    if fetched:
-                        self.summary.downloaded_files += 1
-                        self.summary.downloaded_bytes += fetched
+                    for n in fetched:
+                        progress.file_done()
+                        self.summary.downloaded_files += n > 0
+                        self.summary.downloaded_bytes += n
         except BaseException:
             self.cancel.set()
             wait(running, timeout=STOP_GRACE)
@@ -224,14 +230,46 @@ class _Run:
         pool.shutdown()
         if failures:
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise TransferError(f"{len(failures)} of {len(jobs)} files failed: {failures[0]}{more}; "
+            raise TransferError(f"{len(failures)} of {sum(len(j[1]) for j in jobs)} files failed: {failures[0]}{more}; "
                                 "run the same pull again to retry them (finished files are kept)")
 
-    def _stage_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress) -> int | None:
-        """Put one file in place; returns the bytes it downloaded, or None when another process holds
-        the blob's lease (the caller queues it again and moves on)."""
+    def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
+        """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
+        unleased, one per unit, except for Slurm array workers: there they are leased in batches, so that
+        N workers fetch each file once without paying for a lease per file. Batches are cut from the whole
+        plan (the lockfile), not from what is missing now, so every worker names the same batches."""
+        large = sorted((x for x in todo if x[1].size >= SMALL), key=lambda x: -x[1].size)
+        units: list[tuple[Path | None, list]] = [(p.cache.lease(f.etag), [(p, f)]) for p, f in large]
+        if not self.opts.worker:
+            return units + [(None, [x]) for x in todo if x[1].size < SMALL]
+        wanted = {(id(p), f.path) for p, f in todo}
+        small = [(p, f) for p in plans for f in sorted(p.files, key=lambda f: f.path) if f.size < SMALL]
+        for i in range(0, len(small), BATCH_FILES):
+            batch = small[i:i + BATCH_FILES]
+            missing = [(p, f) for p, f in batch if (id(p), f.path) in wanted]
+            if missing:
+                name = hashlib.sha1("".join(f.etag for _, f in batch).encode()).hexdigest()
+                units.append((self.cache_dir / BATCH_LEASES / f"{name}{LEASE_SUFFIX}", missing))
+        return units
+
+    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int] | None:
+        """Put a unit's files in place; returns the bytes each one downloaded, or None when another
+        process holds the unit's lease (the caller queues it again and moves on)."""
+        lease = None
+        if lease_path is not None:
+            lease = Lease(lease_path, ttl=LEASE_TTL)
+            if not lease.try_acquire():
+                return None
+        try:
+            return [self._stage_file(plan, f, progress, lease) for plan, f in items]
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _stage_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None) -> int:
+        """One file into the blob store and the snapshot; returns the bytes it downloaded."""
         cache = plan.cache
-        if cache.has_blob(f):
+        if cache.has_blob(f):  # already there, or its writer finished while we were queued
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
@@ -244,40 +282,30 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return f.size
-        lease = Lease(cache.lease(f.etag), ttl=LEASE_TTL)
-        if not lease.try_acquire():
-            return None
-        try:
-            if cache.has_blob(f):  # its writer finished while we were queued
-                cache.link(plan.commit, f)
-                progress.add(f.size)
-                return 0
+        assert lease is not None, "large files are fetched under their blob's lease"
 
-            def on_bytes(n: int) -> None:
-                if lease.lost:
-                    raise TransferError(f"{label}: lost the lease on its blob to another process; run pull again")
-                if self.cancel.is_set():
-                    raise KeyboardInterrupt
-                progress.add(n)
+        def on_bytes(n: int) -> None:
+            if lease.lost:
+                raise TransferError(f"{label}: lost the lease on its blob to another process; run pull again")
+            if self.cancel.is_set():
+                raise KeyboardInterrupt
+            progress.add(n)
 
-            if cache.sharing is not None:  # another member of the group must be able to continue it
-                cache.create_partial(f.etag)
-            for attempt in (1, 2):  # wrong bytes are discarded and fetched once more
-                try:
-                    fetched = fetch(self.http, url, cache.partial(f.etag), size=f.size, expected=f.etag,
-                                    sha256=f.sha256, on_bytes=on_bytes, label=label)
-                    break
-                except TransferError as e:
-                    if attempt == 2 or "hash mismatch" not in str(e):
-                        raise
-                    progress.add(-f.size)  # fetch reported the whole file before its hash failed
-
-            lease.check()
-            cache.commit_blob(cache.partial(f.etag), f.etag)
-            cache.link(plan.commit, f)
-            return fetched
-        finally:
-            lease.release()
+        if cache.sharing is not None:  # another member of the group must be able to continue it
+            cache.create_partial(f.etag)
+        for attempt in (1, 2):  # wrong bytes are discarded and fetched once more
+            try:
+                fetched = fetch(self.http, url, cache.partial(f.etag), size=f.size, expected=f.etag,
+                                sha256=f.sha256, on_bytes=on_bytes, label=label)
+                break
+            except TransferError as e:
+                if attempt == 2 or "hash mismatch" not in str(e):
+                    raise
+                progress.add(-f.size)  # fetch reported the whole file before its hash failed
+        lease.check()
+        cache.commit_blob(cache.partial(f.etag), f.etag)
+        cache.link(plan.commit, f)
+        return fetched
 
 
 def _record(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str = "") -> None:
@@ -297,17 +325,35 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
             len(p.files), sum(f.size for f in p.files), "" if done else reason))
 
 
+def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool) -> tuple[_Run, list[_RepoPlan]]:
+    """Refuse what the allowlist forbids (before any request), then plan every entry."""
+    allow = policy.Allowlist(opts.allow)
+    for e in entries:
+        allow.check(e.repo)
+    if opts.worker:
+        unplanned = [e for e in entries if not (e.key in lock.entries and lock.entries[e.key].matches(e))]
+        if unplanned or update:
+            what = f"{unplanned[0].repo}@{unplanned[0].revision} is not" if unplanned else "--update is not allowed:"
+            raise BadInput(f"array worker: {what} planned in the lockfile; "
+                           "plan first with `hpcstage pull -f MANIFEST --slurm-array N`")
+    run = _Run(opts)
+    return run, [run.plan(e, None if update else lock.entries.get(e.key)) for e in entries]
+
+
+def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
+    entries = dict(lock.entries)
+    for p in plans:
+        entries[p.entry.key] = entry_lock(p.entry, p.commit, p.files)
+    return Lockfile(entries=entries)
+
+
 def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
          update: bool = False) -> tuple[PullSummary, Lockfile]:
     """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged."""
     opts = opts or Options()
     started = time.monotonic()
-    allow = policy.Allowlist(opts.allow)
-    for e in entries:  # refuse before any request
-        allow.check(e.repo)
-    run = _Run(opts)
     lock = lock or Lockfile()
-    plans = [run.plan(e, None if update else lock.entries.get(e.key)) for e in entries]
+    run, plans = _start(entries, opts, lock, update)
     try:
         run.execute(plans)
     except BaseException as e:
@@ -319,15 +365,11 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
         # New writes got the group's bits already; this also mends what others wrote (huggingface_hub's
         # 0600 trees/*.json), the cache folder itself and `.locks/` (the ledger, huggingface_hub's locks).
         share_cache(run.cache_dir, run.sharing, repos=sorted({p.cache.root for p in plans}))
-    new_entries = dict(lock.entries)
-    for p in plans:
-        new_entries[p.entry.key] = entry_lock(p.entry, p.commit, p.files)
     run.summary.seconds = time.monotonic() - started
-    return run.summary, Lockfile(entries=new_entries)
+    return run.summary, _locked(lock, plans)
 
 
-def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
-    """Pull every entry of a manifest and write `hpcstage.lock` beside it (only when it changed)."""
+def _manifest_opts(manifest: Manifest, opts: Options | None) -> Options:
     opts = opts or Options()
     if manifest.cache_dir and not opts.cache_dir:
         opts.cache_dir = manifest.cache_dir
@@ -335,13 +377,45 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
         opts.allow = manifest.allow
     if manifest.shared_group and not opts.shared_group:
         opts.shared_group = manifest.shared_group
-    old = load_lock(manifest.lock_path)
-    summary, new = pull(manifest.entries, opts, old, update)
+    return opts
+
+
+def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
+    """Write `hpcstage.lock` beside the manifest, only the manifest's entries, only when it changed."""
     keep = {e.key for e in manifest.entries}
     new = Lockfile(entries={k: v for k, v in new.entries.items() if k in keep})
     if new != old:
         save_lock(manifest.lock_path, new)
+
+
+def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
+    """Pull every entry of a manifest and write `hpcstage.lock` beside it."""
+    opts = _manifest_opts(manifest, opts)
+    old = load_lock(manifest.lock_path)
+    summary, new = pull(manifest.entries, opts, old, update)
+    _save(manifest, old, new)
     return summary
+
+
+def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
+    """Resolve every entry's commit and file list once and write them to the lockfile (and each commit's
+    trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
+    request. The summary counts what is left to fetch in `downloaded_*`."""
+    opts = _manifest_opts(manifest, opts)
+    old = load_lock(manifest.lock_path)
+    run, plans = _start(manifest.entries, opts, old, update)
+    for p in plans:
+        if p.all_files is not None:
+            p.cache.write_tree(p.commit, p.all_files)
+        missing = [f for f in p.files if not p.cache.is_linked(p.commit, f)]
+        run.summary.repos.append(StagedRepo(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit,
+                                            p.cache.snapshot(p.commit), len(p.files), sum(f.size for f in p.files)))
+        run.summary.files += len(p.files)
+        run.summary.bytes += sum(f.size for f in p.files)
+        run.summary.downloaded_files += len(missing)
+        run.summary.downloaded_bytes += sum(f.size for f in missing)
+    _save(manifest, old, _locked(old, plans))
+    return run.summary
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""Staging as a Slurm job array: N workers share one planned manifest through the leases.
+
+The submitting node plans once (commits and file lists into `hpcstage.lock`, each commit's trees JSON
+into the cache), so workers send no metadata request. Each array task runs `hpcstage pull -f M --worker`:
+it takes work units largest first (a large file, or a batch of small files, each under a lease) and
+moves on from any unit another worker holds, coming back to it later; a worker that dies (scancel, node
+failure) leaves its units to the others once its leases expire, and its partial pieces are continued.
+Then `finish` (afterany on the whole array) pulls whatever is still missing (nothing, when the workers
+did their job), which also writes refs and the ledger, and verifies every hash; `report` (afterany on
+finish) prints the status whatever happened. Slurm is the engine; nothing here schedules.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hpcstage.errors import BadInput, HpcstageError
+from hpcstage.manifest import Manifest, load_lock
+from hpcstage.slurm import SlurmError
+from hpcstage.slurm.clusters import Cluster, RegistryError, detect, load_registry
+from hpcstage.slurm.jobs import job_states
+from hpcstage.slurm.render import Shell, render, sbatch_directives
+from hpcstage.slurm.submit import submit
+
+PASSED_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE")  # not secrets; HF_TOKEN reaches jobs only through sbatch's environment
+
+
+@dataclass
+class ArrayRun:
+    folder: Path  # scripts, logs and jobs.json
+    workers: int
+    array_id: str
+    finish_id: str
+    report_id: str
+
+
+def resolve(name: str | None, partition: str | None, account: str | None) -> Cluster:
+    try:
+        registry = load_registry()
+        cluster = registry.get(name) if name else detect(registry=registry)
+    except RegistryError as e:
+        raise BadInput(str(e)) from None
+    if cluster is None:
+        raise BadInput(f"this machine matches no known cluster; pass --cluster NAME ({', '.join(registry.names())})")
+    update = {k: v for k, v in (("partition", partition), ("account", account)) if v}
+    return cluster.model_copy(update=update) if update else cluster
+
+
+def _script(folder: Path, name: str, cluster: Cluster, commands: list[list[str]], time_limit: str,
+            array: str | None = None) -> Path:
+    """One job script: `hpcstage` sub-commands run with the job's Python, one after the other."""
+    python = cluster.python or sys.executable
+    directives = sbatch_directives(cluster, name=f"hpcstage-{name}", nodes=1, gpus=0, cpus=2, time_limit=time_limit,
+                                   output=str(folder / f"{name}-%A_%a.out" if array else folder / f"{name}-%j.out"),
+                                   array=array)
+    text = render("run", {
+        "job": {"directives": directives, "description": f"hpcstage staging: {name}"},
+        "cluster": cluster, "experiment_dir": str(folder), "python": python, "chain_file": None,
+        "env": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)},
+        "command": Shell(" && ".join(" ".join(['"$HPCSTAGE_PYTHON" -m hpcstage', *map(shlex.quote, c)])
+                                     for c in commands)),
+    })
+    path = folder / f"{name}.sbatch"
+    path.write_text(text)
+    return path
+
+
+def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_limit: str = "24:00:00",
+                 cache_dir: Path | None = None) -> ArrayRun:
+    """Submit the workers, `finish` and `report` for a manifest already planned into its lockfile."""
+    if workers < 1:
+        raise BadInput("--slurm-array needs at least 1 worker")
+    folder = manifest.lock_path.parent / "hpcstage-array" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    m = str(manifest.path.resolve())
+    cache = ["--cache-dir", str(cache_dir)] if cache_dir else []
+    worker = _script(folder, "worker", cluster, [["pull", "-f", m, "--worker", *cache]], time_limit,
+                     array=f"0-{workers - 1}")
+    finish = _script(folder, "finish", cluster, [["pull", "-f", m, *cache], ["verify", "-f", m, *cache]], time_limit)
+    report = _script(folder, "report", cluster, [["status", "-f", m, *cache]], "00:10:00")
+    try:
+        array_id = submit(worker)
+        # afterany, not afterok: one cancelled worker fails the whole array for Slurm, yet its units were
+        # finished by the others; the finish job's pull fetches only what is still missing (usually nothing).
+        finish_id = submit(finish, extra_args=[f"--dependency=afterany:{array_id}"])
+        report_id = submit(report, extra_args=[f"--dependency=afterany:{finish_id}"])
+    except SlurmError as e:
+        raise HpcstageError(f"sbatch failed: {e}") from None
+    run = ArrayRun(folder, workers, array_id, finish_id, report_id)
+    (folder / "jobs.json").write_text(json.dumps({**asdict(run), "folder": str(folder)}, indent=1))
+    return run
+
+
+def follow(run: ArrayRun, manifest: Manifest, cache_dir: Path, *, quiet: bool = False, poll: float = 2.0) -> bool:
+    """`--wait`: a progress bar over the files the workers link, until `finish` ends; True if it succeeded."""
+    from hpcstage.hfcache import RepoCache
+    from hpcstage.progress import Progress
+
+    lock = load_lock(manifest.lock_path)
+    files = [(RepoCache(cache_dir, e.repo_type, e.repo), e.commit, f) for e in lock.entries.values()
+             for f in e.cached_files()]
+    left = list(files)
+    with Progress(sum(f.size for *_, f in files), len(files), label="array", quiet=quiet) as progress:
+        while True:
+            still = []
+            for item in left:
+                cache, commit, f = item
+                if cache.is_linked(commit, f):
+                    progress.add(f.size)
+                    progress.file_done()
+                else:
+                    still.append(item)
+            left = still
+            states = job_states([run.finish_id, run.report_id])
+            finish = states.get(run.finish_id)
+            if all(s.done for s in states.values()) and len(states) == 2:
+                return finish is not None and finish.state == "COMPLETED"
+            time.sleep(poll)

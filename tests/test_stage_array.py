@@ -1,0 +1,114 @@
+"""Staging as a Slurm job array on the real test cluster: workers share a planned manifest through the
+leases, every file lands once, a cancelled worker's files are finished by the others."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import client_env
+from hpcstage.serve import FaultRule, HubServer
+from hpcstage.slurm.jobs import job_states, wait
+from hpcstage.slurm.submit import cancel
+from test_slurm import cluster  # noqa: F401  (the fixture: skip or fail without the test cluster)
+
+MODEL, DATASET = "demo-org/array-model", "demo-org/array-dataset"
+SMALL_FILES = 2000
+
+
+@pytest.fixture(scope="module")
+def array_root(tmp_path_factory):
+    """A model (one 40 MiB LFS file + config) and a 2,000-file dataset of small json files."""
+    root = tmp_path_factory.mktemp("array")
+    rng = random.Random(3)
+    model = root / "models" / MODEL
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    (model / "model.safetensors").write_bytes(rng.randbytes(40 << 20))
+    data = root / "datasets" / DATASET / "data"
+    data.mkdir(parents=True)
+    for i in range(SMALL_FILES):
+        (data / f"{i // 100:02d}" / f"rec-{i:04d}.json").parent.mkdir(exist_ok=True)
+        (data / f"{i // 100:02d}" / f"rec-{i:04d}.json").write_text(json.dumps({"id": i, "text": rng.randbytes(600).hex()}))
+    return root
+
+
+@pytest.fixture
+def array_hub(array_root):
+    with HubServer(array_root) as server:
+        yield server
+
+
+def manifest_in(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hpcstage.yaml"
+    path.write_text(f"cache_dir: cache\nmodels:\n  - repo: {MODEL}\ndatasets:\n  - repo: {DATASET}\n")
+    return path
+
+
+def content_gets(server) -> list[tuple[str, str | None]]:
+    """Content requests that delivered bytes (a 302 to the CDN is not content), with their byte range."""
+    return [(rec.path, rec.range) for rec in server.log if rec.method == "GET" and rec.status in (200, 206)
+            and (rec.server == "cdn" or "/resolve/" in rec.path)]
+
+
+def hpcstage(*argv: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcstage", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_four_workers_stage_each_file_once_and_verify_clean(cluster, array_hub, tmp_path):
+    manifest = manifest_in(tmp_path / "array")
+    env = client_env(array_hub, tmp_path)
+    started = time.monotonic()
+    r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "4", "--cluster", "local", "--wait", env=env)
+    array_seconds = time.monotonic() - started
+    assert r.returncode == 0, r.stdout + r.stderr
+    gets = content_gets(array_hub)
+    assert len(gets) == len(set(gets))  # no byte range of any file asked twice
+    assert len({path for path, _ in gets}) == SMALL_FILES + 2  # and every file was fetched
+    api = [(rec.path, rec.query) for rec in array_hub.log if "/api/" in rec.path]
+    assert api and len(api) == len(set(api))  # metadata asked once, by the planning step; workers use the lock
+    jobs = json.loads(next((tmp_path / "array" / "hpcstage-array").glob("*/jobs.json")).read_text())
+    assert len(list(Path(jobs["folder"]).glob("worker-*.out"))) == 4
+    v = hpcstage("verify", "-f", str(manifest), env=env)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+    single = tmp_path / "single"
+    array_hub.clear_log()
+    started = time.monotonic()
+    r = hpcstage("pull", "-f", str(manifest_in(single)), "-q", env=env)
+    single_seconds = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    print(f"[measure] 4-worker array (plan + submit + run + verify): {array_seconds:.1f}s; "
+          f"single-process pull: {single_seconds:.1f}s")
+
+
+def test_a_cancelled_worker_leaves_its_files_to_the_others(cluster, array_hub, tmp_path):
+    manifest = manifest_in(tmp_path / "array")
+    env = client_env(array_hub, tmp_path)
+    array_hub.add_fault(FaultRule(path=r"/resolve/", server="hub", delay=0.01))  # ~10 s of small files per worker
+    r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "3", "--cluster", "local", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = json.loads(next((tmp_path / "array" / "hpcstage-array").glob("*/jobs.json")).read_text())
+    victim = f"{jobs['array_id']}_1"
+    deadline = time.monotonic() + 60
+    while job_states([victim]).get(victim, None) is None or job_states([victim])[victim].state != "RUNNING":
+        assert time.monotonic() < deadline, "worker 1 never ran"
+        time.sleep(0.2)
+    time.sleep(2.0)  # mid-way through its units
+    cancel([victim])
+    states = wait([jobs["finish_id"], jobs["report_id"]], timeout=240, poll=0.5)
+    assert states[jobs["finish_id"]].state == "COMPLETED", states
+    assert job_states([victim])[victim].state == "CANCELLED"
+    finish_log = next(Path(jobs["folder"]).glob("finish-*.out")).read_text()
+    assert "downloaded 0 " in finish_log, finish_log  # the other workers had finished the victim's files
+    v = hpcstage("verify", "-f", str(manifest), env=env)
+    assert v.returncode == 0, v.stdout + v.stderr
+    st = hpcstage("status", "-f", str(manifest), env=env)
+    assert st.returncode == 0 and st.stdout.count("\tstaged\t") == 2, st.stdout
