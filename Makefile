@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench
 
 $(BIN)/hpcstage: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: install
 test: install
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/slurm-test-cluster.sh ]; then scripts/slurm-test-cluster.sh start; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# hpcstage against hf download / curl / aria2c on a local Hub; writes bench/results.md (bench/README.md).
+# Quick run: make bench BENCH_ARGS="--rounds 1 --size-mb 256"
+bench: install
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-work .pytest_cache
