@@ -1,11 +1,11 @@
 """hpcstage: stage Hugging Face models and datasets for offline HPC jobs.
 
 The public API, one call per step of the flow (each imported on first use, so `import hpcstage` and
-the CLI start fast):
+the CLI start fast; `verify` and `prebuild` are the modules of the same name):
 
     pull_manifest(manifest, opts)  /  pull(entries, opts)      stage into the hub cache
-    verify(...)                                                offline hashes; repair
-    prebuild(builds, ...)                                      datasets Arrow caches
+    verify.verify(...)                                         offline hashes; repair
+    prebuild.prebuild(builds, ...)                             datasets Arrow caches
     check(manifest)                                            offline readiness
     launch(LaunchRequest(...))                                 render and submit Slurm jobs
     load_manifest(path), env(manifest)                         the manifest; a job's environment
@@ -19,8 +19,6 @@ _API = {
     "pull_manifest": "hpcstage.staging",
     "plan_manifest": "hpcstage.staging",
     "Options": "hpcstage.staging",
-    "verify": "hpcstage.verify",
-    "prebuild": "hpcstage.prebuild",
     "check": "hpcstage.offline",
     "env": "hpcstage.offline",
     "launch": "hpcstage.slurm.launch",
