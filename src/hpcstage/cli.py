@@ -67,10 +67,11 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
     from hpcstage.hfcache import default_cache_dir
-    from hpcstage.slurm.stage_array import follow, resolve, submit_array
+    from hpcstage.slurm.launch import resolve_cluster
+    from hpcstage.slurm.stage_array import follow, submit_array
     from hpcstage.staging import plan_manifest
 
-    cluster = resolve(args.cluster, args.partition, args.account)  # bad input is refused before any request
+    cluster = resolve_cluster(args.cluster, args.partition, args.account)  # refused before any request
     plan = plan_manifest(manifest, opts, update=args.update)
     print(f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
           f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})", flush=True)

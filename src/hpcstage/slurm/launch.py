@@ -181,15 +181,16 @@ class Launch:
 # --- the cluster ----------------------------------------------------------------------------
 
 
-def resolve_cluster(request: LaunchRequest) -> Cluster:
+def resolve_cluster(name: str | None, partition: str | None = None, account: str | None = None) -> Cluster:
+    """The named (else detected) cluster with the user's partition and account; bad names are BadInput."""
     try:
         registry = load_registry()
-        cluster = registry.get(request.cluster) if request.cluster else detect(registry=registry)
+        cluster = registry.get(name) if name else detect(registry=registry)
     except RegistryError as e:
         raise BadInput(str(e)) from None
     if cluster is None:
         raise BadInput(f"this machine matches no known cluster; pass --cluster NAME ({', '.join(registry.names())})")
-    update = {k: v for k, v in (("partition", request.partition), ("account", request.account)) if v}
+    update = {k: v for k, v in (("partition", partition), ("account", account)) if v}
     return cluster.model_copy(update=update) if update else cluster
 
 
@@ -548,7 +549,7 @@ def launch(request: LaunchRequest) -> Launch:
     from hpcstage.manifest import load_manifest
 
     _validate(request)
-    cluster = resolve_cluster(request)
+    cluster = resolve_cluster(request.cluster, request.partition, request.account)
     offline = (not cluster.internet) if request.offline is None else request.offline
     manifest = load_manifest(request.manifest) if request.manifest else None
     artifacts = _artifacts(request, manifest)

@@ -22,7 +22,7 @@ from pathlib import Path
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.manifest import Manifest, load_lock
 from hpcstage.slurm import SlurmError
-from hpcstage.slurm.clusters import Cluster, RegistryError, detect, load_registry
+from hpcstage.slurm.clusters import Cluster
 from hpcstage.slurm.jobs import job_states
 from hpcstage.slurm.render import Shell, render, sbatch_directives
 from hpcstage.slurm.submit import submit
@@ -37,18 +37,6 @@ class ArrayRun:
     array_id: str
     finish_id: str
     report_id: str
-
-
-def resolve(name: str | None, partition: str | None, account: str | None) -> Cluster:
-    try:
-        registry = load_registry()
-        cluster = registry.get(name) if name else detect(registry=registry)
-    except RegistryError as e:
-        raise BadInput(str(e)) from None
-    if cluster is None:
-        raise BadInput(f"this machine matches no known cluster; pass --cluster NAME ({', '.join(registry.names())})")
-    update = {k: v for k, v in (("partition", partition), ("account", account)) if v}
-    return cluster.model_copy(update=update) if update else cluster
 
 
 def _script(folder: Path, name: str, cluster: Cluster, commands: list[list[str]], time_limit: str,
