@@ -106,7 +106,7 @@ class _Run:
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
             token = self.opts.token if self.opts.token is not None else get_token()
-            self._http = Http(hub.hub_headers(token), pool_size=self.opts.workers + 2,
+            self._http = Http(hub.hub_headers(token), auth_origin=hub.endpoint(), pool_size=self.opts.workers + 2,
                               read_timeout=self.opts.timeout, retry=self.opts.retry)
         return self._http
 
