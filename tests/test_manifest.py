@@ -23,7 +23,12 @@ def load(tmp_path, text):
         ("models:\n  - revision: main\n", 2, ["models[0].repo is required"]),
         ("models:\n  - repo: org/a\n    revision: 'a..b'\n", 3, ["invalid revision"]),
         ("models:\n  - repo: org/a\n    include: [x\n", 4, ["not valid YAML"]),
-        ("datasets:\n  - url: https://example.org/x.tar\n", 2, ["`url:` entries are not supported"]),
+        ("datasets:\n  - url: http://example.org/x.tar\n    dest: x\n", 2, ["http:// is not encrypted", "allow_http"]),
+        ("datasets:\n  - url: https://example.org/x.tar\n", 2, ["datasets[0].dest is required"]),
+        ("datasets:\n  - local: /x\n    dest: ../up\n", 3, ["refused dest '../up'"]),
+        ("datasets:\n  - url: https://e.org/x\n    dest: x\n    extrct: true\n", 4, ["did you mean 'extract'"]),
+        ("datasets:\n  - repo: org/d\n    file: a.zip\n    dest: x\n    expect: {files: [/etc/passwd]}\n", 5,
+         ["refused expect path"]),
         ("models:\n  - repo: org/a\n    load: {split: train}\n", 3, ["`load:` is for datasets"]),
     ],
 )

@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, ManifestError, PolicyError
@@ -59,18 +59,196 @@ class HubEntry(_Strict):
         return f"{self.repo_type}:{self.repo}@{self.revision}"
 
 
+# -- data entries: `url:`, `local:` and `repo:` + `file:` under `datasets:`, staged under `data_dir/<dest>` --
+
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _size(v: Any) -> int:
+    """Bytes as an int or a string like "500GB" / "2TiB" (manifest limits)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        text = v.strip().upper().replace(" ", "")
+        for unit, mult in (("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("TB", 10**12),
+                           ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if text.endswith(unit):
+                try:
+                    return int(float(text[: -len(unit)]) * mult)
+                except ValueError:
+                    break
+        if text.isdigit():
+            return int(text)
+    raise ValueError(f"{v!r} is not a size; use bytes or a string like '500GB'")
+
+
+class Expect(_Strict):
+    """Structure checks after staging, relative to the entry's dest folder."""
+
+    files: list[str] = []
+    dirs: list[str] = []
+    jsonl: list[str] | dict[str, int | None] = []  # paths, or {path: record count}
+    count: dict[str, int] = {}  # {glob: number of files}; a glob without '/' matches names at any depth
+
+    @field_validator("files", "dirs")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        return [_as_value_error(lambda p: policy.check_relative_path(p, "expect path"), p) for p in v]
+
+    @field_validator("jsonl")
+    @classmethod
+    def _jsonl(cls, v):
+        for p in v:
+            _as_value_error(lambda x: policy.check_relative_path(x, "expect path"), p)
+        return v
+
+
+class _DataEntry(_Strict):
+    dest: str  # folder under data_dir
+    extract: bool = False
+    strip_components: int = 0
+    expect: Expect | None = None
+    max_unpacked_bytes: int | None = None
+    max_ratio: float | None = None
+    max_members: int | None = None
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, v: str) -> str:
+        return _as_value_error(lambda p: policy.check_relative_path(p.rstrip("/"), "dest"), v.rstrip("/"))
+
+    @field_validator("max_unpacked_bytes", mode="before")
+    @classmethod
+    def _max_bytes(cls, v):
+        return None if v is None else _size(v)
+
+    @field_validator("strip_components", "max_members")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and v < 0:
+            raise ValueError("must be 0 or more")
+        return v
+
+    @property
+    def key(self) -> str:
+        """Identity in the lockfile: the dest folder (one entry per dest)."""
+        return f"data:{self.dest}"
+
+    def limits(self):
+        from hpcstage.archive import Limits
+
+        base = Limits()
+        return Limits(
+            max_bytes=self.max_unpacked_bytes if self.max_unpacked_bytes is not None else base.max_bytes,
+            max_ratio=self.max_ratio if self.max_ratio is not None else base.max_ratio,
+            max_members=self.max_members if self.max_members is not None else base.max_members,
+        )
+
+
+class UrlEntry(_DataEntry):
+    """A file fetched over HTTPS (http:// only with allow_http); never sent the HF token."""
+
+    url: str
+    sha256: str | None = None
+    allow_http: bool = False
+    keep_archive: bool = False
+
+    kind: ClassVar[str] = "url"
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha_text(cls, v):
+        if v is not None and not isinstance(v, str):
+            raise ValueError("YAML read it as a number; quote it: sha256: '<64 hex digits>'")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or not set(v.lower()) <= _SHA256_HEX):
+            raise ValueError(f"{v!r} is not a sha256 (64 hex digits)")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _scheme(self) -> "UrlEntry":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme == "http" and not self.allow_http:
+            raise ValueError(f"refused url {self.url!r}: http:// is not encrypted; use https:// or set "
+                             "`allow_http: true` on the entry")
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"refused url {self.url!r}: use an https:// URL")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self.url
+
+
+class LocalEntry(_DataEntry):
+    """A local folder or file (relative to the manifest's folder), copied with hardlinks/reflinks when it can."""
+
+    local: Path
+
+    kind: ClassVar[str] = "local"
+
+    @property
+    def source(self) -> str:
+        return str(self.local)
+
+
+class HubFileEntry(_DataEntry):
+    """One file of a Hub repo, staged through the hub cache, then copied or extracted to dest."""
+
+    repo: str
+    file: str
+    repo_type: Literal["model", "dataset"] = "dataset"
+    revision: str = "main"
+
+    kind: ClassVar[str] = "hub-file"
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        return _as_value_error(policy.check_repo_id, v)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        return _as_value_error(policy.check_revision, v)
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, v: str) -> str:
+        return _as_value_error(lambda p: policy.check_relative_path(p, "file"), v)
+
+    @property
+    def source(self) -> str:
+        return f"{self.repo_type}:{self.repo}@{self.revision}:{self.file}"
+
+    def hub_entry(self) -> HubEntry:
+        return HubEntry(repo=self.repo, repo_type=self.repo_type, revision=self.revision, include=[self.file])
+
+
+DataEntry = UrlEntry | LocalEntry | HubFileEntry
+
+
 class Manifest(_Strict):
     cache_dir: Path | None = None
     datasets_cache_dir: Path | None = None
+    data_dir: Path | None = None  # where url/local/file entries land; default: beside the hub cache
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: folders setgid + group-writable, files group-readable
     models: list[HubEntry] = []
     datasets: list[HubEntry] = []
     prebuild: list[dict[str, Any]] = []
     path: Path | None = None  # where it was read from; not a manifest key
+    data_entries: list[DataEntry] = []  # `datasets:` items with url/local/file; not a manifest key
 
     @property
     def entries(self) -> list[HubEntry]:
+        """The Hub repo entries (models and `repo:` datasets); data entries are in `data_entries`."""
         return [*self.models, *self.datasets]
 
     @property
@@ -87,9 +265,19 @@ def hub_entry(**fields: Any) -> HubEntry:
         raise BadInput(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
-_MANIFEST_KEYS = sorted(k for k in Manifest.model_fields if k != "path")
+_MANIFEST_KEYS = sorted(k for k in Manifest.model_fields if k not in ("path", "data_entries"))
 _HUB_KEYS = sorted(k for k in HubEntry.model_fields if k != "repo_type")
-_NOT_YET = {"url", "local", "file"}
+
+
+def _data_model(item: dict) -> type[_DataEntry] | None:
+    """Which data entry model a `datasets:` item is, by its keys; None for a Hub repo entry."""
+    if "url" in item:
+        return UrlEntry
+    if "local" in item:
+        return LocalEntry
+    if "file" in item:
+        return HubFileEntry
+    return None
 
 
 def _lines_of(text: str) -> dict[tuple, int]:
@@ -165,19 +353,20 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{_where(path, lines, (section,))}: {section} must be a list of entries")
         for i, item in enumerate(items):
             if isinstance(item, dict):
-                if section == "datasets" and _NOT_YET & item.keys() and "repo" not in item:
-                    kind = sorted(_NOT_YET & item.keys())[0]
-                    raise ManifestError(
-                        f"{_where(path, lines, (section, i))}: `{kind}:` entries are not supported by this "
-                        "version of hpcstage; stage this dataset by hand or use a Hub `repo:` entry"
-                    )
+                if section == "models" and _data_model(item) is not None:
+                    raise ManifestError(f"{_where(path, lines, (section, i))}: url/local/file entries go under "
+                                        "`datasets:`, not `models:`")
                 if section == "models" and "load" in item:
                     raise ManifestError(
                         f"{_where(path, lines, (section, i, 'load'))}: `load:` is for datasets entries only"
                     )
                 item.setdefault("repo_type", "model" if section == "models" else "dataset")
+    if "data_entries" in data:
+        raise ManifestError(f"{_where(path, lines, ('data_entries',))}: unknown key 'data_entries' in the manifest; "
+                            f"valid keys: {', '.join(_MANIFEST_KEYS)}")
+    data_entries = _load_data_entries(path, data, lines)
     try:
-        manifest = Manifest(**data, path=path)
+        manifest = Manifest(**data, path=path, data_entries=data_entries)
     except ValidationError as e:
         err = e.errors()[0]
         loc = err["loc"]
@@ -185,7 +374,7 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{_where(path, lines, loc)}: {_explain(err, valid)}") from None
     except TypeError:
         raise ManifestError(f"{path}: the manifest's top level must use keys {', '.join(_MANIFEST_KEYS)}") from None
-    for key in ("cache_dir", "datasets_cache_dir"):
+    for key in ("cache_dir", "datasets_cache_dir", "data_dir"):
         folder = getattr(manifest, key)
         if folder is not None and not folder.is_absolute():
             manifest = manifest.model_copy(update={key: (path.parent / folder).resolve()})
@@ -194,7 +383,45 @@ def load_manifest(path: str | Path) -> Manifest:
         if entry.key in seen:
             raise ManifestError(f"{path}: {entry.repo}@{entry.revision} is listed twice; keep one entry")
         seen.add(entry.key)
+    dests: dict[str, str] = {}
+    for entry in manifest.data_entries:
+        for other, src in dests.items():
+            if entry.dest == other or entry.dest.startswith(other + "/") or other.startswith(entry.dest + "/"):
+                raise ManifestError(f"{path}: dest {entry.dest!r} ({entry.source}) overlaps dest {other!r} ({src}); "
+                                    "give each data entry its own folder")
+        dests[entry.dest] = entry.source
     return manifest
+
+
+def _load_data_entries(path: Path, data: dict, lines: dict[tuple, int]) -> list[DataEntry]:
+    """Take the url/local/file items out of `datasets:` and validate each with its own model."""
+    items = data.get("datasets")
+    if not isinstance(items, list):
+        return []
+    out: list[DataEntry] = []
+    hub_items = []
+    for i, item in enumerate(items):
+        model = _data_model(item) if isinstance(item, dict) else None
+        if model is None:
+            hub_items.append(item)
+            continue
+        fields = {k: v for k, v in item.items() if not (k == "repo_type" and model is not HubFileEntry)}
+        if model is not HubFileEntry and "repo" in fields:
+            raise ManifestError(f"{_where(path, lines, ('datasets', i, 'repo'))}: an entry has either `repo:` "
+                                f"(with optional `file:`) or `{model.kind}:`, not both")
+        try:
+            entry = model(**fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ("datasets", i, *err["loc"])
+            err = {**err, "loc": loc}
+            valid = sorted(k for k in model.model_fields if k != "repo_type" or model is HubFileEntry)
+            raise ManifestError(f"{_where(path, lines, loc)}: {_explain(err, valid)}") from None
+        if isinstance(entry, LocalEntry) and not entry.local.is_absolute():
+            entry = entry.model_copy(update={"local": (path.parent / entry.local).resolve()})
+        out.append(entry)
+    data["datasets"] = hub_items
+    return out
 
 
 class LockedEntry(_Strict):
@@ -218,9 +445,33 @@ class LockedEntry(_Strict):
         )
 
 
+class LockedData(_Strict):
+    """What one data entry staged: where from (and the fingerprint of that source: the server's validator,
+    or the local files' sizes and mtimes), the fetched file's sha256, and every file under dest."""
+
+    kind: str  # url | local | hub-file
+    source: str
+    dest: str
+    extract: bool = False
+    strip_components: int = 0
+    sha256: str | None = None  # the downloaded file (url) or the hub file (hub-file)
+    size: int | None = None
+    fingerprint: str | None = None
+    commit: str | None = None  # hub-file: the resolved commit
+    blob_id: str | None = None  # hub-file: the git blob sha1, for the hub lock of the one file
+    lfs: bool = False  # hub-file: an LFS file (its blob is named by sha256)
+    archive: str | None = None  # url + keep_archive: where the archive was kept
+    files: list[dict[str, Any]] = []  # {path, size, sha256} under dest
+
+    def matches(self, entry: DataEntry) -> bool:
+        return (self.kind, self.source, self.dest, self.extract, self.strip_components) == (
+            entry.kind, entry.source, entry.dest, entry.extract, entry.strip_components)
+
+
 class Lockfile(_Strict):
     version: int = LOCK_VERSION
     entries: dict[str, LockedEntry] = {}
+    data: dict[str, LockedData] = {}  # data entries by `data:<dest>`
 
 
 def load_lock(path: Path) -> Lockfile:

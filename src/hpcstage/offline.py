@@ -217,6 +217,11 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         task, extra = _model_task(manifest, entry, hub_cache, lock)
         tasks.append(task)
         explain.append((f"{entry.repo_type} {entry.repo}@{entry.revision}", "snapshot", extra))
+    if manifest.data_entries:  # url/local/file entries: staged, in place, and their `expect:` met
+        from hpcstage.datadir import check_entries
+
+        for label, problems in check_entries(manifest, hub_cache, lock):
+            explain.append(EntryCheck(label, not problems, problems, pull_fix if problems else None))
     for i, spec in enumerate(manifest.prebuild):
         build = prebuild.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),
                                      where=f"{m}: prebuild[{i}]")

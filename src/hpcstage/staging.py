@@ -381,19 +381,44 @@ def _manifest_opts(manifest: Manifest, opts: Options | None) -> Options:
 
 
 def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
-    """Write `hpcstage.lock` beside the manifest, only the manifest's entries, only when it changed."""
+    """Write `hpcstage.lock` beside the manifest, only the manifest's entries, only when it changed.
+    Data entries' records (`data`, datadir.py) are carried over from `old` unless `new` has its own."""
     keep = {e.key for e in manifest.entries}
-    new = Lockfile(entries={k: v for k, v in new.entries.items() if k in keep})
+    data_keys = {e.key for e in manifest.data_entries}
+    new = Lockfile(entries={k: v for k, v in new.entries.items() if k in keep},
+                   data={k: v for k, v in (new.data or old.data).items() if k in data_keys})
     if new != old:
         save_lock(manifest.lock_path, new)
 
 
 def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
-    """Pull every entry of a manifest and write `hpcstage.lock` beside it."""
+    """Pull every entry of a manifest and write `hpcstage.lock` beside it: the Hub repos first (their
+    pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
+    datadir.py), each recorded only once staged and its `expect:` met."""
     opts = _manifest_opts(manifest, opts)
     old = load_lock(manifest.lock_path)
     summary, new = pull(manifest.entries, opts, old, update)
-    _save(manifest, old, new)
+    if not manifest.data_entries:
+        _save(manifest, old, new)
+        return summary
+    from hpcstage import datadir
+
+    started = time.monotonic()
+    hub_lock = new.model_copy(update={"data": old.data})
+    _save(manifest, old, hub_lock)
+    records, results, failures = datadir.stage_all(manifest, opts, old, update)
+    final = datadir.lock_with_data(hub_lock, manifest, records, failures)
+    keep = {e.key for e in manifest.entries}
+    final = Lockfile(entries={k: v for k, v in final.entries.items() if k in keep}, data=final.data)
+    if final != old:
+        save_lock(manifest.lock_path, final)
+    summary.files += sum(r.files for r in results)
+    summary.bytes += sum(r.bytes for r in results)
+    summary.downloaded_files += sum(1 for r in results if r.downloaded_bytes)
+    summary.downloaded_bytes += sum(r.downloaded_bytes for r in results)
+    summary.seconds += time.monotonic() - started
+    if failures:
+        raise datadir.first_failure(failures)
     return summary
 
 
