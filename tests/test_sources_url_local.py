@@ -352,3 +352,15 @@ def test_not_enough_space_for_archive_plus_unpacked_is_refused_before_any_conten
         Stager(tmp_path / "data", Options(quiet=True)).stage(manifest.data_entries[0], None)
     assert [rec.method for rec in ahub.log] == ["HEAD", "HEAD"]  # hub + CDN: the probe only, no content
     assert size and not (tmp_path / "data" / "ws").exists()
+
+
+def test_job_environment_names_the_data_dir_of_data_entries(tmp_path):
+    from hpcstage.manifest import load_manifest
+    from hpcstage.offline import env
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "m.yaml").write_text("cache_dir: hub\ndata_dir: data\ndatasets:\n  - local: src\n    dest: copy\n")
+    got = env(load_manifest(tmp_path / "m.yaml"))
+    assert got["HPCSTAGE_DATA_DIR"] == str((tmp_path / "data").resolve())
+    (tmp_path / "n.yaml").write_text("models:\n  - repo: org/m\n")
+    assert "HPCSTAGE_DATA_DIR" not in env(load_manifest(tmp_path / "n.yaml"))

@@ -23,15 +23,21 @@ QUIET_FLAGS = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0"
 
 def env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
         datasets_cache_dir: Path | None = None) -> dict[str, str]:
-    """Offline flags plus absolute cache paths: explicit arguments, else the manifest's, else HF rules."""
+    """Offline flags plus absolute cache paths: explicit arguments, else the manifest's, else HF rules;
+    with data entries in the manifest also HPCSTAGE_DATA_DIR, where they land."""
     hub = cache_dir or (manifest.cache_dir if manifest else None) or default_cache_dir()
     ds = datasets_cache_dir or (manifest.datasets_cache_dir if manifest else None) or default_datasets_cache_dir()
-    return {
+    out = {
         **OFFLINE_FLAGS,
         **QUIET_FLAGS,
         "HF_HUB_CACHE": str(Path(hub).resolve()),
         "HF_DATASETS_CACHE": str(Path(ds).resolve()),
     }
+    if manifest is not None and manifest.data_entries:  # url:/local:/file: entries land in <data_dir>/<dest>
+        from hpcstage.datadir import data_dir_of
+
+        out["HPCSTAGE_DATA_DIR"] = str(data_dir_of(manifest, Path(hub)).resolve())
+    return out
 
 
 def online_env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
