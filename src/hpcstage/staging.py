@@ -10,11 +10,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import queue
 import shutil
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,55 +178,58 @@ class _Run:
             )
 
     def _run_jobs(self, jobs: list[tuple[Path | None, list]], progress: Progress) -> None:
-        """Run file jobs on `workers` threads. A blob leased elsewhere goes to the back of the queue; a
-        file that fails is reported at the end while the others go on. On Ctrl-C/SIGTERM workers stop at
-        their next chunk, and after STOP_GRACE we stop waiting for any stuck in a read: their partials are
-        recorded piece by piece and a dead local holder's lease is taken over at once by the next run."""
-        pending: deque = deque((0.0, j) for j in jobs)
+        """Run file jobs on `workers` threads. Every unit is queued at once (largest first) so workers never
+        wait for this thread; completions come back through a queue, O(1) each. A unit leased elsewhere is
+        queued again after BUSY_RETRY; a file that fails is reported at the end while the others go on. On
+        Ctrl-C/SIGTERM workers stop at their next chunk, and after STOP_GRACE we stop waiting for any stuck
+        in a read: their partials are recorded piece by piece and a dead local holder's lease is taken over
+        at once by the next run."""
+        finished: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[Future, tuple] = {}
+        later: deque = deque()  # (not before, job): units another process holds
         failures: list[str] = []
         pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
+
+        def start(job: tuple) -> None:
+            fut = pool.submit(self._stage_unit, *job, progress)
+            running[fut] = job
+            fut.add_done_callback(finished.put)
+
         try:
-            while pending or running:
-                now = time.monotonic()
-                for _ in range(len(pending)):
-                    if len(running) >= self.opts.workers:
-                        break
-                    not_before, job = pending.popleft()
-                    if not_before > now:
-                        pending.append((not_before, job))
-                        continue
-                    running[pool.submit(self._stage_unit, *job, progress)] = job
-                if not running:
-                    time.sleep(min(BUSY_RETRY, max(0.0, min(t for t, _ in pending) - now)))
+            for job in jobs:
+                start(job)
+            while running or later:
+                while later and later[0][0] <= time.monotonic():
+                    start(later.popleft()[1])
+                try:
+                    fut = finished.get(timeout=BUSY_RETRY)
+                except queue.Empty:
                     continue
-                done, _ = wait(running, timeout=BUSY_RETRY, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job = running.pop(fut)
-                    plan, f = job[1][0]
-                    try:
-                        fetched = fut.result()
-                    except TransferError as e:
-                        failures.append(str(e))
-                        continue
-                    except OSError as e:
-                        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                            raise
-                        raise TransferError(
-                            f"{plan.entry.repo}/{f.path}: the disk or quota under {self.cache_dir} is full "
-                            f"({e.strerror}); the partial file is kept: free space and run the same pull again "
-                            "to continue") from None
-                    if fetched is None:
-                        pending.append((time.monotonic() + BUSY_RETRY, job))
-                        continue
-                    for n in fetched:
-                        progress.file_done()
-                        self.summary.downloaded_files += n > 0
-                        self.summary.downloaded_bytes += n
+                job = running.pop(fut)
+                plan, f = job[1][0]
+                try:
+                    fetched = fut.result()
+                except TransferError as e:
+                    failures.append(str(e))
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise TransferError(
+                        f"{plan.entry.repo}/{f.path}: the disk or quota under {self.cache_dir} is full "
+                        f"({e.strerror}); the partial file is kept: free space and run the same pull again "
+                        "to continue") from None
+                if fetched is None:
+                    later.append((time.monotonic() + BUSY_RETRY, job))
+                    continue
+                for n in fetched:
+                    progress.file_done()
+                    self.summary.downloaded_files += n > 0
+                    self.summary.downloaded_bytes += n
         except BaseException:
             self.cancel.set()
-            wait(running, timeout=STOP_GRACE)
             pool.shutdown(wait=False, cancel_futures=True)
+            wait([f for f in running if not f.cancelled()], timeout=STOP_GRACE)
             raise
         pool.shutdown()
         if failures:
