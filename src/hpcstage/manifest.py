@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, ManifestError, PolicyError
@@ -33,25 +33,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RepoId = Annotated[str, AfterValidator(lambda v: _as_value_error(policy.check_repo_id, v))]
+Revision = Annotated[str, AfterValidator(lambda v: _as_value_error(policy.check_revision, v))]
+
+
 class HubEntry(_Strict):
     """A Hub repo (model or dataset) at a revision, optionally filtered by glob patterns."""
 
-    repo: str
+    repo: RepoId
     repo_type: Literal["model", "dataset"] = "model"
-    revision: str = "main"
+    revision: Revision = "main"
     include: list[str] | None = None
     exclude: list[str] | None = None
     load: dict[str, Any] | None = None  # datasets only: the load_dataset arguments jobs will use
-
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, v: str) -> str:
-        return _as_value_error(policy.check_repo_id, v)
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, v: str) -> str:
-        return _as_value_error(policy.check_revision, v)
 
     @property
     def key(self) -> str:
@@ -201,22 +195,12 @@ class LocalEntry(_DataEntry):
 class HubFileEntry(_DataEntry):
     """One file of a Hub repo, staged through the hub cache, then copied or extracted to dest."""
 
-    repo: str
+    repo: RepoId
     file: str
     repo_type: Literal["model", "dataset"] = "dataset"
-    revision: str = "main"
+    revision: Revision = "main"
 
     kind: ClassVar[str] = "hub-file"
-
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, v: str) -> str:
-        return _as_value_error(policy.check_repo_id, v)
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, v: str) -> str:
-        return _as_value_error(policy.check_revision, v)
 
     @field_validator("file")
     @classmethod
