@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from hpcstage.samples import make_samples
@@ -68,3 +72,23 @@ def gib_root(tmp_path_factory):
 def gib_hub(gib_root):
     with HubServer(gib_root) as server:
         yield server
+
+
+SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm-test-cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The one-node Slurm test cluster: skip without it, or fail when HPCSTAGE_REQUIRE_SLURM=1 (CI)."""
+    try:
+        proc = subprocess.run(
+            ["bash", str(SLURM_SCRIPT), "status"], capture_output=True, text=True, timeout=30
+        )
+        up, detail = proc.returncode == 0, proc.stdout + proc.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        up, detail = False, str(exc)
+    if not up:
+        message = f"Slurm test cluster not up ({detail.strip()}); run: sudo {SLURM_SCRIPT} start"
+        if os.environ.get("HPCSTAGE_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)

@@ -36,3 +36,14 @@ def client_env(server, cache_dir: Path, **extra: str) -> dict:
 def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter; stdout/stderr captured as text."""
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sha256(path) -> str:
+    """sha256 of a file's bytes, read in chunks (test files reach 1 GiB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -17,7 +17,7 @@ import pytest
 from helpers import client_env
 from hpcstage import doctor
 from hpcstage.hfcache import CachedFile
-from hpcstage.manifest import Lockfile, entry_lock, hub_entry, load_manifest, save_lock
+from hpcstage.manifest import Lockfile, entry_lock, load_manifest, save_lock
 
 NAMES = ["space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "hf_home",
          "token", "endpoint", "offline", "cpu_limit"]

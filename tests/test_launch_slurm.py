@@ -18,7 +18,6 @@ import pytest
 from helpers import client_env
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
-from test_slurm import cluster  # noqa: F401  (the fixture: skip or fail without the test cluster)
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 CANARY = "hf_CANARYcanaryCANARYcanary0123456789"

@@ -1,7 +1,6 @@
 """`hpcstage pull` end to end: the real CLI against the Hub emulator, then the real clients offline."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 from conftest import BIG_MODEL
 from hpcstage.serve import FaultRule
 from hpcstage.transfer import SEGMENT
-from helpers import client_env, run_python
+from helpers import client_env, run_python, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 
@@ -51,9 +50,6 @@ def offline_env(tmp_path: Path, cache: Path) -> dict:
     )
     return env
 
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_pulled_manifest_loads_offline_byte_exact_after_server_stops(hub, tmp_path):

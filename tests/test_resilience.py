@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIG_MODEL, GIB_MODEL
-from helpers import client_env
+from helpers import client_env, sha256
 from hpcstage.locks import Lease
 from hpcstage.serve import FaultRule
 from hpcstage.transfer import SEGMENT
@@ -37,13 +36,6 @@ def cdn_bytes(server, since: float = 0.0) -> int:
     """Content bytes the CDN sent for requests that arrived after `since` (time.time())."""
     return sum(rec.bytes_sent for rec in server.log if rec.server == "cdn" and rec.method == "GET" and rec.time >= since)
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def assert_blobs_are_their_hash(cache: Path) -> None:
@@ -90,7 +82,7 @@ def test_kill_9_half_way_through_1_gib_resumes_without_refetching(gib_hub, tmp_p
     assert r.returncode == 0, r.stderr
     first, second = cdn_bytes(gib_hub) - cdn_bytes(gib_hub, since), cdn_bytes(gib_hub, since)
     assert second <= 0.6 * info.size, (first, second)
-    assert file_sha256(blobs / info.sha256) == info.sha256
+    assert sha256(blobs / info.sha256) == info.sha256
     assert not list(blobs.glob("*.hpcstage-*"))
 
 
@@ -104,7 +96,7 @@ def test_six_processes_pulling_one_1_gib_repo_fetch_it_about_once(gib_hub, tmp_p
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     assert cdn_bytes(gib_hub) <= 1.15 * info.size
-    assert file_sha256(cache / "models--demo-org--gib-model" / "blobs" / info.sha256) == info.sha256
+    assert sha256(cache / "models--demo-org--gib-model" / "blobs" / info.sha256) == info.sha256
 
 
 def test_lease_of_a_vanished_node_expires_and_is_taken_over(big_hub, tmp_path):
@@ -118,7 +110,7 @@ def test_lease_of_a_vanished_node_expires_and_is_taken_over(big_hub, tmp_path):
     os.utime(lease, (old, old))
     r = run(BIG_MODEL, cache, big_hub)
     assert r.returncode == 0, r.stderr
-    assert file_sha256(blobs / info.sha256) == info.sha256
+    assert sha256(blobs / info.sha256) == info.sha256
 
 
 def test_a_live_lease_makes_others_wait_then_link(big_hub, tmp_path):
@@ -167,7 +159,7 @@ def test_fault_matrix(big_hub, tmp_path, name, rule, extra, outcome):
         assert r.returncode == 0, r.stderr
         info = big_hub.files_of("model", BIG_MODEL)["model.safetensors"]
         blob = cache / "models--demo-org--big-model" / "blobs" / info.sha256
-        assert file_sha256(blob) == info.sha256
+        assert sha256(blob) == info.sha256
     else:
         assert r.returncode == 1 and outcome in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -231,7 +223,7 @@ def test_disk_full_mid_file_keeps_the_partial_and_resumes(big_hub, small_fs):
     r = run(BIG_MODEL, cache, big_hub)
     assert r.returncode == 0, r.stderr
     assert cdn_bytes(big_hub, since) < info.size  # the pieces written before the disk filled were kept
-    assert file_sha256(blobs / info.sha256) == info.sha256
+    assert sha256(blobs / info.sha256) == info.sha256
 
 
 def test_sigterm_stops_promptly_and_the_next_run_resumes(big_hub, tmp_path):
@@ -255,7 +247,7 @@ def test_sigterm_stops_promptly_and_the_next_run_resumes(big_hub, tmp_path):
     r = run(BIG_MODEL, cache, big_hub)
     assert r.returncode == 0, r.stderr
     assert kept > 0 and cdn_bytes(big_hub, since) == info.size - kept
-    assert file_sha256(blobs / info.sha256) == info.sha256
+    assert sha256(blobs / info.sha256) == info.sha256
 
 
 def test_status_names_staged_partial_and_failed(big_hub, tmp_path):
@@ -319,5 +311,5 @@ def test_hf_download_and_hpcstage_share_one_cache(big_hub, tmp_path):
     assert hf.returncode == 0, err
     info = big_hub.files_of("model", BIG_MODEL)["model.safetensors"]
     snap = Path(out.strip().splitlines()[-1])
-    assert file_sha256(snap / "model.safetensors") == info.sha256
+    assert sha256(snap / "model.safetensors") == info.sha256
     assert_blobs_are_their_hash(cache)

@@ -18,7 +18,7 @@ import pytest
 
 from hpcstage import policy
 from hpcstage.errors import PolicyError
-from helpers import client_env
+from helpers import client_env, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MODEL_DIR = "models--demo-org--tiny-model"
@@ -29,9 +29,6 @@ def hpcstage(*args: str, env: dict, timeout: float = 120, **kw) -> subprocess.Co
     return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ are skipped, or fail when ``HPCSTAGE_REQUIRE_SLURM=1`` (CI sets it, so they cann
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,9 +25,7 @@ from hpcstage.slurm.jobs import (
 )
 from hpcstage.slurm.submit import SubmitError, cancel, parse_sbatch_parsable, submit
 
-ROOT = Path(__file__).parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "slurm"
-SCRIPT = ROOT / "scripts" / "slurm-test-cluster.sh"
 POLL = 0.2
 
 
@@ -87,22 +84,6 @@ def test_recorded_stderr_matches_what_the_code_looks_for():
 
 
 # --- the real cluster -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    try:
-        proc = subprocess.run(
-            ["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=30
-        )
-        up, detail = proc.returncode == 0, proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        up, detail = False, str(exc)
-    if not up:
-        message = f"Slurm test cluster not up ({detail.strip()}); run: sudo {SCRIPT} start"
-        if os.environ.get("HPCSTAGE_REQUIRE_SLURM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def write_script(tmp_path: Path, body: str) -> Path:

@@ -15,7 +15,6 @@ from helpers import client_env
 from hpcstage.serve import FaultRule, HubServer
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
-from test_slurm import cluster  # noqa: F401  (the fixture: skip or fail without the test cluster)
 
 MODEL, DATASET = "demo-org/array-model", "demo-org/array-dataset"
 SMALL_FILES = 2000

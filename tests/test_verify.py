@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from hpcstage import verify as verify_mod
-from helpers import client_env
+from helpers import client_env, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MANIFEST = "cache_dir: cache\nmodels:\n  - repo: demo-org/tiny-model\ndatasets:\n  - repo: demo-org/tiny-dataset\n"
@@ -20,9 +20,6 @@ def hpcstage(*args: str, env: dict, timeout: float = 120) -> subprocess.Complete
     return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def flip_byte(path: Path, offset: int) -> None:

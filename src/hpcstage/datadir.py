@@ -16,7 +16,6 @@ request, no copy.
 """
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 from contextlib import contextmanager

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from hpcstage.errors import HpcstageError
-from hpcstage.hfcache import PARTIAL_SUFFIX, RepoCache, default_cache_dir, default_datasets_cache_dir, hf_home
+from hpcstage.hfcache import RepoCache, default_cache_dir, default_datasets_cache_dir, hf_home
 from hpcstage.manifest import Manifest, load_lock
 from hpcstage.progress import human_bytes
 
@@ -401,8 +401,8 @@ def _probe(ctx: _Context) -> tuple[Check, Check]:
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except OSError as e:
-        fix = (f"pick a folder you can write (--cache-dir, the manifest's `cache_dir:`), or ask its owner "
-               f"for write access" + ("; for a group cache: `chmod g+ws` it" if e.errno == errno.EACCES else ""))
+        fix = ("pick a folder you can write (--cache-dir, the manifest's `cache_dir:`), or ask its owner "
+               "for write access" + ("; for a group cache: `chmod g+ws` it" if e.errno == errno.EACCES else ""))
         return (Check("flock", "ok", "skipped: no probe file could be created"),
                 Check("write", "fail", f"cannot create a file in {label}: {e.strerror}", fix))
     try:

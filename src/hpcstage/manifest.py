@@ -6,7 +6,6 @@ day in the queue. The lockfile is JSON: a warm `pull` of a 2,000-file repo reads
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 

@@ -21,6 +21,7 @@ from hpcstage import __version__
 from hpcstage.errors import TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX
 from hpcstage.locks import Lease
+from hpcstage.sources.local import sha256_of
 from hpcstage.transfer import CHUNK, RANGES_SUFFIX, Http, RetryPolicy, fetch
 
 LEASE_TTL = 60.0
@@ -121,7 +122,7 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
             if not old.name.startswith(f"{key}-{version}"):
                 old.unlink(missing_ok=True)
         if final.exists() and (p.size is None or final.stat().st_size == p.size):
-            digest = _sha256_of(final)
+            digest = sha256_of(final)
             if sha256 is None or digest == sha256:
                 return Download(final, digest, final.stat().st_size, p.fingerprint, 0)
             final.unlink()
@@ -172,9 +173,3 @@ def _stream(http: Http, url: str, partial: Path, on_bytes: Callable[[int], None]
     return n
 
 
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
