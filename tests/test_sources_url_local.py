@@ -364,3 +364,37 @@ def test_job_environment_names_the_data_dir_of_data_entries(tmp_path):
     assert got["HPCSTAGE_DATA_DIR"] == str((tmp_path / "data").resolve())
     (tmp_path / "n.yaml").write_text("models:\n  - repo: org/m\n")
     assert "HPCSTAGE_DATA_DIR" not in env(load_manifest(tmp_path / "n.yaml"))
+
+
+def test_verify_names_bad_data_files_and_repair_restages_only_that_entry(ahub, tmp_path):
+    m = manifest_at(tmp_path, f"""
+  - url: {resolve_url(ahub, "websight.tar.gz")}
+    allow_http: true
+    extract: true
+    dest: websight-tgz
+  - url: {resolve_url(ahub, "websight.zip")}
+    allow_http: true
+    extract: true
+    dest: websight-zip
+""")
+    assert pull(m, ahub).returncode == 0
+    data = tmp_path / "data" / "websight-tgz" / "websight"
+    flipped = bytearray((data / "images" / "1.png").read_bytes())
+    flipped[100] ^= 0xFF
+    (data / "images" / "1.png").write_bytes(bytes(flipped))
+    (data / "prompts.jsonl").unlink()
+    env = client_env(ahub, tmp_path / "cache")
+    verify = [sys.executable, "-m", "hpcstage", "verify", "-f", str(m)]
+    r = subprocess.run(verify, env=env, capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    named = {line.split(": ", 1)[0] + ":" + line.split("websight-tgz", 1)[1].split(":")[0].strip()
+             for line in (r.stdout + r.stderr).splitlines() if "websight-tgz" in line and line.startswith(("corrupt", "missing"))}
+    assert named == {"corrupt:websight/images/1.png", "missing:websight/prompts.jsonl"}, r.stdout
+    ahub.clear_log()
+    r = subprocess.run([*verify, "--repair"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fetched = {rec.path.rsplit("/", 1)[-1] for rec in ahub.log if rec.server == "cdn" and rec.method == "GET"}
+    repo = archive_dir(ahub)
+    assert fetched == {sha((repo / "websight.tar.gz").read_bytes())}  # the bad entry's archive, not the zip
+    assert tree(tmp_path / "data" / "websight-tgz") == FILES
+    assert subprocess.run(verify, env=env, capture_output=True, text=True).returncode == 0

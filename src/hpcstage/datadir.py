@@ -416,3 +416,45 @@ def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | N
             continue
         out.append((label, archive.check_expect(dest, entry.expect.model_dump() if entry.expect else None)))
     return out
+
+
+def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, workers: int
+                   ) -> list[tuple[DataEntry, str, str, Path, str]]:
+    """Offline: every file a data entry staged, hashed against its record in the lockfile (else the
+    entry's staged record). Returns (entry, kind, path under dest, where, detail) for what is wrong."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpcstage.verify import digest_file
+
+    data_dir = data_dir_of(manifest, cache_dir)
+    found: list[tuple[DataEntry, str, str, Path, str]] = []
+    checks: list[tuple[DataEntry, dict, Path]] = []
+    for entry in manifest.data_entries:
+        record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
+        if record is None:
+            found.append((entry, "not_staged", "", data_dir / entry.dest, f"not staged: run `hpcstage pull -f {manifest.path}`"))
+            continue
+        for f in record.files:
+            path = data_dir / entry.dest / f["path"]
+            try:
+                size = path.stat().st_size
+            except OSError:
+                found.append((entry, "missing", f["path"], path, "missing"))
+                continue
+            if size != f["size"]:
+                found.append((entry, "corrupt", f["path"], path, f"size {size}, expected {f['size']}"))
+            else:
+                checks.append((entry, f, path))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = pool.map(lambda c: digest_file(c[2], "sha256"), checks)
+        for (entry, f, path), digest in zip(checks, digests):
+            if digest != f["sha256"]:
+                found.append((entry, "corrupt", f["path"], path, "sha256 differs from the lockfile"))
+    return found
+
+
+def restage(manifest: Manifest, entries: list[DataEntry], opts) -> None:
+    """`verify --repair`: build these entries again from their sources (network for url/hub-file)."""
+    stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update=True)
+    for entry in entries:
+        stager.stage(entry, None)

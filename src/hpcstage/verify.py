@@ -538,8 +538,18 @@ def verify(
         plan = _plan(folder, repo_ids, manifest, repo_type, revision)
         good = _check(plan, workers or default_workers(), report)
         report.repos = len(plan.repos)
-        report.problems = plan.problems
+        report.problems = plan.problems + _data_problems()
         return report, plan, good
+
+    def _data_problems() -> list[Problem]:
+        """url:/local:/file: entries: their files against the sha256 recorded when they were staged."""
+        if manifest is None or not manifest.data_entries:
+            return []
+        from hpcstage import datadir
+
+        found = datadir.verify_entries(manifest, load_lock(manifest.lock_path), folder, workers or default_workers())
+        return [Problem(kind, "data", entry.dest, None, path, str(where), detail)
+                for entry, kind, path, where, detail in found]
 
     try:
         report, plan, good = run()
@@ -550,6 +560,13 @@ def verify(
         before = report.problems
         entries = _remove_bad(plan, before, good)
         _repair_refs(plan, before)
+        bad_data = {p.repo_id for p in before if p.repo_type == "data"}
+        if bad_data:
+            from hpcstage import datadir
+            from hpcstage.staging import Options
+
+            datadir.restage(manifest, [e for e in manifest.data_entries if e.dest in bad_data],
+                            Options(cache_dir=folder, workers=workers or 8, quiet=quiet))
         if entries:
             from hpcstage.staging import Options, pull  # the network, only now
 
