@@ -398,3 +398,20 @@ def test_verify_names_bad_data_files_and_repair_restages_only_that_entry(ahub, t
     assert fetched == {sha((repo / "websight.tar.gz").read_bytes())}  # the bad entry's archive, not the zip
     assert tree(tmp_path / "data" / "websight-tgz") == FILES
     assert subprocess.run(verify, env=env, capture_output=True, text=True).returncode == 0
+
+
+def test_status_lists_data_entries(ahub, tmp_path):
+    m = manifest_at(tmp_path, f"""
+  - url: {resolve_url(ahub, "websight.zip")}
+    allow_http: true
+    extract: true
+    dest: websight-zip
+""")
+    env = client_env(ahub, tmp_path / "cache")
+    status = [sys.executable, "-m", "hpcstage", "status", "-f", str(m), "--json"]
+    r = subprocess.run(status, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and json.loads(r.stdout)[0]["state"] == "missing", r.stdout + r.stderr
+    assert pull(m, ahub).returncode == 0
+    r = subprocess.run(status, env=env, capture_output=True, text=True)
+    (row,) = json.loads(r.stdout)
+    assert r.returncode == 0 and row["state"] == "staged" and row["files"] == row["staged_files"] == len(FILES)

@@ -221,6 +221,10 @@ def _staging_status(args: argparse.Namespace) -> int:
             locked = lock.entries.get(e.key)
             rows.append(artifact_status(cache_dir, e.repo_type, e.repo, e.revision, locked.commit if locked else None,
                                         locked.cached_files() if locked and locked.matches(e) else None))
+        if manifest.data_entries:
+            from hpcstage.datadir import data_status
+
+            rows += data_status(manifest, lock, cache_dir)
     else:
         cache_dir = args.cache_dir or default_cache_dir()
         rows = [artifact_status(cache_dir, *key) for key in known_artifacts(cache_dir)]

@@ -458,3 +458,24 @@ def restage(manifest: Manifest, entries: list[DataEntry], opts) -> None:
     stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update=True)
     for entry in entries:
         stager.stage(entry, None)
+
+
+def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
+    """`status -f` rows for data entries: staged when its record exists and every file is in place
+    (sizes only; `verify` hashes)."""
+    from hpcstage.ledger import ArtifactStatus
+
+    data_dir = data_dir_of(manifest, cache_dir)
+    rows = []
+    for entry in manifest.data_entries:
+        record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
+        if record is None:
+            state = "partial" if (data_dir / entry.dest).exists() else "missing"
+            rows.append(ArtifactStatus("data", entry.dest, "", None, state, 0, 0, reason=entry.source))
+            continue
+        root = data_dir / entry.dest
+        present = sum(1 for f in record.files if (root / f["path"]).is_file()
+                      and (root / f["path"]).stat().st_size == f["size"])
+        state = "staged" if present == len(record.files) else "partial"
+        rows.append(ArtifactStatus("data", entry.dest, "", None, state, len(record.files), present, reason=entry.source))
+    return rows
