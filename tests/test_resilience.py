@@ -313,3 +313,26 @@ def test_hf_download_and_hpcstage_share_one_cache(big_hub, tmp_path):
     snap = Path(out.strip().splitlines()[-1])
     assert sha256(snap / "model.safetensors") == info.sha256
     assert_blobs_are_their_hash(cache)
+
+
+def test_cleanup_sweeps_the_data_folder_too(tmp_path):
+    """Abandoned URL partials and half-built data folders go; one whose builder is alive stays."""
+    data = tmp_path / "hpcstage-data"
+    downloads = data / ".hpcstage" / "downloads"
+    downloads.mkdir(parents=True)
+    old = time.time() - 48 * 3600
+    partial = downloads / "0123abcd-v1.hpcstage-partial"
+    partial.write_bytes(b"x")
+    os.utime(partial, (old, old))
+    gone = data / ".websight.1a2b3c4d.hpcstage-build"
+    kept = data / ".other.5e6f7a8b.hpcstage-build"
+    for folder in (gone, kept):
+        (folder / "images").mkdir(parents=True)
+        os.utime(folder, (old, old))
+    builder = Lease(data / ".hpcstage" / "locks" / "other.hpcstage-lease", ttl=60)
+    assert builder.try_acquire()
+    r = subprocess.run([sys.executable, "-m", "hpcstage", "cleanup", "--cache-dir", str(tmp_path / "hub")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists() and not gone.exists() and kept.exists(), r.stdout
+    builder.release()

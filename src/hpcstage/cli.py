@@ -245,7 +245,7 @@ def _staging_status(args: argparse.Namespace) -> int:
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from hpcstage.staging import cleanup
 
-    found = cleanup(args.cache_dir, older_than=args.older_than * 3600, dry_run=args.dry_run)
+    found = cleanup(args.cache_dir, data_dir=args.data_dir, older_than=args.older_than * 3600, dry_run=args.dry_run)
     for item in found:
         print(f"{'would remove' if args.dry_run else 'removed'} {item.path} ({item.why})")
     if not found:
@@ -366,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove expired leases and abandoned partial files (never live ones)")
     p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: HF_HUB_CACHE rules)")
+    p.add_argument("--data-dir", type=Path, help="folder of url/local/file entries (default: hpcstage-data beside the cache)")
     p.add_argument("--older-than", type=float, default=24.0, metavar="HOURS",
                    help="partial and temporary files untouched this long are abandoned (default 24)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")

@@ -63,6 +63,11 @@ def _quoted(dest: str) -> str:
     return quote(dest, safe="")
 
 
+def builder_lease(data_dir: Path, dest: str) -> Path:
+    """The lease of whoever builds `dest` (one builder at a time, across processes and nodes)."""
+    return Path(data_dir) / STATE / "locks" / f"{_quoted(dest)}{LEASE_SUFFIX}"
+
+
 def record_path(data_dir: Path, dest: str) -> Path:
     return Path(data_dir) / STATE / "staged" / f"{_quoted(dest)}.json"
 
@@ -149,7 +154,7 @@ class Stager:
             known = rec if rec is not None and rec.matches(entry) else None
         if known is not None and not self.update and self._unchanged(entry, known):
             return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
-        lease = Lease(self.data_dir / STATE / "locks" / f"{_quoted(entry.dest)}{LEASE_SUFFIX}", ttl=LEASE_TTL)
+        lease = Lease(builder_lease(self.data_dir, entry.dest), ttl=LEASE_TTL)
         lease.acquire()
         try:
             rec = read_record(self.data_dir, entry.dest)  # another process may have built it while we waited

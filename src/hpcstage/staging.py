@@ -453,11 +453,17 @@ class Leftover:
     why: str
 
 
-def cleanup(cache_dir: Path | None = None, *, older_than: float = 24 * 3600, dry_run: bool = False) -> list[Leftover]:
-    """Remove what dead runs left in the hub cache: leases whose owner is dead or expired, and partial
-    and temporary files that no live lease protects and that have not changed for `older_than` seconds
-    (a partial younger than that may still be continued). Never a live lease or the partial it guards."""
+def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, older_than: float = 24 * 3600,
+            dry_run: bool = False) -> list[Leftover]:
+    """Remove what dead runs left in the hub cache and the data folder: leases whose owner is dead or
+    expired, and partial downloads, temporary files and half-built data folders that no live lease
+    protects and that have not changed for `older_than` seconds (a partial younger than that may still be
+    continued). Never a live lease or what it guards."""
+    from hpcstage.datadir import BUILD_SUFFIX, OLD_SUFFIX, STATE, builder_lease, default_data_dir
+
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    data_dir = Path(data_dir) if data_dir else default_data_dir(cache_dir)
+    downloads = data_dir / STATE / "downloads"
     now = time.time()
     found: list[Leftover] = []
 
@@ -468,14 +474,22 @@ def cleanup(cache_dir: Path | None = None, *, older_than: float = 24 * 3600, dry
             return None
         return age if age >= older_than else None
 
-    for blobs in sorted(cache_dir.glob("*/blobs")):
-        for lease_path in sorted(blobs.glob(f"*{LEASE_SUFFIX}")):
+    def live(lease_path: Path) -> bool:
+        info = read_lease(lease_path)
+        return info is not None and not info.expired
+
+    lease_dirs = [*sorted(cache_dir.glob("*/blobs")), cache_dir / BATCH_LEASES, downloads, data_dir / STATE / "locks"]
+    for folder in lease_dirs:
+        for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
             info = read_lease(lease_path)
             if info is not None and info.expired and (dry_run or break_expired(lease_path)):
                 found.append(Leftover(lease_path, f"lease of {info.host}:{info.pid}, dead or silent {info.age:.0f}s"))
-        for partial in sorted(blobs.glob(f"*{PARTIAL_SUFFIX}")):
-            live = read_lease(partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX) + LEASE_SUFFIX))
-            if (live is not None and not live.expired) or (age := old(partial)) is None:
+    for folder in [*sorted(cache_dir.glob("*/blobs")), downloads]:
+        for partial in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
+            # a blob's lease is named by its etag; a URL download's by the URL's key (before "-<version>")
+            key = partial.name.removesuffix(PARTIAL_SUFFIX)
+            guard = folder / f"{key.split('-')[0] if folder == downloads else key}{LEASE_SUFFIX}"
+            if live(guard) or (age := old(partial)) is None:
                 continue
             found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
             if not dry_run:
@@ -486,4 +500,13 @@ def cleanup(cache_dir: Path | None = None, *, older_than: float = 24 * 3600, dry
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))
             if not dry_run:
                 tmp.unlink(missing_ok=True)
+    for suffix in (BUILD_SUFFIX, OLD_SUFFIX):  # `.<dest>.<hex><suffix>` beside each data entry's dest
+        for build in sorted(data_dir.glob(f"**/.*{suffix}")):
+            dest = build.name[1:].removesuffix(suffix).rsplit(".", 1)[0]
+            rel = (build.parent / dest).relative_to(data_dir).as_posix()
+            if live(builder_lease(data_dir, rel)) or (age := old(build)) is None:
+                continue
+            found.append(Leftover(build, f"unfinished data folder untouched for {age / 3600:.1f}h"))
+            if not dry_run:
+                shutil.rmtree(build, ignore_errors=True)
     return found
