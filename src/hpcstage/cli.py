@@ -33,6 +33,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         raise BadInput("give either REPO_ID... or -f MANIFEST (see `hpcstage pull --help`)")
     if args.workers < 1:
         raise BadInput("--workers must be at least 1")
+    if args.timeout <= 0 or args.retry_budget < 0:
+        raise BadInput("--timeout must be more than 0 seconds and --retry-budget not negative")
     opts = Options(
         cache_dir=args.cache_dir, workers=args.workers, timeout=args.timeout,
         retry=RetryPolicy(budget=args.retry_budget), quiet=args.quiet or args.json, shared_group=args.shared_group,
@@ -67,11 +69,20 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
     from hpcstage.hfcache import default_cache_dir
+    from hpcstage.errors import BadInput
+    from hpcstage.slurm.clusters import slurm_time_seconds
     from hpcstage.slurm.launch import resolve_cluster
     from hpcstage.slurm.stage_array import follow, submit_array
     from hpcstage.staging import plan_manifest
 
-    cluster = resolve_cluster(args.cluster, args.partition, args.account)  # refused before any request
+    cluster = resolve_cluster(args.cluster, args.partition, args.account)  # bad input: refused before any request
+    if args.slurm_array < 1:
+        raise BadInput("--slurm-array needs at least 1 worker")
+    if args.time:
+        try:
+            slurm_time_seconds(args.time)
+        except ValueError as e:
+            raise BadInput(f"--time {args.time!r}: {e}") from None
     plan = plan_manifest(manifest, opts, update=args.update)
     print(f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
           f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})", flush=True)
@@ -123,6 +134,9 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
         failed = [r for r in summary.results if r.status == "failed"]
         if failed:
             print(f"{stamp()} CACHE_PREBUILD_FAILED: {len(failed)} of {len(summary.results)} builds failed", flush=True)
+        elif summary.warnings:
+            print(f"{stamp()} CACHE_PREBUILD_COMPLETE: dataset caches ready, {len(summary.warnings)} skipped "
+                  "(see the warnings)", flush=True)
         else:
             print(f"{stamp()} CACHE_PREBUILD_COMPLETE: All dataset caches ready", flush=True)
         for w in summary.warnings:
@@ -257,6 +271,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from hpcstage.doctor import as_json, exit_code, run_checks
     from hpcstage.manifest import load_manifest
 
+    if args.timeout <= 0:
+        raise BadInput("--timeout must be more than 0 seconds")
     checks = run_checks(load_manifest(args.manifest) if args.manifest else None, args.cache_dir, timeout=args.timeout)
     if args.json:
         print(as_json(checks))

@@ -314,9 +314,11 @@ def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest; every problem is a ManifestError naming file:line and the fix."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ManifestError(f"cannot read manifest {path}: {e.strerror}; pass an existing file with -f") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
         lines = _lines_of(text)
@@ -347,12 +349,15 @@ def load_manifest(path: str | Path) -> Manifest:
     if "data_entries" in data:
         raise ManifestError(f"{_where(path, lines, ('data_entries',))}: unknown key 'data_entries' in the manifest; "
                             f"valid keys: {', '.join(_MANIFEST_KEYS)}")
-    data_entries = _load_data_entries(path, data, lines)
+    data_entries, hub_index = _load_data_entries(path, data, lines)
     try:
         manifest = Manifest(**data, path=path, data_entries=data_entries)
     except ValidationError as e:
         err = e.errors()[0]
         loc = err["loc"]
+        if loc[:1] == ("datasets",) and len(loc) > 1 and isinstance(loc[1], int) and loc[1] < len(hub_index):
+            loc = ("datasets", hub_index[loc[1]], *loc[2:])  # its place in the file, among the data entries
+            err = {**err, "loc": loc}
         valid = _HUB_KEYS if len(loc) >= 3 and loc[0] in ("models", "datasets") else _MANIFEST_KEYS
         raise ManifestError(f"{_where(path, lines, loc)}: {_explain(err, valid)}") from None
     except TypeError:
@@ -376,17 +381,19 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-def _load_data_entries(path: Path, data: dict, lines: dict[tuple, int]) -> list[DataEntry]:
-    """Take the url/local/file items out of `datasets:` and validate each with its own model."""
+def _load_data_entries(path: Path, data: dict, lines: dict[tuple, int]) -> tuple[list[DataEntry], list[int]]:
+    """Take the url/local/file items out of `datasets:` and validate each with its own model. Also
+    returns where each remaining Hub item stood in the file's list, for error locations."""
     items = data.get("datasets")
     if not isinstance(items, list):
-        return []
+        return [], []
     out: list[DataEntry] = []
-    hub_items = []
+    hub_items, hub_index = [], []
     for i, item in enumerate(items):
         model = _data_model(item) if isinstance(item, dict) else None
         if model is None:
             hub_items.append(item)
+            hub_index.append(i)
             continue
         fields = {k: v for k, v in item.items() if not (k == "repo_type" and model is not HubFileEntry)}
         if model is not HubFileEntry and "repo" in fields:
@@ -398,13 +405,14 @@ def _load_data_entries(path: Path, data: dict, lines: dict[tuple, int]) -> list[
             err = e.errors()[0]
             loc = ("datasets", i, *err["loc"])
             err = {**err, "loc": loc}
-            valid = sorted(k for k in model.model_fields if k != "repo_type" or model is HubFileEntry)
+            valid = (sorted(Expect.model_fields) if "expect" in loc[:-1] else
+                     sorted(k for k in model.model_fields if k != "repo_type" or model is HubFileEntry))
             raise ManifestError(f"{_where(path, lines, loc)}: {_explain(err, valid)}") from None
         if isinstance(entry, LocalEntry) and not entry.local.is_absolute():
             entry = entry.model_copy(update={"local": (path.parent / entry.local).resolve()})
         out.append(entry)
     data["datasets"] = hub_items
-    return out
+    return out, hub_index
 
 
 class LockedEntry(_Strict):

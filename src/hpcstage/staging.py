@@ -104,10 +104,11 @@ class _Run:
     def http(self) -> Http:
         # Created on first use: a warm pull from the lockfile never opens a connection.
         if self._http is None:
+            origin = hub.endpoint()  # a malformed HF_ENDPOINT is bad input, before huggingface_hub parses it
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
             token = self.opts.token if self.opts.token is not None else get_token()
-            self._http = Http(hub.hub_headers(token), auth_origin=hub.endpoint(), pool_size=self.opts.workers + 2,
+            self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers + 2,
                               read_timeout=self.opts.timeout, retry=self.opts.retry)
         return self._http
 

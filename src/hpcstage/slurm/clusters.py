@@ -232,7 +232,11 @@ def load_registry(extra_files: Iterable[str | os.PathLike[str]] = ()) -> Registr
     """The bundled clusters with site, user and ``extra_files`` overrides applied, in that order."""
     bundled = resources.files("hpcstage.slurm").joinpath("clusters.toml")
     layers = [(bundled.read_text(encoding="utf-8"), str(bundled))]
-    layers += [(p.read_text(encoding="utf-8"), str(p)) for p in _override_files(extra_files)]
+    for p in _override_files(extra_files):
+        try:
+            layers.append((p.read_text(encoding="utf-8"), str(p)))
+        except UnicodeDecodeError as e:
+            raise RegistryError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     tables: dict[str, dict[str, Any]] = {}
     origins: dict[str, list[str]] = {}
     for text, source in layers:

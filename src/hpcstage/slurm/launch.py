@@ -345,7 +345,10 @@ def _prebuild_and_check(artifacts: list[Artifact], manifest, cache_dir: Path) ->
 
 
 def _split(text: str | None) -> list[str]:
-    return shlex.split(text) if text else []
+    try:
+        return shlex.split(text) if text else []
+    except ValueError as e:
+        raise BadInput(f"cannot split {text!r} into words ({e}); balance the quotes") from None
 
 
 def _resources(request: LaunchRequest, cluster: Cluster, gpus_default: int) -> dict[str, Any]:
@@ -390,7 +393,10 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path) -> list[Job]
     nodes = request.num_nodes
     if kind == "train":
         source = _existing_file(request.train_config, "--train-config")
-        config = yaml.safe_load(source.read_text()) or {}
+        try:
+            config = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise BadInput(f"--train-config {source}: not a readable YAML file ({str(e).splitlines()[0]})") from None
         if not isinstance(config, dict):
             raise BadInput(f"--train-config {source}: a llama-factory config is a YAML mapping")
         shutil.copyfile(source, exp / "train_config.yaml")  # the job reads the copy: later edits don't leak in
@@ -486,9 +492,11 @@ def _validate(request: LaunchRequest) -> None:
         raise BadInput(f"--name {request.name!r}: use letters, digits, '.', '_' and '-'")
 
 
-def _experiment_dir(request: LaunchRequest) -> Path:
+def _experiment_dir(request: LaunchRequest) -> tuple[Path, bool]:
+    """The experiment folder, created; and whether this call created it."""
     name = request.name or f"{request.job_type}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = Path(request.experiments_dir).expanduser().resolve() / name
+    fresh = not exp.exists()
     jobs_file = exp / "jobs.json"
     if jobs_file.exists():
         try:
@@ -497,8 +505,11 @@ def _experiment_dir(request: LaunchRequest) -> Path:
             launched = True
         if launched:
             raise BadInput(f"experiment {exp} was launched already; pick another --name")
-    (exp / "logs").mkdir(parents=True, exist_ok=True)
-    return exp
+    try:
+        (exp / "logs").mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise BadInput(f"--experiments-dir {request.experiments_dir}: not a folder; name a folder") from None
+    return exp, fresh
 
 
 def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: LaunchRequest) -> dict[str, str]:
@@ -553,7 +564,17 @@ def launch(request: LaunchRequest) -> Launch:
     offline = (not cluster.internet) if request.offline is None else request.offline
     manifest = load_manifest(request.manifest) if request.manifest else None
     artifacts = _artifacts(request, manifest)
-    exp = _experiment_dir(request)
+    exp, fresh = _experiment_dir(request)
+    try:
+        return _launch_into(request, cluster, offline, manifest, artifacts, exp)
+    except BadInput:
+        if fresh:  # refused: leave nothing behind
+            shutil.rmtree(exp, ignore_errors=True)
+        raise
+
+
+def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manifest, artifacts: list[Artifact],
+                 exp: Path) -> Launch:
     from hpcstage import offline as offline_env
 
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])

@@ -78,7 +78,7 @@ def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_lim
         finish_id = submit(finish, extra_args=[f"--dependency=afterany:{array_id}"])
         report_id = submit(report, extra_args=[f"--dependency=afterany:{finish_id}"])
     except SlurmError as e:
-        raise HpcstageError(f"sbatch failed: {e}") from None
+        raise HpcstageError(str(e)) from None
     run = ArrayRun(folder, workers, array_id, finish_id, report_id)
     (folder / "jobs.json").write_text(json.dumps({**asdict(run), "folder": str(folder)}, indent=1))
     return run

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from hpcstage import __version__, policy
-from hpcstage.errors import HubError, TransferError
+from hpcstage.errors import BadInput, HubError, TransferError
 from hpcstage.hfcache import CachedFile
 from hpcstage.transfer import Http
 
@@ -20,8 +20,17 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def endpoint() -> str:
-    """HF_ENDPOINT as huggingface_hub honours it, read now (not at import)."""
-    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    """HF_ENDPOINT as huggingface_hub honours it, read now (not at import). Checked here because
+    huggingface_hub parses it at import time and a bad one would end in its traceback."""
+    value = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise BadInput(f"HF_ENDPOINT={value!r} is not a URL ({e}); fix it, or unset it for huggingface.co") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadInput(f"HF_ENDPOINT={value!r} is not an http(s) URL; fix it, or unset it for huggingface.co")
+    return value
 
 
 def hub_headers(token: str | None) -> dict[str, str]:
