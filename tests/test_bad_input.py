@@ -88,3 +88,44 @@ def test_slurm_array_bad_options_are_refused_before_planning(tmp_path):
     one_line_bad_input(hpcstage("pull", "-f", "m.yaml", "--slurm-array", "2", "--cluster", "local", "--time", "bogus",
                                 cwd=tmp_path, env=env), "--time")
     assert not (tmp_path / "hpcstage.lock").exists()
+
+
+def test_dest_may_not_be_hpcstages_own_state_folder(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "m.yaml").write_text("datasets:\n  - local: src\n    dest: .hpcstage\n")
+    one_line_bad_input(hpcstage("pull", "-f", "m.yaml", cwd=tmp_path), "state")
+
+
+def test_an_encoded_slash_in_a_url_stays_one_file_name():
+    from hpcstage.sources.url import file_name
+
+    assert file_name("https://example.org/files/a%2Fb.bin") == "a_b.bin"
+
+
+def test_leftovers_of_dest_foo_do_not_include_the_live_build_of_foo_bar(tmp_path):
+    from hpcstage.datadir import _remove_leftovers
+
+    mine = tmp_path / ".foo.0a1b2c3d.hpcstage-build"
+    other = tmp_path / ".foo.bar.4e5f6a7b.hpcstage-build"
+    mine.mkdir()
+    other.mkdir()
+    _remove_leftovers(tmp_path / "foo")
+    assert not mine.exists() and other.exists()
+
+
+def test_a_zip_with_a_broken_deflate_stream_is_a_clear_archive_error(tmp_path):
+    import zipfile
+
+    from hpcstage.archive import ArchiveError, extract_into
+
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.txt", b"hello world " * 5000)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"x.txt") + len(b"x.txt")  # the compressed bytes follow the local header's name
+    for i in range(start + 10, start + 60):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArchiveError, match="damaged"):
+        extract_into(path, tmp_path / "out", quiet=True)

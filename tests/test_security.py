@@ -98,7 +98,7 @@ class HostileHub:
 
     COMMIT = "c0ffee" + "0" * 34
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], oid: str = "1" * 40, lfs_oid: str | None = None, size: int = 5):
         self.paths, self.requests = paths, []
         hub = self
 
@@ -108,7 +108,9 @@ class HostileHub:
                 if "/revision/" in self.path:
                     body = json.dumps({"id": "evil-org/repo", "sha": hub.COMMIT}).encode()
                 elif "/tree/" in self.path:
-                    body = json.dumps([{"type": "file", "path": p, "size": 5, "oid": "1" * 40} for p in hub.paths]).encode()
+                    body = json.dumps([{"type": "file", "path": p, "size": size, "oid": oid,
+                                        **({"lfs": {"oid": lfs_oid, "size": size}} if lfs_oid else {})}
+                                       for p in hub.paths]).encode()
                 else:
                     body = b"pwned"
                 self.send_response(200)
@@ -146,6 +148,22 @@ def test_hostile_tree_entries_are_refused_and_nothing_is_written_outside_the_cac
         assert files_under(tmp_path) == before
         snapshot = cache / "models--evil-org--repo" / "snapshots" / HostileHub.COMMIT
         assert not os.path.lexists(os.path.normpath(os.path.join(snapshot, bad)))
+    finally:
+        evil.close()
+
+
+@pytest.mark.parametrize("oid, lfs_oid", [("../" * 8 + "tmp/ESCAPED", None), ("1" * 40, "../../../ESCAPED" + "0" * 48)])
+def test_hostile_blob_ids_in_the_listing_are_refused_before_any_write(hub, tmp_path, oid, lfs_oid):
+    evil = HostileHub(["model.safetensors"], oid=oid, lfs_oid=lfs_oid, size=9 << 20)
+    try:
+        cache = tmp_path / "deep" / "cache"
+        cache.mkdir(parents=True)
+        before = files_under(tmp_path)
+        env = client_env(hub, tmp_path / "home", HF_ENDPOINT=evil.url)
+        r = hpcstage("pull", "evil-org/repo", "--cache-dir", str(cache), env=env, cwd=tmp_path)
+        assert r.returncode == 1 and "invalid blob id" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not any("/resolve/" in p for p in evil.requests)
+        assert files_under(tmp_path) == before
     finally:
         evil.close()
 

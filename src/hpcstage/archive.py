@@ -20,6 +20,7 @@ Every regular file's sha256 is computed while it is written, for the lockfile an
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import io
@@ -498,8 +499,12 @@ def _extract_zip(archive: Path, root: Path, limits: Limits, strip: int, quiet: b
                         mtime = time.mktime(info.date_time + (0, 0, -1))
                         with zf.open(info) as src:
                             w.regular(name, info.file_size, mode, mtime, src)
-            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error, lzma.LZMAError) as e:
                 raise ArchiveError(f"{label}: damaged zip archive ({e}); fetch it again") from None
+            except OSError as e:
+                if e.errno not in (None, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise  # the disk (ENOSPC, EACCES): not the archive's fault
+                raise ArchiveError(f"{label}: damaged or self-colliding zip archive ({e}); fetch it again") from None
             return w.finish()
 
 

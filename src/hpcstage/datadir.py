@@ -16,6 +16,7 @@ request, no copy.
 """
 from __future__ import annotations
 
+import glob
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -112,7 +113,7 @@ def building(dest: Path) -> Iterator[Path]:
 def _remove_leftovers(dest: Path) -> None:
     """Build folders of dead runs for this dest (we hold its lease, so no live builder owns them)."""
     for suffix in (BUILD_SUFFIX, OLD_SUFFIX):
-        for p in dest.parent.glob(f".{dest.name}.*{suffix}"):
+        for p in dest.parent.glob(f".{glob.escape(dest.name)}.{'[0-9a-f]' * 8}{suffix}"):  # not `.foo.bar.*` of dest foo
             shutil.rmtree(p, ignore_errors=True)
 
 

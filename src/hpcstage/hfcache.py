@@ -14,14 +14,18 @@ import functools
 import grp
 import json
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 
-from hpcstage.errors import BadInput
+from hpcstage.errors import BadInput, PolicyError
+from hpcstage.policy import check_relative_path
 
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 PARTIAL_SUFFIX = ".hpcstage-partial"
 LEASE_SUFFIX = ".hpcstage-lease"
 TREE_FORMAT_VERSION = 1
@@ -172,6 +176,12 @@ class CachedFile:
     size: int
     blob_id: str  # git sha1 of the content
     sha256: str | None = None  # set for LFS files
+
+    def __post_init__(self) -> None:
+        # The etag becomes a file name under blobs/: a listing, tree file or lockfile naming `../x` must
+        # not write outside the cache.
+        if not _GIT_SHA1.fullmatch(self.blob_id) or (self.sha256 is not None and not _SHA256.fullmatch(self.sha256)):
+            raise ValueError(f"invalid blob id for {self.path!r}: {self.blob_id!r} / {self.sha256!r}")
 
     @property
     def etag(self) -> str:
@@ -328,9 +338,13 @@ class RepoCache:
             data = json.loads(self.tree_path(commit).read_text())
         except (OSError, ValueError):
             return None
-        if data.get("format_version") != TREE_FORMAT_VERSION:
+        if not isinstance(data, dict) or data.get("format_version") != TREE_FORMAT_VERSION:
             return None
-        return [
-            CachedFile(path=p, size=i["size"], blob_id=i["blob_id"], sha256=i.get("lfs_sha256"))
-            for p, i in data["files"].items()
-        ]
+        try:  # anyone who can write the cache can write this file: distrust it, list the tree again
+            return [
+                CachedFile(path=check_relative_path(p, "path in a trees file"), size=int(i["size"]),
+                           blob_id=i["blob_id"], sha256=i.get("lfs_sha256"))
+                for p, i in data["files"].items()
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError, PolicyError):
+            return None

@@ -108,7 +108,10 @@ class _DataEntry(_Strict):
     @field_validator("dest")
     @classmethod
     def _dest(cls, v: str) -> str:
-        return _as_value_error(lambda p: policy.check_relative_path(p.rstrip("/"), "dest"), v.rstrip("/"))
+        v = _as_value_error(lambda p: policy.check_relative_path(p.rstrip("/"), "dest"), v.rstrip("/"))
+        if v.split("/")[0] == ".hpcstage" or v.endswith((".hpcstage-build", ".hpcstage-old")):
+            raise ValueError(f"dest {v!r} is hpcstage's own state in the data folder; pick another name")
+        return v
 
     @field_validator("max_unpacked_bytes", mode="before")
     @classmethod
@@ -425,6 +428,18 @@ class LockedEntry(_Strict):
     include: list[str] | None = None
     exclude: list[str] | None = None
     files: list[dict[str, Any]]  # {path, size, blob_id, sha256?}
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A lockfile is a file anyone can edit: its paths and blob ids must be ones a listing could give."""
+        for f in files:
+            try:
+                policy.check_relative_path(f["path"], "path in the lockfile")
+                CachedFile(f["path"], int(f["size"]), f["blob_id"], f.get("sha256"))
+            except (KeyError, TypeError, ValueError, PolicyError) as e:
+                raise ValueError(f"bad file record {f!r} ({e})") from None
+        return files
 
     def cached_files(self) -> list[CachedFile]:
         return [CachedFile(f["path"], f["size"], f["blob_id"], f.get("sha256")) for f in self.files]

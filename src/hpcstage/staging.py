@@ -27,7 +27,7 @@ from hpcstage.locks import Lease, break_expired, read_lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, human_bytes
 from hpcstage.sources import hub
-from hpcstage.transfer import RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
+from hpcstage.transfer import CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
 
 LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
@@ -108,7 +108,7 @@ class _Run:
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
             token = self.opts.token if self.opts.token is not None else get_token()
-            self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers + 2,
+            self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers * CONNECTIONS + 2,
                               read_timeout=self.opts.timeout, retry=self.opts.retry)
         return self._http
 

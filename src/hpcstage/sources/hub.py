@@ -95,12 +95,18 @@ def list_files(http: Http, ref: RepoRef, commit: str) -> list[CachedFile]:
     files: list[CachedFile] = []
     while url:
         page, headers = _json(http, url, ref, commit, f"list {ref.repo_id}@{commit[:12]}")
+        if not isinstance(page, list):
+            raise HubError(f"list {ref.repo_id}@{commit[:12]}: the listing is not a list; is HF_ENDPOINT a Hub?")
         for item in page:
-            if item.get("type") != "file":
+            if not isinstance(item, dict) or item.get("type") != "file":
                 continue
-            path = policy.check_relative_path(item["path"], f"path from the {ref.repo_id} listing")
-            lfs = item.get("lfs")
-            files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None))
+            path = policy.check_relative_path(item.get("path", ""), f"path from the {ref.repo_id} listing")
+            try:
+                lfs = item.get("lfs")
+                files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None))
+            except (KeyError, TypeError, ValueError) as e:
+                raise HubError(f"list {ref.repo_id}@{commit[:12]}: malformed entry for {path!r} ({e}); "
+                               "nothing was written") from None
         url = _next_link(headers.get("Link", ""))
     return files
 

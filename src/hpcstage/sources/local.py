@@ -46,7 +46,10 @@ def scan(source: Path) -> list[SourceFile]:
         raise BadInput(f"local source {source} is not a file or folder; fix the `local:` path")
     out: list[SourceFile] = []
     seen_dirs = {(st.st_dev, st.st_ino)}
-    for folder, dirs, files in os.walk(source, followlinks=True):
+    def unreadable(e: OSError) -> None:  # os.walk would skip the folder silently: a copy missing files
+        raise BadInput(f"local source {e.filename} cannot be read ({e.strerror}); fix its permissions")
+
+    for folder, dirs, files in os.walk(source, followlinks=True, onerror=unreadable):
         keep = []
         for d in sorted(dirs):
             dst = os.stat(os.path.join(folder, d))

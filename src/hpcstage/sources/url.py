@@ -22,14 +22,15 @@ from hpcstage.errors import TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX
 from hpcstage.locks import Lease
 from hpcstage.sources.local import sha256_of
-from hpcstage.transfer import CHUNK, RANGES_SUFFIX, Http, RetryPolicy, fetch
+from hpcstage.transfer import CHUNK, CONNECTIONS, RANGES_SUFFIX, Http, RetryPolicy, fetch
 
 LEASE_TTL = 60.0
 
 
 def client(*, workers: int = 4, timeout: float = 30.0, retry: RetryPolicy | None = None) -> Http:
     """An HTTP client for arbitrary URLs: our user agent, no token."""
-    return Http({"user-agent": f"hpcstage/{__version__}"}, pool_size=workers + 2, read_timeout=timeout, retry=retry)
+    return Http({"user-agent": f"hpcstage/{__version__}"}, pool_size=workers * CONNECTIONS + 2, read_timeout=timeout,
+                retry=retry)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Probe:
 
 def file_name(url: str) -> str:
     """The last path segment of the URL (its file name), or "download"."""
-    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).replace("/", "_").replace("\\", "_")  # %2F stays one name
     return name if name and name not in (".", "..") and "\x00" not in name else "download"
 
 
