@@ -123,7 +123,12 @@ class Http:
                 method, url, headers=sent, body=body, preload_content=False, redirect=False, decode_content=False
             )
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                url = urljoin(url, resp.headers["Location"])
+                target = urljoin(url, resp.headers["Location"])
+                if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                    resp.release_conn()
+                    raise TransferError(f"{method} {urlsplit(url).netloc}: refused a redirect from https to "
+                                        f"{urlsplit(target).scheme}; the server must stay on https")
+                url = target
                 resp.drain_conn()
                 resp.release_conn()
                 continue
