@@ -129,3 +129,16 @@ def test_a_zip_with_a_broken_deflate_stream_is_a_clear_archive_error(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ArchiveError, match="damaged"):
         extract_into(path, tmp_path / "out", quiet=True)
+
+
+def test_negative_archive_limits_are_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "m.yaml").write_text("datasets:\n  - local: src\n    dest: a\n    max_ratio: -1\n")
+    one_line_bad_input(hpcstage("pull", "-f", "m.yaml", cwd=tmp_path), "max_ratio", "0 or more")
+
+
+@pytest.mark.parametrize("jobs", ["[]", '{"jobs": [{"key": "x"}]}', '{"jobs": 3}'])
+def test_status_of_a_broken_experiment_record(tmp_path, jobs):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "jobs.json").write_text(jobs)
+    one_line_bad_input(hpcstage("status", "--experiment", "exp", cwd=tmp_path), "jobs.json")

@@ -118,7 +118,7 @@ class _DataEntry(_Strict):
     def _max_bytes(cls, v):
         return None if v is None else _size(v)
 
-    @field_validator("strip_components", "max_members")
+    @field_validator("strip_components", "max_members", "max_unpacked_bytes", "max_ratio")
     @classmethod
     def _non_negative(cls, v):
         if v is not None and v < 0:

@@ -685,7 +685,9 @@ def experiment_status(experiment_dir: str | os.PathLike[str]) -> list[dict[str, 
     path = Path(experiment_dir) / "jobs.json"
     try:
         records = json.loads(path.read_text())["jobs"]
-    except (OSError, ValueError, KeyError):
+        if not all(isinstance(r, dict) and "key" in r and "attempt" in r for r in records):
+            raise ValueError("a job record lacks key/attempt")
+    except (OSError, ValueError, KeyError, TypeError):
         raise BadInput(f"{path} is missing or unreadable: is {experiment_dir} an experiment folder?") from None
     ids = [r["job_id"] for r in records if r.get("job_id")]
     try:
