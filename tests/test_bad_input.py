@@ -142,3 +142,7 @@ def test_status_of_a_broken_experiment_record(tmp_path, jobs):
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "jobs.json").write_text(jobs)
     one_line_bad_input(hpcstage("status", "--experiment", "exp", cwd=tmp_path), "jobs.json")
+
+
+def test_doctor_timeout_must_be_positive(tmp_path):
+    one_line_bad_input(hpcstage("doctor", "--timeout", "0", cwd=tmp_path), "--timeout")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hpcstage import verify as verify_mod
+from hpcstage.hfcache import HASH_BUF
 from helpers import client_env, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
@@ -169,7 +170,7 @@ def test_unknown_repo_and_snapshot_without_listing_fail_with_the_fix(hub, tmp_pa
 def test_digests_match_git_and_sha256(tmp_path):
     empty, data = tmp_path / "empty", tmp_path / "data"
     empty.write_bytes(b"")
-    data.write_bytes(os.urandom(3 * verify_mod.HASH_BUF + 17))
+    data.write_bytes(os.urandom(3 * HASH_BUF + 17))
     assert verify_mod.digest_file(empty, "git") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
     got = verify_mod.hash_files([(str(data), "sha256"), (str(data), "git"), (str(data), "sha256")], workers=2)
     raw = data.read_bytes()

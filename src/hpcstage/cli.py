@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from hpcstage import __version__
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.progress import human_bytes
 
 
@@ -24,7 +24,6 @@ def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from hpcstage.errors import BadInput
     from hpcstage.manifest import hub_entry, load_manifest
     from hpcstage.staging import Options, pull, pull_manifest
     from hpcstage.transfer import RetryPolicy
@@ -69,7 +68,6 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
     from hpcstage.hfcache import default_cache_dir
-    from hpcstage.errors import BadInput
     from hpcstage.slurm.clusters import slurm_time_seconds
     from hpcstage.slurm.launch import resolve_cluster
     from hpcstage.slurm.stage_array import follow, submit_array
@@ -101,7 +99,6 @@ def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
 
 
 def _cmd_prebuild(args: argparse.Namespace) -> int:
-    from hpcstage.errors import BadInput
     from hpcstage.manifest import load_manifest
     from hpcstage.prebuild import builds_from_experiment, builds_from_manifest, prebuild
     from hpcstage.progress import stamp
@@ -196,7 +193,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from hpcstage.errors import BadInput
     from hpcstage.slurm.launch import experiment_status
 
     if args.experiment and args.manifest:
@@ -302,8 +298,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.samples:
         make_samples(args.root)
     elif not args.root.is_dir():
-        from hpcstage.errors import BadInput
-
+    
         raise BadInput(f"{args.root} is not a folder; create it or pass --samples to generate sample repos")
     serve_forever(args.root, args.host, args.port, log_file=args.log_file)
     return 0

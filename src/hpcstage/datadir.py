@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from hpcstage import archive
 from hpcstage.errors import BadInput, HpcstageError, TransferError
-from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, write_atomic
+from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file, write_atomic
 from hpcstage.locks import Lease
 from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
                                UrlEntry)
@@ -328,7 +328,7 @@ class Stager:
         result = DataResult(dest, "hub-file", 0, 0, downloaded_bytes=summary.downloaded_bytes)
         if entry.extract:
             files = self._extract(path.resolve(), dest, entry, lease, f"{entry.repo}/{entry.file}")
-            sha = f.get("sha256") or local.sha256_of(path)
+            sha = f.get("sha256") or digest_file(path)
         else:
             with building(dest) as tmp:
                 _, sha, result.copied_bytes = local.place(path.resolve(), tmp / Path(entry.file).name, lambda n: None)
@@ -429,8 +429,6 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
     """Offline: every file a data entry staged, hashed against its record in the lockfile (else the
     entry's staged record). Returns (entry, kind, path under dest, where, detail) for what is wrong."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from hpcstage.verify import digest_file
 
     data_dir = data_dir_of(manifest, cache_dir)
     found: list[tuple[DataEntry, str, str, Path, str]] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import grp
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 from hpcstage.errors import BadInput, PolicyError
@@ -29,6 +31,34 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 PARTIAL_SUFFIX = ".hpcstage-partial"
 LEASE_SUFFIX = ".hpcstage-lease"
 TREE_FORMAT_VERSION = 1
+
+
+HASH_BUF = 8 << 20  # bytes per read: large updates release the GIL for long stretches
+
+
+def new_hasher(sha256: str | bool | None, size: int):
+    """The hash a blob is named by: sha256 for LFS files, else the git blob sha1 (`blob <size>\\0` + content)."""
+    if sha256:
+        return hashlib.sha256()
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % size)
+    return h
+
+
+def digest_file(path: str | os.PathLike, algo: str = "sha256", on_bytes: Callable[[int], None] | None = None) -> str:
+    """`sha256` of a file's content, or `git` (the git blob sha1), read in large chunks."""
+    with open(path, "rb", buffering=0) as f:
+        h = new_hasher(algo == "sha256", os.fstat(f.fileno()).st_size)
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        view = memoryview(bytearray(HASH_BUF))
+        while n := f.readinto(view):
+            h.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+    return h.hexdigest()
 
 
 def _env_path(name: str) -> Path | None:

@@ -8,7 +8,6 @@ a partial file survives its process so the next one continues where it stopped.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http.client
 import json
 import os
@@ -24,6 +23,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from hpcstage.errors import TransferError
+from hpcstage.hfcache import new_hasher
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 CHUNK = 1 << 20  # one read from the socket
@@ -168,15 +168,6 @@ def _ratelimit_reset(headers) -> str | None:
 def _short(e: Exception) -> str:
     text = str(e)
     return text if len(text) < 160 else text[:157] + "..."
-
-
-def new_hasher(sha256: str | None, size: int):
-    """sha256 for LFS files; for regular files the git blob sha1 (`blob <size>\\0` + content)."""
-    if sha256:
-        return hashlib.sha256()
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % size)
-    return h
 
 
 def _hash_mismatch(label: str) -> TransferError:

@@ -13,7 +13,6 @@ outside the repo's own folders) and fetches exactly those again through `staging
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -28,12 +27,12 @@ from typing import Iterable
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
-from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, share_cache, write_atomic
+from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache,
+                              write_atomic)
 from hpcstage.manifest import HubEntry, Manifest, load_lock
 
 logger = logging.getLogger(__name__)
 
-HASH_BUF = 8 << 20  # bytes per read: large updates release the GIL for long stretches
 _RAW_COMMIT = re.compile(rb"[0-9a-f]{40}")
 _FOLDER = re.compile(r"^(models|datasets)--(.+)$")
 
@@ -100,25 +99,6 @@ class VerifyReport:
 
 
 # -- hashing
-
-
-def digest_file(path: str | os.PathLike, algo: str) -> str:
-    """`sha256` of the content, or `git` (git blob sha1: header with the size, then the content)."""
-    with open(path, "rb", buffering=0) as f:
-        if algo == "sha256":
-            h = hashlib.sha256()
-        else:
-            h = hashlib.sha1()
-            h.update(b"blob %d\0" % os.fstat(f.fileno()).st_size)
-        try:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):
-            pass
-        buf = bytearray(HASH_BUF)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def hash_files(items: Iterable[tuple[str, str]], workers: int | None = None) -> dict[tuple[str, str], str | OSError]:

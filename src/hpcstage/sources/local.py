@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from hpcstage.errors import BadInput, HpcstageError
+from hpcstage.hfcache import digest_file
 
 CHUNK = 8 << 20
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -78,15 +79,6 @@ def fingerprint(files: list[SourceFile]) -> str:
     return h.hexdigest()
 
 
-def sha256_of(path: Path, on_bytes: Callable[[int], None] = lambda n: None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            on_bytes(len(chunk))
-    return h.hexdigest()
-
-
 def _reflink(src: Path, dst: Path) -> bool:
     try:
         with open(src, "rb") as fs:
@@ -108,11 +100,11 @@ def place(src: Path, dst: Path, on_bytes: Callable[[int], None], allow_hardlink:
     """Put a copy of `src` at `dst` (which must not exist); returns (how, sha256, bytes copied), `how` being
     reflink, hardlink or copy. A copy whose bytes differ from the source's is an error."""
     if _reflink(src, dst):
-        return "reflink", sha256_of(dst, on_bytes), 0
+        return "reflink", digest_file(dst, "sha256", on_bytes), 0
     if allow_hardlink:
         try:
             os.link(src, dst)
-            return "hardlink", sha256_of(dst, on_bytes), 0
+            return "hardlink", digest_file(dst, "sha256", on_bytes), 0
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP):
                 raise
@@ -125,7 +117,7 @@ def place(src: Path, dst: Path, on_bytes: Callable[[int], None], allow_hardlink:
             copied += len(chunk)
             on_bytes(len(chunk))
     shutil.copystat(src, dst)
-    digest = sha256_of(dst)
+    digest = digest_file(dst)
     if digest != h.hexdigest():
         raise HpcstageError(f"copy of {src} to {dst} does not read back the same bytes; check the filesystem "
                             "and run pull again")

@@ -19,9 +19,8 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from hpcstage import __version__
 from hpcstage.errors import TransferError
-from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX
+from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
-from hpcstage.sources.local import sha256_of
 from hpcstage.transfer import CHUNK, CONNECTIONS, RANGES_SUFFIX, Http, RetryPolicy, fetch
 
 LEASE_TTL = 60.0
@@ -123,7 +122,7 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
             if not old.name.startswith(f"{key}-{version}"):
                 old.unlink(missing_ok=True)
         if final.exists() and (p.size is None or final.stat().st_size == p.size):
-            digest = sha256_of(final)
+            digest = digest_file(final)
             if sha256 is None or digest == sha256:
                 return Download(final, digest, final.stat().st_size, p.fingerprint, 0)
             final.unlink()
