@@ -216,7 +216,7 @@ def _staging_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from hpcstage.hfcache import default_cache_dir
-    from hpcstage.ledger import artifact_status, known_artifacts
+    from hpcstage.ledger import artifact_status, read_all
     from hpcstage.manifest import load_lock, load_manifest
 
     if args.manifest:
@@ -234,7 +234,7 @@ def _staging_status(args: argparse.Namespace) -> int:
             rows += data_status(manifest, lock, cache_dir)
     else:
         cache_dir = args.cache_dir or default_cache_dir()
-        rows = [artifact_status(cache_dir, *key) for key in known_artifacts(cache_dir)]
+        rows = [artifact_status(cache_dir, r.repo_type, r.repo, r.revision, record=r) for r in read_all(cache_dir)]
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
     for r in [] if args.json else rows:

@@ -91,9 +91,11 @@ def partial_progress(partial: Path) -> tuple[int, int]:
 
 
 def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
-                    commit: str | None = None, files: list[CachedFile] | None = None) -> ArtifactStatus:
-    """The record plus a look at the disk; `files` (from the lockfile) makes the counts exact."""
-    rec = read(cache_dir, repo_type, repo, revision)
+                    commit: str | None = None, files: list[CachedFile] | None = None,
+                    record: Record | None = None) -> ArtifactStatus:
+    """The record (read here unless given) plus a look at the disk; `files` (from the lockfile) makes the
+    counts exact."""
+    rec = record or read(cache_dir, repo_type, repo, revision)
     cache = RepoCache(Path(cache_dir), repo_type, repo)
     commit = commit or (rec.commit if rec else None) or cache.read_ref(revision)
     if files is not None and commit:
@@ -122,8 +124,3 @@ def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
     elif staged or progress:
         st.state = "partial"
     return st
-
-
-def known_artifacts(cache_dir: Path) -> list[tuple[str, str, str]]:
-    """(repo_type, repo, revision) of every artifact with a record, for `status` without a manifest."""
-    return [(r.repo_type, r.repo, r.revision) for r in read_all(cache_dir)]

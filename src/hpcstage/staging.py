@@ -70,6 +70,7 @@ class PullSummary:
 @dataclass
 class _RepoPlan:
     entry: HubEntry
+    ref: hub.RepoRef
     cache: RepoCache
     commit: str
     files: list[CachedFile]  # the selected files
@@ -118,7 +119,7 @@ class _Run:
         if locked is not None and locked.matches(entry):
             files = locked.cached_files()
             all_files = None if cache.tree_path(locked.commit).exists() else hub.list_files(self.http, ref, locked.commit)
-            return _RepoPlan(entry, cache, locked.commit, files, all_files)
+            return _RepoPlan(entry, ref, cache, locked.commit, files, all_files)
         if locked is not None and (locked.repo_type, locked.repo, locked.revision) == (entry.repo_type, entry.repo, entry.revision):
             commit = locked.commit  # patterns changed: keep the pinned commit, re-select
         elif policy.is_commit(entry.revision):
@@ -128,7 +129,7 @@ class _Run:
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
-        return _RepoPlan(entry, cache, commit, files, None if on_disk is not None else all_files)
+        return _RepoPlan(entry, ref, cache, commit, files, None if on_disk is not None else all_files)
 
     def execute(self, plans: list[_RepoPlan]) -> None:
         jobs = []  # (plan, file, is_duplicate): a blob wanted by two entries is fetched once
@@ -278,7 +279,7 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
-        url = hub.RepoRef(plan.entry.repo_type, plan.entry.repo).file_url(plan.commit, f.path)
+        url = plan.ref.file_url(plan.commit, f.path)
         label = f"{plan.entry.repo}/{f.path}"
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
@@ -324,10 +325,14 @@ def _record(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str = "
 
 def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str) -> None:
     for p in plans:
-        done = all(p.cache.is_linked(p.commit, f) for f in p.files)
-        ledger.write(cache_dir, ledger.Record(
-            p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, "staged" if done else state,
-            len(p.files), sum(f.size for f in p.files), "" if done else reason))
+        # After a clean run every file is linked (execute checked them); only a failed run needs a look.
+        done = state == "staged" or all(p.cache.is_linked(p.commit, f) for f in p.files)
+        new = ledger.Record(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, "staged" if done else state,
+                            len(p.files), sum(f.size for f in p.files), "" if done else reason)
+        old = ledger.read(cache_dir, p.entry.repo_type, p.entry.repo, p.entry.revision)
+        if old is None or (old.commit, old.state, old.files, old.bytes, old.reason) != (
+                new.commit, new.state, new.files, new.bytes, new.reason):  # a warm pull writes nothing
+            ledger.write(cache_dir, new)
 
 
 def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool) -> tuple[_Run, list[_RepoPlan]]:

@@ -6,6 +6,7 @@ huggingface_hub still provides the endpoint, token, headers and pattern rules.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -45,13 +46,18 @@ class RepoRef:
     repo_type: str
     repo_id: str
 
+    @functools.cached_property
+    def endpoint(self) -> str:
+        """Read (and checked) once per repo, not once per file; lazily, so a warm pull never needs it."""
+        return endpoint()
+
     @property
     def api(self) -> str:
-        return f"{endpoint()}/api/{self.repo_type}s/{self.repo_id}"
+        return f"{self.endpoint}/api/{self.repo_type}s/{self.repo_id}"
 
     def file_url(self, commit: str, path: str) -> str:
         prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
-        return f"{endpoint()}/{prefix}{self.repo_id}/resolve/{commit}/{quote(path)}"
+        return f"{self.endpoint}/{prefix}{self.repo_id}/resolve/{commit}/{quote(path)}"
 
 
 def _json(http: Http, url: str, ref: RepoRef, revision: str, what: str):
