@@ -110,15 +110,22 @@ class Bench:
         self.results: list[Result] = []
         self.notes: list[str] = []
 
-    def measure(self, scenario: str, tools: list[Tool], rounds: int) -> list[Result]:
+    def measure(self, scenario: str, tools: list[Tool], rounds: int, keep: bool = False) -> list[Result]:
+        """`keep`: leave each run's folder until the scenario ends instead of deleting it after the run. ext4
+        skips inodes freed in the last 60-300 s when it allocates new ones (`recently_deleted()` in
+        ialloc.c), so deleting 2,000+ files makes the next run's creates scan past them: `perf` showed 20%
+        of a small-file pull in `recently_deleted`, and system time grew run after run (0.7 -> 4.4 s) until
+        the folders were kept (0.6-0.8 s). Not kept for the big file: one inode, and freeing its 1 GiB of
+        page cache right away is what the buffered writers (curl, hf) have always had here."""
         results = {t.name: Result(scenario, t.name) for t in tools}
+        kept: list[Path] = []
         for rnd in range(rounds):
             k = rnd % len(tools)
             for tool in tools[k:] + tools[:k]:  # rotate: no tool always first or always after the same one
                 res = results[tool.name]
                 if res.failures:
                     continue
-                dest = self.args.runs_dir / f"{scenario}-{tool.name}".replace(" ", "_")
+                dest = self.args.runs_dir / f"{scenario}-{tool.name}-{rnd}".replace(" ", "_")
                 rmtree(dest)
                 dest.mkdir(parents=True)
                 cmd = [a.replace("{dest}", str(dest)) for a in tool.cmd]
@@ -127,7 +134,10 @@ class Bench:
                 reqs = len(self.server.requests_since(offset, settle=0.15))
                 scpu = self.server.cpu_seconds() - scpu
                 error = f"exit {run.rc}: {run.output.strip()[-300:]}" if run.rc else tool.check(dest)
-                rmtree(dest)
+                if keep:
+                    kept.append(dest)
+                else:
+                    rmtree(dest)
                 if error:
                     res.failures.append(error)
                     log(f"{scenario} {tool.name}: FAILED {error}")
@@ -137,6 +147,8 @@ class Bench:
                 res.server_cpu.append(scpu)
                 log(f"{scenario} round {rnd + 1} {tool.name}: {run.seconds:.2f}s cpu {run.user:.2f}u+{run.sys:.2f}s "
                     f"rss {run.rss_mb:.0f}MB {reqs} requests")
+        for dest in kept:
+            rmtree(dest)
         out = list(results.values())
         self.results.extend(out)
         return out
@@ -170,7 +182,7 @@ class Bench:
         self.measure("small", [
             Tool("hpcstage", [HPCSTAGE, "pull", repo, "--cache-dir", "{dest}", "-q"], check),
             Tool("hf download", [HF, "download", repo, "--cache-dir", "{dest}", "-q"], check),
-        ], self.args.rounds)
+        ], self.args.rounds, keep=True)
 
     def mixed(self) -> None:
         repo = mixed_repo(self.args.size_mb)

@@ -26,7 +26,7 @@ def hub(sample_root):
 
 
 BIG_MODEL = "demo-org/big-model"
-BIG_SIZE = 100 * 2**20  # four range pieces of transfer.SEGMENT (32 MiB), the last one short
+BIG_SIZE = 100 * 2**20 + 1234  # 13 range pieces of transfer.PIECE (8 MiB): the last one short and not block-aligned
 
 
 @pytest.fixture(scope="session")

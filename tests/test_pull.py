@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIG_MODEL
 from hpcstage.serve import FaultRule
-from hpcstage.transfer import SEGMENT
+from hpcstage.transfer import PIECE
 from helpers import client_env, run_python, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
@@ -216,7 +216,7 @@ def test_large_file_arrives_in_parallel_ranges_byte_exact(big_hub, tmp_path):
     assert sha256(blob) == info.sha256
     gets = cdn_gets(big_hub)
     assert sorted(rec.range for rec in gets) == sorted(
-        f"bytes={a}-{min(a + SEGMENT, info.size) - 1}" for a in range(0, info.size, SEGMENT))
+        f"bytes={a}-{min(a + PIECE, info.size) - 1}" for a in range(0, info.size, PIECE))
     assert sum(rec.bytes_sent for rec in gets) == info.size
     assert not list(blob.parent.glob("*.hpcstage-*"))  # no partial, record or lease left behind
 
@@ -241,12 +241,12 @@ def test_pieces_left_by_a_dead_process_are_not_fetched_again(big_hub, tmp_path):
     blob.parent.mkdir(parents=True)
     partial = blob.with_name(blob.name + ".hpcstage-partial")
     data = Path(info.local).read_bytes()
-    partial.write_bytes(data[: 2 * SEGMENT] + bytes(info.size - 2 * SEGMENT))
-    Path(str(partial) + ".ranges").write_text(json.dumps({"size": info.size, "segment": SEGMENT, "done": [0, 1]}))
+    partial.write_bytes(data[: 2 * PIECE] + bytes(info.size - 2 * PIECE))
+    Path(str(partial) + ".ranges").write_text(json.dumps({"size": info.size, "segment": PIECE, "done": [0, 1]}))
     r = hpcstage("pull", BIG_MODEL, "--cache-dir", str(cache), env=client_env(big_hub, cache))
     assert r.returncode == 0, r.stderr
     assert sha256(blob) == info.sha256
-    assert sum(rec.bytes_sent for rec in cdn_gets(big_hub)) == info.size - 2 * SEGMENT
+    assert sum(rec.bytes_sent for rec in cdn_gets(big_hub)) == info.size - 2 * PIECE
     assert not partial.exists()
 
 

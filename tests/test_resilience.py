@@ -18,7 +18,7 @@ from conftest import BIG_MODEL, GIB_MODEL
 from helpers import client_env, sha256
 from hpcstage.locks import Lease
 from hpcstage.serve import FaultRule
-from hpcstage.transfer import SEGMENT
+from hpcstage.transfer import PIECE
 
 MODEL = "demo-org/tiny-model"
 
@@ -72,7 +72,7 @@ def test_kill_9_half_way_through_1_gib_resumes_without_refetching(gib_hub, tmp_p
     record = blobs / f"{info.sha256}.hpcstage-partial.ranges"
     gib_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=60_000_000))  # ~4 s with 4 connections
     proc = subprocess.Popen(pull_cmd(GIB_MODEL, cache), env=client_env(gib_hub, cache))
-    total = -(-info.size // SEGMENT)
+    total = -(-info.size // PIECE)
     wait_for(lambda: pieces_done(record) >= total // 2, 120, "half of the pieces")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -205,7 +205,7 @@ def fill(path: Path) -> None:
 
 def test_disk_full_mid_file_keeps_the_partial_and_resumes(big_hub, small_fs):
     cache = small_fs / "cache"
-    big_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=10_000_000, times=4))  # ~2.5 s
+    big_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=10_000_000))  # 4 connections: ~2.5 s
     proc = subprocess.Popen(pull_cmd(BIG_MODEL, cache), env=client_env(big_hub, cache),
                             stderr=subprocess.PIPE, text=True)
     info = big_hub.files_of("model", BIG_MODEL)["model.safetensors"]
@@ -219,6 +219,7 @@ def test_disk_full_mid_file_keeps_the_partial_and_resumes(big_hub, small_fs):
     assert "full" in err and "partial file is kept" in err and "Traceback" not in err, err
     assert not (blobs / info.sha256).exists()
     filler.unlink()
+    big_hub.clear_faults()
     since = time.time()
     r = run(BIG_MODEL, cache, big_hub)
     assert r.returncode == 0, r.stderr
@@ -239,7 +240,7 @@ def test_sigterm_stops_promptly_and_the_next_run_resumes(big_hub, tmp_path):
     assert proc.wait(timeout=30) == 143
     assert time.monotonic() - started < 10
     record = json.loads((blobs / f"{info.sha256}.hpcstage-partial.ranges").read_text())
-    kept = sum(min(info.size, (i + 1) * SEGMENT) - i * SEGMENT for i in record["done"])
+    kept = sum(min(info.size, (i + 1) * PIECE) - i * PIECE for i in record["done"])
     assert "run the same command again" in proc.stderr.read()
     assert not (blobs / f"{info.sha256}.hpcstage-lease").exists()  # released on the way out
     big_hub.clear_faults()

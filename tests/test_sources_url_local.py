@@ -19,7 +19,7 @@ import pytest
 from conftest import GIB_MODEL
 from helpers import client_env
 from hpcstage.serve import FaultRule, HubServer
-from hpcstage.transfer import SEGMENT
+from hpcstage.transfer import PIECE
 
 REPO = "demo-org/websight-archives"
 IMAGES = 6
@@ -305,7 +305,7 @@ def test_kill_9_during_a_1_gib_url_download_resumes_without_refetching(gib_hub, 
     gib_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=60_000_000))
     env = client_env(gib_hub, tmp_path / "cache")
     proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(m), "-q"], env=env)
-    total = -(-info.size // SEGMENT)
+    total = -(-info.size // PIECE)
     deadline = time.monotonic() + 120
     while not any(pieces_done(r) >= total // 2 for r in downloads.glob("*.ranges")):
         assert time.monotonic() < deadline and proc.poll() is None, "no progress"
