@@ -367,7 +367,7 @@ def machine(where: Path) -> list[tuple[str, str]]:
         ("Kernel", platform.release()),
         (f"Filesystem of the client caches ({where})", fs),
         ("Python", platform.python_version()),
-        ("huggingface_hub / httpx2 / urllib3", f"{ver('huggingface_hub')} / {ver('httpx2')} / {ver('urllib3')}"),
+        ("huggingface_hub / httpx2", f"{ver('huggingface_hub')} / {ver('httpx2')}"),
         ("hpcstage", f"{ver('hpcstage')} (git {head or '?'}{', src/ has uncommitted changes' if dirty else ''})"),
         ("curl", (_cmd(["curl", "--version"]).splitlines() or ["not installed"])[0]),
         ("aria2c", (_cmd(["aria2c", "--version"]).splitlines() or ["not installed"])[0] if shutil.which("aria2c")

@@ -14,15 +14,13 @@ import json
 import mmap
 import os
 import random
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
-
-import urllib3
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from hpcstage.errors import TransferError
 from hpcstage.hfcache import new_hasher
@@ -90,9 +88,72 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, parts.hostname or "", parts.port
 
 
+# What a read from a live connection raises when the peer goes away or stalls (not disk errors: ENOSPC
+# and EDQUOT are plain OSErrors and must reach the caller's disk-full handling).
+DROPPED = (ConnectionError, TimeoutError, http.client.HTTPException)
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """Connect timeout for the connect, read timeout for everything after it."""
+
+    read_timeout: float = 30.0
+
+    def connect(self) -> None:
+        super().connect()  # also sets TCP_NODELAY
+        self.sock.settimeout(self.read_timeout)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    read_timeout: float = 30.0
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
+
+
+class Response:
+    """One answer. `release_conn()` hands the connection back for the next request when the body was read
+    to its end, and closes it otherwise (a half-read body cannot be skipped for free)."""
+
+    def __init__(self, http: "Http", key: tuple, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse,
+                 url: str):
+        self._http, self._key, self._conn, self._raw = http, key, conn, raw
+        self.status, self.headers, self.url = raw.status, raw.headers, url
+
+    def read(self, amt: int | None = None) -> bytes:
+        return self._raw.read(amt)
+
+    def readinto(self, buffer) -> int:
+        """Straight into the caller's buffer: no bytes object per chunk."""
+        return self._raw.readinto(buffer)
+
+    def drain_conn(self, limit: int = 1 << 16) -> None:
+        """Read a short leftover body (an error page, a redirect's text) so the connection can be reused."""
+        try:
+            if not self._raw.isclosed() and (self._raw.length or 0) <= limit:
+                self._raw.read()
+        except (OSError, http.client.HTTPException):
+            pass
+
+    def release_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._raw.isclosed() and not self._raw.will_close:
+            self._http._put(self._key, conn)
+        else:
+            self._raw.close()
+            conn.close()
+
+
 class Http:
-    """One pooled client per run. Redirects are followed here so that Authorization is never sent to
-    another origin (LFS files redirect to a CDN)."""
+    """One client per run: keep-alive connections per origin over the standard library's http.client.
+    Redirects are followed here so that Authorization is never sent to another origin (LFS files redirect
+    to a CDN).
+
+    Why not urllib3's pool (used before): per small request it cost ~3x the CPU of a bare http.client
+    exchange (its pool queue, retry and header objects), and 2,000 small files spent most of their time
+    there (bench/README.md). What is kept of a pool here is a list of idle connections per origin."""
 
     def __init__(
         self,
@@ -107,14 +168,57 @@ class Http:
         self.headers = headers
         self.auth_origin = _origin(auth_origin) if auth_origin else None
         self.retry = retry or RetryPolicy()
-        self.pool = urllib3.PoolManager(
-            num_pools=8,
-            maxsize=pool_size,
-            retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-        )
+        self.pool_size = pool_size
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
 
-    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> urllib3.BaseHTTPResponse:
+    def _connection(self, key: tuple) -> http.client.HTTPConnection:
+        scheme, host, port = key
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()  # system CAs; SSL_CERT_FILE/SSL_CERT_DIR apply
+            conn: http.client.HTTPConnection = _HTTPSConnection(host, port, timeout=self.connect_timeout,
+                                                                context=self._tls)
+        elif scheme == "http":
+            conn = _HTTPConnection(host, port, timeout=self.connect_timeout)
+        else:
+            raise TransferError(f"unsupported URL scheme {scheme!r} (only http and https)")
+        conn.read_timeout = self.read_timeout
+        return conn
+
+    def _put(self, key: tuple, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.pool_size:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def _exchange(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+        """One request and its response head. A reused keep-alive connection the server has closed meanwhile
+        fails before any answer: that is tried once more on a new connection, without counting as a retry."""
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname or "", parts.port)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            reused = conn is not None
+            conn = conn or self._connection(key)
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                raw = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                if reused:
+                    continue
+                raise
+            return Response(self, key, conn, raw, url)
+
+    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
         """Follow redirects; Authorization goes only to `auth_origin` (else to the first URL's origin).
         The response's `url` is where it finally came from."""
         trusted = self.auth_origin or _origin(url)
@@ -123,9 +227,7 @@ class Http:
             if _origin(url) != trusted:
                 sent.pop("authorization", None)
                 sent.pop("Authorization", None)
-            resp = self.pool.request(
-                method, url, headers=sent, body=body, preload_content=False, redirect=False, decode_content=False
-            )
+            resp = self._exchange(method, url, sent, body)
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 target = urljoin(url, resp.headers["Location"])
                 if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
@@ -136,20 +238,22 @@ class Http:
                 resp.drain_conn()
                 resp.release_conn()
                 continue
-            resp.url = url
             return resp
         raise TransferError(f"{method} {url}: too many redirects")
 
     def request(
         self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None, what: str = ""
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> Response:
         """Send with retries on 408/429/5xx and connection errors. The caller reads (or releases) the
         body; error statuses other than those come back to the caller to map to a typed error."""
         attempts = _Attempts(self.retry, what or f"{method} {url}")
         while True:
             try:
                 resp = self._send(method, url, headers or {}, body)
-            except Urllib3Error as e:
+            except ssl.SSLCertVerificationError as e:
+                raise TransferError(f"{attempts.what}: the server's TLS certificate is not trusted "
+                                    f"({e.verify_message}); point SSL_CERT_FILE at your site's CA bundle") from None
+            except (OSError, http.client.HTTPException) as e:
                 attempts.wait(f"connection failed ({type(e).__name__}: {_short(e)})")
                 continue
             if resp.status in RETRY_STATUSES:
@@ -189,7 +293,7 @@ def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str |
             if resp.status != 200:
                 raise TransferError(f"download {label}: server answered {resp.status}")
             data = resp.read()
-        except Urllib3Error as e:
+        except DROPPED as e:
             attempts.wait(f"connection dropped ({type(e).__name__})")
             continue
         finally:
@@ -444,7 +548,6 @@ def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, co
     return hasher.hexdigest()
 
 
-_DROPPED = (Urllib3Error, http.client.HTTPException, ConnectionError, TimeoutError)
 _EXPIRED = (401, 403, 404, 410)  # what a CDN says to a signed URL past its expiry
 
 
@@ -473,20 +576,12 @@ def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, star
             if resp.status not in ((200, 206) if whole else (206,)):
                 raise TransferError(f"download {label}: server answered {resp.status} to a range request")
             source[0] = resp.url or target
-            raw = getattr(resp, "_fp", None)  # urllib3's http.client response: readinto without a copy
-            read_into = raw.readinto if raw is not None and not resp.headers.get("Content-Encoding") else None
             while filled < len(view):
                 if stop():
                     raise _Stopped()
-                want = view[filled: filled + CHUNK]
                 try:
-                    if read_into is not None:
-                        n = read_into(want)
-                    else:
-                        chunk = resp.read(len(want))
-                        n = len(chunk)
-                        want[:n] = chunk
-                except _DROPPED as e:
+                    n = resp.readinto(view[filled: filled + CHUNK])
+                except DROPPED as e:
                     dropped = e
                     break
                 if not n:

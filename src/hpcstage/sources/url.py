@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from urllib3.exceptions import HTTPError as Urllib3Error
-
 from hpcstage import __version__
 from hpcstage.errors import TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
-from hpcstage.transfer import CHUNK, CONNECTIONS, RANGES_SUFFIX, Http, RetryPolicy, fetch
+from hpcstage.transfer import CHUNK, CONNECTIONS, DROPPED, RANGES_SUFFIX, Http, RetryPolicy, fetch
 
 LEASE_TTL = 60.0
 
@@ -164,7 +162,7 @@ def _stream(http: Http, url: str, partial: Path, on_bytes: Callable[[int], None]
                 h.update(chunk)
                 n += len(chunk)
                 on_bytes(len(chunk))
-    except Urllib3Error as e:
+    except DROPPED as e:
         raise TransferError(f"download {url}: connection dropped ({type(e).__name__}); the server offers no "
                             "byte ranges, so run pull again to start over") from None
     finally:
