@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+from helpers import client_env
+
+from hpcstage.serve import FaultRule, HubServer
+from hpcstage.staging import InFlight
 from hpcstage.transfer import Http, RetryPolicy
 
 
@@ -34,3 +42,64 @@ def test_a_half_read_body_closes_its_connection_instead_of_reusing_it(hub):
     again = http.request("GET", f"{hub.url}/demo-org/tiny-model/resolve/main/{path}")
     assert len(again.read()) == info.size
     again.release_conn()
+
+
+# -- small files: batches and how many run at once ----------------------------------------------------
+
+
+@pytest.fixture
+def many_hub(tmp_path):
+    """40 small regular files (served by the hub listener itself)."""
+    repo = tmp_path / "served" / "models" / "demo-org" / "many"
+    for i in range(40):
+        (repo / f"part-{i // 10}").mkdir(parents=True, exist_ok=True)
+        (repo / f"part-{i // 10}" / f"item-{i:02d}.txt").write_text(f"item {i}\n" * (i + 1))
+    with HubServer(tmp_path / "served") as server:
+        yield server
+
+
+def pull(server, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcstage", "pull", "demo-org/many", "--cache-dir", str(cache), "-q",
+                           *extra], env=client_env(server, cache), capture_output=True, text=True, timeout=120)
+
+
+def test_one_bad_small_file_does_not_stop_the_others_in_its_batch(many_hub, tmp_path):
+    many_hub.add_fault(FaultRule(path=r"/item-13\.txt$", server="hub", method="GET", corrupt=True))
+    cache = tmp_path / "cache"
+    r = pull(many_hub, cache, "--workers", "2")  # 40 files / (4 x 2 workers): batches of 5
+    assert r.returncode == 1 and "1 of 40 files failed" in r.stderr and "item-13.txt" in r.stderr, r.stderr
+    snapshot = next((cache / "models--demo-org--many" / "snapshots").iterdir())
+    for i in range(40):
+        path = snapshot / f"part-{i // 10}" / f"item-{i:02d}.txt"
+        if i == 13:
+            assert not path.exists()
+        else:
+            assert path.read_text() == f"item {i}\n" * (i + 1)
+
+
+def test_a_slow_link_gets_all_workers_at_once(many_hub, tmp_path):
+    many_hub.add_fault(FaultRule(path=r"/resolve/", server="hub", method="GET", delay=0.1))
+    r = pull(many_hub, tmp_path / "cache", "--workers", "6")
+    assert r.returncode == 0, r.stderr
+    gets = [rec for rec in many_hub.log if "/resolve/" in rec.path]
+    assert len(gets) == 40
+    events = sorted([(rec.time, 1) for rec in gets] + [(rec.time + rec.duration, -1) for rec in gets])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    assert most == 6  # after the first 16 files at 2 at once, the 100 ms waits called for all 6
+
+
+@pytest.mark.parametrize("wait, work, most, expected", [
+    (0.0004, 0.0003, 8, 3),  # loopback: a request waits about as long as its file takes to commit
+    (0.0002, 0.0003, 8, 2),  # never fewer than 2
+    (0.040, 0.0003, 8, 8),  # a distant Hub: as many as --workers allows
+    (0.040, 0.0003, 1, 1),  # --workers 1 means one
+])
+def test_in_flight_follows_littles_law(wait, work, most, expected):
+    gauge = InFlight(most)
+    gauge.samples = [(wait, work)] * InFlight.PROBE
+    with gauge.cond:
+        gauge._decide()
+    assert gauge.limit == expected and gauge.samples is None

@@ -260,6 +260,7 @@ class _Repos:
         self._revisions = _Once()
         self._lfs_lock = threading.Lock()
         self._lfs: dict[str, FileInfo] = {}
+        self._folders: dict[tuple[str, str], tuple[int | None, dict[str, Path]]] = {}
 
     def revision(self, kind: str, repo_id: str, revision: str) -> _Revision:
         folders = self._revision_folders(kind, repo_id)
@@ -278,17 +279,30 @@ class _Repos:
 
     def refresh(self) -> None:
         self._revisions.clear()
+        self._folders.clear()
 
     def _revision_folders(self, kind: str, repo_id: str) -> dict[str, Path]:
+        """`name` is main, `name@rev` siblings are other revisions. Listed again only when the org folder
+        changed (its mtime): listing it on every request was the emulator's largest cost per small file."""
         org, _, name = repo_id.partition("/")
+        if not (_NAME.fullmatch(org) and _NAME.fullmatch(name)):
+            raise _HubError(401, "RepoNotFound", f"Repository {repo_id!r} not found")
         main = self.root / kind / org / name
-        if not (_NAME.fullmatch(org) and _NAME.fullmatch(name) and main.is_dir()):
+        try:
+            version = main.parent.stat().st_mtime_ns
+        except OSError:
+            version = None
+        cached = self._folders.get((kind, repo_id))
+        if cached is not None and version is not None and cached[0] == version:
+            return cached[1]
+        if not main.is_dir():
             raise _HubError(401, "RepoNotFound", f"Repository {repo_id!r} not found")
         folders = {"main": main}
         for sibling in main.parent.iterdir():
             base, at, rev = sibling.name.partition("@")
             if at and base == name and _NAME.fullmatch(rev) and sibling.is_dir():
                 folders.setdefault(rev, sibling)
+        self._folders[(kind, repo_id)] = (version, folders)
         return folders
 
     def _scan(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import queue
 import shutil
+import statistics
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from hpcstage.transfer import CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPoli
 LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
 BATCH_FILES = 64  # small files leased together by array workers
+SMALL_BATCH = 32  # at most this many small files per unit of a single pull (fewer thread hand-offs)
 BATCH_LEASES = Path(".locks") / "hpcstage" / "batches"  # inside .locks: scan_cache_dir skips it
 STOP_GRACE = 5.0  # seconds workers get to stop and release their leases after Ctrl-C/SIGTERM
 
@@ -100,6 +104,7 @@ class _Run:
         self.sharing = Sharing.for_group(opts.shared_group) if opts.shared_group else None  # checked before any request
         self.summary = PullSummary()
         self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
+        self.in_flight = InFlight(opts.workers)
 
     @property
     def http(self) -> Http:
@@ -225,6 +230,9 @@ class _Run:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
                 for n in fetched:
+                    if isinstance(n, TransferError):
+                        failures.append(str(n))
+                        continue
                     progress.file_done()
                     self.summary.downloaded_files += n > 0
                     self.summary.downloaded_bytes += n
@@ -247,7 +255,11 @@ class _Run:
         large = sorted((x for x in todo if x[1].size >= SMALL), key=lambda x: -x[1].size)
         units: list[tuple[Path | None, list]] = [(p.cache.lease(f.etag), [(p, f)]) for p, f in large]
         if not self.opts.worker:
-            return units + [(None, [x]) for x in todo if x[1].size < SMALL]
+            small = [x for x in todo if x[1].size < SMALL]
+            # Batches cut a future (and a wake-up of this thread) per file, yet stay small enough that
+            # every worker gets several: the last ones to finish leave no long tail.
+            n = max(1, min(SMALL_BATCH, len(small) // (4 * self.opts.workers)))
+            return units + [(None, small[i:i + n]) for i in range(0, len(small), n)]
         wanted = {(id(p), f.path) for p, f in todo}
         small = [(p, f) for p in plans for f in sorted(p.files, key=lambda f: f.path) if f.size < SMALL]
         for i in range(0, len(small), BATCH_FILES):
@@ -258,16 +270,23 @@ class _Run:
                 units.append((self.cache_dir / BATCH_LEASES / f"{name}{LEASE_SUFFIX}", missing))
         return units
 
-    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int] | None:
-        """Put a unit's files in place; returns the bytes each one downloaded, or None when another
-        process holds the unit's lease (the caller queues it again and moves on)."""
+    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | TransferError] | None:
+        """Put a unit's files in place; returns the bytes each one downloaded (or why it failed: one file
+        does not stop the others), or None when another process holds the unit's lease (the caller queues
+        it again and moves on)."""
         lease = None
         if lease_path is not None:
             lease = Lease(lease_path, ttl=LEASE_TTL)
             if not lease.try_acquire():
                 return None
         try:
-            return [self._stage_file(plan, f, progress, lease) for plan, f in items]
+            done: list[int | TransferError] = []
+            for plan, f in items:
+                try:
+                    done.append(self._stage_file(plan, f, progress, lease))
+                except TransferError as e:
+                    done.append(e)
+            return done
         finally:
             if lease is not None:
                 lease.release()
@@ -283,9 +302,11 @@ class _Run:
         label = f"{plan.entry.repo}/{f.path}"
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
-            data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
-            cache.write_blob(f.etag, data)
-            cache.link(plan.commit, f)
+            with self.in_flight.slot() as slot:
+                data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label,
+                                   on_received=slot.received)
+                cache.write_blob(f.etag, data)
+                cache.link(plan.commit, f)
             progress.add(f.size)
             return f.size
         assert lease is not None, "large files are fetched under their blob's lease"
@@ -312,6 +333,64 @@ class _Run:
         cache.commit_blob(cache.partial(f.etag), f.etag)
         cache.link(plan.commit, f)
         return fetched
+
+
+class InFlight:
+    """How many small files are fetched at once: enough to cover the link's latency, and no more.
+
+    Little's law: to keep this process busy, 1 + wait/work requests must be in flight, where `wait` is the
+    time from sending a request to having its body, and `work` the time to hash and commit it. Both are
+    measured on the first PROBE files, fetched 2 at a time (so that contention cannot inflate them); the
+    limit is then set once, between 2 and `most` (--workers). Why not always `most`: over a fast link every
+    runnable thread beyond ~2 adds GIL hand-offs and no speed (strace of 2,000 x 20 KB over loopback: 93
+    futex calls per file with 8 threads, 20 with 2; bench/README.md); over a slow link the waits overlap
+    and all `most` run."""
+
+    PROBE = 16
+
+    def __init__(self, most: int):
+        self.most = max(1, most)
+        self.limit = min(2, self.most)
+        self.running = 0
+        self.samples: list[tuple[float, float]] | None = []  # (wait, work); None once decided
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def slot(self):
+        with self.cond:
+            while self.running >= self.limit:
+                self.cond.wait()
+            self.running += 1
+        timing = _Timing(time.monotonic())
+        try:
+            yield timing
+        finally:
+            end = time.monotonic()
+            with self.cond:
+                self.running -= 1
+                if self.samples is not None and timing.body is not None:
+                    self.samples.append((timing.body - timing.start, end - timing.body))
+                    if len(self.samples) >= self.PROBE:
+                        self._decide()
+                self.cond.notify()
+
+    def _decide(self) -> None:
+        wait = statistics.median(w for w, _ in self.samples)
+        work = statistics.median(w for _, w in self.samples)
+        self.limit = max(self.limit, min(self.most, math.ceil(1 + wait / max(work, 1e-5))))
+        logging.getLogger(__name__).debug("small files: %d at once (wait %.2f ms, work %.2f ms)", self.limit,
+                                          wait * 1e3, work * 1e3)
+        self.samples = None
+        self.cond.notify_all()
+
+
+@dataclass
+class _Timing:
+    start: float
+    body: float | None = None  # when the last try's body had arrived
+
+    def received(self) -> None:
+        self.body = time.monotonic()
 
 
 def _record(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str = "") -> None:

@@ -282,8 +282,10 @@ def _hash_mismatch(label: str) -> TransferError:
     return TransferError(f"download {label}: content hash mismatch (wrong bytes discarded)")
 
 
-def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "") -> bytes:
-    """A small file in one request, checked in memory: no partial, no lease, nothing to resume."""
+def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "",
+                on_received: Callable[[], None] = lambda: None) -> bytes:
+    """A small file in one request, checked in memory: no partial, no lease, nothing to resume.
+    `on_received` is called when a body has arrived, before it is hashed (the caller's latency gauge)."""
     label = label or url
     attempts = _Attempts(http.retry, f"download {label}")
     mismatched = False
@@ -298,6 +300,7 @@ def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str |
             continue
         finally:
             resp.release_conn()
+        on_received()
         if len(data) != size:
             attempts.wait(f"got {len(data)} of {size} bytes")
             continue
