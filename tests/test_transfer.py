@@ -1,17 +1,20 @@
-"""The HTTP client under the engine: keep-alive reuse, and what happens when the server drops idle connections."""
+"""The engine below `pull`: keep-alive reuse, small files in flight, large files written O_DIRECT or buffered."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import client_env
+from helpers import client_env, sha256
 
+from hpcstage import transfer
 from hpcstage.serve import FaultRule, HubServer
 from hpcstage.staging import InFlight
-from hpcstage.transfer import Http, RetryPolicy
+from hpcstage.transfer import Http, RetryPolicy, fetch
 
 
 def test_a_keep_alive_connection_closed_by_the_server_is_replaced_without_a_retry(hub):
@@ -103,3 +106,81 @@ def test_in_flight_follows_littles_law(wait, work, most, expected):
     with gauge.cond:
         gauge._decide()
     assert gauge.limit == expected and gauge.samples is None
+
+
+# -- large files: O_DIRECT where the filesystem takes it, buffered where it does not --------------------
+
+
+def _lfs_file(hub):
+    files = hub.files_of("model", "demo-org/tiny-model")
+    path, info = max(((p, f) for p, f in files.items() if f.sha256), key=lambda kv: kv[1].size)
+    assert info.size % 4096, "the tail must be unaligned to take both write paths"
+    return f"{hub.url}/demo-org/tiny-model/resolve/main/{path}", info
+
+
+def _fetch(hub, partial: Path):
+    url, info = _lfs_file(hub)
+    fetched = fetch(Http({}), url, partial, size=info.size, expected=info.sha256, sha256="sha256")
+    assert fetched == info.size and sha256(partial) == info.sha256
+    assert not Path(str(partial) + ".ranges").exists()
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(hub, tmp_path, monkeypatch):
+    real_open = os.open
+    refused = []
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(transfer.os, "open", no_direct)
+    _fetch(hub, tmp_path / "blob.partial")
+    assert refused  # the direct descriptor was asked for, and its refusal was not an error
+
+
+def test_o_direct_accepted_at_open_but_refused_at_write_falls_back(hub, tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
+    direct_fds = set()
+    real_open = os.open
+
+    def track(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def refuse(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(transfer.os, "open", track)
+    monkeypatch.setattr(transfer.os, "pwrite", refuse)
+    _fetch(hub, tmp_path / "blob.partial")
+    assert direct_fds
+
+
+def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
+    writes = []
+    real_open = os.open
+    direct_fds = set()
+
+    def track(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def record(fd, data, offset):
+        writes.append((fd in direct_fds, offset, len(data)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(transfer.os, "open", track)
+    monkeypatch.setattr(transfer.os, "pwrite", record)
+    _fetch(hub, tmp_path / "blob.partial")
+    _, info = _lfs_file(hub)
+    aligned = info.size - info.size % 4096
+    assert (True, 0, aligned) in writes and (False, aligned, info.size - aligned) in writes, writes
