@@ -95,7 +95,7 @@ def test_a_slow_link_gets_all_workers_at_once(many_hub, tmp_path):
 
 
 @pytest.mark.parametrize("wait, work, most, expected", [
-    (0.0004, 0.0003, 8, 3),  # loopback: a request waits about as long as its file takes to commit
+    (0.0004, 0.0003, 8, 3),  # loopback: a file waits about as long as it costs in CPU
     (0.0002, 0.0003, 8, 2),  # never fewer than 2
     (0.040, 0.0003, 8, 8),  # a distant Hub: as many as --workers allows
     (0.040, 0.0003, 1, 1),  # --workers 1 means one

@@ -240,9 +240,13 @@ class RepoCache:
                 return
             folder = folder.parent
 
-    @property
+    @functools.cached_property
     def root(self) -> Path:
         return self.cache_dir / self.folder_name
+
+    @functools.cached_property
+    def _blobs(self) -> Path:  # a pull asks for thousands of blob paths: join the folder part once
+        return self.root / "blobs"
 
     @functools.cached_property
     def folder_name(self) -> str:
@@ -250,13 +254,13 @@ class RepoCache:
         return "--".join([f"{self.repo_type}s", *self.repo_id.split("/")])
 
     def blob(self, etag: str) -> Path:
-        return self.root / "blobs" / etag
+        return self._blobs / etag
 
     def partial(self, etag: str) -> Path:
-        return self.root / "blobs" / (etag + PARTIAL_SUFFIX)
+        return self._blobs / (etag + PARTIAL_SUFFIX)
 
     def lease(self, etag: str) -> Path:
-        return self.root / "blobs" / (etag + LEASE_SUFFIX)
+        return self._blobs / (etag + LEASE_SUFFIX)
 
     def snapshot(self, commit: str) -> Path:
         return self.root / "snapshots" / commit

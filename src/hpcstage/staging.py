@@ -302,9 +302,8 @@ class _Run:
         label = f"{plan.entry.repo}/{f.path}"
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
-            with self.in_flight.slot() as slot:
-                data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label,
-                                   on_received=slot.received)
+            with self.in_flight.slot():
+                data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
                 cache.write_blob(f.etag, data)
                 cache.link(plan.commit, f)
             progress.add(f.size)
@@ -336,15 +335,16 @@ class _Run:
 
 
 class InFlight:
-    """How many small files are fetched at once: enough to cover the link's latency, and no more.
+    """How many small files are fetched at once: enough to cover the waits, and no more.
 
-    Little's law: to keep this process busy, 1 + wait/work requests must be in flight, where `wait` is the
-    time from sending a request to having its body, and `work` the time to hash and commit it. Both are
-    measured on the first PROBE files, fetched 2 at a time (so that contention cannot inflate them); the
-    limit is then set once, between 2 and `most` (--workers). Why not always `most`: over a fast link every
-    runnable thread beyond ~2 adds GIL hand-offs and no speed (strace of 2,000 x 20 KB over loopback: 93
-    futex calls per file with 8 threads, 20 with 2; bench/README.md); over a slow link the waits overlap
-    and all `most` run."""
+    Little's law: to keep this process busy, 1 + wait/work files must be in flight, where `work` is the CPU
+    a file costs this process (request, hash, commit: `time.thread_time`) and `wait` the rest of its wall
+    time (the Hub's answer, the filesystem's metadata round trips). Both are measured on the first PROBE
+    files, fetched 2 at a time (so that contention cannot inflate them); the limit is then set once,
+    between 2 and `most` (--workers). Why not always `most`: over a fast link to a fast disk every runnable
+    thread beyond ~2 adds GIL hand-offs and no speed (strace of 2,000 x 20 KB over loopback: 93 futex calls
+    per file with 8 threads, 20 with 2; bench/README.md); when files wait on a distant Hub or a slow
+    metadata server, the waits overlap and all `most` run."""
 
     PROBE = 16
 
@@ -361,15 +361,18 @@ class InFlight:
             while self.running >= self.limit:
                 self.cond.wait()
             self.running += 1
-        timing = _Timing(time.monotonic())
+        measure = self.samples is not None
+        if measure:
+            start, cpu = time.monotonic(), time.thread_time()
         try:
-            yield timing
+            yield
         finally:
-            end = time.monotonic()
+            if measure:
+                wall, cpu = time.monotonic() - start, time.thread_time() - cpu
             with self.cond:
                 self.running -= 1
-                if self.samples is not None and timing.body is not None:
-                    self.samples.append((timing.body - timing.start, end - timing.body))
+                if measure and self.samples is not None:
+                    self.samples.append((max(0.0, wall - cpu), cpu))
                     if len(self.samples) >= self.PROBE:
                         self._decide()
                 self.cond.notify()
@@ -382,15 +385,6 @@ class InFlight:
                                           wait * 1e3, work * 1e3)
         self.samples = None
         self.cond.notify_all()
-
-
-@dataclass
-class _Timing:
-    start: float
-    body: float | None = None  # when the last try's body had arrived
-
-    def received(self) -> None:
-        self.body = time.monotonic()
 
 
 def _record(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: str = "") -> None:

@@ -282,10 +282,8 @@ def _hash_mismatch(label: str) -> TransferError:
     return TransferError(f"download {label}: content hash mismatch (wrong bytes discarded)")
 
 
-def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "",
-                on_received: Callable[[], None] = lambda: None) -> bytes:
-    """A small file in one request, checked in memory: no partial, no lease, nothing to resume.
-    `on_received` is called when a body has arrived, before it is hashed (the caller's latency gauge)."""
+def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "") -> bytes:
+    """A small file in one request, checked in memory: no partial, no lease, nothing to resume."""
     label = label or url
     attempts = _Attempts(http.retry, f"download {label}")
     mismatched = False
@@ -300,7 +298,6 @@ def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str |
             continue
         finally:
             resp.release_conn()
-        on_received()
         if len(data) != size:
             attempts.wait(f"got {len(data)} of {size} bytes")
             continue
