@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,23 @@ def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, mo
     _, info = _lfs_file(hub)
     aligned = info.size - info.size % 4096
     assert (True, 0, aligned) in writes and (False, aligned, info.size - aligned) in writes, writes
+
+
+def test_large_files_at_once_share_one_buffer_budget(hub, tmp_path, monkeypatch):
+    """With room for only 2 piece buffers in the process, 3 files fetched at once still all finish."""
+    monkeypatch.setattr(transfer, "_BUFFERS", threading.BoundedSemaphore(2))
+    errors = []
+
+    def one(n):
+        try:
+            _fetch(hub, tmp_path / f"blob-{n}.partial")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert transfer._BUFFERS._value == 2  # every buffer given back

@@ -17,6 +17,7 @@ import random
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ PIECE = 8 << 20  # unit of parallel ranges, of in-order hashing from memory and 
 CONNECTIONS = 4  # parallel range requests per large file
 RECORD_EVERY = 0.25  # seconds between saves of the resume record while pieces arrive
 DIRECT_ALIGN = 4096  # O_DIRECT alignment that every Linux filesystem accepts
+BUFFERS = 16  # PIECE buffers for all large files of a process at once: 128 MiB
+_BUFFERS = threading.BoundedSemaphore(BUFFERS)
 RANGES_SUFFIX = ".ranges"
 
 
@@ -428,8 +431,9 @@ def fetch(
 
     PIECE-sized pieces are handed out in order to up to `connections` parallel Range requests, each read
     into its own buffer and written in place; this thread hashes the buffers in order, so the bytes are
-    hashed from memory as they arrive instead of read back from disk. At most `connections + 2` buffers
-    exist (the memory bound): a connection that is ahead waits for a free one. Pieces already done by this
+    hashed from memory as they arrive instead of read back from disk. A file holds at most `connections + 2`
+    buffers, and all files of the process together BUFFERS (the memory bound, whatever --workers is): a
+    connection that is ahead waits for a free one. Pieces already done by this
     or a dead process (the `.ranges` record) are not fetched again, only read back for the hash. On a hash
     mismatch the partial is deleted and TransferError raised: wrong bytes are never kept. The caller holds
     the blob's lease, so no one else writes `partial` meanwhile.
@@ -443,30 +447,29 @@ def fetch(
     resumed = frozenset(pieces.done)
     out = _PartialFile(partial, size)
     finished = False
+    owned = [0]  # buffers this file holds of the process-wide budget
     try:
-        todo = iter([i for i in range(pieces.count) if i not in resumed])
+        todo = deque(i for i in range(pieces.count) if i not in resumed)
         on_bytes(sum(b - a for a, b in map(pieces.bounds, resumed)))
         cond = threading.Condition()
         failed: list[BaseException] = []
         ready: dict[int, memoryview] = {}  # fetched and written, waiting for the hasher
         free: list[memoryview] = []
-        budget = [connections + 2]  # buffers that may still be made
         source = [url]  # where the pieces are fetched from (the CDN, after the first redirect)
 
         def take() -> tuple[int, memoryview] | None:
-            """A buffer first, then the next piece: the piece the hasher waits for always has a buffer."""
+            """A buffer first, then the next piece: the piece the hasher waits for always has a buffer, so
+            every file holding buffers moves on and, at its end, gives them back to the others."""
             with cond:
-                while not free and not budget[0] and not failed:
-                    cond.wait()
-                if failed:
-                    return None
-                i = next(todo, None)
-                if i is None:
-                    return None
-                if free:
-                    return i, free.pop()
-                budget[0] -= 1
-            return i, _piece_buffer()
+                while not failed and todo:
+                    if free:
+                        return todo.popleft(), free.pop()
+                    if owned[0] < connections + 2 and _BUFFERS.acquire(blocking=False):
+                        owned[0] += 1
+                        return todo.popleft(), _piece_buffer()
+                    # wait for our hasher to free one; while we hold none, also look at the budget again
+                    cond.wait(timeout=None if owned[0] else 0.05)
+                return None
 
         def worker() -> None:
             try:
@@ -514,6 +517,8 @@ def fetch(
         finished = True
         return size - sum(b - a for a, b in map(pieces.bounds, resumed))
     finally:
+        for _ in range(owned[0]):
+            _BUFFERS.release()
         out.close()
         if not finished:
             pieces.save()  # stopped early: what is on disk is what the next run continues from
