@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,11 +281,13 @@ class _Run:
                 return None
         try:
             done: list[int | TransferError] = []
-            for plan, f in items:
-                try:
-                    done.append(self._stage_file(plan, f, progress, lease))
-                except TransferError as e:
-                    done.append(e)
+            # Units are either one large file or a batch of small ones; a batch runs under one slot.
+            with self.in_flight.slot() if items[0][1].size < SMALL else nullcontext():
+                for plan, f in items:
+                    try:
+                        done.append(self._stage_file(plan, f, progress, lease))
+                    except TransferError as e:
+                        done.append(e)
             return done
         finally:
             if lease is not None:
@@ -302,7 +304,7 @@ class _Run:
         label = f"{plan.entry.repo}/{f.path}"
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
-            with self.in_flight.slot():
+            with self.in_flight.timed():
                 data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
                 cache.write_blob(f.etag, data)
                 cache.link(plan.commit, f)
@@ -357,25 +359,35 @@ class InFlight:
 
     @contextmanager
     def slot(self):
+        """Held for a whole batch of small files, so that a thread hands its turn over once per batch,
+        not once per file (each hand-off is a wake-up of another thread)."""
         with self.cond:
             while self.running >= self.limit:
                 self.cond.wait()
             self.running += 1
-        measure = self.samples is not None
-        if measure:
-            start, cpu = time.monotonic(), time.thread_time()
         try:
             yield
         finally:
-            if measure:
-                wall, cpu = time.monotonic() - start, time.thread_time() - cpu
             with self.cond:
                 self.running -= 1
-                if measure and self.samples is not None:
+                self.cond.notify()
+
+    @contextmanager
+    def timed(self):
+        """One small file, measured while the limit is still being probed."""
+        if self.samples is None:
+            yield
+            return
+        start, cpu = time.monotonic(), time.thread_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.monotonic() - start, time.thread_time() - cpu
+            with self.cond:
+                if self.samples is not None:
                     self.samples.append((max(0.0, wall - cpu), cpu))
                     if len(self.samples) >= self.PROBE:
                         self._decide()
-                self.cond.notify()
 
     def _decide(self) -> None:
         wait = statistics.median(w for w, _ in self.samples)
