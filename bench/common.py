@@ -238,10 +238,14 @@ def _watch_peak(pid: int, stop: threading.Event, peaks: dict[int, float], interv
 
 def run_timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> Run:
     """Wall time from spawn to exit (perf_counter), CPU from wait4's rusage, peak RSS from polled VmHWM
-    (summed over the process and its descendants: an upper bound if they did not all peak at once)."""
+    (summed over the process and its descendants: an upper bound if they did not all peak at once).
+    Dirty data is synced to disk first, outside the timed region."""
     out_path = WORK / "last-child.out"
     peaks: dict[int, float] = {}
     stop = threading.Event()
+    # Untimed: write back what earlier runs left dirty (1 GiB per buffered big-file run), so that no run
+    # shares the cores with the kernel flushing its predecessor's data.
+    os.sync()
     with open(out_path, "w+b") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)

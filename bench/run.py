@@ -112,7 +112,7 @@ class Bench:
 
     def measure(self, scenario: str, tools: list[Tool], rounds: int, keep: bool = False) -> list[Result]:
         """`keep`: leave each run's folder until the scenario ends instead of deleting it after the run. ext4
-        skips inodes freed in the last 60-300 s when it allocates new ones (`recently_deleted()` in
+        skips inodes freed in the last minutes when it allocates new ones (`recently_deleted()` in
         ialloc.c), so deleting 2,000+ files makes the next run's creates scan past them: `perf` showed 20%
         of a small-file pull in `recently_deleted`, and system time grew run after run (0.7 -> 4.4 s) until
         the folders were kept (0.6-0.8 s). Not kept for the big file: one inode, and freeing its 1 GiB of
