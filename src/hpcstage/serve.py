@@ -19,6 +19,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -465,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
         if cursor + page_size < len(entries):
             next_query = urlencode({**query, "cursor": [str(cursor + page_size)]}, doseq=True)
             host = self.headers.get("Host") or self.server.owner.url.split("//")[1]
-            headers["Link"] = f'<http://{host}{urlsplit(self.path).path}?{next_query}>; rel="next"'
+            headers["Link"] = f'<{self.server.scheme}://{host}{urlsplit(self.path).path}?{next_query}>; rel="next"'
         return _json_response(200, entries[cursor:cursor + page_size], headers)
 
     def _paths_info(self, revision: _Revision, body: bytes) -> _Response:
@@ -491,7 +492,8 @@ class _Handler(BaseHTTPRequestHandler):
         if f.sha256 is None:
             return self._file(f, headers)
         host = (self.headers.get("Host") or "127.0.0.1").rsplit(":", 1)[0]
-        location = f"http://{host}:{owner.cdn_port}/lfs/{f.sha256}?filename={quote(path.rsplit('/', 1)[-1])}"
+        cdn = owner._listeners[1].scheme
+        location = f"{cdn}://{host}:{owner.cdn_port}/lfs/{f.sha256}?filename={quote(path.rsplit('/', 1)[-1])}"
         headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size), "Location": location})
         return _Response(302, headers, b"")
 
@@ -541,14 +543,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _sendfile(self, body: _FileSlice) -> None:
         """Kernel-side copy: the benchmark's 1 GiB file must go at disk/loopback speed."""
         self.wfile.flush()  # the head first
-        with open(body.path, "rb") as f:
-            offset, remaining = body.offset, body.length
-            while remaining:
-                n = os.sendfile(self.connection.fileno(), f.fileno(), offset, remaining)
-                if n == 0:  # file shrank under us: the promised length cannot be met
-                    self.close_connection = True
-                    return
-                offset, remaining, self._sent = offset + n, remaining - n, self._sent + n
+        with open(body.path, "rb") as f:  # os.sendfile on plain sockets, send() over TLS
+            self._sent = self.connection.sendfile(f, body.offset, body.length)
+        if self._sent < body.length:  # file shrank under us: the promised length cannot be met
+            self.close_connection = True
 
     def _send_altered(self, body: bytes | _FileSlice, length: int, fault: FaultRule) -> None:
         limit = length if fault.drop_after is None else min(length, fault.drop_after)
@@ -598,11 +596,14 @@ class _Listener(ThreadingHTTPServer):
     daemon_threads = True  # a handler stuck on a dead client never keeps the interpreter alive
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], owner: HubServer, role: str):
+    def __init__(self, address: tuple[str, int], owner: HubServer, role: str, tls: ssl.SSLContext | None):
         self.owner, self.role = owner, role
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+        self.scheme = "https" if tls else "http"
+        if tls:  # the handshake happens in accept(): fine for a test server
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
 
     def process_request(self, request, client_address):
         thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
@@ -638,8 +639,11 @@ class HubServer:
     """The hub listener and its CDN listener (another port, hence another origin for LFS redirects)."""
 
     def __init__(self, root: Path | str, host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0,
-                 page_size: int = 1000, log_file: Path | str | None = None):
+                 page_size: int = 1000, log_file: Path | str | None = None,
+                 tls: dict[str, ssl.SSLContext] | None = None):
+        """`tls`: a server-side SSLContext per listener ('hub', 'cdn') to serve over https (tests)."""
         self.root = Path(root)
+        self._tls = tls or {}
         self.host, self.page_size = host, page_size
         self._ports = (port, cdn_port)
         self._log_path = Path(log_file) if log_file else None
@@ -662,7 +666,8 @@ class HubServer:
         self._stopping.clear()
         if self._log_path:
             self._log_stream = open(self._log_path, "a", encoding="utf-8")
-        self._listeners = [_Listener((self.host, p), self, role) for p, role in zip(self._ports, ("hub", "cdn"))]
+        self._listeners = [_Listener((self.host, p), self, role, self._tls.get(role))
+                           for p, role in zip(self._ports, ("hub", "cdn"))]
         for listener in self._listeners:
             thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05},
                                       name=f"hpcstage-serve-{listener.role}", daemon=True)
@@ -704,7 +709,7 @@ class HubServer:
 
     def _url_of(self, listener: _Listener) -> str:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        return f"http://{host}:{listener.server_address[1]}"
+        return f"{listener.scheme}://{host}:{listener.server_address[1]}"
 
     # -- content -------------------------------------------------------------------------------------
 
