@@ -167,6 +167,14 @@ def test_datagen_35_task_folders_in_chunks_of_10_is_an_array_of_4(tmp_path, caps
     assert code == 0, err
     assert "#SBATCH --array=0-3%2\n" in (tmp_path / "experiments" / "gen2" / "datagen.sbatch").read_text()
 
+    code, _, err = hpcstage(
+        "launch", "--job-type", "datagen", "--cluster", "jureca", "--datagen-script", script,
+        "--trace-input-path", tasks, "--chunk-size", "10", "--max-parallel", "0", "--name", "gen3", "--dry-run",
+        capsys=capsys,
+    )
+    assert code == 2 and "--max-parallel must be at least 1 (got 0)" in err, err  # not "no limit"
+    assert not (tmp_path / "experiments" / "gen3").exists()
+
 
 def test_consolidate_uses_the_checkpoints_own_zero_to_fp32(tmp_path, capsys):
     ckpt = tmp_path / "checkpoints" / "checkpoint-500"
@@ -249,6 +257,8 @@ def test_a_template_naming_an_unknown_variable_is_refused(tmp_path, capsys):
         (["--job-type", "run", "--command", "true", "--after", "x1"], "--after 'x1' is not a Slurm job id"),
         (["--job-type", "run", "--command", "true", "--cluster", "jurecaa"], "did you mean 'jureca'"),
         (["--job-type", "run", "--command", "true", "--model", "not a repo"], "--model"),
+        (["--job-type", "run", "--command", "true", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1"),
+        (["--job-type", "run", "--command", "true", "--num-nodes", "0"], "--num-nodes must be at least 1"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(args, message, tmp_path, capsys):

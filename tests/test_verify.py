@@ -194,3 +194,14 @@ def test_locked_branch_ref_missing_is_restored_but_a_moved_ref_is_only_reported(
     r = hpcstage("verify", "-f", str(manifest), "--repair", "--json", env=env)
     assert r.returncode == 1 and problems(r.stdout) == {("bad_ref", MODEL, "refs/main")}
     assert (refs / "main").read_text() == other
+
+
+def test_a_dataset_named_without_repo_type_is_pointed_to_it(hub, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(hub, cache)
+    assert hpcstage("pull", DATASET, "--repo-type", "dataset", "--cache-dir", str(cache), "-q", env=env).returncode == 0
+    r = hpcstage("verify", DATASET, "--cache-dir", str(cache), env=env)
+    assert r.returncode == 1 and "staged as a dataset: pass --repo-type dataset" in r.stdout, r.stdout
+    r = hpcstage("verify", DATASET, "--repo-type", "dataset", "--revision", "v9", "--cache-dir", str(cache), env=env)
+    assert r.returncode == 1 and f"hpcstage pull {DATASET} --repo-type dataset --revision v9" in r.stdout, r.stdout
+    assert hpcstage("verify", DATASET, "--repo-type", "dataset", "--cache-dir", str(cache), env=env).returncode == 0

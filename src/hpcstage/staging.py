@@ -249,9 +249,10 @@ class _Run:
 
     def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
         """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
-        unleased, one per unit, except for Slurm array workers: there they are leased in batches, so that
-        N workers fetch each file once without paying for a lease per file. Batches are cut from the whole
-        plan (the lockfile), not from what is missing now, so every worker names the same batches."""
+        unleased in batches of up to SMALL_BATCH, except for Slurm array workers: there they are leased in
+        batches of BATCH_FILES, so that N workers fetch each file once without paying for a lease per file.
+        Those batches are cut from the whole plan (the lockfile), not from what is missing now, so every
+        worker names the same batches."""
         large = sorted((x for x in todo if x[1].size >= SMALL), key=lambda x: -x[1].size)
         units: list[tuple[Path | None, list]] = [(p.cache.lease(f.etag), [(p, f)]) for p, f in large]
         if not self.opts.worker:
@@ -582,10 +583,18 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
             guard = folder / f"{key.split('-')[0] if folder == downloads else key}{LEASE_SUFFIX}"
             if live(guard) or (age := old(partial)) is None:
                 continue
-            found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
-            if not dry_run:
+            if dry_run:
+                found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
+                continue
+            lease = Lease(guard, ttl=LEASE_TTL)  # so that a run starting this instant cannot be resuming it
+            if not lease.try_acquire():
+                continue
+            try:
+                found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
                 partial.unlink(missing_ok=True)
                 partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
+            finally:
+                lease.release()
     for tmp in sorted(cache_dir.glob("*/**/.*.hpcstage-tmp")):
         if (age := old(tmp)) is not None:
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))

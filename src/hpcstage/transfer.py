@@ -373,22 +373,27 @@ class _PartialFile:
         try:
             if os.fstat(self.fd).st_size != size:
                 os.ftruncate(self.fd, size)
-            self.direct = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
+            if hasattr(os, "O_DIRECT"):
+                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 self.close()
                 raise
+        self.use_direct = self.direct >= 0
 
     def write(self, view: memoryview, offset: int) -> None:
+        """Called by several range threads at once (each its own piece)."""
         n = len(view)
-        aligned = n - n % DIRECT_ALIGN if self.direct >= 0 and offset % DIRECT_ALIGN == 0 else 0
+        aligned = n - n % DIRECT_ALIGN if self.use_direct and offset % DIRECT_ALIGN == 0 else 0
         if aligned:
             try:
                 _pwrite_all(self.direct, view[:aligned], offset)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                self.direct, aligned = -1, 0  # accepted at open, refused at write: buffered from now on
+                # accepted at open, refused at write: buffered from now on (the descriptor stays open
+                # until close(), another thread may be writing through it)
+                self.use_direct, aligned = False, 0
         if aligned < n:
             _pwrite_all(self.fd, view[aligned:], offset + aligned)
 

@@ -249,12 +249,17 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
                 plan.ref_expect[(cache.root, entry.revision)] = locked.commit
         return plan
     if repo_ids:
+        kind = repo_type or "model"
+        flag = "" if kind == "model" else f" --repo-type {kind}"  # the fixing commands must name it too
         for repo_id in repo_ids:
             policy.check_repo_id(repo_id)
-            cache = plan.repo(repo_type or "model", repo_id)
+            cache = plan.repo(kind, repo_id)
             if not cache.root.is_dir():
-                plan.problem(NOT_STAGED, cache, None, "", cache.root,
-                             f"not in the cache {cache_dir}; run `hpcstage pull {repo_id}` or pass --cache-dir")
+                other = [] if repo_type else [k for k in ("dataset", "space")
+                                              if RepoCache(cache.cache_dir, k, repo_id).root.is_dir()]
+                fix = (f"it is staged as a {other[0]}: pass --repo-type {other[0]}" if other else
+                       f"run `hpcstage pull {repo_id}{flag}` or pass --cache-dir")
+                plan.problem(NOT_STAGED, cache, None, "", cache.root, f"not in the cache {cache_dir}; {fix}")
                 continue
             if revision is None:
                 for commit in _snapshot_commits(cache):
@@ -263,10 +268,10 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
             commit = revision if policy.is_commit(revision) else (cache.read_ref(revision) or "").strip()
             if not policy.is_commit(commit):
                 plan.problem(NOT_STAGED, cache, None, revision, cache.root / "refs" / revision,
-                             f"revision {revision!r} is not staged; run `hpcstage pull {repo_id} --revision {revision}`")
+                             f"revision {revision!r} is not staged; run `hpcstage pull {repo_id}{flag} --revision {revision}`")
             elif not cache.snapshot(commit).is_dir():
                 plan.problem(NOT_STAGED, cache, commit, "", cache.snapshot(commit),
-                             f"no snapshot; run `hpcstage pull {repo_id} --revision {revision}`")
+                             f"no snapshot; run `hpcstage pull {repo_id}{flag} --revision {revision}`")
             else:
                 plan.snapshot(cache, commit)
         return plan

@@ -356,7 +356,7 @@ def _resources(request: LaunchRequest, cluster: Cluster, gpus_default: int) -> d
     if not 0 <= gpus <= cluster.gpus_per_node:
         raise BadInput(f"{cluster.name} has {cluster.gpus_per_node} GPUs per node; --gpus-per-node {gpus} asked")
     share = cluster.cpus_per_node // max(cluster.gpus_per_node, 1)
-    cpus = request.cpus_per_task or (share * gpus if gpus else share) or 1
+    cpus = request.cpus_per_task if request.cpus_per_task is not None else (share * gpus if gpus else share) or 1
     if not 1 <= cpus <= cluster.cpus_per_node:
         raise BadInput(f"{cluster.name} has {cluster.cpus_per_node} CPUs per node; --cpus-per-task {cpus} asked")
     limit = request.time_limit or cluster.max_time
@@ -449,8 +449,6 @@ def _chunk_map(request: LaunchRequest, exp: Path) -> tuple[str, str]:
     root = Path(request.trace_input_path).expanduser().resolve()
     if not root.is_dir():
         raise BadInput(f"--trace-input-path {root}: no such folder")
-    if request.chunk_size < 1:
-        raise BadInput("--chunk-size must be at least 1")
     folders = sorted(str(p) for p in root.iterdir() if p.is_dir())
     if not folders:
         raise BadInput(f"--trace-input-path {root} has no task folders")
@@ -460,9 +458,7 @@ def _chunk_map(request: LaunchRequest, exp: Path) -> tuple[str, str]:
     path.write_text(json.dumps({"input": str(root), "chunk_size": size, "tasks": len(folders), "chunks": chunks},
                                indent=1) + "\n")
     array = f"0-{len(chunks) - 1}"
-    if request.max_parallel:
-        if request.max_parallel < 1:
-            raise BadInput("--max-parallel must be at least 1")
+    if request.max_parallel is not None:
         array += f"%{request.max_parallel}"
     return array, str(path)
 
@@ -481,8 +477,10 @@ def _validate(request: LaunchRequest) -> None:
                 raise BadInput(f"--{name.replace('_', '-')} is for --job-type {kind}")
     if request.eval_tasks and request.job_type not in ("train", "eval"):
         raise BadInput("--eval-tasks is for --job-type train (a chained eval) or eval")
-    if request.num_nodes < 1:
-        raise BadInput("--num-nodes must be at least 1")
+    for name in ("num_nodes", "cpus_per_task", "chunk_size", "max_parallel"):
+        value = getattr(request, name)
+        if value is not None and value < 1:  # 0 would otherwise mean "the default" without a word
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
     if request.max_restarts < 0:
         raise BadInput("--max-restarts must be 0 or more")
     for job_id in request.after:
