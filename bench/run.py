@@ -376,6 +376,20 @@ def machine(where: Path) -> list[tuple[str, str]]:
     ]
 
 
+def journalless_ext4(where: Path) -> str | None:
+    """The device's name when `where` is on ext4 without a journal (no /proc/fs/jbd2/<dev>-8), else None.
+    Such an ext4 skips inodes freed in the last minutes when it allocates new ones (`recently_deleted()`
+    in fs/ext4/ialloc.c), so every create pays for recent mass deletions (see bench/README.md)."""
+    st = os.stat(where)
+    try:
+        name = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve(strict=True).name
+    except OSError:
+        return None
+    if not Path(f"/sys/fs/ext4/{name}").is_dir():
+        return None
+    return None if any(p.name.startswith(f"{name}-") for p in Path("/proc/fs/jbd2").glob("*")) else name
+
+
 def wan_unavailable() -> str | None:
     """Why the netem profile cannot run here, or None. It needs root, `unshare`, `tc` and the kernel's netem."""
     if os.geteuid() != 0:
@@ -450,6 +464,10 @@ def main() -> int:
                            "when it is idle before drawing conclusions.")
     if args.latency_ms:
         bench.notes.append(f"Latency profile: the server answered every request {args.latency_ms:.0f} ms late.")
+    if "small" in only and (dev := journalless_ext4(args.runs_dir.parent)):
+        bench.notes.append(f"The client caches are on ext4 without a journal ({dev}): it skips inodes freed in the "
+                           "last minutes, so small-file times taken within ~8 minutes of deleting many files (the "
+                           "test suite, a previous bench) come out 2-4x slower for every tool (bench/README.md).")
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     info = machine(args.runs_dir)
     rmtree(args.runs_dir)
