@@ -179,6 +179,9 @@ class Bench:
     def small(self) -> None:
         repo = small_repo()
         check = _snapshot_check(repo, _repo_files(HUB / "models" / repo))
+        settled = wait_for_settled_inodes(self.args.runs_dir)
+        if settled:
+            self.notes.append(settled)
         self.measure("small", [
             Tool("hpcstage", [HPCSTAGE, "pull", repo, "--cache-dir", "{dest}", "-q"], check),
             Tool("hf download", [HF, "download", repo, "--cache-dir", "{dest}", "-q"], check),
@@ -390,6 +393,46 @@ def journalless_ext4(where: Path) -> str | None:
     return None if any(p.name.startswith(f"{name}-") for p in Path("/proc/fs/jbd2").glob("*")) else name
 
 
+SETTLED_CREATE_US = 100  # an empty file's create on this machine's journal-less ext4: ~15 us when no
+# recently freed inodes are in the way, 200-800 us within minutes of a mass deletion
+SETTLE_LIMIT = 600.0
+
+
+def create_cost_us(folder: Path, n: int = 300) -> float:
+    """Microseconds per create of an empty file, in a new sub-folder of `folder` (kept: deleting it would
+    free inodes and disturb what comes next)."""
+    probe = folder / f"create-probe-{time.time_ns()}"
+    probe.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(probe / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def wait_for_settled_inodes(folder: Path) -> str:
+    """On a journal-less ext4, wait (at most SETTLE_LIMIT) until creating files is cheap again, so that the
+    small-file scenario does not time the allocator skipping inodes freed by the test suite or a previous
+    bench. Returns a note for results.md ("" on other filesystems)."""
+    dev = journalless_ext4(folder.parent)
+    if dev is None:
+        return ""
+    started = time.monotonic()
+    while True:
+        cost = create_cost_us(folder)
+        waited = time.monotonic() - started
+        if cost <= SETTLED_CREATE_US:
+            return (f"The client caches are on ext4 without a journal ({dev}); before the small-file scenario "
+                    f"the bench waited {waited:.0f} s until a create cost {cost:.0f} us (<= {SETTLED_CREATE_US}), "
+                    "i.e. until no recently freed inodes were in the way (bench/README.md).")
+        if waited >= SETTLE_LIMIT:
+            return (f"The client caches are on ext4 without a journal ({dev}) and a create still cost {cost:.0f} us "
+                    f"after {waited:.0f} s of waiting (settled: <= {SETTLED_CREATE_US} us): small-file times include "
+                    "the allocator skipping recently freed inodes, 2-4x slower for every tool (bench/README.md).")
+        log(f"ext4 without a journal is skipping recently freed inodes ({cost:.0f} us per create); "
+            "waiting 30 s before the small-file scenario")
+        time.sleep(30)
+
+
 def wan_unavailable() -> str | None:
     """Why the netem profile cannot run here, or None. It needs root, `unshare`, `tc` and the kernel's netem."""
     if os.geteuid() != 0:
@@ -464,10 +507,6 @@ def main() -> int:
                            "when it is idle before drawing conclusions.")
     if args.latency_ms:
         bench.notes.append(f"Latency profile: the server answered every request {args.latency_ms:.0f} ms late.")
-    if "small" in only and (dev := journalless_ext4(args.runs_dir.parent)):
-        bench.notes.append(f"The client caches are on ext4 without a journal ({dev}): it skips inodes freed in the "
-                           "last minutes, so small-file times taken within ~8 minutes of deleting many files (the "
-                           "test suite, a previous bench) come out 2-4x slower for every tool (bench/README.md).")
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     info = machine(args.runs_dir)
     rmtree(args.runs_dir)
