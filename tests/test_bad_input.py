@@ -146,3 +146,14 @@ def test_status_of_a_broken_experiment_record(tmp_path, jobs):
 
 def test_doctor_timeout_must_be_positive(tmp_path):
     one_line_bad_input(hpcstage("doctor", "--timeout", "0", cwd=tmp_path), "--timeout")
+
+
+@pytest.mark.parametrize("argv, env", [
+    (("prebuild", "--from-experiment", "bad.yaml"), {}),
+    (("pull", "demo-org/x", "--cache-dir", "c"), {"HPCSTAGE_POLICY": "bad.yaml"}),
+])
+def test_a_non_utf8_experiment_summary_or_site_policy(tmp_path, argv, env):
+    (tmp_path / "bad.yaml").write_bytes(b"evaluation:\n  tasks: [\xff\xfe]\n")
+    env = {k: str(tmp_path / v) if k == "HPCSTAGE_POLICY" else v for k, v in env.items()}
+    one_line_bad_input(hpcstage(*argv, cwd=tmp_path, env=env), "bad.yaml", "not UTF-8")
+    assert not (tmp_path / "c").exists()

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, fie
 from hpcstage import policy
 from hpcstage.errors import BadInput, ManifestError, PolicyError
 from hpcstage.hfcache import CachedFile, write_atomic
+from hpcstage.yamlfile import read_yaml
 
 LOCK_NAME = "hpcstage.lock"
 LOCK_VERSION = 1
@@ -316,19 +317,8 @@ def _explain(err: dict, valid: list[str]) -> str:
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest; every problem is a ManifestError naming file:line and the fix."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ManifestError(f"cannot read manifest {path}: {e.strerror}; pass an existing file with -f") from None
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-        lines = _lines_of(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ManifestError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data, text = read_yaml(path, "manifest", ManifestError, "pass an existing UTF-8 YAML file with -f")
+    lines = _lines_of(text)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -9,11 +9,11 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-import yaml
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hpcstage.errors import PolicyError
+from hpcstage.yamlfile import read_yaml
 
 REPO_TYPES = ("model", "dataset")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -80,12 +80,7 @@ def site_allowlist() -> Allowlist:
     if path is None:
         return Allowlist(None, site=False)
     fix = f"fix it or point {POLICY_ENV} at a valid file"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise PolicyError(f"cannot read site policy {path} ({e.strerror}); {fix}") from None
-    except yaml.YAMLError as e:
-        raise PolicyError(f"site policy {path} is not valid YAML ({getattr(e, 'problem', e)}); {fix}") from None
+    data, _ = read_yaml(path, "site policy", PolicyError, fix)
     if data is None:
         data = {}
     if not isinstance(data, dict) or set(data) - {"allow"}:

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from hpcstage import offline
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.hfcache import write_atomic
 from hpcstage.locks import Lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
+from hpcstage.yamlfile import read_yaml
 
 LOCK_DIR = ".hpcstage-locks"
 MARKER_DIR = ".hpcstage-prebuild"
@@ -198,12 +198,7 @@ def builds_from_experiment(path: str | Path) -> list[Build]:
     """`evaluation.tasks[].dataset` of an experiment summary: each unique file becomes
     `load_dataset("json", data_files=PATH, field="test", split="train")`."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise BadInput(f"cannot read experiment summary {path}: {e.strerror}; pass an existing file") from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data, _ = read_yaml(path, "experiment summary", BadInput, "pass an existing UTF-8 YAML file")
     tasks = ((data or {}).get("evaluation") or {}).get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, list):
         raise BadInput(f"{path}: no `evaluation.tasks` list; expected evaluation: {{tasks: [{{dataset: PATH}}, ...]}}")

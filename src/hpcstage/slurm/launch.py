@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from hpcstage import __version__, policy
 from hpcstage.errors import BadInput, HpcstageError
@@ -39,6 +38,7 @@ from hpcstage.slurm import JOB_TYPES, SlurmError
 from hpcstage.slurm.clusters import Cluster, RegistryError, detect, load_registry, slurm_time_seconds
 from hpcstage.slurm.render import Shell, render, sbatch_directives
 from hpcstage.slurm.submit import cancel, release, submit
+from hpcstage.yamlfile import read_yaml
 
 DEFAULT_TRAIN_COMMAND = ("llamafactory-cli", "train")  # multi-node through FORCE_TORCHRUN/NNODES/NODE_RANK
 MASTER_PORT = 29500
@@ -393,10 +393,7 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path) -> list[Job]
     nodes = request.num_nodes
     if kind == "train":
         source = _existing_file(request.train_config, "--train-config")
-        try:
-            config = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise BadInput(f"--train-config {source}: not a readable YAML file ({str(e).splitlines()[0]})") from None
+        config = read_yaml(source, "--train-config", BadInput, "pass a llama-factory YAML config")[0] or {}
         if not isinstance(config, dict):
             raise BadInput(f"--train-config {source}: a llama-factory config is a YAML mapping")
         shutil.copyfile(source, exp / "train_config.yaml")  # the job reads the copy: later edits don't leak in
