@@ -34,11 +34,23 @@ def _open(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
 
+def _readinto_loop(readinto, fd: int, chunk: int) -> str:
+    """Read the body with `readinto` into one reused buffer, write and hash each slice; closes fd."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    h = hashlib.sha256()
+    while n := readinto(buf):
+        os.write(fd, view[:n])
+        h.update(view[:n])
+    os.close(fd)
+    return h.hexdigest()
+
+
 # -- one stack each; every function downloads url into out and returns the sha256 hex ---------------
 
 
 def s_urllib3_read(url: str, out: str, chunk: int = MIB) -> str:
-    """What transfer.py does today: resp.read(1 MiB) -> new bytes object each call, os.pwrite."""
+    """What transfer.py did first: resp.read(1 MiB) -> new bytes object each call, os.pwrite."""
     import urllib3
 
     pool = urllib3.PoolManager(retries=False)
@@ -61,19 +73,10 @@ def s_urllib3_readinto(url: str, out: str, chunk: int = MIB) -> str:
     import urllib3
 
     pool = urllib3.PoolManager(retries=False)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    h, fd = hashlib.sha256(), _open(out)
     resp = pool.request("GET", url, preload_content=False, decode_content=False, redirect=False)
-    while True:
-        n = resp.readinto(buf)
-        if not n:
-            break
-        os.write(fd, view[:n])
-        h.update(view[:n])
+    digest = _readinto_loop(resp.readinto, _open(out), chunk)
     resp.release_conn()
-    os.close(fd)
-    return h.hexdigest()
+    return digest
 
 
 def s_urllib3_fp_readinto(url: str, out: str, chunk: int = 4 * MIB) -> str:
@@ -82,43 +85,17 @@ def s_urllib3_fp_readinto(url: str, out: str, chunk: int = 4 * MIB) -> str:
     import urllib3
 
     pool = urllib3.PoolManager(retries=False)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    h, fd = hashlib.sha256(), _open(out)
     resp = pool.request("GET", url, preload_content=False, decode_content=False, redirect=False)
-    fp = resp._fp
-    while True:
-        n = fp.readinto(buf)
-        if not n:
-            break
-        os.write(fd, view[:n])
-        h.update(view[:n])
+    digest = _readinto_loop(resp._fp.readinto, _open(out), chunk)
     resp.release_conn()
-    os.close(fd)
-    return h.hexdigest()
+    return digest
 
 
 def _httpclient(url: str, out: str, chunk: int) -> str:
-    import http.client
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    conn.request("GET", u.path + ("?" + u.query if u.query else ""))
-    resp = conn.getresponse()
-    assert resp.status == 200, resp.status
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    h, fd = hashlib.sha256(), _open(out)
-    while True:
-        n = resp.readinto(buf)
-        if not n:
-            break
-        os.write(fd, view[:n])
-        h.update(view[:n])
-    os.close(fd)
+    conn, resp, _ = _httpclient_open(url)
+    digest = _readinto_loop(resp.readinto, _open(out), chunk)
     conn.close()
-    return h.hexdigest()
+    return digest
 
 
 def s_httpclient_1m(url: str, out: str) -> str:
@@ -149,18 +126,9 @@ def s_httpclient_4m_fallocate(url: str, out: str) -> str:
     fd = _open(out)
     if out != "/dev/null":
         os.posix_fallocate(fd, 0, size)
-    buf = bytearray(4 * MIB)
-    view = memoryview(buf)
-    h = hashlib.sha256()
-    while True:
-        n = resp.readinto(buf)
-        if not n:
-            break
-        os.write(fd, view[:n])
-        h.update(view[:n])
-    os.close(fd)
+    digest = _readinto_loop(resp.readinto, fd, 4 * MIB)
     conn.close()
-    return h.hexdigest()
+    return digest
 
 
 def s_httpclient_mmap(url: str, out: str) -> str:

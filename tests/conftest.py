@@ -29,17 +29,24 @@ BIG_MODEL = "demo-org/big-model"
 BIG_SIZE = 100 * 2**20 + 1234  # 13 range pieces of transfer.PIECE (8 MiB): the last one short and not block-aligned
 
 
+def _one_lfs_file_repo(root: Path, repo_id: str, size: int, seed: int) -> Path:
+    """`repo_id` under `root` with a small config.json and a `size`-byte random model.safetensors (LFS)."""
+    import random
+
+    repo = root / "models" / repo_id
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "llama"}\n')
+    rng = random.Random(seed)
+    with open(repo / "model.safetensors", "wb") as f:
+        for start in range(0, size, 64 << 20):
+            f.write(rng.randbytes(min(64 << 20, size - start)))
+    return root
+
+
 @pytest.fixture(scope="session")
 def big_root(tmp_path_factory):
     """A repo with one 100 MiB LFS file (large-file path: lease, parallel ranges, resume record)."""
-    import random
-
-    root = tmp_path_factory.mktemp("big")
-    repo = root / "models" / BIG_MODEL
-    repo.mkdir(parents=True)
-    (repo / "config.json").write_text('{"model_type": "llama"}\n')
-    (repo / "model.safetensors").write_bytes(random.Random(7).randbytes(BIG_SIZE))
-    return root
+    return _one_lfs_file_repo(tmp_path_factory.mktemp("big"), BIG_MODEL, BIG_SIZE, seed=7)
 
 
 @pytest.fixture
@@ -55,17 +62,7 @@ GIB = 2**30
 @pytest.fixture(scope="session")
 def gib_root(tmp_path_factory):
     """A repo with one 1 GiB LFS file, for kill/concurrency tests that the issue states at that size."""
-    import random
-
-    root = tmp_path_factory.mktemp("gib")
-    repo = root / "models" / GIB_MODEL
-    repo.mkdir(parents=True)
-    (repo / "config.json").write_text('{"model_type": "llama"}\n')
-    rng = random.Random(11)
-    with open(repo / "model.safetensors", "wb") as f:
-        for _ in range(GIB // (64 << 20)):
-            f.write(rng.randbytes(64 << 20))
-    return root
+    return _one_lfs_file_repo(tmp_path_factory.mktemp("gib"), GIB_MODEL, GIB, seed=11)
 
 
 @pytest.fixture

@@ -6,9 +6,11 @@ interpreter with the environment built here.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -47,3 +49,19 @@ def sha256(path) -> str:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `predicate` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def pieces_done(record: Path) -> int:
+    """Pieces a partial file's `.ranges` record lists as complete (0 while there is none)."""
+    try:
+        return len(json.loads(record.read_text())["done"])
+    except (OSError, ValueError, KeyError):
+        return 0

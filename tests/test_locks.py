@@ -8,26 +8,22 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 
+import helpers
 import pytest
 
 from hpcstage import locks
 from hpcstage.locks import Lease, LeaseLost, LockTimeout, break_expired, fs_now, read_lease
 
 pytestmark = pytest.mark.timeout(60)
+wait_for = partial(helpers.wait_for, interval=0.005)  # lease timings here are sub-second
 
 
 def spawn(code: str, *args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                             stdout=subprocess.PIPE, text=True)
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def age_file(path: Path, seconds: float) -> None:

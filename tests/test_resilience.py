@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIG_MODEL, GIB_MODEL
-from helpers import client_env, sha256
+from helpers import client_env, pieces_done, sha256, wait_for
 from hpcstage.locks import Lease
 from hpcstage.serve import FaultRule
 from hpcstage.transfer import PIECE
@@ -48,21 +48,6 @@ def assert_blobs_are_their_hash(cache: Path) -> None:
             assert hashlib.sha256(data).hexdigest() == blob.name, blob
         else:
             assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob.name, blob
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def pieces_done(record: Path) -> int:
-    try:
-        return len(json.loads(record.read_text())["done"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def test_kill_9_half_way_through_1_gib_resumes_without_refetching(gib_hub, tmp_path):

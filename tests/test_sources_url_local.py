@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GIB_MODEL
-from helpers import client_env
+from helpers import client_env, pieces_done
 from hpcstage.serve import FaultRule, HubServer
 from hpcstage.transfer import PIECE
 
@@ -288,13 +288,6 @@ def test_local_archive_file_extracts_and_is_never_deleted(ahub, tmp_path):
     r = pull(m, ahub)
     assert r.returncode == 0, r.stderr
     assert tree(tmp_path / "data" / "ws") == FILES and src.exists()
-
-
-def pieces_done(record: Path) -> int:
-    try:
-        return len(json.loads(record.read_text())["done"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def test_kill_9_during_a_1_gib_url_download_resumes_without_refetching(gib_hub, tmp_path):
