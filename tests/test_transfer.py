@@ -141,45 +141,40 @@ def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(hub, tmp_path, 
     assert refused  # the direct descriptor was asked for, and its refusal was not an error
 
 
-def test_o_direct_accepted_at_open_but_refused_at_write_falls_back(hub, tmp_path, monkeypatch):
-    real_pwrite = os.pwrite
-    direct_fds = set()
-    real_open = os.open
+def _direct_fds(monkeypatch) -> set[int]:
+    """The descriptors the engine opens with O_DIRECT, collected as it opens them."""
+    real_open, fds = os.open, set()
 
     def track(path, flags, *args):
         fd = real_open(path, flags, *args)
         if flags & os.O_DIRECT:
-            direct_fds.add(fd)
+            fds.add(fd)
         return fd
+
+    monkeypatch.setattr(transfer.os, "open", track)
+    return fds
+
+
+def test_o_direct_accepted_at_open_but_refused_at_write_falls_back(hub, tmp_path, monkeypatch):
+    real_pwrite, direct_fds = os.pwrite, _direct_fds(monkeypatch)
 
     def refuse(fd, data, offset):
         if fd in direct_fds:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(transfer.os, "open", track)
     monkeypatch.setattr(transfer.os, "pwrite", refuse)
     _fetch(hub, tmp_path / "blob.partial")
     assert direct_fds
 
 
 def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, monkeypatch):
-    real_pwrite = os.pwrite
-    writes = []
-    real_open = os.open
-    direct_fds = set()
-
-    def track(path, flags, *args):
-        fd = real_open(path, flags, *args)
-        if flags & os.O_DIRECT:
-            direct_fds.add(fd)
-        return fd
+    real_pwrite, direct_fds, writes = os.pwrite, _direct_fds(monkeypatch), []
 
     def record(fd, data, offset):
         writes.append((fd in direct_fds, offset, len(data)))
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(transfer.os, "open", track)
     monkeypatch.setattr(transfer.os, "pwrite", record)
     _fetch(hub, tmp_path / "blob.partial")
     _, info = _lfs_file(hub)

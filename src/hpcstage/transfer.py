@@ -199,10 +199,10 @@ class Http:
                 return
         conn.close()
 
-    def _exchange(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
-        """One request and its response head. A reused keep-alive connection the server has closed meanwhile
-        fails before any answer: that is tried once more on a new connection, without counting as a retry."""
-        parts = urlsplit(url)
+    def _exchange(self, method: str, url: str, parts, headers: dict[str, str], body: bytes | None) -> Response:
+        """One request and its response head (`parts`: `url` split, as the caller had it). A reused keep-alive
+        connection the server has closed meanwhile fails before any answer: that is tried once more on a new
+        connection, without counting as a retry."""
         key = (parts.scheme, parts.hostname or "", parts.port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         while True:
@@ -226,17 +226,19 @@ class Http:
         The response's `url` is where it finally came from."""
         trusted = self.auth_origin or _origin(url)
         for _ in range(10):
+            parts = urlsplit(url)  # once per hop: small files make this the hot path
             sent = dict(self.headers, **headers)
-            if _origin(url) != trusted:
+            if (parts.scheme, parts.hostname or "", parts.port) != trusted:
                 sent.pop("authorization", None)
                 sent.pop("Authorization", None)
-            resp = self._exchange(method, url, sent, body)
+            resp = self._exchange(method, url, parts, sent, body)
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 target = urljoin(url, resp.headers["Location"])
-                if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                scheme = urlsplit(target).scheme
+                if parts.scheme == "https" and scheme != "https":
                     resp.release_conn()
-                    raise TransferError(f"{method} {urlsplit(url).netloc}: refused a redirect from https to "
-                                        f"{urlsplit(target).scheme}; the server must stay on https")
+                    raise TransferError(f"{method} {parts.netloc}: refused a redirect from https to {scheme}; "
+                                        "the server must stay on https")
                 url = target
                 resp.drain_conn()
                 resp.release_conn()
@@ -455,7 +457,8 @@ def fetch(
     owned = [0]  # buffers this file holds of the process-wide budget
     try:
         todo = deque(i for i in range(pieces.count) if i not in resumed)
-        on_bytes(sum(b - a for a, b in map(pieces.bounds, resumed)))
+        kept = sum(b - a for a, b in map(pieces.bounds, resumed))
+        on_bytes(kept)
         cond = threading.Condition()
         failed: list[BaseException] = []
         ready: dict[int, memoryview] = {}  # fetched and written, waiting for the hasher
@@ -520,7 +523,7 @@ def fetch(
             raise _hash_mismatch(label)
         record.unlink(missing_ok=True)
         finished = True
-        return size - sum(b - a for a, b in map(pieces.bounds, resumed))
+        return size - kept
     finally:
         for _ in range(owned[0]):
             _BUFFERS.release()
