@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from hpcstage import offline
 from hpcstage.errors import BadInput, HpcstageError
-from hpcstage.hfcache import write_atomic
+from hpcstage import safefs
 from hpcstage.locks import Lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
 from hpcstage.yamlfile import read_yaml
@@ -253,7 +253,7 @@ def _write_marker(datasets_cache_dir: Path, build: Build, cache_dir: str, second
         "fingerprint": build.fingerprint(), "cache_dir": str(folder), "files": files,
         "built_at": time.time(), "seconds": round(seconds, 3),
     }
-    write_atomic(marker_path(datasets_cache_dir, build), json.dumps(marker, indent=1, default=str).encode())
+    safefs.write_atomic(datasets_cache_dir, marker_path(datasets_cache_dir, build), json.dumps(marker, indent=1, default=str).encode())
 
 
 def newer_builds(cache_dir: str | Path) -> list[Path]:
@@ -396,7 +396,7 @@ def prebuild(
                     progressed = True
                     tell("skipped", b.label)
                     continue
-                lease = Lease(lease_path(ds_dir, b), ttl=lease_ttl)
+                lease = Lease(lease_path(ds_dir, b), ttl=lease_ttl, root=ds_dir)
                 if not lease.try_acquire():
                     continue  # another process builds it; look again next round
                 try:

@@ -27,8 +27,7 @@ from typing import Iterable
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
-from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache,
-                              write_atomic)
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache
 from hpcstage.manifest import HubEntry, Manifest, load_lock
 
 logger = logging.getLogger(__name__)
@@ -480,7 +479,7 @@ def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
         else:
             continue
         if commit and cache.snapshot(commit).is_dir():
-            write_atomic(ref, commit.encode())
+            cache.folder(ref.parent).write_atomic(ref.name, commit.encode(), sharing=cache.sharing)
 
 
 def verify(
