@@ -355,3 +355,18 @@ def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_write
             subprocess.run(["userdel", "-r", user], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_verify_repair_deletes_nothing_through_a_planted_folder_link(mhub, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(mhub, tmp_path / "h")
+    assert hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=env).returncode == 0
+    theirs = tmp_path / "theirs-blobs"
+    shutil.move(cache / REPO_DIR / "blobs", theirs)  # "their" folder now holds the blobs...
+    plant(cache / REPO_DIR / "blobs", theirs)  # ...and the cache's blobs/ is their link to it
+    small = theirs / _names(mhub)["small"]
+    small.write_bytes(b"changed")  # a corrupt blob, seen through the link
+    before = snapshot_of(theirs)
+    r = hpcstage("verify", REPO, "--cache-dir", str(cache), "--repair", env=env)
+    one_line_refusal(r, cache / REPO_DIR / "blobs")
+    assert snapshot_of(theirs) == before

@@ -443,13 +443,13 @@ def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[Hu
             continue
         cache, f = snap.cache, snap.expected[p.path]
         entry = cache.snapshot(p.commit) / p.path
+        blobs = cache.folder(cache.blob(f.etag).parent)  # another user's link there: refused (safefs)
         for blob in (p.where, str(cache.blob(f.etag))):
             real = os.path.realpath(blob)
             if _blob_in_repo(cache, blob) and real not in good and os.path.lexists(blob):
                 logger.info("removing bad blob %s", blob)
-                os.unlink(blob)
-        if os.path.lexists(entry):
-            os.unlink(entry)
+                blobs.unlink(os.path.basename(real))
+        cache.folder(entry.parent).unlink(entry.name)
         wanted[(p.repo_type, p.repo_id, p.commit)].add(p.path)
     return [
         HubEntry(repo=repo_id, repo_type=repo_type, revision=commit, include=sorted(glob.escape(x) for x in paths))
