@@ -1,0 +1,153 @@
+"""Guarantees that once had no test failing when their code was broken (issue 22's surviving mutants):
+a lost lease stops the commit, Retry-After and backoff are waited out, hostile revisions and lockfiles
+are refused, hardlinked archive members count toward the unpacked-size limit."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import _one_lfs_file_repo
+from helpers import client_env, sha256, wait_for
+from hpcstage import staging
+from hpcstage.errors import HpcstageError
+from hpcstage.serve import FaultRule, HubServer
+
+REPO = "org/leased"
+REPO_DIR = "models--org--leased"
+SIZE = 20 * 2**20 + 77
+
+
+@pytest.fixture(scope="module")
+def leased_root(tmp_path_factory):
+    return _one_lfs_file_repo(tmp_path_factory.mktemp("leased"), REPO, SIZE, seed=5)
+
+
+@pytest.fixture
+def lhub(leased_root):
+    with HubServer(leased_root) as server:
+        yield server
+
+
+def hpcstage(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_lease_lost_after_the_download_stops_the_commit(lhub, tmp_path, monkeypatch):
+    """Another process took the blob's lease over while this one (stalled) finished its download: the bytes
+    must not be committed under the blob's name, since the other may be writing the same partial."""
+    for k, v in client_env(lhub, tmp_path / "h").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(staging, "LEASE_TTL", 0.9)  # heartbeat every 0.3 s: the loss is seen quickly
+    leases: list = []
+
+    class Recorded(staging.Lease):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            leases.append(self)
+
+    real_fetch = staging.fetch
+
+    def fetch_then_lose_the_lease(*a, **kw):
+        n = real_fetch(*a, **kw)
+        lease = leases[-1]
+        meta = json.loads(lease.path.read_text())
+        tmp = lease.path.with_name("takeover.tmp")
+        tmp.write_text(json.dumps({**meta, "token": "another-process"}))
+        os.replace(tmp, lease.path)  # what a takeover by another node looks like to the holder
+        wait_for(lambda: lease.lost, 10, "the heartbeat to notice the takeover")
+        return n
+
+    monkeypatch.setattr(staging, "Lease", Recorded)
+    monkeypatch.setattr(staging, "fetch", fetch_then_lose_the_lease)
+    cache = tmp_path / "cache"
+    with pytest.raises(HpcstageError, match="lost"):
+        staging.pull([staging.HubEntry(repo=REPO)], staging.Options(cache_dir=cache, quiet=True))
+    sha = lhub.files_of("model", REPO)["model.safetensors"].sha256
+    assert not (cache / REPO_DIR / "blobs" / sha).exists()  # never committed
+    assert not (cache / REPO_DIR / "snapshots").exists() or not any((cache / REPO_DIR / "snapshots").rglob("*.safetensors"))
+
+
+def _gaps(log, path_part: str) -> list[float]:
+    times = [r.time for r in log if path_part in r.path]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_retry_after_is_waited_out(lhub, tmp_path):
+    lhub.add_fault(FaultRule(path="resolve/.*config.json", status=503, retry_after=2, times=1))
+    r = hpcstage("pull", REPO, "--cache-dir", str(tmp_path / "c"), "-q", env=client_env(lhub, tmp_path / "h"))
+    assert r.returncode == 0, r.stderr
+    tried = [x for x in lhub.log if "config.json" in x.path]
+    assert [x.status for x in tried] == [503, 200]  # the fault fired, then the retry succeeded
+    assert _gaps(lhub.log, "config.json")[0] >= 1.9  # the server's 2 s, not an immediate retry
+
+
+def test_errors_without_a_hint_back_off(lhub, tmp_path):
+    lhub.add_fault(FaultRule(path="resolve/.*config.json", status=503, times=2))
+    r = hpcstage("pull", REPO, "--cache-dir", str(tmp_path / "c"), "-q", env=client_env(lhub, tmp_path / "h"))
+    assert r.returncode == 0, r.stderr
+    assert [x.status for x in lhub.log if "config.json" in x.path] == [503, 503, 200]
+    first, second = _gaps(lhub.log, "config.json")
+    assert first >= 0.45 and second >= 0.9  # exponential: about 1 s then 2 s (with jitter down to half)
+
+
+@pytest.mark.parametrize("revision", ["/x", "x/", "a//b", "../main", "main.lock", "-x", "a b"])
+def test_a_hostile_revision_is_refused_before_any_request(lhub, tmp_path, revision):
+    cache = tmp_path / "c"
+    r = hpcstage("pull", REPO, f"--revision={revision}", "--cache-dir", str(cache), env=client_env(lhub, tmp_path / "h"))
+    assert r.returncode == 2 and "invalid revision" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert lhub.log == [] and not cache.exists()
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text(f"cache_dir: c2\nmodels:\n  - repo: {REPO}\n    revision: {json.dumps(revision)}\n")
+    r = hpcstage("pull", "-f", str(m), env=client_env(lhub, tmp_path / "h"))
+    assert r.returncode == 2 and "revision" in r.stderr, r.stderr
+    assert lhub.log == [] and not (tmp_path / "c2").exists()
+
+
+@pytest.mark.parametrize("bad", ["../../../escaped", "/tmp/hpcstage-lock-escape", "a/../../b", "sub//x"])
+def test_a_hostile_lockfile_path_is_refused_and_nothing_is_written(lhub, tmp_path, bad):
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {REPO}\n")
+    env = client_env(lhub, tmp_path / "h")
+    assert hpcstage("pull", "-f", str(m), "-q", env=env).returncode == 0
+    lock = json.loads((tmp_path / "hpcstage.lock").read_text())
+    [entry] = lock["entries"].values()
+    entry["files"][0]["path"] = bad
+    (tmp_path / "hpcstage.lock").write_text(json.dumps(lock))
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    lhub.clear_log()
+    r = hpcstage("pull", "-f", str(m), "-q", env=env)
+    assert r.returncode == 2 and "lockfile" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert lhub.log == []
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/hpcstage-lock-escape").exists()
+
+
+def test_hardlinked_members_count_toward_the_unpacked_size_limit(tmp_path):
+    from hpcstage.archive import ArchiveError, Limits, extract_into
+
+    a = tmp_path / "links.tar"
+    data = os.urandom(1 << 20)
+    with tarfile.open(a, "w") as tf:
+        info = tarfile.TarInfo("one.bin")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        for i in range(9):  # 10 MiB once unpacked (each link is a full file to whoever reads it)
+            link = tarfile.TarInfo(f"link-{i}.bin")
+            link.type, link.linkname = tarfile.LNKTYPE, "one.bin"
+            tf.addfile(link)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ArchiveError, match="unpacks to more than"):
+        extract_into(a, out, limits=Limits(max_bytes=5 << 20))
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    got = extract_into(a, out2, limits=Limits(max_bytes=11 << 20))
+    assert got.bytes == 10 << 20 and sha256(out2 / "link-8.bin") == sha256(out2 / "one.bin")
