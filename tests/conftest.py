@@ -9,6 +9,8 @@ import pytest
 from hpcstage.samples import make_samples
 from hpcstage.serve import HubServer
 
+pytest_plugins = ["strict_skips"]  # HPCSTAGE_REQUIRE_ALL=1: a skip is a failure (CI)
+
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory):
