@@ -151,3 +151,43 @@ def test_hardlinked_members_count_toward_the_unpacked_size_limit(tmp_path):
     out2.mkdir()
     got = extract_into(a, out2, limits=Limits(max_bytes=11 << 20))
     assert got.bytes == 10 << 20 and sha256(out2 / "link-8.bin") == sha256(out2 / "one.bin")
+
+
+PROBE = """\
+import json, os, socket, sys
+if sys.argv[:1] != ["-m"]:  # every child of the CLI, not the CLI itself
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=3).close()
+        reached = True
+    except OSError:
+        reached = False
+    flags = [os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    with open({out!r}, "a") as f:
+        f.write(json.dumps({{"argv0": sys.argv[0], "reached": reached, "flags": flags}}) + "\\n")
+"""
+
+
+def test_the_check_child_has_no_network_and_the_offline_flags(hub, tmp_path):
+    """Asserted from inside the child (it tries a connection to a listening socket and reads its own
+    environment) and from outside (the listener accepts nothing)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    site, out = tmp_path / "site", tmp_path / "probe.jsonl"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PROBE.format(port=listener.getsockname()[1], out=str(out)))
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text("cache_dir: cache\nmodels:\n  - repo: demo-org/tiny-model\n")
+    env = client_env(hub, tmp_path / "h")
+    assert hpcstage("pull", "-f", str(m), "-q", env=env).returncode == 0
+    r = hpcstage("check", "-f", str(m), env={**env, "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    children = [json.loads(line) for line in out.read_text().splitlines()]
+    assert children, "the check ran no child process"
+    assert all(c["reached"] is False for c in children), children
+    assert all(c["flags"] == ["1", "1", "1"] for c in children), children
+    assert accepted == []
+    listener.close()
