@@ -4,6 +4,8 @@ are refused, hardlinked archive members count toward the unpacked-size limit."""
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 import json
 import os
 import subprocess
@@ -191,3 +193,89 @@ def test_the_check_child_has_no_network_and_the_offline_flags(hub, tmp_path):
     assert all(c["flags"] == ["1", "1", "1"] for c in children), children
     assert accepted == []
     listener.close()
+
+
+# -- states and paths no test used to reach
+
+
+def test_update_follows_main_when_it_moves(sample_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(sample_root / "models" / "demo-org" / "tiny-model", root / "models" / "demo-org" / "tiny-model")
+    m = tmp_path / "proj" / "hpcstage.yaml"
+    m.parent.mkdir()
+    m.write_text("cache_dir: cache\nmodels:\n  - repo: demo-org/tiny-model\n    include: ['*.json']\n")
+    with HubServer(root) as server:
+        env = client_env(server, tmp_path / "h")
+        assert hpcstage("pull", "-f", str(m), "-q", env=env).returncode == 0
+        first = server.commit_of("model", "demo-org/tiny-model")
+        lock = lambda: next(iter(json.loads((m.parent / "hpcstage.lock").read_text())["entries"].values()))  # noqa: E731
+        assert lock()["commit"] == first
+        (root / "models" / "demo-org" / "tiny-model" / "config.json").write_text('{"model_type": "moved"}\n')
+        server.refresh()
+        moved = server.commit_of("model", "demo-org/tiny-model")
+        assert moved != first
+        server.clear_log()
+        assert hpcstage("pull", "-f", str(m), "-q", env=env).returncode == 0
+        assert lock()["commit"] == first and server.log == []  # pinned: no request, nothing moves
+        assert hpcstage("pull", "-f", str(m), "-q", "--update", env=env).returncode == 0
+        assert lock()["commit"] == moved
+    repo = m.parent / "cache" / "models--demo-org--tiny-model"
+    assert (repo / "refs" / "main").read_text() == moved
+    assert json.loads((repo / "snapshots" / moved / "config.json").read_text()) == {"model_type": "moved"}
+    assert json.loads((repo / "snapshots" / first / "config.json").read_text()) != {"model_type": "moved"}
+
+
+def _status(m: Path, env: dict) -> dict:
+    r = hpcstage("status", "-f", str(m), "--json", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # 1: not everything is staged
+    [row] = [x for x in json.loads(r.stdout) if x["repo"] == REPO]
+    return row
+
+
+def test_status_shows_locked_while_a_pull_runs_and_partial_after_it_is_killed(lhub, tmp_path):
+    import signal
+
+    from helpers import pieces_done
+
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {REPO}\n")
+    env = client_env(lhub, tmp_path / "h")
+    lhub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=2_000_000))  # ~2.5 s per 8 MiB piece
+    sha = lhub.files_of("model", REPO)["model.safetensors"].sha256
+    record = tmp_path / "cache" / REPO_DIR / "blobs" / f"{sha}.hpcstage-partial.ranges"
+    proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(m), "-q"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: pieces_done(record) >= 1, 60, "a first piece on disk")
+        row = _status(m, env)
+        assert row["state"] == "locked" and row["locked_by"], row
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    row = _status(m, env)  # the holder is dead: its lease does not count
+    assert row["state"] == "partial" and 0 < row["partial_percent"] < 100 and not row["locked_by"], row
+
+
+def test_a_local_copy_across_filesystems_is_read_back_and_independent_of_its_source(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("needs /dev/shm on another filesystem than the test folder (a tmpfs on Linux)")
+    src = Path(tempfile.mkdtemp(dir=shm, prefix="hpcstage-src-"))
+    try:
+        (src / "a.txt").write_text("original\n")
+        m = tmp_path / "hpcstage.yaml"
+        m.write_text(f"data_dir: data\ndatasets:\n  - local: {src}\n    dest: copy\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env["HF_HUB_CACHE"] = str(tmp_path / "cache")
+        r = hpcstage("pull", "-f", str(m), "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        copy = tmp_path / "data" / "copy" / "a.txt"
+        assert copy.read_text() == "original\n"
+        assert os.stat(copy).st_ino != os.stat(src / "a.txt").st_ino  # a real copy, not a link
+        (src / "a.txt").write_text("edited in place\n")
+        assert copy.read_text() == "original\n"  # editing the source does not edit the staged copy
+        r = hpcstage("pull", "-f", str(m), "-q", env=env)  # the source changed: copied again
+        assert r.returncode == 0, r.stderr
+        assert copy.read_text() == "edited in place\n"
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
