@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import client_env
+from helpers import client_env, wait_for
 from hpcstage.serve import FaultRule, HubServer
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
@@ -100,7 +100,7 @@ def test_a_cancelled_worker_leaves_its_files_to_the_others(cluster, array_hub, t
     while job_states([victim]).get(victim, None) is None or job_states([victim])[victim].state != "RUNNING":
         assert time.monotonic() < deadline, "worker 1 never ran"
         time.sleep(0.2)
-    time.sleep(2.0)  # mid-way through its units
+    wait_for(lambda: len(array_hub.log) >= 300, 120, "the workers to be under way")  # of ~2,000 requests
     cancel([victim])
     states = wait([jobs["finish_id"], jobs["report_id"]], timeout=240, poll=0.5)
     assert states[jobs["finish_id"]].state == "COMPLETED", states
