@@ -73,6 +73,7 @@ def run(module: str, timeout: float) -> dict:
     cr = [sys.executable, "-m", "cosmic_ray.cli"]
     started = time.monotonic()
     subprocess.run([*cr, "init", str(config), str(session)], cwd=copy, env=env, check=True)
+    _skip_annotations(session, copy / f"src/hpcstage/{module}.py")
     baseline = subprocess.run([*cr, "baseline", str(config)], cwd=copy, env=env, capture_output=True, text=True)
     if baseline.returncode != 0:
         raise SystemExit(f"{module}: the tests fail without any mutant; fix them first\n{baseline.stdout[-2000:]}")
@@ -81,13 +82,46 @@ def run(module: str, timeout: float) -> dict:
     return {"module": module, "seconds": round(seconds), **_results(session, copy)}
 
 
+def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) (line, column) of every type annotation: with `from __future__ import annotations` they
+    are never evaluated, so a mutant there (`str | None` -> `str // None`) cannot change behaviour."""
+    import ast
+
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        found = []
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            found.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            found.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+        spans += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in found]
+    return spans
+
+
+def _skip_annotations(session: Path, module: Path) -> None:
+    """Mark the mutants inside type annotations as skipped (cosmic-ray's own filters do not know them)."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    spans = _annotation_spans(module.read_text())
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item in db.work_items:
+            for spec in item.mutations:
+                at = tuple(spec.start_pos)
+                if any(a <= at < b for a, b in spans):
+                    db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+                    break
+
+
 def _results(session: Path, copy: Path) -> dict:
     db = sqlite3.connect(session)
     rows = db.execute(
         "SELECT m.module_path, m.operator_name, m.start_pos_row, r.test_outcome FROM mutation_specs m "
         "JOIN work_results r ON r.job_id = m.job_id"
     ).fetchall()
-    outcomes = [(p, op, row, (outcome or "").lower()) for p, op, row, outcome in rows]  # KILLED, SURVIVED, ...
+    outcomes = [(p, op, row, (outcome or "").lower()) for p, op, row, outcome in rows if outcome]  # skipped: None
     survived = [f"{Path(p).name}:{row} {op.split('/')[-1]}" for p, op, row, outcome in outcomes if outcome == "survived"]
     killed = sum(1 for *_, outcome in outcomes if outcome in ("killed", "incompetent"))
     return {"mutants": len(rows), "killed": killed, "survived": sorted(survived)}
