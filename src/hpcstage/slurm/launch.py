@@ -450,10 +450,7 @@ def _job_manifest(artifacts: list[Artifact], manifest, cache_dir: Path):
     """The manifest plus the Hub repos named by --model/--dataset: what prebuild and check look at."""
     from hpcstage.manifest import Manifest, hub_entry
 
-    # A dataset named by --dataset only: prebuild load_dataset(REPO) at its commit, the call a job makes by repo
-    # id (the Arrow cache of the default config; offline, load_dataset(REPO, split=...) finds it too).
-    extra = [hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision,
-                       **({"load": {}} if a.repo_type == "dataset" else {}))
+    extra = [hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision)
              for a in artifacts if a.repo_type and not _in_manifest(a, manifest)]
     models = [e for e in extra if e.repo_type == "model"]
     datasets = [e for e in extra if e.repo_type == "dataset"]
@@ -770,6 +767,12 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
 
     warnings: list[str] = []
     jobs = build_jobs(request, cluster, exp, live, warnings)  # resources and limits are checked before staging
+    loads = {e.repo for e in manifest.datasets if e.load is not None} if manifest is not None else set()
+    if offline and request.dataset and not _is_local(request.dataset) and request.dataset not in loads:
+        warnings.append(f"--dataset {request.dataset} has no `load:` entry, so no load_dataset call was prebuilt or "
+                        f"checked: offline, load_dataset({request.dataset!r}, ...) fails in the job; load "
+                        "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with "
+                        "`load: {split: ...}` (-f)")
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
     env = _job_env(artifacts, offline, manifest, request)
