@@ -141,8 +141,11 @@ def test_failing_train_leaves_its_chained_eval_never_running(cluster, tmp_path, 
         states = wait([train, evaluation], timeout=60, poll=POLL)
         assert (states[train].state, states[train].exit_code) == ("FAILED", 1)
         assert (states[evaluation].state, states[evaluation].reason) == ("PENDING", "DependencyNeverSatisfied")
-        status = hpcstage("status", "--experiment", tmp_path / "experiments" / "crash", env=env).stdout
-        assert f"eval\t{evaluation}\tPENDING (DependencyNeverSatisfied)\n" in status
+        status = hpcstage("status", "--experiment", tmp_path / "experiments" / "crash", env=env)
+        assert f"eval\t{evaluation}\tPENDING (DependencyNeverSatisfied)\n" in status.stdout
+        assert status.stderr == (f"hpcstage: warning: job {evaluation} is PENDING (DependencyNeverSatisfied) and will "
+                                 "never start: a job it depends on failed or was cancelled; fix that job and launch "
+                                 "again\n")
     finally:
         cancel([evaluation])
     assert wait([evaluation], timeout=20, poll=POLL)[evaluation].state == "CANCELLED"

@@ -206,6 +206,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         code = f" exit {r['exit_code']}" if r["exit_code"] is not None else ""
         attempt = f" attempt {r['attempt']}" if r["attempt"] else ""
         print(f"{r['key']}{attempt}\t{r['job_id'] or '-'}\t{r['state']}{detail}{code}")
+    from hpcstage.slurm.jobs import JobState
+
+    for r in rows:  # a reason that never clears: say so, and what to do
+        why = JobState(r["job_id"] or "-", "", r["state"], r["reason"]).why_never()
+        if why:
+            print(f"hpcstage: warning: {why}", file=sys.stderr)
     return 0
 
 
