@@ -32,7 +32,7 @@ _MEM = re.compile(r"\d+[KMGT]?")
 # Optional keys an override can clear with "": TOML has no null.
 _UNSETTABLE = (
     "hostname", "slurm_cluster", "mem", "partition", "account", "qos", "constraint", "licenses",
-    "exclude", "gres_name", "python", "cpu_partition", "rendezvous_suffix", "socket_ifname",
+    "exclude", "gres_name", "python", "cpu_partition", "rendezvous_suffix", "socket_ifname", "home_quota",
 )  # fmt: skip
 
 
@@ -104,6 +104,7 @@ class Cluster(BaseModel):
     account_required: bool = False
     rendezvous_suffix: str | None = None
     socket_ifname: str | None = None
+    home_quota: str | None = None  # the site's default per-user $HOME quota (doctor warns about caches there)
 
     @field_validator(*_UNSETTABLE, mode="before")
     @classmethod
@@ -120,7 +121,7 @@ class Cluster(BaseModel):
                 raise ValueError(f"bad regular expression {value!r}: {exc}") from exc
         return value
 
-    @field_validator("mem")
+    @field_validator("mem", "home_quota")
     @classmethod
     def _valid_mem(cls, value: str | None) -> str | None:
         if value is not None and not _MEM.fullmatch(value):
@@ -136,6 +137,13 @@ class Cluster(BaseModel):
     @property
     def max_time_seconds(self) -> int:
         return slurm_time_seconds(self.max_time)
+
+    @property
+    def home_quota_bytes(self) -> int | None:
+        if self.home_quota is None:
+            return None
+        unit = {"K": 1, "M": 2, "G": 3, "T": 4}.get(self.home_quota[-1], 0)
+        return int(self.home_quota.rstrip("KMGT")) * 1024**unit
 
     def partition_max_time(self, partition: str | None) -> str | None:
         """The registry's time limit of a partition: its own entry, else the cluster's for its default
