@@ -475,3 +475,18 @@ def test_after_an_experiment_folder_waits_for_its_last_job(tmp_path, capsys):
     code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
                             "--after", tmp_path / "experiments" / "dry", "--name", "third", "--dry-run", capsys=capsys)
     assert code == 2 and "nothing of that experiment was submitted (a dry run?); launch it first" in err
+
+
+def test_dataset_without_a_load_entry_gets_a_warning_naming_what_the_job_should_load(tmp_path, capsys):
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                            "--dataset", "demo-org/tiny-dataset", "--name", "ds", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    assert err.splitlines() == [
+        "hpcstage: warning: --dataset demo-org/tiny-dataset has no `load:` entry, so no load_dataset call was "
+        "prebuilt or checked: offline, load_dataset('demo-org/tiny-dataset', ...) fails in the job; load "
+        "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with `load: {split: ...}` (-f)"]
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text("datasets:\n  - repo: demo-org/tiny-dataset\n    load: {split: train}\n")
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "-f", manifest,
+                            "--dataset", "demo-org/tiny-dataset", "--name", "ds2", "--dry-run", capsys=capsys)
+    assert code == 0 and err == "", err

@@ -122,7 +122,7 @@ def test_a_cancelled_worker_leaves_its_files_to_the_others(cluster, array_hub, t
     assert st.returncode == 0 and st.stdout.count("\tstaged\t") == 2, st.stdout
 
 
-def test_wait_gives_up_when_the_workers_can_never_start(cluster, tmp_path):
+def test_wait_gives_up_when_the_workers_can_never_start(cluster, tmp_path, capsys):
     """The issue's hang: workers asking for more time than the partition allows sat in PartitionTimeLimit and
     `--wait` printed progress forever. Now the first poll that sees the reason ends the wait with it."""
     from hpcstage.manifest import load_manifest
@@ -144,9 +144,11 @@ def test_wait_gives_up_when_the_workers_can_never_start(cluster, tmp_path):
             time.sleep(0.2)
         run = ArrayRun(folder, 2, workers, finish, report)
         with pytest.raises(NeverRunsError) as err:
-            follow(run, manifest, folder / "cache", quiet=True, poll=600)  # a second poll would take 10 minutes
+            follow(run, manifest, folder / "cache", poll=600)  # a second poll would take 10 minutes
         assert str(err.value).startswith(f"job {workers}") and "is PENDING (PartitionTimeLimit) and will never start" \
             in str(err.value)
+        last = capsys.readouterr().err.splitlines()[-1]  # the progress line says what the workers wait for
+        assert "array: 0 running, pending (PartitionTimeLimit): 0/0 files" in last, last
     finally:
         cancel([workers, finish, report])
 

@@ -109,6 +109,10 @@ def follow(run: ArrayRun, manifest: Manifest, cache_dir: Path, *, quiet: bool = 
                     still.append(item)
             left = still
             states = job_states([run.array_id, run.finish_id, run.report_id])
+            workers = [s for s in states.values() if s.job_id.split("_")[0] == run.array_id]
+            pending = sorted({s.reason for s in workers if s.state == "PENDING" and s.reason})
+            running = sum(s.state == "RUNNING" for s in workers)
+            progress.relabel(f"array: {running} running" + (f", pending ({', '.join(pending)})" if pending else ""))
             stuck = next((s for s in states.values() if s.never_runs), None)
             if stuck is not None:  # the workers' finish (afterany) would wait for it forever
                 raise NeverRunsError(f"{stuck.why_never()}; scripts and logs in {run.folder}")
