@@ -192,7 +192,8 @@ def wait(job_ids: Iterable[str], timeout: float, poll: float = 1.0,
 
     A job pending for a reason in ``NEVER_RUNS`` (``DependencyNeverSatisfied``, ``PartitionTimeLimit``...)
     counts as done: it will never run, and the poll that sees it is the last, even while other jobs still
-    run (the jobs that wait for it would wait forever); ``JobState.why_never`` says why. ``on_poll`` sees every look at the jobs. Raises ``WaitTimeout`` after ``timeout`` seconds, and
+    run (the jobs that wait for it would wait forever); ``JobState.why_never`` says why. ``on_poll`` sees
+    every look at the jobs. Raises ``WaitTimeout`` after ``timeout`` seconds, and
     ``SlurmError`` for an id Slurm does not know at all.
     """
     ids = [str(job_id) for job_id in job_ids]

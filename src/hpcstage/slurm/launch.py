@@ -785,8 +785,9 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
     for job in jobs:
         name = f"{exp.name}-{job.key}"
         output = str(exp / "logs" / ("%x-%A_%a.out" if job.array else "%x-%j.out"))
-        directives = sbatch_directives(cluster.model_copy(update={"partition": job.partition}), name=name, nodes=job.nodes, gpus=job.gpus, cpus=job.cpus,
-                                       time_limit=job.time_limit, output=output, array=job.array)
+        directives = sbatch_directives(cluster.model_copy(update={"partition": job.partition}), name=name,
+                                       nodes=job.nodes, gpus=job.gpus, cpus=job.cpus, time_limit=job.time_limit,
+                                       output=output, array=job.array)
         context = {
             "job": {"key": job.key, "name": name, "description": job.description, "nodes": job.nodes,
                     "gpus": job.gpus, "cpus": job.cpus, "time_limit": job.time_limit, "array": job.array,
