@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # module -> the test selection that covers it (fast enough to run once per mutant)
 MODULES: dict[str, list[str]] = {
-    "policy": ["tests/test_manifest.py", "tests/test_guarantees.py::test_a_hostile_revision_is_refused_before_any_request",
+    "policy": ["tests/test_policy.py", "tests/test_manifest.py", "tests/test_security.py::test_bad_site_policy_is_exit_2_naming_the_file",
+               "tests/test_guarantees.py::test_a_hostile_revision_is_refused_before_any_request",
                "tests/test_guarantees.py::test_a_hostile_lockfile_path_is_refused_and_nothing_is_written",
                "tests/test_security.py::test_hostile_tree_entries_are_refused_and_nothing_is_written_outside_the_cache",
                "tests/test_security.py::test_site_policy_refuses_with_exit_2_before_any_request"],
