@@ -57,6 +57,21 @@ def big_hub(big_root):
         yield server
 
 
+MID_MODEL = "demo-org/mid-model"
+MID_SIZE = 20 * 2**20 + 123  # 3 pieces: a large file (partial, ranges record, lease) that still arrives in a blink
+
+
+@pytest.fixture(scope="session")
+def mid_root(tmp_path_factory):
+    return _one_lfs_file_repo(tmp_path_factory.mktemp("mid"), MID_MODEL, MID_SIZE, seed=3)
+
+
+@pytest.fixture
+def mid_hub(mid_root):
+    with HubServer(mid_root) as server:
+        yield server
+
+
 GIB_MODEL = "demo-org/gib-model"
 GIB = 2**30
 

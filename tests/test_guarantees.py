@@ -15,26 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _one_lfs_file_repo
+from conftest import MID_MODEL
 from helpers import client_env, sha256, wait_for
 from hpcstage import staging
 from hpcstage.errors import HpcstageError
 from hpcstage.serve import FaultRule, HubServer
 
-REPO = "org/leased"
-REPO_DIR = "models--org--leased"
-SIZE = 20 * 2**20 + 77
-
-
-@pytest.fixture(scope="module")
-def leased_root(tmp_path_factory):
-    return _one_lfs_file_repo(tmp_path_factory.mktemp("leased"), REPO, SIZE, seed=5)
-
-
-@pytest.fixture
-def lhub(leased_root):
-    with HubServer(leased_root) as server:
-        yield server
+REPO = MID_MODEL
+REPO_DIR = "models--demo-org--mid-model"
 
 
 def hpcstage(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -42,10 +30,10 @@ def hpcstage(*args: str, env: dict, timeout: float = 180) -> subprocess.Complete
                           timeout=timeout)
 
 
-def test_a_lease_lost_after_the_download_stops_the_commit(lhub, tmp_path, monkeypatch):
+def test_a_lease_lost_after_the_download_stops_the_commit(mid_hub, tmp_path, monkeypatch):
     """Another process took the blob's lease over while this one (stalled) finished its download: the bytes
     must not be committed under the blob's name, since the other may be writing the same partial."""
-    for k, v in client_env(lhub, tmp_path / "h").items():
+    for k, v in client_env(mid_hub, tmp_path / "h").items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(staging, "LEASE_TTL", 0.9)  # heartbeat every 0.3 s: the loss is seen quickly
     leases: list = []
@@ -72,7 +60,7 @@ def test_a_lease_lost_after_the_download_stops_the_commit(lhub, tmp_path, monkey
     cache = tmp_path / "cache"
     with pytest.raises(HpcstageError, match="lost"):
         staging.pull([staging.HubEntry(repo=REPO)], staging.Options(cache_dir=cache, quiet=True))
-    sha = lhub.files_of("model", REPO)["model.safetensors"].sha256
+    sha = mid_hub.files_of("model", REPO)["model.safetensors"].sha256
     assert not (cache / REPO_DIR / "blobs" / sha).exists()  # never committed
     assert not (cache / REPO_DIR / "snapshots").exists() or not any((cache / REPO_DIR / "snapshots").rglob("*.safetensors"))
 
@@ -82,52 +70,52 @@ def _gaps(log, path_part: str) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def test_retry_after_is_waited_out(lhub, tmp_path):
-    lhub.add_fault(FaultRule(path="resolve/.*config.json", status=503, retry_after=2, times=1))
-    r = hpcstage("pull", REPO, "--cache-dir", str(tmp_path / "c"), "-q", env=client_env(lhub, tmp_path / "h"))
+def test_retry_after_is_waited_out(mid_hub, tmp_path):
+    mid_hub.add_fault(FaultRule(path="resolve/.*config.json", status=503, retry_after=2, times=1))
+    r = hpcstage("pull", REPO, "--cache-dir", str(tmp_path / "c"), "-q", env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 0, r.stderr
-    tried = [x for x in lhub.log if "config.json" in x.path]
+    tried = [x for x in mid_hub.log if "config.json" in x.path]
     assert [x.status for x in tried] == [503, 200]  # the fault fired, then the retry succeeded
-    assert _gaps(lhub.log, "config.json")[0] >= 1.9  # the server's 2 s, not an immediate retry
+    assert _gaps(mid_hub.log, "config.json")[0] >= 1.9  # the server's 2 s, not an immediate retry
 
 
-def test_errors_without_a_hint_back_off(lhub, tmp_path):
-    lhub.add_fault(FaultRule(path="resolve/.*config.json", status=503, times=2))
-    r = hpcstage("pull", REPO, "--cache-dir", str(tmp_path / "c"), "-q", env=client_env(lhub, tmp_path / "h"))
+def test_errors_without_a_hint_back_off(mid_hub, tmp_path):
+    mid_hub.add_fault(FaultRule(path="resolve/.*config.json", status=503, times=2))
+    r = hpcstage("pull", REPO, "--cache-dir", str(tmp_path / "c"), "-q", env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 0, r.stderr
-    assert [x.status for x in lhub.log if "config.json" in x.path] == [503, 503, 200]
-    first, second = _gaps(lhub.log, "config.json")
+    assert [x.status for x in mid_hub.log if "config.json" in x.path] == [503, 503, 200]
+    first, second = _gaps(mid_hub.log, "config.json")
     assert first >= 0.45 and second >= 0.9  # exponential: about 1 s then 2 s (with jitter down to half)
 
 
 @pytest.mark.parametrize("revision", ["/x", "x/", "a//b", "../main", "main.lock", "-x", "a b"])
-def test_a_hostile_revision_is_refused_before_any_request(lhub, tmp_path, revision):
+def test_a_hostile_revision_is_refused_before_any_request(mid_hub, tmp_path, revision):
     cache = tmp_path / "c"
-    r = hpcstage("pull", REPO, f"--revision={revision}", "--cache-dir", str(cache), env=client_env(lhub, tmp_path / "h"))
+    r = hpcstage("pull", REPO, f"--revision={revision}", "--cache-dir", str(cache), env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 2 and "invalid revision" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert lhub.log == [] and not cache.exists()
+    assert mid_hub.log == [] and not cache.exists()
     m = tmp_path / "hpcstage.yaml"
     m.write_text(f"cache_dir: c2\nmodels:\n  - repo: {REPO}\n    revision: {json.dumps(revision)}\n")
-    r = hpcstage("pull", "-f", str(m), env=client_env(lhub, tmp_path / "h"))
+    r = hpcstage("pull", "-f", str(m), env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 2 and "revision" in r.stderr, r.stderr
-    assert lhub.log == [] and not (tmp_path / "c2").exists()
+    assert mid_hub.log == [] and not (tmp_path / "c2").exists()
 
 
 @pytest.mark.parametrize("bad", ["../../../escaped", "/tmp/hpcstage-lock-escape", "a/../../b", "sub//x"])
-def test_a_hostile_lockfile_path_is_refused_and_nothing_is_written(lhub, tmp_path, bad):
+def test_a_hostile_lockfile_path_is_refused_and_nothing_is_written(mid_hub, tmp_path, bad):
     m = tmp_path / "hpcstage.yaml"
     m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {REPO}\n")
-    env = client_env(lhub, tmp_path / "h")
+    env = client_env(mid_hub, tmp_path / "h")
     assert hpcstage("pull", "-f", str(m), "-q", env=env).returncode == 0
     lock = json.loads((tmp_path / "hpcstage.lock").read_text())
     [entry] = lock["entries"].values()
     entry["files"][0]["path"] = bad
     (tmp_path / "hpcstage.lock").write_text(json.dumps(lock))
     before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    lhub.clear_log()
+    mid_hub.clear_log()
     r = hpcstage("pull", "-f", str(m), "-q", env=env)
     assert r.returncode == 2 and "lockfile" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert lhub.log == []
+    assert mid_hub.log == []
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
     assert not Path("/tmp/hpcstage-lock-escape").exists()
 
@@ -232,16 +220,16 @@ def _status(m: Path, env: dict) -> dict:
     return row
 
 
-def test_status_shows_locked_while_a_pull_runs_and_partial_after_it_is_killed(lhub, tmp_path):
+def test_status_shows_locked_while_a_pull_runs_and_partial_after_it_is_killed(mid_hub, tmp_path):
     import signal
 
     from helpers import pieces_done
 
     m = tmp_path / "hpcstage.yaml"
     m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {REPO}\n")
-    env = client_env(lhub, tmp_path / "h")
-    lhub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=2_000_000))  # ~2.5 s per 8 MiB piece
-    sha = lhub.files_of("model", REPO)["model.safetensors"].sha256
+    env = client_env(mid_hub, tmp_path / "h")
+    mid_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=2_000_000))  # ~2.5 s per 8 MiB piece
+    sha = mid_hub.files_of("model", REPO)["model.safetensors"].sha256
     record = tmp_path / "cache" / REPO_DIR / "blobs" / f"{sha}.hpcstage-partial.ranges"
     proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(m), "-q"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
