@@ -132,22 +132,29 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 class Stager:
     """Stages data entries for one pull; `opts` is staging.Options (workers, timeout, retry, quiet)."""
 
-    def __init__(self, data_dir: Path, opts, update: bool = False):
+    def __init__(self, data_dir: Path, opts, update=False):
         self.data_dir = Path(data_dir)
         self.opts = opts
-        self.update = update
+        self.updates = update  # True/False, or the names given to `--update NAME` (staging.wants_update)
+        self.update = bool(update)  # for the entry being staged
         self._http = None
 
     @property
     def http(self):
         if self._http is None:
             from hpcstage.sources import url
+            from hpcstage.staging import refuse_offline
+
+            refuse_offline()
 
             self._http = url.client(workers=self.opts.workers, timeout=self.opts.timeout, retry=self.opts.retry)
         return self._http
 
     def stage(self, entry: DataEntry, locked: LockedData | None) -> tuple[LockedData, DataResult]:
         """Stage one entry; returns its lock record. ExpectationFailed leaves the data and records nothing."""
+        from hpcstage.staging import refuse_offline, wants_update
+
+        self.update = wants_update(self.updates, entry)
         dest = self.data_dir / entry.dest
         known = locked if locked is not None and locked.matches(entry) else None
         if known is None:
@@ -155,6 +162,13 @@ class Stager:
             known = rec if rec is not None and rec.matches(entry) else None
         if known is not None and not self.update and self._unchanged(entry, known):
             return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
+        if (known is not None and self.update and isinstance(entry, UrlEntry) and known.fingerprint
+                and in_place(self.data_dir, known)):
+            from hpcstage.sources import url
+
+            refuse_offline()
+            if url.unchanged(self.http, entry.url, known.fingerprint):  # one conditional request, no body
+                return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
         lease = Lease(builder_lease(self.data_dir, entry.dest), ttl=LEASE_TTL)
         lease.acquire()
         try:
@@ -173,13 +187,23 @@ class Stager:
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise archive.ExpectationFailed(
-                    f"{entry.dest} ({entry.source}): {problems[0]}{more}; the data is left in {dest} for inspection "
-                    "and not marked staged: fix the source or the `expect:` of the entry")
+                    f"{entry.dest} ({entry.source}): {'; '.join(problems)}; the data is left in {dest}: inspect it, "
+                    "then fix the source or the entry's `expect:` (pulling again fetches the same data)")
             lease.check()
             write_atomic(record_path(self.data_dir, entry.dest), record.model_dump_json(indent=1).encode())
             return record, result
         finally:
             lease.release()
+
+    manifest_path: Path | None = None  # for the commands that fix a failure
+    cache_flag: Path | None = None
+
+    def fix_command(self, extra: str = "") -> str:
+        import shlex
+
+        m = shlex.quote(str(self.manifest_path)) if self.manifest_path else "MANIFEST"
+        cache = f" --cache-dir {shlex.quote(str(self.cache_flag))}" if self.cache_flag else ""
+        return f"hpcstage pull -f {m}{cache}" + (f" {extra}" if extra else "")
 
     def _unchanged(self, entry: DataEntry, record: LockedData) -> bool:
         if not in_place(self.data_dir, record):
@@ -224,8 +248,8 @@ class Stager:
             except TransferError as e:
                 if pinned and not entry.sha256 and "hash mismatch" in str(e):
                     raise TransferError(f"{entry.url} changed since it was locked (sha256 {pinned[:12]}... in "
-                                        "hpcstage.lock); run `hpcstage pull -f ... --update` to accept the new "
-                                        "content") from None
+                                        f"hpcstage.lock); run `{self.fix_command(f'--update {entry.dest}')}` to "
+                                        "accept the new content") from None
                 raise
         result = DataResult(dest, "url", 0, 0, downloaded_bytes=got.fetched)
         kept = None
@@ -331,7 +355,9 @@ class Stager:
             sha = f.get("sha256") or digest_file(path)
         else:
             with building(dest) as tmp:
-                _, sha, result.copied_bytes = local.place(path.resolve(), tmp / Path(entry.file).name, lambda n: None)
+                # a copy (or copy-on-write reflink), never a hardlink: editing it must not alter the hub blob
+                _, sha, result.copied_bytes = local.place(path.resolve(), tmp / Path(entry.file).name, lambda n: None,
+                                                          allow_hardlink=False)
             files = [archive.FileRecord(Path(entry.file).name, f["size"], sha)]
         result.files, result.bytes = len(files), sum(x.size for x in files)
         record = LockedData(kind="hub-file", source=entry.source, dest=entry.dest, extract=entry.extract,
@@ -366,6 +392,7 @@ def stage_all(manifest: Manifest, opts, lock: Lockfile, update: bool = False
     """Stage every data entry of `manifest`: (lock records of the staged ones, results, failures). One
     failing entry does not stop the others; the caller reports the failures."""
     stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update)
+    stager.manifest_path = manifest.path
     records: dict[str, LockedData] = {}
     results: list[DataResult] = []
     failures: list[HpcstageError] = []
@@ -392,11 +419,14 @@ def lock_with_data(lock: Lockfile, manifest: Manifest, records: dict[str, Locked
 
 
 def first_failure(failures: list[HpcstageError]) -> HpcstageError:
-    """One error for the CLI's one line: the first, with how many more; its type keeps the exit code."""
+    """One error for the CLI's one line naming every failed entry; the first's type keeps the exit code."""
     first = failures[0]
     if len(failures) == 1:
-        return first
-    return type(first)(f"{first} (and {len(failures) - 1} more data entries failed; see `hpcstage check -f ...`)")
+        err = first
+    else:
+        err = type(first)(f"{len(failures)} data entries failed: " + " | ".join(str(e) for e in failures))
+    err.failures = [{"entry": getattr(e, "entry_key", None), "error": str(e)} for e in failures]  # type: ignore[attr-defined]
+    return err
 
 
 def describe(r: DataResult) -> str:
@@ -466,20 +496,47 @@ def restage(manifest: Manifest, entries: list[DataEntry], opts) -> None:
 
 def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
     """`status -f` rows for data entries: staged when its record exists and every file is in place
-    (sizes only; `verify` hashes)."""
-    from hpcstage.ledger import ArtifactStatus
+    (sizes only; `verify` hashes); partial or locked like Hub repos while a download or build is under way
+    (a URL's partial file and its pieces, the download and builder leases)."""
+    from hpcstage.ledger import ArtifactStatus, partial_progress
+    from hpcstage.locks import read_lease
 
     data_dir = data_dir_of(manifest, cache_dir)
     rows = []
     for entry in manifest.data_entries:
         record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
-        if record is None:
-            state = "partial" if (data_dir / entry.dest).exists() else "missing"
-            rows.append(ArtifactStatus("data", entry.dest, "", None, state, 0, 0, reason=entry.source))
-            continue
         root = data_dir / entry.dest
-        present = sum(1 for f in record.files if (root / f["path"]).is_file()
-                      and (root / f["path"]).stat().st_size == f["size"])
-        state = "staged" if present == len(record.files) else "partial"
-        rows.append(ArtifactStatus("data", entry.dest, "", None, state, len(record.files), present, reason=entry.source))
+        leases = [builder_lease(data_dir, entry.dest)]
+        progress: list[tuple[int, int]] = []
+        if isinstance(entry, UrlEntry):
+            from hpcstage.hfcache import PARTIAL_SUFFIX
+            from hpcstage.sources import url
+
+            folder = url.downloads_dir(data_dir)
+            key = url._key(entry.url)
+            leases.append(folder / f"{key}{LEASE_SUFFIX}")
+            progress = [partial_progress(p) for p in folder.glob(f"{key}-*{PARTIAL_SUFFIX}")]
+        locked_by = []
+        for path in leases:
+            info = read_lease(path)
+            if info is not None and not info.expired:
+                locked_by.append(f"{info.host}:{info.pid} (age {info.age:.0f}s)")
+        if record is None:
+            files = present = 0
+        else:
+            files = len(record.files)
+            present = sum(1 for f in record.files if (root / f["path"]).is_file()
+                          and (root / f["path"]).stat().st_size == f["size"])
+        st = ArtifactStatus("data", entry.dest, "", None, "missing", files, present, locked_by=locked_by,
+                            reason=entry.source)
+        if progress:
+            done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
+            st.partial_percent = round(100.0 * done / total, 1) if total else 0.0
+        if record is not None and present == files:
+            st.state = "staged"
+        elif locked_by:
+            st.state = "locked"
+        elif progress or present or root.exists():
+            st.state = "partial"
+        rows.append(st)
     return rows

@@ -311,6 +311,13 @@ def _explain(err: dict, valid: list[str]) -> str:
     if err["type"] == "missing":
         return f"{_dotted(loc)} is required"
     msg = err["msg"].removeprefix("Value error, ")
+    key = loc[-1] if loc else ""
+    value = err.get("input")
+    if err["type"] == "string_type" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: {key}: '{value}'"
+                if isinstance(key, str) else f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: '{value}'")
+    if err["type"] == "list_type" and isinstance(value, str) and isinstance(key, str):
+        return f"{_dotted(loc)} is a list, not a string; write {key}: [{value!r}]"
     return f"{_dotted(loc)}: {msg}"
 
 
