@@ -436,8 +436,9 @@ def describe(r: DataResult) -> str:
     return f"data {r.kind} -> {r.dest}: {r.files} files, {human_bytes(r.bytes)}; {what}"
 
 
-def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | None) -> list[tuple[str, list[str]]]:
-    """For `check`: each data entry's label and its problems ([] when ready): staged, in place, `expect:` met."""
+def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | None) -> list[tuple[str, list[str], bool]]:
+    """For `check`: each data entry's label, its problems ([] when ready: staged, in place, `expect:` met) and
+    whether it is staged and in place (then only `expect:` can fail, and pulling again cannot fix that)."""
     data_dir = data_dir_of(manifest, cache_dir)
     out = []
     for entry in manifest.data_entries:
@@ -445,12 +446,17 @@ def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | N
         record = (lock.data.get(entry.key) if lock else None) or read_record(data_dir, entry.dest)
         dest = data_dir / entry.dest
         if record is None or not record.matches(entry):
-            out.append((label, [f"{dest} is not staged"]))
+            # a pull that failed `expect:` leaves the data in place unrecorded: pulling again gets the same
+            failed = archive.check_expect(dest, entry.expect.model_dump()) if entry.expect and dest.is_dir() else []
+            if failed:
+                out.append((label, [f"{dest} failed its `expect:`: {p}" for p in failed], True))
+            else:
+                out.append((label, [f"{dest} is not staged"], False))
             continue
         if not in_place(data_dir, record):
-            out.append((label, [f"{dest} is missing files or they changed size since staging"]))
+            out.append((label, [f"{dest} is missing files or they changed size since staging"], False))
             continue
-        out.append((label, archive.check_expect(dest, entry.expect.model_dump() if entry.expect else None)))
+        out.append((label, archive.check_expect(dest, entry.expect.model_dump() if entry.expect else None), True))
     return out
 
 
