@@ -378,7 +378,7 @@ def refuse_offline() -> None:
     value = os.environ.get("HF_HUB_OFFLINE", "")
     if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
         raise BadInput(f"HF_HUB_OFFLINE={value} is set, so pull does not use the network (as huggingface_hub); "
-                       "run it with the variable unset: `env -u HF_HUB_OFFLINE hpcstage pull ...`")
+                       "`unset HF_HUB_OFFLINE`, then run the same command again")
 
 
 def check_cache_dir(folder: Path) -> None:
