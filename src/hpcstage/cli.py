@@ -119,11 +119,8 @@ def _command_line_entries(args: argparse.Namespace, opts) -> list:
 
     groups: list[tuple[str, list[str]]] = []
     for name in args.repo_ids:
-        if name.count("/") == 1 and not name.startswith("/") and not name.endswith("/"):
-            groups.append((name, []))
-        elif not groups:
-            raise BadInput(f"{name!r} is not a repo id (ORG/NAME); files come after their repo: "
-                           f"`hpcstage pull ORG/NAME {name}`")
+        if not groups or (name.count("/") == 1 and not name.startswith("/") and not name.endswith("/")):
+            groups.append((name, []))  # the first is always a repo (an invalid id is said so)
         else:
             groups[-1][1].append(name)
     entries = []
