@@ -504,3 +504,46 @@ def test_update_name_refreshes_one_entry(uhub, url_root, tmp_path):
     assert {rec.path for rec in uhub.log} == {"/datasets/demo-org/files/resolve/main/plain.bin", f"/lfs/{lfs}"}
     assert (tmp_path / "data" / "plain" / "plain.bin").read_bytes() == new
     one_line(hpcstage("pull", "-f", m, "--update", "nope", env=env), 2, "--update nope", "plain", "other")
+
+
+def test_changed_url_hint_updates_that_entry_and_corrupt_data_hint_repairs(uhub, url_root, tmp_path):
+    """Was: `run hpcstage pull -f ... --update` (a literal `...`)."""
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text(f"cache_dir: cache\ndata_dir: data\ndatasets:\n"
+                 f"  - url: {url_of(uhub, 'other.bin')}\n    allow_http: true\n    dest: other\n")
+    env = client_env(uhub, tmp_path / "default")
+    assert hpcstage("pull", "-f", m, "-q", env=env).returncode == 0
+    staged = tmp_path / "data" / "other" / "other.bin"
+    flip(staged)
+    r = hpcstage("verify", "-f", m, env=env)
+    assert r.returncode == 1 and "corrupt" in r.stdout and hint(r.stdout) == ["verify", "-f", str(m), "--repair"]
+    assert run_hint(r.stdout, env).returncode == 0
+    source = url_root / "datasets" / "demo-org" / "files" / "other.bin"
+    assert staged.read_bytes() == source.read_bytes()
+    old = source.read_bytes()
+    staged.unlink()
+    source.write_bytes(os.urandom(20_000))
+    uhub.refresh()
+    try:
+        r = hpcstage("pull", "-f", m, "-q", env=env)
+        one_line(r, 1, "changed since it was locked")
+        assert hint(r.stderr) == ["pull", "-f", str(m), "--update", "other"]
+        assert run_hint(r.stderr, env).returncode == 0
+        assert staged.read_bytes() == source.read_bytes()
+    finally:
+        source.write_bytes(old)
+        uhub.refresh()
+
+
+def test_corrupt_lockfile_hint_names_the_manifest(hub, tmp_path):
+    """Was: `run hpcstage pull -f ... --update` (a literal `...`)."""
+    m = tmp_path / "demo.yaml"
+    m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {MODEL}\n")
+    env = client_env(hub, tmp_path / "default")
+    (tmp_path / "hpcstage.lock").write_text("{broken")
+    r = hpcstage("pull", "-f", m, env=env)
+    one_line(r, 2, "not a valid hpcstage lockfile", "delete it")
+    assert hint(r.stderr) == ["pull", "-f", str(m), "--update"]
+    (tmp_path / "hpcstage.lock").unlink()
+    assert run_hint(r.stderr, env).returncode == 0
+    assert hpcstage("verify", "-f", m, env=env).returncode == 0

@@ -299,7 +299,7 @@ def _staging_status(args: argparse.Namespace) -> int:
     if args.manifest:
         manifest = load_manifest(args.manifest)
         cache_dir = args.cache_dir or manifest.cache_dir or default_cache_dir()
-        lock = load_lock(manifest.lock_path)
+        lock = load_lock(manifest.lock_path, manifest.path)
         rows = []
         for e in manifest.entries:
             locked = lock.entries.get(e.key)

@@ -162,8 +162,8 @@ class Stager:
             known = rec if rec is not None and rec.matches(entry) else None
         if known is not None and not self.update and self._unchanged(entry, known):
             return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
-        if (known is not None and self.update and isinstance(entry, UrlEntry) and known.fingerprint
-                and in_place(self.data_dir, known)):
+        if (known is not None and self.update and not self.rebuild and isinstance(entry, UrlEntry)
+                and known.fingerprint and in_place(self.data_dir, known)):
             from hpcstage.sources import url
 
             refuse_offline()
@@ -195,6 +195,7 @@ class Stager:
         finally:
             lease.release()
 
+    rebuild = False  # `verify --repair`: build again even when the source is unchanged (the copy is bad)
     manifest_path: Path | None = None  # for the commands that fix a failure
     cache_flag: Path | None = None
 
@@ -393,6 +394,8 @@ def stage_all(manifest: Manifest, opts, lock: Lockfile, update: bool = False
     failing entry does not stop the others; the caller reports the failures."""
     stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update)
     stager.manifest_path = manifest.path
+    if opts.cache_dir and opts.cache_dir != manifest.cache_dir:  # given with --cache-dir: the fix names it too
+        stager.cache_flag = opts.cache_dir
     records: dict[str, LockedData] = {}
     results: list[DataResult] = []
     failures: list[HpcstageError] = []
@@ -472,7 +475,7 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
     for entry in manifest.data_entries:
         record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
         if record is None:
-            found.append((entry, "not_staged", "", data_dir / entry.dest, f"not staged: run `hpcstage pull -f {manifest.path}`"))
+            found.append((entry, "not_staged", "", data_dir / entry.dest, "not staged"))
             continue
         for f in record.files:
             path = data_dir / entry.dest / f["path"]
@@ -496,6 +499,7 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
 def restage(manifest: Manifest, entries: list[DataEntry], opts) -> None:
     """`verify --repair`: build these entries again from their sources (network for url/hub-file)."""
     stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update=True)
+    stager.rebuild = True
     for entry in entries:
         stager.stage(entry, None)
 

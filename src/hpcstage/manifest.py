@@ -477,18 +477,23 @@ class Lockfile(_Strict):
     data: dict[str, LockedData] = {}  # data entries by `data:<dest>`
 
 
-def load_lock(path: Path) -> Lockfile:
-    """An absent lockfile is empty; a corrupt one is an error (never silently re-resolved)."""
+def load_lock(path: Path, manifest: Path | None = None) -> Lockfile:
+    """An absent lockfile is empty; a corrupt one is an error (never silently re-resolved). `manifest`, the
+    file it belongs to, goes into the command the error proposes."""
+    import shlex
+
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return Lockfile()
+    m = shlex.quote(str(manifest)) if manifest else shlex.quote(str(Path(path).parent)) + "/<manifest>.yaml"
     try:
         lock = Lockfile.model_validate_json(raw)
     except ValidationError:
-        raise ManifestError(f"{path} is not a valid hpcstage lockfile; delete it and run `hpcstage pull -f ... --update`") from None
+        raise ManifestError(f"{path} is not a valid hpcstage lockfile; delete it and run `hpcstage pull -f {m} "
+                            "--update`") from None
     if lock.version != LOCK_VERSION:
-        raise ManifestError(f"{path} has lock version {lock.version}; run `hpcstage pull -f ... --update`")
+        raise ManifestError(f"{path} has lock version {lock.version}; delete it and run `hpcstage pull -f {m} --update`")
     return lock
 
 

@@ -571,7 +571,7 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
     opts = _manifest_opts(manifest, opts)
-    old = load_lock(manifest.lock_path)
+    old = load_lock(manifest.lock_path, manifest.path)
     summary, new = pull(manifest.entries, opts, old, update)
     if not manifest.data_entries:
         _save(manifest, old, new)
@@ -604,7 +604,7 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""
     opts = _manifest_opts(manifest, opts)
-    old = load_lock(manifest.lock_path)
+    old = load_lock(manifest.lock_path, manifest.path)
     run, plans = _start(manifest.entries, opts, old, update)
     for p in plans:
         if p.all_files is not None:

@@ -266,7 +266,7 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     plan = _Plan(cache_dir, hints)
     if manifest is not None:
         lock_path = manifest.lock_path
-        lock = load_lock(lock_path)
+        lock = load_lock(lock_path, manifest.path)
         for entry in manifest.entries:
             cache = plan.repo(entry.repo_type, entry.repo)
             locked = lock.entries.get(entry.key)
@@ -594,10 +594,11 @@ def verify(
             return []
         from hpcstage import datadir
 
-        found = datadir.verify_entries(manifest, load_lock(manifest.lock_path), folder, workers or default_workers())
-        fix = f"hpcstage verify -f {_q(manifest.path)} --repair" + hints.cache
+        found = datadir.verify_entries(manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers())
+        repair = f"hpcstage verify -f {_q(manifest.path)} --repair" + hints.cache
+        pull = f"hpcstage pull -f {_q(manifest.path)}" + hints.cache
         return [Problem(kind, "data", entry.dest, None, path, str(where),
-                        detail if "`" in detail else f"{detail}; run `{fix}`")
+                        f"{detail}; run `{pull if kind == NOT_STAGED else repair}`")
                 for entry, kind, path, where, detail in found]
 
     try:
