@@ -547,3 +547,39 @@ def test_corrupt_lockfile_hint_names_the_manifest(hub, tmp_path):
     (tmp_path / "hpcstage.lock").unlink()
     assert run_hint(r.stderr, env).returncode == 0
     assert hpcstage("verify", "-f", m, env=env).returncode == 0
+
+
+def test_local_dir_copies_only_the_files_named(hub, tmp_path):
+    cache, out = tmp_path / "c", tmp_path / "out"
+    env = client_env(hub, tmp_path / "default")
+    assert hpcstage("pull", MODEL, "--cache-dir", cache, "-q", env=env).returncode == 0  # the whole repo cached
+    r = hpcstage("pull", MODEL, "config.json", "--cache-dir", cache, "--local-dir", out, env=env)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_update_name_of_a_hub_entry_re_resolves_only_that_one(hub, tmp_path):
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {MODEL}\ndatasets:\n  - repo: {DATASET}\n")
+    env = client_env(hub, tmp_path / "default")
+    assert hpcstage("pull", "-f", m, "-q", env=env).returncode == 0
+    hub.clear_log()
+    r = hpcstage("pull", "-f", m, "--update", DATASET, "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True, r.stderr
+    assert [rec.path for rec in hub.log] == [f"/api/datasets/{DATASET}/revision/main"]
+
+
+def test_json_prints_a_summary_for_bad_input_too(tmp_path):
+    (tmp_path / "m.yaml").write_text("cache_dir: cache\n")
+    r = hpcstage("pull", "-f", tmp_path / "m.yaml", "--json", env=dict(os.environ))
+    assert r.returncode == 2
+    out = json.loads(r.stdout)
+    assert out["ok"] is False and out["exit_code"] == 2 and "nothing to pull" in out["error"]
+
+
+def test_unknown_revision_in_a_manifest_names_the_key_not_a_flag(hub, tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {MODEL}\n    revision: v9\n")
+    r = hpcstage("pull", "-f", m, env=client_env(hub, tmp_path / "default"))
+    err = one_line(r, 1, "revision 'v9' not found", f"check `revision:` of the entry in {m}")
+    assert "--revision" not in err

@@ -32,7 +32,18 @@ def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from hpcstage.manifest import hub_entry, load_manifest
+    try:
+        return _pull(args)
+    except HpcstageError as e:
+        if args.json:  # a machine reader gets the summary and every failure on stdout, the line on stderr
+            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code,
+                              "failures": getattr(e, "failures", []),
+                              **(e.summary.as_dict() if hasattr(e, "summary") else {})}, indent=1))
+        raise
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from hpcstage.manifest import load_manifest
     from hpcstage.staging import Options, pull, pull_manifest
     from hpcstage.transfer import RetryPolicy
 
@@ -80,23 +91,16 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         entries = _command_line_entries(args, opts)
         if args.local_dir is not None and len(entries) != 1:
             raise BadInput("--local-dir copies one repo: give one REPO_ID (and optionally its FILEs)")
-    try:
-        if manifest is not None:
-            summary = pull_manifest(manifest, opts, update=update)
-        else:
-            summary, _ = pull(entries, opts)
-            if args.local_dir is not None:
-                from hpcstage.staging import materialise
+    if manifest is not None:
+        summary = pull_manifest(manifest, opts, update=update)
+    else:
+        summary, _ = pull(entries, opts)
+        if args.local_dir is not None:
+            from hpcstage.staging import materialise
 
-                r = summary.repos[0]
-                copied = materialise(r.snapshot, args.local_dir, entries[0])
-                if not args.json and not args.quiet:
-                    print(f"copied {copied} files into {args.local_dir} (plain files; the cache keeps its own copy)")
-    except HpcstageError as e:
-        if args.json:  # a machine reader gets the summary and every failure on stdout, the line on stderr
-            print(json.dumps({"ok": False, "error": str(e), "failures": getattr(e, "failures", []),
-                              **(e.summary.as_dict() if hasattr(e, "summary") else {})}, indent=1))
-        raise
+            copied = materialise(summary.repos[0].snapshot, args.local_dir, entries[0])
+            if not args.json and not args.quiet:
+                print(f"copied {copied} files into {args.local_dir} (plain files; the cache keeps its own copy)")
     if args.json:
         print(json.dumps({"ok": True, "failures": [], **summary.as_dict()}, indent=1))
     elif not args.quiet:

@@ -493,6 +493,9 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool)
         try:
             plans.append(run.plan(e, None if wants_update(update, e) else lock.entries.get(e.key)))
         except HubError as err:
+            if opts.manifest_path is not None and str(err).endswith("; check --revision"):  # no such flag with -f
+                raise HubError(f"{str(err).removesuffix('; check --revision')}; check `revision:` of the entry in "
+                               f"{opts.manifest_path}") from None
             if opts.manifest_path is None or f"repo {e.repo} not found" not in str(err):
                 raise
             other = "dataset" if e.repo_type == "model" else "model"
@@ -629,11 +632,14 @@ def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
 
     from hpcstage.sources import local
 
+    from huggingface_hub.utils import filter_repo_objects
+
+    found = [(Path(here) / name).relative_to(snapshot).as_posix()
+             for here, _dirs, names in os.walk(snapshot) for name in names]
     written = 0
-    for here, _dirs, names in os.walk(snapshot):
-        for name in names:
-            src = Path(here) / name
-            rel = src.relative_to(snapshot)
+    for rel in filter_repo_objects(found, allow_patterns=entry.include, ignore_patterns=entry.exclude):
+        if True:  # only this pull's selection: the snapshot may hold files other pulls added
+            src = snapshot / rel
             dst = Path(local_dir) / rel
             blob = src.resolve()
             if dst.is_file() and not dst.is_symlink() and dst.stat().st_size == blob.stat().st_size \
