@@ -308,6 +308,8 @@ def test_check_names_a_load_argument_typo_instead_of_proposing_prebuild(hub, tmp
     assert "no argument 'splt'; did you mean 'split'?" in line
     fix = line.split("\tfix: ")[1]
     assert fix.startswith("change 'splt' to 'split' in `load:`"), fix
+    r = hpcstage("prebuild", "-f", manifest, env=env)  # prebuild names it too (was datasets' ValueError)
+    assert r.returncode == 1 and "no argument 'splt'; did you mean 'split'?" in r.stdout, r.stdout + r.stderr
     manifest.write_text(manifest.read_text().replace("splt", "split"))
     assert run_hint(fix, env).returncode == 0  # the prebuild it names, after the edit
     assert hpcstage("check", "-f", manifest, "--isolation", "guard", env=env).returncode == 0
