@@ -585,3 +585,44 @@ def test_unknown_revision_in_a_manifest_names_the_key_not_a_flag(hub, tmp_path):
     r = hpcstage("pull", "-f", m, env=client_env(hub, tmp_path / "default"))
     err = one_line(r, 1, "revision 'v9' not found", f"check `revision:` of the entry in {m}")
     assert "--revision" not in err
+
+
+@pytest.mark.parametrize("case", ["not_pulled", "no_listing", "ref_newline", "revision_not_staged"])
+def test_more_verify_hints_run_and_fix(hub, tmp_path, case):
+    cache = tmp_path / "c"
+    env = client_env(hub, tmp_path / "default")
+    commit = hub.commit_of("model", MODEL)
+    args = [MODEL, "--cache-dir", cache]
+    if case != "not_pulled":
+        assert hpcstage("pull", MODEL, "--cache-dir", cache, "-q", env=env).returncode == 0
+    if case == "no_listing":
+        (cache / MODEL_DIR / "trees" / f"{commit}.json").unlink()
+    if case == "ref_newline":
+        (cache / MODEL_DIR / "refs" / "main").write_text(commit + "\n")
+    if case == "revision_not_staged":
+        args += ["--revision", "v1.0"]
+    r = hpcstage("verify", *args, env=env)
+    assert r.returncode == 1, r.stdout
+    fixed = run_hint(r.stdout, env)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert str(cache) in " ".join(hint(r.stdout))  # never the default cache
+    r = hpcstage("verify", *args, env=env)
+    assert r.returncode == 0, r.stdout
+
+
+def test_verify_with_a_manifest_hints_the_pull_for_unpulled_entries(uhub, tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text(f"cache_dir: cache\ndata_dir: data\ndatasets:\n  - repo: demo-org/files\n"
+                 f"  - url: {url_of(uhub, 'other.bin')}\n    allow_http: true\n    dest: other\n")
+    env = client_env(uhub, tmp_path / "default")
+    r = hpcstage("verify", "-f", m, env=env)
+    assert r.returncode == 1 and "not_staged" in r.stdout, r.stdout
+    assert {tuple(shlex.split(c)) for c in re.findall(r"`(hpcstage [^`]+)`", r.stdout)} == {("hpcstage", "pull", "-f", str(m))}
+    assert run_hint(r.stdout, env).returncode == 0
+    assert hpcstage("verify", "-f", m, env=env).returncode == 0
+
+
+def test_yaml_slip_fixes_load(tmp_path):
+    (tmp_path / "m.yaml").write_text("models:\n  - repo: org/m\n    revision: '1.0'\n    include: ['*.json']\n")
+    r = hpcstage("status", "-f", tmp_path / "m.yaml", env=dict(os.environ, HF_HOME=str(tmp_path / "h")))
+    assert r.returncode == 1 and "model org/m@1.0\tmissing" in r.stdout, r.stdout + r.stderr  # valid: not exit 2
