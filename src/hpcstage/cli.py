@@ -352,8 +352,11 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
         raise BadInput(f"--older-than {args.older_than:g}: an age in hours is 0 or more")
     cache_dir = args.cache_dir or default_cache_dir()
     check_cache_dir(cache_dir)
-    if not cache_dir.is_dir() and not (args.data_dir and args.data_dir.is_dir()):
-        raise BadInput(f"no hub cache at {cache_dir}; pass the --cache-dir you pulled into (or set HF_HUB_CACHE)")
+    from hpcstage.datadir import default_data_dir
+
+    if not cache_dir.is_dir() and not (args.data_dir or default_data_dir(cache_dir)).is_dir():
+        raise BadInput(f"no hub cache at {cache_dir} (nor a data folder beside it); pass the --cache-dir you pulled "
+                       "into (or set HF_HUB_CACHE)")
     found = cleanup(args.cache_dir, data_dir=args.data_dir, older_than=args.older_than * 3600, dry_run=args.dry_run)
     for item in found:
         print(f"{'would remove' if args.dry_run else 'removed'} {item.path} ({item.why})")
