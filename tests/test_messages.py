@@ -626,3 +626,13 @@ def test_yaml_slip_fixes_load(tmp_path):
     (tmp_path / "m.yaml").write_text("models:\n  - repo: org/m\n    revision: '1.0'\n    include: ['*.json']\n")
     r = hpcstage("status", "-f", tmp_path / "m.yaml", env=dict(os.environ, HF_HOME=str(tmp_path / "h")))
     assert r.returncode == 1 and "model org/m@1.0\tmissing" in r.stdout, r.stdout + r.stderr  # valid: not exit 2
+
+
+@pytest.mark.parametrize("argv", [["verify", "-f", "m.yaml", "--json"], ["status", "--cache-dir", "nope", "--json"],
+                                  ["check", "-f", "m.yaml", "--json"]])
+def test_every_json_command_prints_json_on_failure(tmp_path, argv):
+    (tmp_path / "m.yaml").write_text("models:\n  - repo: org/m\n    revision: 1.0\n")
+    r = hpcstage(*argv, env=dict(os.environ, HF_HOME=str(tmp_path / "h")), cwd=tmp_path)
+    assert r.returncode == 2
+    out = json.loads(r.stdout)
+    assert out["ok"] is False and out["error"] in r.stderr

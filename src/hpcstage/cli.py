@@ -39,6 +39,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
             print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code,
                               "failures": getattr(e, "failures", []),
                               **(e.summary.as_dict() if hasattr(e, "summary") else {})}, indent=1))
+            e.json_printed = True  # type: ignore[attr-defined]
         raise
 
 
@@ -543,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except HpcstageError as e:
+        if getattr(args, "json", False) and not getattr(e, "json_printed", False):
+            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}, indent=1))  # stdout stays JSON
         print(f"hpcstage: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
