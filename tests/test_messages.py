@@ -35,8 +35,8 @@ def hpcstage(*args: str, env: dict, cwd: Path | None = None, timeout: float = 18
 
 def hint(text: str) -> list[str]:
     """The first `hpcstage ...` command a message proposes, as argv."""
-    found = re.findall(r"`(hpcstage [^`]+)`", text)
-    assert found, f"no command in: {text}"
+    found = re.findall(r"`(hpcstage [^`]+)`", text) or ([text] if text.startswith("hpcstage ") else [])
+    assert found, f"no command in: {text}"  # a message quotes it; check's fix column is the command alone
     return shlex.split(found[0])[1:]
 
 
@@ -636,3 +636,32 @@ def test_every_json_command_prints_json_on_failure(tmp_path, argv):
     assert r.returncode == 2
     out = json.loads(r.stdout)
     assert out["ok"] is False and out["error"] in r.stderr
+
+
+def test_check_fix_keeps_the_cache_dir_it_was_given(hub, tmp_path):
+    manifest, cache = tmp_path / "m.yaml", tmp_path / "c"
+    manifest.write_text(f"models:\n  - repo: {MODEL}\n    include: ['*.json']\n")
+    env = client_env(hub, tmp_path / "default")
+    assert hpcstage("pull", "-f", manifest, "--cache-dir", cache, "-q", env=env).returncode == 0
+    manifest.write_text(f"models:\n  - repo: {MODEL}\n")  # now the weights too
+    r = hpcstage("check", "-f", manifest, "--cache-dir", cache, "--isolation", "guard", env=env)
+    assert r.returncode == 1, r.stdout
+    fix = [x for x in r.stdout.splitlines() if x.startswith("MISSING")][0].split("\tfix: ")[1]
+    assert hint(fix) == ["pull", "-f", str(manifest), "--cache-dir", str(cache)]
+    assert run_hint(fix, env).returncode == 0
+    assert hpcstage("check", "-f", manifest, "--cache-dir", cache, "--isolation", "guard", env=env).returncode == 0
+    assert not (tmp_path / "default" / "hub").exists()
+
+
+def test_verify_repair_under_hf_hub_offline_refuses_before_deleting(hub, tmp_path):
+    cache = tmp_path / "c"
+    env = client_env(hub, tmp_path / "default")
+    assert hpcstage("pull", MODEL, "--cache-dir", cache, "-q", env=env).returncode == 0
+    weights = hub.files_of("model", MODEL)["model.safetensors"]
+    blob = cache / MODEL_DIR / "blobs" / weights.etag
+    flip(blob)
+    r = hpcstage("verify", MODEL, "--cache-dir", cache, "--repair", env=dict(env, HF_HUB_OFFLINE="1"))
+    one_line(r, 2, "HF_HUB_OFFLINE=1 is set")
+    assert blob.exists()  # nothing deleted
+    assert hpcstage("verify", MODEL, "--cache-dir", cache, "--repair", env=env).returncode == 0
+    assert sha256(blob) == weights.sha256

@@ -608,6 +608,10 @@ def verify(
                             "group, or have its owner run `hpcstage pull --shared-group GROUP`") from None
     if repair and not report.ok:
         before = report.problems
+        if any(p.kind in REPAIRABLE or p.repo_type == "data" for p in before):
+            from hpcstage.staging import refuse_offline
+
+            refuse_offline()  # refetching needs the network: say so before deleting anything
         entries = _remove_bad(plan, before, good)
         _repair_refs(plan, before)
         bad_data = {p.repo_id for p in before if p.repo_type == "data"}
