@@ -66,7 +66,8 @@ def _pull(args: argparse.Namespace) -> int:
         raise BadInput("--slurm-array and --worker need -f MANIFEST")
     opts.worker = args.worker
     if updates and not args.manifest:
-        raise BadInput("--update NAME needs -f MANIFEST (it names a manifest entry)")
+        raise BadInput("--update needs -f MANIFEST: it re-resolves what the lockfile pinned (a pull of REPO_IDs "
+                       "always resolves the revision)")
     if args.local_dir is not None and args.manifest:
         raise BadInput("--local-dir copies one repo: use it with REPO_ID [FILE...], not -f")
     if args.local_dir is not None and args.local_dir.exists() and not args.local_dir.is_dir():
