@@ -125,7 +125,7 @@ def test_offline_flag_on_login_node_warns_and_unreachable_endpoint_is_no_failure
     assert r.returncode == 0, r.stdout
     checks = by_name(r.stdout)
     assert checks["offline"]["status"] == "warn"
-    assert "pull cannot fetch while HF_HUB_OFFLINE=1 is set" in checks["offline"]["detail"]
+    assert "`hpcstage pull` refuses to fetch while HF_HUB_OFFLINE is set" in checks["offline"]["detail"]
     assert "unset" in checks["offline"]["fix"] and "login node" in checks["offline"]["fix"]
     assert checks["endpoint"]["status"] == "warn"
     # Inside a Slurm job the same flags are what a job should have.

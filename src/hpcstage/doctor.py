@@ -645,8 +645,12 @@ def _offline(ctx: _Context) -> Check:
     names = ", ".join(f"{v}={os.environ[v]}" for v in ctx.offline)
     if ctx.in_job:
         return Check("offline", "ok", f"{names} inside Slurm job {os.environ['SLURM_JOB_ID']}: jobs read the staged cache")
-    return Check("offline", "warn", f"{names} is set outside a Slurm job: pull cannot fetch while "
-                 f"{ctx.offline[0]}=1 is set", f"unset it on the login node: `unset {' '.join(ctx.offline)}`")
+    hub = "HF_HUB_OFFLINE" in ctx.offline
+    what = ("`hpcstage pull` refuses to fetch while HF_HUB_OFFLINE is set (as huggingface_hub does; a warm pull "
+            "from the lockfile still works)" if hub else
+            "prebuild and datasets cannot fetch while it is set")
+    return Check("offline", "warn", f"{names} is set outside a Slurm job: {what}",
+                 f"unset it on the login node: `unset {' '.join(ctx.offline)}`")
 
 
 def _cpu_limit(ctx: _Context) -> Check:

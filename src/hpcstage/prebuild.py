@@ -294,11 +294,17 @@ proto = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 from datasets import load_dataset
+import difflib, inspect
+named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
 proto.write(json.dumps({"ready": True}) + "\n")
 for line in sys.stdin:
     req = json.loads(line)
     started = time.perf_counter()
     try:
+        for k in req["kwargs"]:  # a typo of a named argument would reach the builder config as a key
+            near = difflib.get_close_matches(k, named, n=1, cutoff=0.75) if k not in named else []
+            if near:
+                raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}? (fix `load:`)")
         ds = load_dataset(req["path"], **req["kwargs"])
         parts = ds.values() if isinstance(ds, dict) else [ds]
         files = sorted({f["filename"] for d in parts for f in d.cache_files})

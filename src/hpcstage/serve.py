@@ -505,6 +505,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, f: FileInfo, headers: dict) -> _Response:
         headers["Content-Type"] = "application/octet-stream"
+        if headers.get("ETag") and headers["ETag"] in (self.headers.get("If-None-Match") or ""):
+            return _Response(304, headers, b"")  # a conditional request for what the client has
         span = _parse_range(self.headers.get("Range"), f.size)
         if span is None:
             return _Response(200, headers, _FileSlice(f.local, 0, f.size))

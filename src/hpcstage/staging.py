@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import BadInput, HpcstageError, TransferError
+from hpcstage.errors import BadInput, HpcstageError, HubError, TransferError
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -94,6 +94,8 @@ class Options:
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: setgid folders, group-readable files
     worker: bool = False  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
+    files: dict[str, list[str]] = field(default_factory=dict)  # entry key -> files named on the command line
+    manifest_path: Path | None = None  # entries come from this manifest: hints name its keys, not flags
 
 
 class _Run:
@@ -102,6 +104,7 @@ class _Run:
     def __init__(self, opts: Options):
         self.opts = opts
         self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+        check_cache_dir(self.cache_dir)
         self._http: Http | None = None
         self.sharing = Sharing.for_group(opts.shared_group) if opts.shared_group else None  # checked before any request
         self.summary = PullSummary()
@@ -112,6 +115,7 @@ class _Run:
     def http(self) -> Http:
         # Created on first use: a warm pull from the lockfile never opens a connection.
         if self._http is None:
+            refuse_offline()
             origin = hub.endpoint()  # a malformed HF_ENDPOINT is bad input, before huggingface_hub parses it
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
@@ -136,6 +140,14 @@ class _Run:
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
+        named = self.opts.files.get(entry.key)
+        if named:  # `pull ORG/NAME FILE...`: each must be a file of the repo, as `hf download` insists
+            have = {f.path for f in all_files}
+            absent = [n for n in named if n not in have]
+            if absent:
+                raise HubError(f"{entry.repo_type} {entry.repo}@{entry.revision} has no file "
+                               f"{', '.join(repr(a) for a in absent)}; check the name (paths are relative to the "
+                               "repo's root, e.g. data/train.parquet)")
         return _RepoPlan(entry, ref, cache, commit, files, None if on_disk is not None else all_files)
 
     def execute(self, plans: list[_RepoPlan]) -> None:
@@ -153,6 +165,10 @@ class _Run:
         self.summary.bytes = total
         todo = [(p, f) for p, f, dup in jobs if not dup]
         self._check_space(todo)
+        for p in plans:  # the listing first: `status` and `verify` of a failed run then know what is missing
+            if p.all_files is not None:
+                p.cache.write_tree(p.commit, p.all_files)
+                p.all_files = None
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
@@ -219,7 +235,7 @@ class _Run:
                 try:
                     fetched = fut.result()
                 except TransferError as e:
-                    failures.append(str(e))
+                    failures.append((f"{plan.entry.repo}/{f.path}", str(e)))
                     continue
                 except OSError as e:
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -231,9 +247,9 @@ class _Run:
                 if fetched is None:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
-                for n in fetched:
+                for (p_, f_), n in zip(job[1], fetched):
                     if isinstance(n, TransferError):
-                        failures.append(str(n))
+                        failures.append((f"{p_.entry.repo}/{f_.path}", str(n)))
                         continue
                     progress.file_done()
                     self.summary.downloaded_files += n > 0
@@ -245,9 +261,11 @@ class _Run:
             raise
         pool.shutdown()
         if failures:
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise TransferError(f"{len(failures)} of {sum(len(j[1]) for j in jobs)} files failed: {failures[0]}{more}; "
-                                "run the same pull again to retry them (finished files are kept)")
+            err = TransferError(f"{len(failures)} of {sum(len(j[1]) for j in jobs)} files failed: "
+                                f"{describe_failures(failures)}; run the same pull again to retry them "
+                                "(finished files are kept)")
+            err.failures = [{"file": name, "error": why} for name, why in failures]  # type: ignore[attr-defined]
+            raise err
 
     def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
         """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
@@ -339,6 +357,42 @@ class _Run:
         return fetched
 
 
+GROUP_AT = 5  # more failures than this are grouped by their reason
+
+
+def describe_failures(failures: list[tuple[str, str]]) -> str:
+    """Every failed file by name: each with its error, or, when many, grouped under each distinct reason
+    (the error with the file's own name taken out)."""
+    if len(failures) <= GROUP_AT:
+        return "; ".join(why if why.startswith(name) else f"{name}: {why}" for name, why in failures)
+    groups: dict[str, list[str]] = {}
+    for name, why in failures:
+        reason = why.replace(name, "FILE") if name in why else why
+        groups.setdefault(reason, []).append(name)
+    return "; ".join(f"{len(names)} x {reason!r}: {', '.join(names)}" for reason, names in groups.items())
+
+
+def refuse_offline() -> None:
+    """huggingface_hub refuses to use the network with HF_HUB_OFFLINE=1 set; so does pull (a warm pull,
+    which needs no request, still works)."""
+    import os
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise BadInput(f"HF_HUB_OFFLINE={value} is set, so pull does not use the network (as huggingface_hub); "
+                       "`unset HF_HUB_OFFLINE`, then run the same command again")
+
+
+def check_cache_dir(folder: Path) -> None:
+    """A cache path that is a file (or lies under one) is bad input, found before any request."""
+    for p in (folder, *folder.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == folder else f"lies under {p}, which is a file"
+                raise BadInput(f"cache folder {folder} {what}; pass --cache-dir (or `cache_dir:`) naming a folder")
+            return
+
+
 class InFlight:
     """How many small files are fetched at once: enough to cover the waits, and no more.
 
@@ -416,10 +470,11 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
         # After a clean run every file is linked (execute checked them); only a failed run needs a look.
         done = state == "staged" or all(p.cache.is_linked(p.commit, f) for f in p.files)
         new = ledger.Record(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, "staged" if done else state,
-                            len(p.files), sum(f.size for f in p.files), "" if done else reason)
+                            len(p.files), sum(f.size for f in p.files), "" if done else reason,
+                            patterns={"include": p.entry.include, "exclude": p.entry.exclude})
         old = ledger.read(cache_dir, p.entry.repo_type, p.entry.repo, p.entry.revision)
-        if old is None or (old.commit, old.state, old.files, old.bytes, old.reason) != (
-                new.commit, new.state, new.files, new.bytes, new.reason):  # a warm pull writes nothing
+        if old is None or (old.commit, old.state, old.files, old.bytes, old.reason, old.patterns) != (
+                new.commit, new.state, new.files, new.bytes, new.reason, new.patterns):  # a warm pull writes nothing
             ledger.write(cache_dir, new)
 
 
@@ -435,7 +490,30 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool)
             raise BadInput(f"array worker: {what} planned in the lockfile; "
                            "plan first with `hpcstage pull -f MANIFEST --slurm-array N`")
     run = _Run(opts)
-    return run, [run.plan(e, None if update else lock.entries.get(e.key)) for e in entries]
+    plans = []
+    for e in entries:
+        try:
+            plans.append(run.plan(e, None if wants_update(update, e) else lock.entries.get(e.key)))
+        except HubError as err:
+            if opts.manifest_path is not None and str(err).endswith("; check --revision"):  # no such flag with -f
+                raise HubError(f"{str(err).removesuffix('; check --revision')}; check `revision:` of the entry in "
+                               f"{opts.manifest_path}") from None
+            if opts.manifest_path is None or f"repo {e.repo} not found" not in str(err):
+                raise
+            other = "dataset" if e.repo_type == "model" else "model"
+            raise HubError(f"{e.repo_type} repo {e.repo} not found at {hub.endpoint()}; if it is a {other}, list it "
+                           f"under `{other}s:` in {opts.manifest_path} (a file entry: `repo_type: {other}`), else "
+                           "check the id (private or gated repos need HF_TOKEN)") from None
+    return run, plans
+
+
+def wants_update(update, entry) -> bool:
+    """`update` is True/False (every entry or none) or the names given to `--update NAME`: an entry's repo
+    id, its lockfile key, or a data entry's dest or source."""
+    if isinstance(update, bool) or update is None:
+        return bool(update)
+    names = {entry.key, getattr(entry, "repo", None), getattr(entry, "dest", None), getattr(entry, "source", None)}
+    return bool(names & set(update))
 
 
 def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
@@ -457,6 +535,9 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
     except BaseException as e:
         _record(run.cache_dir, plans, "failed" if isinstance(e, HpcstageError) else "interrupted",
                 str(e) or type(e).__name__)
+        if isinstance(e, HpcstageError):
+            run.summary.seconds = time.monotonic() - started
+            e.summary = run.summary  # type: ignore[attr-defined]  # what did get staged, for `--json`
         raise
     _record(run.cache_dir, plans, "staged")
     if run.sharing is not None:
@@ -475,6 +556,7 @@ def _manifest_opts(manifest: Manifest, opts: Options | None) -> Options:
         opts.allow = manifest.allow
     if manifest.shared_group and not opts.shared_group:
         opts.shared_group = manifest.shared_group
+    opts.manifest_path = manifest.path
     return opts
 
 
@@ -494,7 +576,7 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
     opts = _manifest_opts(manifest, opts)
-    old = load_lock(manifest.lock_path)
+    old = load_lock(manifest.lock_path, manifest.path)
     summary, new = pull(manifest.entries, opts, old, update)
     if not manifest.data_entries:
         _save(manifest, old, new)
@@ -516,7 +598,9 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     summary.downloaded_bytes += sum(r.downloaded_bytes for r in results)
     summary.seconds += time.monotonic() - started
     if failures:
-        raise datadir.first_failure(failures)
+        err = datadir.first_failure(failures)
+        err.summary = summary  # type: ignore[attr-defined]
+        raise err
     return summary
 
 
@@ -525,7 +609,7 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""
     opts = _manifest_opts(manifest, opts)
-    old = load_lock(manifest.lock_path)
+    old = load_lock(manifest.lock_path, manifest.path)
     run, plans = _start(manifest.entries, opts, old, update)
     for p in plans:
         if p.all_files is not None:
@@ -549,6 +633,36 @@ def _walk(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
         if depth >= min_depth:
             found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
     return sorted(found)
+
+
+def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
+    """`pull --local-dir DIR`: the snapshot's files as plain files under DIR (a reflink where the filesystem
+    can, else a copy; never a hardlink or symlink into the cache, so editing them leaves the cache intact).
+    A file already there with the blob's size and bytes is left alone. Returns the files written."""
+    import filecmp
+
+    from hpcstage.sources import local
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    found = [(Path(here) / name).relative_to(snapshot).as_posix()
+             for here, _dirs, names in os.walk(snapshot) for name in names]
+    written = 0
+    # only this pull's selection: the snapshot may hold files other pulls added
+    for rel in filter_repo_objects(found, allow_patterns=entry.include, ignore_patterns=entry.exclude):
+        src = snapshot / rel
+        dst = Path(local_dir) / rel
+        blob = src.resolve()
+        if dst.is_file() and not dst.is_symlink() and dst.stat().st_size == blob.stat().st_size \
+                and filecmp.cmp(dst, blob, shallow=False):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.hpcstage-tmp")
+        tmp.unlink(missing_ok=True)
+        local.place(blob, tmp, lambda n: None, allow_hardlink=False)
+        os.replace(tmp, dst)
+        written += 1
+    return written
 
 
 @dataclass

@@ -80,6 +80,27 @@ def probe(http: Http, url: str) -> Probe:
     return Probe(url, size, ranges and size is not None, validator)
 
 
+def unchanged(http: Http, url: str, fingerprint: str) -> bool:
+    """`pull --update` of a staged URL: one conditional HEAD (If-None-Match with the recorded ETag, else
+    If-Modified-Since with the recorded Last-Modified). True when the server answers 304, or 200 with the
+    same validator and size; no content byte is requested either way. False when there is nothing to
+    compare (no validator was recorded) or the source changed."""
+    validator, _, size = fingerprint.rpartition("|")
+    if not validator:
+        return False
+    cond = {"If-None-Match": validator} if validator.startswith('"') else {"If-Modified-Since": validator}
+    resp = http.request("HEAD", url, headers=cond, what=f"HEAD {url}")
+    resp.drain_conn()
+    resp.release_conn()
+    if resp.status == 304:
+        return True
+    if resp.status != 200:
+        return False
+    now = (resp.headers.get("ETag") or resp.headers.get("Last-Modified") or "").strip()
+    length = resp.headers.get("Content-Length")
+    return now == validator and (length or "None") == size
+
+
 def _status_error(url: str, status: int) -> TransferError:
     hint = {404: "check the url", 401: "the server wants credentials, which hpcstage never sends to URLs",
             403: "access denied; check the url"}.get(status, "try again later or check the url")
