@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import BadInput, HpcstageError, TransferError
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -328,7 +328,7 @@ class _Run:
                                 sha256=f.sha256, on_bytes=on_bytes, label=label)
                 break
             except TransferError as e:
-                if attempt == 2 or "hash mismatch" not in str(e):
+                if attempt == 2 or not isinstance(e, HashMismatch):
                     raise
                 progress.add(-f.size)  # fetch reported the whole file before its hash failed
         lease.check()

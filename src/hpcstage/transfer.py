@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
-from hpcstage.errors import TransferError
+from hpcstage.errors import HashMismatch, TransferError
 from hpcstage.hfcache import new_hasher
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -283,8 +283,8 @@ def _short(e: Exception) -> str:
     return text if len(text) < 160 else text[:157] + "..."
 
 
-def _hash_mismatch(label: str) -> TransferError:
-    return TransferError(f"download {label}: content hash mismatch (wrong bytes discarded)")
+def _hash_mismatch(label: str) -> HashMismatch:
+    return HashMismatch(f"download {label}: content hash mismatch (wrong bytes discarded)")
 
 
 def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "") -> bytes:

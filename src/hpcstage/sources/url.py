@@ -16,7 +16,7 @@ from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from hpcstage import __version__
-from hpcstage.errors import TransferError
+from hpcstage.errors import HashMismatch, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
 from hpcstage.transfer import CHUNK, CONNECTIONS, DROPPED, RANGES_SUFFIX, Http, RetryPolicy, fetch
@@ -139,7 +139,7 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
             fetched = _stream(http, url, partial, counted, digests)
             if sha256 is not None and digests[0] != sha256:
                 partial.unlink(missing_ok=True)
-                raise TransferError(f"download {url}: content hash mismatch (wrong bytes discarded)")
+                raise HashMismatch(f"download {url}: content hash mismatch (wrong bytes discarded)")
         lease.check()
         os.replace(partial, final)
         return Download(final, digests[0], final.stat().st_size, p.fingerprint, fetched)
