@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", action="store_true", help="follow the array with a progress bar; exit with its result")
     g.add_argument("--worker", action="store_true", help="run as one of the array's workers (set by --slurm-array)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)")
-    p.add_argument("--retry-budget", type=float, default=300.0,
-                   help="seconds one request may spend retrying 429/5xx/network errors (default 300)")
+    p.add_argument("--retry-budget", type=float, default=900.0,
+                   help="seconds one request may spend retrying 429/5xx/network errors and waiting out the Hub's "
+                        "rate limit (default 900: a 5-minute window more than once)")
     p.add_argument("--shared-group", metavar="GROUP",
                    help="group-shared cache: folders setgid + group-writable, files group-readable")
     _common(p, workers="files downloaded at once")

@@ -40,14 +40,6 @@ class HubError(HpcstageError):
     """The Hub answered with a reason (repo or revision not found, access denied)."""
 
 
-class RepoNotFound(HubError):
-    """`X-Error-Code: RepoNotFound` (also what the Hub says for a private repo without access)."""
-
-
-class RevisionNotFound(HubError):
-    """`X-Error-Code: RevisionNotFound`."""
-
-
 class EntryNotFound(HubError):
     """`X-Error-Code: EntryNotFound`: one file is missing at that commit; the repo's other files go on."""
 
@@ -55,6 +47,14 @@ class EntryNotFound(HubError):
 class RepoRefused(HubError):
     """The Hub refuses the whole repo (gate, token, disabled, gone): every other file of it would get the
     same answer, so a pull stops that repo's remaining files at once and does not retry."""
+
+
+class RepoNotFound(RepoRefused):
+    """`X-Error-Code: RepoNotFound` (also what the Hub says for a private repo without access)."""
+
+
+class RevisionNotFound(RepoRefused):
+    """`X-Error-Code: RevisionNotFound`."""
 
 
 class GatedRepo(RepoRefused):

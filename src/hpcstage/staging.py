@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import math
+import os
 import queue
 import shutil
 import statistics
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoRefused, TransferError
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -105,6 +106,9 @@ class _Run:
         self.summary = PullSummary()
         self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
         self.in_flight = InFlight(opts.workers)
+        self.token: str | None = None
+        # repo (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
+        self.refused: dict[str, RepoRefused] = {}
 
     @property
     def http(self) -> Http:
@@ -114,8 +118,10 @@ class _Run:
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
             token = self.opts.token if self.opts.token is not None else get_token()
+            self.token = token or None
             self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers * CONNECTIONS + 2,
-                              read_timeout=self.opts.timeout, retry=self.opts.retry)
+                              read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
+                              share=_array_share() if self.opts.worker else 1.0)
         return self._http
 
     def plan(self, entry: HubEntry, locked) -> _RepoPlan:
@@ -130,7 +136,8 @@ class _Run:
         elif policy.is_commit(entry.revision):
             commit = entry.revision
         else:
-            commit = hub.resolve(self.http, ref, entry.revision)
+            commit, info = hub.resolve_info(self.http, ref, entry.revision)
+            hub.warn_if_gated(ref, info, self.token)
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
@@ -152,6 +159,8 @@ class _Run:
         todo = [(p, f) for p, f, dup in jobs if not dup]
         self._check_space(todo)
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
+            if self._http is not None:
+                self._http.on_wait = progress.note  # "rate-limited by the Hub: resuming in N s ..."
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
                 progress.file_done()
@@ -194,7 +203,7 @@ class _Run:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[Future, tuple] = {}
         later: deque = deque()  # (not before, job): units another process holds
-        failures: list[str] = []
+        failures: list[HpcstageError] = []
         pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
 
         def start(job: tuple) -> None:
@@ -216,8 +225,8 @@ class _Run:
                 plan, f = job[1][0]
                 try:
                     fetched = fut.result()
-                except TransferError as e:
-                    failures.append(str(e))
+                except (TransferError, HubError) as e:
+                    failures.append(e)
                     continue
                 except OSError as e:
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -230,8 +239,8 @@ class _Run:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
                 for n in fetched:
-                    if isinstance(n, TransferError):
-                        failures.append(str(n))
+                    if isinstance(n, HpcstageError):
+                        failures.append(n)
                         continue
                     progress.file_done()
                     self.summary.downloaded_files += n > 0
@@ -243,9 +252,7 @@ class _Run:
             raise
         pool.shutdown()
         if failures:
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise TransferError(f"{len(failures)} of {sum(len(j[1]) for j in jobs)} files failed: {failures[0]}{more}; "
-                                "run the same pull again to retry them (finished files are kept)")
+            raise _failed(failures, sum(len(j[1]) for j in jobs))
 
     def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
         """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
@@ -271,7 +278,7 @@ class _Run:
                 units.append((self.cache_dir / BATCH_LEASES / f"{name}{LEASE_SUFFIX}", missing))
         return units
 
-    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | TransferError] | None:
+    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | HpcstageError] | None:
         """Put a unit's files in place; returns the bytes each one downloaded (or why it failed: one file
         does not stop the others), or None when another process holds the unit's lease (the caller queues
         it again and moves on)."""
@@ -281,13 +288,13 @@ class _Run:
             if not lease.try_acquire():
                 return None
         try:
-            done: list[int | TransferError] = []
+            done: list[int | HpcstageError] = []
             # Units are either one large file or a batch of small ones; a batch runs under one slot.
             with self.in_flight.slot() if items[0][1].size < SMALL else nullcontext():
                 for plan, f in items:
                     try:
                         done.append(self._stage_file(plan, f, progress, lease))
-                    except TransferError as e:
+                    except (TransferError, HubError) as e:
                         done.append(e)
             return done
         finally:
@@ -301,8 +308,20 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
+        refused = self.refused.get(plan.entry.repo) or self.refused.get("*")
+        if refused is not None:  # the Hub refused this repo (or the token): asking again gets the same answer
+            raise refused
         url = plan.ref.file_url(plan.commit, f.path)
         label = f"{plan.entry.repo}/{f.path}"
+        try:
+            return self._fetch_file(plan, f, progress, lease, url, label)
+        except RepoRefused as e:
+            self.refused.setdefault("*" if isinstance(e, InvalidToken) else plan.entry.repo, e)
+            raise
+
+    def _fetch_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None, url: str,
+                    label: str) -> int:
+        cache = plan.cache
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
             with self.in_flight.timed():
@@ -335,6 +354,35 @@ class _Run:
         cache.commit_blob(cache.partial(f.etag), f.etag)
         cache.link(plan.commit, f)
         return fetched
+
+
+def _failed(failures: list[HpcstageError], total: int) -> HpcstageError:
+    """One error for a run whose files failed. Refusals that a rerun cannot change (a gate, a bad token) are
+    told as such, once per repo; "run the same pull again" only when some failure could pass."""
+    passing = [e for e in failures if e.rerun_helps]
+    final = [e for e in failures if not e.rerun_helps]
+    reasons: list[HpcstageError] = []
+    for e in final:  # one line per distinct refusal (the same refusal object stands for a repo's files)
+        if not any(type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons):
+            reasons.append(e)
+    told = "; ".join(str(r) for r in reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    if not passing:
+        first = reasons[0]
+        return type(first)(f"{len(failures)} of {total} files not fetched: {told}", repo=first.repo,
+                           path=first.path, status=first.status, hint=first.hint)
+    more = f" (and {len(passing) - 1} more)" if len(passing) > 1 else ""
+    also = f"; not retried: {told}" if reasons else ""
+    return TransferError(f"{len(failures)} of {total} files failed: {passing[0]}{more}; run the same pull again to "
+                         f"retry them (finished files are kept){also}", repo=passing[0].repo, path=passing[0].path,
+                         status=passing[0].status)
+
+
+def _array_share() -> float:
+    """An array worker's part of the Hub's rate limit: the workers share one address, so one quota."""
+    try:
+        return 1.0 / max(1, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
+    except ValueError:
+        return 1.0
 
 
 class InFlight:
