@@ -743,9 +743,12 @@ class HubServer:
         self.disabled: set[str] = set()
         self.renamed: dict[str, str] = {}  # old repo id -> new repo id
         self.rate_limit: tuple[int, int] | None = None  # (resolver requests, window in whole seconds)
+        self.rate_limit_reset: int | None = None  # say this t on every answer instead of the real one
+        self.rate_limit_on_success = True  # RateLimit headers on every resolver answer (the Hub's way), not only 429s
         self.ignore_range = False
         self._secret = os.urandom(16)
         self._window = (0.0, -1, 0)  # (start, index, requests counted in it)
+        self.rate_window_started = 0.0
         self._tls = tls or {}
         self.host, self.page_size = host, page_size
         self._ports = (port, cdn_port)
@@ -844,6 +847,7 @@ class HubServer:
         with self._lock:
             self.rate_limit = (quota, window)
             self._window = (time.monotonic(), -1, 0)
+            self.rate_window_started = time.time()  # the same moment on the request log's clock
 
     def _count_resolver(self, headers: dict[str, str]) -> None:
         """Count one resolver request in the current window; RateLimit headers into `headers`; 429 when over."""
@@ -855,10 +859,14 @@ class HubServer:
             count = count + 1 if current == index else 1
             self._window = (start, current, count)
         reset = int(start + (current + 1) * window - now)  # whole seconds, rounded down: 0 in the last second
-        headers["RateLimit"] = f'"resolvers";r={max(0, quota - count)};t={reset}'
-        headers["RateLimit-Policy"] = f'"fixed window";"resolvers";q={quota};w={int(window)}'
+        if self.rate_limit_reset is not None:  # a server that always says t=N, whatever is left of the window
+            reset = self.rate_limit_reset
+        said = {"RateLimit": f'"resolvers";r={max(0, quota - count)};t={reset}',
+                "RateLimit-Policy": f'"fixed window";"resolvers";q={quota};w={int(window)}'}
         if count > quota:
-            raise _HubError(429, None, "You have exceeded the rate limit for resolver requests", dict(headers))
+            raise _HubError(429, None, "You have exceeded the rate limit for resolver requests", said)
+        if self.rate_limit_on_success:
+            headers.update(said)
 
     def cdn_path(self, sha256: str, filename: str = "") -> str:
         """A signed path on the CDN listener for an LFS object, valid for `signed_ttl` seconds from now."""

@@ -316,6 +316,14 @@ def _resource(path: str) -> str:
     return "resolvers" if "/resolve" in path else "api"
 
 
+class _PastDeadline(Exception):
+    """A rate-limit wait that would outlast the request's retry budget (`seconds`: the wait)."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 class _Pacer:
     """Requests to one origin and quota, spaced so that a pull flows under the server's rate limit.
 
@@ -323,9 +331,13 @@ class _Pacer:
     ends in T whole seconds: between T and T+1) and `RateLimit-Policy: "fixed window";...;q=Q;w=W`. This
     keeps an estimate of what is left (counted down as requests go out, never above what the server last
     said) and of when the window ends (the earliest T+1 seen); when nothing is left, requests wait for the
-    window's end. A 429 pauses every request to the origin until its wait is over. `share` is this
-    process's part of the quota (array workers share one address, so one quota). huggingface_hub has no
-    pacing (it only waits after a 429), hence by hand."""
+    window's end. A 429 pauses every request to the origin until its wait is over. After a wait, one request
+    goes first (a probe) and the others follow once its answer says how much the new window holds: a
+    server whose T is too short (`t=0` while the window runs on) then costs one 429 per guess, not a burst.
+    `share` is this process's part of the quota (array workers share one address, so one quota).
+    huggingface_hub has no pacing (it only waits after a 429), hence by hand."""
+
+    PROBE_TIMEOUT = 5.0  # a probe unanswered this long (its connection failed) lets another one go
 
     def __init__(self, origin: str, share: float, announce: Callable[[str | None], None]):
         self.origin, self.share, self._announce = origin, share, announce
@@ -333,6 +345,7 @@ class _Pacer:
         self.remaining: float | None = None  # None: no limit known
         self.ends = 0.0  # monotonic time by which the current window has surely ended
         self.paused_until = 0.0
+        self.probe: float | None = None  # when the probe went out; None: not probing
         self.quota: int | None = None
         self.window: int | None = None
         self._said = 0.0  # the resume time last announced
@@ -340,27 +353,37 @@ class _Pacer:
     def _mine(self, remaining: int) -> int:
         return math.ceil(remaining * self.share)
 
-    def before(self) -> None:
-        """Wait, if need be, until a request may go out; count it."""
+    def before(self, deadline: float = math.inf) -> None:
+        """Wait, if need be, until a request may go out; count it. `_PastDeadline` when the wait would end
+        after `deadline` (monotonic: the request's retry budget)."""
         with self._cond:
             while True:
                 now = time.monotonic()
-                if self.remaining is not None and now >= self.ends and now >= self.paused_until:
-                    # the window is over: the next answers tell the new count; until then, our share of the quota
-                    self.remaining = self._mine(self.quota) if self.quota else None
-                    self.ends = now + (self.window or 1)
+                if self.remaining is None:
+                    return
+                if now >= max(self.ends, self.paused_until) and self.probe is None and self.remaining < 1:
+                    self.remaining, self.probe = 1, 0.0  # the window is over: one request asks how it looks
                 if now < self.paused_until:
                     until = self.paused_until
-                elif self.remaining is not None and self.remaining < 1:
-                    until = self.ends
-                else:
-                    if self.remaining is not None:
-                        self.remaining -= 1
+                elif self.remaining >= 1:
+                    self.remaining -= 1
+                    if self.probe is not None:
+                        self.probe = now
                     if self._said:
                         self._said = 0.0
                         self._announce(None)
                     return
-                if until > self._said + 0.5:
+                elif self.probe is not None:  # the probe is out: its answer tells the others
+                    if now - self.probe > self.PROBE_TIMEOUT:
+                        self.remaining = 1
+                        continue
+                    self._cond.wait(0.25)
+                    continue
+                else:
+                    until = self.ends
+                if until > deadline:
+                    raise _PastDeadline(until - now)
+                if until > self._said + 0.5 and until - now >= 0.5:
                     self._said = until
                     line = self.line(until - now)
                     logger.warning("%s", line)
@@ -371,23 +394,29 @@ class _Pacer:
         quota = f" (quota {self.quota} per {self.window} s)" if self.quota and self.window else ""
         return f"rate-limited by the Hub: resuming in {math.ceil(seconds)} s{quota}"
 
-    def observe(self, info, limited_for: float | None = None) -> None:
-        """An answer's RateLimit headers (`info`: huggingface_hub's RateLimitInfo); `limited_for`: a 429's wait."""
+    def observe(self, info, status: int, limited_for: float | None) -> None:
+        """An answer: its RateLimit headers (`info`: huggingface_hub's RateLimitInfo, or None), its status,
+        and for a 429 how long to wait."""
         now = time.monotonic()
         with self._cond:
-            if info is not None:
-                if info.limit and info.window_seconds:
-                    self.quota, self.window = info.limit, info.window_seconds
+            if info is not None and info.limit and info.window_seconds:
+                self.quota, self.window = info.limit, info.window_seconds
+            if status == 429:
+                self.remaining, self.probe = 0, None
+                self.paused_until = max(self.paused_until, now + (limited_for or 1.0))
+                self.ends = max(self.ends, self.paused_until)
+            elif info is not None:
                 earliest, latest = now + info.reset_in_seconds, now + info.reset_in_seconds + 1
                 mine = self._mine(info.remaining)
-                if self.remaining is None or earliest > self.ends:  # a window we had not seen yet
+                if self.remaining is None or self.probe is not None or earliest > self.ends:  # a new window
                     self.remaining, self.ends = mine, latest
                 else:
                     self.remaining, self.ends = min(self.remaining, mine), min(self.ends, latest)
-            if limited_for is not None:
-                self.remaining = 0 if self.remaining is None or info is None else min(self.remaining, 0)
-                self.paused_until = max(self.paused_until, now + limited_for)
-                self.ends = max(self.ends, self.paused_until)
+                self.probe = None
+            elif self.probe is not None:  # the probe passed, the server said nothing: assume a fresh window
+                self.remaining = self._mine(self.quota) - 1 if self.quota else None
+                self.ends = now + (self.window or 1)
+                self.probe = None
             self._cond.notify_all()
 
 
@@ -511,7 +540,8 @@ class Http:
                                                              lambda line: self.on_wait(line)))
         return pacer
 
-    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+              deadline: float = math.inf) -> Response:
         """Follow redirects; Authorization goes only to `auth_origin` (else to the first URL's origin).
         The response's `url` is where it finally came from."""
         trusted = self.auth_origin or _origin(url)
@@ -522,15 +552,16 @@ class Http:
             if key != trusted:
                 sent.pop("authorization", None)
                 sent.pop("Authorization", None)
-            if self._pacers and (pacer := self._pacer(key, parts.path)) is not None:
-                pacer.before()
+            pacer = self._pacer(key, parts.path) if self._pacers else None
+            if pacer is not None:
+                pacer.before(deadline)
             resp = self._exchange(method, url, parts, sent, body)
             resp.sent_auth = "authorization" in sent or "Authorization" in sent
             info = _ratelimit_info(resp.headers)
-            if info is not None or resp.status == 429:
-                limited = ratelimit_wait(resp.headers) if resp.status == 429 else None
-                if info is not None or limited is not None:
-                    self._pacer(key, parts.path, create=True).observe(info, limited)
+            if pacer is None and (info is not None or resp.status == 429):
+                pacer = self._pacer(key, parts.path, create=True)
+            if pacer is not None:
+                pacer.observe(info, resp.status, ratelimit_wait(resp.headers) if resp.status == 429 else None)
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 target = urljoin(url, resp.headers["Location"])
                 scheme = urlsplit(target).scheme
@@ -555,7 +586,10 @@ class Http:
         attempts = _Attempts(self.retry, what or f"{method} {url}")
         while True:
             try:
-                resp = self._send(method, url, headers or {}, body)
+                resp = self._send(method, url, headers or {}, body, attempts.started + self.retry.budget)
+            except _PastDeadline as e:
+                attempts.rate_limited(e.seconds)  # raises: the wait is past the budget
+                continue
             except ssl.SSLCertVerificationError as e:
                 raise TransferError(f"{attempts.what}: the server's TLS certificate is not trusted "
                                     f"({e.verify_message}); point SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at "
@@ -575,8 +609,8 @@ class Http:
                 resp.drain_conn()
                 resp.release_conn()
                 wait = attempts.rate_limited(delay)
-                if delay is None:  # no hint, so no pacer holds the next request: back off here
-                    time.sleep(wait)
+                if delay is None:  # no hint: the pacer holds the next request 1 s; back off the rest here
+                    time.sleep(max(0.0, wait - 1.0))
                 continue
             if resp.status in RETRY_STATUSES:
                 retry_after = resp.headers.get("Retry-After")
