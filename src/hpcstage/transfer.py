@@ -271,6 +271,17 @@ class _HTTPSConnection(http.client.HTTPSConnection):
             raise
 
 
+def open_connection(url: str, timeout: float) -> None:
+    """Open (and close) a connection to `url`'s origin the way requests go: through its proxy (the CONNECT
+    tunnel and TLS for https). Raises what a request would meet (ProxyError, OSError, ssl errors)."""
+    http = Http({}, connect_timeout=timeout, read_timeout=timeout)
+    conn = http._connection(_origin(url))
+    try:
+        conn.connect()
+    finally:
+        conn.close()
+
+
 class Response:
     """One answer. `release_conn()` hands the connection back for the next request when the body was read
     to its end, and closes it otherwise (a half-read body cannot be skipped for free)."""
@@ -593,7 +604,7 @@ class Http:
             except ssl.SSLCertVerificationError as e:
                 raise TransferError(f"{attempts.what}: the server's TLS certificate is not trusted "
                                     f"({e.verify_message}); point SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at "
-                                    "your site's CA bundle") from None
+                                    "your site's CA bundle") from e
             except ProxyError as e:
                 if not e.rerun_helps and e.status in (403, 407):
                     raise
