@@ -298,3 +298,31 @@ def test_a_wrong_content_range_is_refused(big_hub, tmp_path, monkeypatch):
         transfer._check_content_range("bytes 0-99/1000", 100, 200, 1000, "x")
     transfer._check_content_range("bytes 100-199/1000", 100, 200, 1000, "x")
     transfer._check_content_range("bytes 100-199/*", 100, 200, 1000, "x")
+
+
+def test_hpcstage_serve_models_a_gated_repo_and_a_rate_limit(tmp_path):
+    import http.client
+
+    proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "serve", str(tmp_path / "root"), "--samples",
+                             "--port", "0", "--gated", MODEL, "--token", "hf_ok", "--rate-limit", "100/300"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split()[0]
+        host, port = url.removeprefix("http://").split(":")
+
+        def get(path: str, token: str | None = None):
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            return resp.status, resp.headers
+
+        status, headers = get(f"/{MODEL}/resolve/main/config.json")
+        assert status == 401 and headers["X-Error-Code"] == "GatedRepo"
+        assert headers["RateLimit"].startswith('"resolvers";r=99;') and "q=100;w=300" in headers["RateLimit-Policy"]
+        assert get(f"/{MODEL}/resolve/main/config.json", "hf_ok")[0] == 307
+        assert get(f"/api/models/{MODEL}", "hf_bad")[0] == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -927,12 +927,16 @@ class HubServer:
                 self._log_stream.flush()
 
 
-def serve_forever(root: Path | str, host: str = "127.0.0.1", port: int = 0, log_file: Path | str | None = None) -> None:
-    """Serve `root` until SIGINT/SIGTERM; print one line with the URL first (`hpcstage serve`)."""
+def serve_forever(root: Path | str, host: str = "127.0.0.1", port: int = 0, log_file: Path | str | None = None,
+                  setup: Callable[[HubServer], None] | None = None) -> None:
+    """Serve `root` until SIGINT/SIGTERM; print one line with the URL first (`hpcstage serve`). `setup`
+    switches real-Hub behaviours on (gated repos, tokens, rate limit, ...) before the first request."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with HubServer(root, host, port, log_file=log_file) as server:
+            if setup is not None:
+                setup(server)
             print(f"{server.url} serving {root} (LFS files from {server.cdn_url})", flush=True)
             while not stop.wait(0.5):
                 pass
