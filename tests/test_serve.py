@@ -403,3 +403,41 @@ def test_delay_rate_and_corrupt(hub):
     assert differing == list(range(0, len(content), serve.CORRUPT_STRIDE))
     hub.clear_faults()
     assert request(hub.cdn_url, "GET", cdn_path)[2] == content
+
+
+def test_a_repo_changed_while_serving_is_rescanned_as_a_new_commit(tmp_path):
+    from helpers import wait_for
+
+    repo = tmp_path / "models" / "demo-org" / "live"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"v": 1}')
+    with HubServer(tmp_path, resolve_cache=False) as hub:
+        before = hub.commit_of("model", "demo-org/live")
+        (repo / "config.json").write_text('{"v": 22}')  # same folder, same name: only the content changed
+        (repo / "added.txt").write_text("new")
+        wait_for(lambda: hub.commit_of("model", "demo-org/live") != before, 10, "the rescan")
+        files = hub.files_of("model", "demo-org/live")
+        assert set(files) == {"config.json", "added.txt"}
+        status, _, body = request(hub.url, "GET", "/demo-org/live/resolve/main/config.json")
+        assert (status, body) == (200, b'{"v": 22}')
+
+
+def test_lfs_is_decided_by_gitattributes_when_the_repo_has_lfs_rules(tmp_path):
+    repo = tmp_path / "models" / "demo-org" / "attrs"
+    repo.mkdir(parents=True)
+    (repo / ".gitattributes").write_text("*.json filter=lfs diff=lfs merge=lfs -text\n"
+                                         "weights/*.pt filter=lfs diff=lfs merge=lfs -text\n"
+                                         "small.json -filter\n")
+    (repo / "config.json").write_text("{}")
+    (repo / "small.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"\0" * 100)  # an LFS suffix, but no rule names it
+    (repo / "weights").mkdir()
+    (repo / "weights" / "a.pt").write_bytes(b"\1" * 100)
+    (repo / "big.dat").write_bytes(b"\2" * (11 << 20))  # past LFS_MIN_SIZE, but no rule names it
+    plain = tmp_path / "models" / "demo-org" / "plain"
+    plain.mkdir(parents=True)
+    (plain / "model.safetensors").write_bytes(b"\0" * 100)
+    with HubServer(tmp_path) as hub:
+        lfs = {p for p, f in hub.files_of("model", "demo-org/attrs").items() if f.sha256}
+        assert lfs == {"config.json", "weights/a.pt"}
+        assert hub.files_of("model", "demo-org/plain")["model.safetensors"].sha256  # no rules: by suffix

@@ -48,7 +48,8 @@ LFS_SUFFIXES = frozenset(
     ".safetensors .bin .parquet .arrow .pt .pth .h5 .msgpack .onnx .gz .tgz .zip .tar .zst .xz .bz2 "
     ".png .jpg .jpeg .npy .npz".split()
 )
-LFS_MIN_SIZE = 10 * 1024 * 1024
+LFS_MIN_SIZE = 10 * 1024 * 1024  # without LFS rules in .gitattributes: LFS by suffix or size
+RESCAN_AFTER = 1.0  # seconds a revision's listing is trusted before its folder is looked at again
 CORRUPT_STRIDE = 4096  # a `corrupt` fault flips the body's first byte and every CORRUPT_STRIDE-th after it
 
 _KINDS = {"model": "models", "dataset": "datasets"}
@@ -160,25 +161,29 @@ def _error_response(error: _HubError) -> _Response:
 
 
 class _Once:
-    """Compute a value once per key, even when many threads ask for it at the same moment."""
+    """Compute a value once per key (again once it is `max_age` seconds old), even when many threads ask
+    for it at the same moment."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._values: dict = {}
+        self._values: dict = {}  # key -> (value, monotonic time computed)
         self._busy: dict = {}
 
-    def get(self, key, compute: Callable):
+    def get(self, key, compute: Callable, max_age: float | None = None):
+        fresh = lambda hit: hit is not None and (max_age is None or time.monotonic() - hit[1] < max_age)  # noqa: E731
         with self._lock:
-            if key in self._values:
-                return self._values[key]
+            hit = self._values.get(key)
+            if fresh(hit):
+                return hit[0]
             key_lock = self._busy.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
-                if key in self._values:
-                    return self._values[key]
+                hit = self._values.get(key)
+                if fresh(hit):
+                    return hit[0]
             value = compute()
             with self._lock:
-                self._values[key] = value
+                self._values[key] = (value, time.monotonic())
                 self._busy.pop(key, None)
             return value
 
@@ -321,11 +326,16 @@ class _Repos:
         return folders
 
     def _scan(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
-        return self._revisions.get((kind, repo_id, name, folder), lambda: self._read(kind, repo_id, name, folder))
+        """The revision as the folder holds it now: looked at again (sizes and mtimes; unchanged files keep
+        their hashes) at most every RESCAN_AFTER seconds, so files changed while the server runs are served
+        as a new commit, as on the Hub after a push."""
+        return self._revisions.get((kind, repo_id, name, folder), lambda: self._read(kind, repo_id, name, folder),
+                                   max_age=RESCAN_AFTER)
 
     def _read(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
         files: dict[str, FileInfo] = {}
         newest = 0
+        lfs_rules = _lfs_rules(folder / ".gitattributes")
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = [d for d in dirnames if d != ".git"]
             for filename in filenames:
@@ -334,15 +344,53 @@ class _Repos:
                 if not real.is_relative_to(self.root) or not real.is_file():
                     continue
                 st = real.stat()
-                lfs = real.suffix.lower() in LFS_SUFFIXES or st.st_size >= LFS_MIN_SIZE
+                path = local.relative_to(folder).as_posix()
+                if lfs_rules:  # as the Hub: what .gitattributes sends to LFS is LFS
+                    lfs = _is_lfs(path, lfs_rules)
+                else:
+                    lfs = real.suffix.lower() in LFS_SUFFIXES or st.st_size >= LFS_MIN_SIZE
                 digest = self._hashes.get((real, st.st_size, st.st_mtime_ns, lfs), lambda: _digest(real, lfs))
                 oid = _git_oid(_lfs_pointer(digest, st.st_size)) if lfs else digest
-                path = local.relative_to(folder).as_posix()
                 files[path] = FileInfo(path, st.st_size, oid, digest if lfs else None, real)
                 newest = max(newest, st.st_mtime_ns)
         with self._lfs_lock:
             self._lfs.update({f.sha256: f for f in files.values() if f.sha256})
         return _Revision(kind, repo_id, name, files, newest)
+
+
+def _lfs_rules(path: Path) -> list[tuple[str, bool]]:
+    """(pattern, is LFS) for each `.gitattributes` line that sets or unsets `filter` (`filter=lfs`,
+    `-filter`, `!filter`); empty when the file is missing or names no LFS pattern."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    rules = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        for attribute in fields[1:]:
+            if attribute == "filter=lfs":
+                rules.append((fields[0], True))
+            elif attribute in ("-filter", "!filter") or attribute.startswith("filter="):
+                rules.append((fields[0], False))
+    return rules if any(lfs for _, lfs in rules) else []
+
+
+def _is_lfs(path: str, rules: list[tuple[str, bool]]) -> bool:
+    """git's rule: the last matching line wins; a pattern without '/' matches the name at any depth."""
+    import fnmatch
+
+    lfs = False
+    for pattern, value in rules:
+        if "/" in pattern.rstrip("/"):
+            hit = fnmatch.fnmatchcase(path, pattern.lstrip("/").replace("**/", "*"))
+        else:
+            hit = fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+        if hit:
+            lfs = value
+    return lfs
 
 
 def _repo_path(segments: list[str]) -> str:
