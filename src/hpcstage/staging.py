@@ -107,6 +107,7 @@ class _Run:
         self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
         self.in_flight = InFlight(opts.workers)
         self.token: str | None = None
+        self.progress: Progress | None = None
         # repo (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
         self.refused: dict[str, RepoRefused] = {}
 
@@ -122,7 +123,13 @@ class _Run:
             self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers * CONNECTIONS + 2,
                               read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
                               share=_array_share() if self.opts.worker else 1.0)
+            self._http.on_wait = self._on_wait
         return self._http
+
+    def _on_wait(self, line: str | None) -> None:
+        """"rate-limited by the Hub: resuming in N s ..." on the progress line (None: waiting is over)."""
+        if self.progress is not None:
+            self.progress.note(line)
 
     def plan(self, entry: HubEntry, locked) -> _RepoPlan:
         ref = hub.RepoRef(entry.repo_type, entry.repo)
@@ -159,8 +166,7 @@ class _Run:
         todo = [(p, f) for p, f, dup in jobs if not dup]
         self._check_space(todo)
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
-            if self._http is not None:
-                self._http.on_wait = progress.note  # "rate-limited by the Hub: resuming in N s ..."
+            self.progress = progress
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
                 progress.file_done()
