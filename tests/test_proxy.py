@@ -153,3 +153,55 @@ def test_a_bad_ca_bundle_variable_is_bad_input(hub, tmp_path):
     r = hpcstage("pull", MODEL, "--cache-dir", str(tmp_path / "cache"), "-q", env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "REQUESTS_CA_BUNDLE=" in r.stderr and "unset it" in r.stderr
+
+
+@pytest.mark.parametrize("no_proxy, host, direct", [
+    ("", "huggingface.co", False),
+    ("*", "huggingface.co", True),
+    ("huggingface.co", "huggingface.co", True),
+    (".hf.co", "cas-bridge.xethub.hf.co", True),
+    ("hf.co", "cas-bridge.xethub.hf.co", True),  # a bare domain covers its sub-domains too (curl, requests)
+    ("example.org, 10.1.2.3", "10.1.2.3", True),
+    ("example.org", "huggingface.co", False),
+    ("huggingface.co:8443", "huggingface.co", False),  # another port
+])
+def test_no_proxy_rules_are_the_standard_librarys(monkeypatch, no_proxy, host, direct):
+    from hpcstage.transfer import Proxies
+
+    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://bob:pw@proxy.site:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    proxy = Proxies().for_origin("https", host, None)
+    assert (proxy is None) == direct
+    if proxy is not None:
+        assert proxy.name == "http://proxy.site:3128" and proxy.variable == "HTTPS_PROXY"
+        assert proxy.headers == {"Proxy-Authorization": "Basic Ym9iOnB3"}  # bob:pw
+
+
+def test_all_proxy_applies_when_no_scheme_proxy_is_set_and_odd_proxies_are_bad_input(monkeypatch):
+    from hpcstage.errors import BadInput
+    from hpcstage.transfer import Proxies
+
+    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "proxy.site:8080")
+    proxy = Proxies().for_origin("https", "huggingface.co", None)
+    assert proxy is not None and (proxy.host, proxy.port, proxy.auth) == ("proxy.site", 8080, None)
+    monkeypatch.setenv("ALL_PROXY", "socks5://u:secret@proxy.site:1080")
+    with pytest.raises(BadInput, match="ALL_PROXY=socks5://proxy.site") as e:
+        Proxies().for_origin("https", "huggingface.co", None)
+    assert "secret" not in str(e.value)
+
+
+def test_the_progress_line_says_the_run_is_waiting():
+    import io
+
+    from hpcstage.progress import Progress
+
+    stream = io.StringIO()
+    with Progress(100, 2, stream=stream, interval=3600) as progress:
+        progress.note("rate-limited by the Hub: resuming in 40 s (quota 3000 per 300 s)")
+        assert progress.line().endswith("; rate-limited by the Hub: resuming in 40 s (quota 3000 per 300 s)")
+        progress.note(None)
+        assert "rate-limited" not in progress.line()
