@@ -326,3 +326,26 @@ def test_hpcstage_serve_models_a_gated_repo_and_a_rate_limit(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_pacer_keeps_an_array_workers_share_and_waits_for_the_window():
+    import time
+
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    from hpcstage.transfer import _PastDeadline, _Pacer
+
+    said: list = []
+    pacer = _Pacer("https://hub", share=0.25, announce=said.append)  # one of 4 array workers
+    info = parse_ratelimit_headers({"RateLimit": '"resolvers";r=8;t=100',
+                                    "RateLimit-Policy": '"fixed window";"resolvers";q=10;w=300'})
+    pacer.observe(info, 200, None)
+    assert pacer.remaining == 2 and (pacer.quota, pacer.window) == (10, 300)
+    pacer.before()
+    pacer.before()  # its share is used up: the next one waits for the window's end (~101 s), past this deadline
+    with pytest.raises(_PastDeadline) as waited:
+        pacer.before(deadline=time.monotonic() + 5)
+    assert 99 <= waited.value.seconds <= 102
+    pacer.observe(None, 429, 30.0)  # a 429 pauses everyone for its wait
+    with pytest.raises(_PastDeadline):
+        pacer.before(deadline=time.monotonic() + 5)
