@@ -205,3 +205,19 @@ def test_the_progress_line_says_the_run_is_waiting():
         assert progress.line().endswith("; rate-limited by the Hub: resuming in 40 s (quota 3000 per 300 s)")
         progress.note(None)
         assert "rate-limited" not in progress.line()
+
+
+def test_a_url_source_goes_through_the_proxy_too(tls_hub, site_ca, tmp_path):
+    port = tls_hub.url.rsplit(":", 1)[1]
+    name = "data/test-00000-of-00001.parquet"
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text(f"cache_dir: cache\ndata_dir: data\ndatasets:\n"
+                        f"  - url: https://{HOST}:{port}/datasets/{DATASET}/resolve/main/{name}\n    dest: parquet\n")
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        env = proxied_env(tls_hub, tmp_path / "cache", proxy.url(USER, QUOTED), site_ca)
+        r = hpcstage("pull", "-f", str(manifest), "-q", env=env)
+        tunnels = {rec.target for rec in proxy.log if rec.method == "CONNECT" and rec.status == 200}
+    assert r.returncode == 0, r.stderr
+    assert f"{HOST}:{port}" in tunnels
+    got = next((tmp_path / "data" / "parquet").rglob("*.parquet"))
+    assert sha256(got) == sha256(tls_hub.files_of("dataset", DATASET)[name].local)
