@@ -162,7 +162,8 @@ def _parse_proxy(value: str, variable: str) -> Proxy:
 
 class Proxies:
     """The proxy for each origin, read from the environment now (not at import) with the standard library's
-    rules, which are the ones huggingface_hub's httpx (`trust_env`), requests and curl follow:
+    rules (`urllib.request.getproxies`/`proxy_bypass`: those of requests; huggingface_hub's httpx with
+    `trust_env` reads the same variables):
     `https_proxy`/`HTTPS_PROXY` for https, `http_proxy`/`HTTP_PROXY` for http, `all_proxy`/`ALL_PROXY`
     for both, `no_proxy`/`NO_PROXY` (host names, domain suffixes, IPs, host:port, `*`) to go direct.
     Written here because http.client has no proxy support beyond a bare `set_tunnel`."""
