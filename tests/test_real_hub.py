@@ -75,6 +75,7 @@ def _refusal_checks(server: HubServer, repo_id: str, r: subprocess.CompletedProc
     answered = first.time + first.duration
     after = [rec for rec in log if rec.time > answered]
     assert len(after) <= 1, [(rec.path, rec.status) for rec in after]  # the repo stops at once, no retries
+    print(f"resolve requests {len(log)}, after the first refusal {len(after)}")
     assert all(rec.status != 200 for rec in log)
     return line
 

@@ -110,6 +110,10 @@ class _Run:
         self.progress: Progress | None = None
         # repo (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
         self.refused: dict[str, RepoRefused] = {}
+        # repo -> set once the Hub has answered a first download of it: until then one request asks alone,
+        # so that a repo the Hub refuses costs one refused request, not one per worker thread
+        self._first_answer: dict[str, threading.Event] = {}
+        self._first_lock = threading.Lock()
 
     @property
     def http(self) -> Http:
@@ -124,7 +128,37 @@ class _Run:
                               read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
                               share=_array_share() if self.opts.worker else 1.0)
             self._http.on_wait = self._on_wait
+            self._http.on_response = self._heard
         return self._http
+
+    def _heard(self, resp, url: str) -> None:
+        """A final answer from the Hub: a refusal of the repo is recorded before anyone waiting on the
+        repo's first answer goes on."""
+        if all(event.is_set() for event in list(self._first_answer.values())) and resp.status < 400:
+            return
+        where = hub.parse_hub_url(url)
+        if where is None or where[2] is None:  # not a download (the API at plan time)
+            return
+        repo = where[0].repo_id
+        if resp.status >= 400:
+            error = hub.error_for(resp, url)
+            if isinstance(error, RepoRefused):
+                self.refused.setdefault("*" if isinstance(error, InvalidToken) else repo, error)
+        event = self._first_answer.get(repo)
+        if event is not None:
+            event.set()
+
+    def _first_of(self, repo: str) -> threading.Event | None:
+        """The event to set when this thread's request is the repo's first (None: the first answer is in)."""
+        with self._first_lock:
+            event = self._first_answer.get(repo)
+            if event is None:
+                event = self._first_answer[repo] = threading.Event()
+                return event
+        while not event.wait(0.25):
+            if self.cancel.is_set():
+                raise KeyboardInterrupt
+        return None
 
     def _on_wait(self, line: str | None) -> None:
         """"rate-limited by the Hub: resuming in N s ..." on the progress line (None: waiting is over)."""
@@ -314,8 +348,11 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
+        first = self._first_of(plan.entry.repo)
         refused = self.refused.get(plan.entry.repo) or self.refused.get("*")
         if refused is not None:  # the Hub refused this repo (or the token): asking again gets the same answer
+            if first is not None:
+                first.set()
             raise refused
         url = plan.ref.file_url(plan.commit, f.path)
         label = f"{plan.entry.repo}/{f.path}"
@@ -324,6 +361,9 @@ class _Run:
         except RepoRefused as e:
             self.refused.setdefault("*" if isinstance(e, InvalidToken) else plan.entry.repo, e)
             raise
+        finally:
+            if first is not None:  # also when the request never got an answer
+                first.set()
 
     def _fetch_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None, url: str,
                     label: str) -> int:

@@ -487,6 +487,7 @@ class Http:
         self.errors = errors
         self.share = share
         self.on_wait: Callable[[str | None], None] = lambda line: None
+        self.on_response: Callable[[Response, str], None] | None = None  # hears each final answer (and its URL)
         self.proxies = Proxies()
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
@@ -630,6 +631,8 @@ class Http:
                 resp.release_conn()
                 attempts.wait(f"server answered {resp.status}", retry_after)
                 continue
+            if self.on_response is not None:
+                self.on_response(resp, url)
             return resp
 
     def status_error(self, resp: Response, url: str, what: str) -> HpcstageError:

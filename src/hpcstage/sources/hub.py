@@ -72,7 +72,7 @@ class RepoRef:
         return f"{self.endpoint}/{self.prefix}{self.repo_id}"
 
 
-def _parse_hub_url(url: str) -> tuple[RepoRef, str | None, str | None] | None:
+def parse_hub_url(url: str) -> tuple[RepoRef, str | None, str | None] | None:
     """(repo, revision, path) from an API or resolve URL of the endpoint, None for any other URL."""
     base = endpoint() + "/"
     if not url.startswith(base):
@@ -109,7 +109,7 @@ def error_for(resp: Response, url: str) -> HpcstageError | None:
     from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    where = _parse_hub_url(url)
+    where = parse_hub_url(url)
     if where is None:
         return None
     ref, revision, path = where
