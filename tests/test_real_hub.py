@@ -350,3 +350,42 @@ def test_the_pacer_keeps_an_array_workers_share_and_waits_for_the_window():
     pacer.observe(None, 429, 30.0)  # a 429 pauses everyone for its wait
     with pytest.raises(_PastDeadline):
         pacer.before(deadline=time.monotonic() + 5)
+
+
+def test_one_error_family_with_fields(monkeypatch, tmp_path):
+    import hpcstage
+    from hpcstage.slurm.clusters import RegistryError
+    from hpcstage.slurm.jobs import job_states
+
+    for name in ("GatedRepo", "InvalidToken", "DisabledRepo", "RepoNotFound", "ProxyError", "HashMismatch",
+                 "SlurmError", "BadInput"):
+        assert issubclass(getattr(hpcstage, name), hpcstage.HpcstageError), name
+    assert issubclass(RegistryError, hpcstage.BadInput) and RegistryError("x").exit_code == 2
+    error = hpcstage.GatedRepo("x", repo="o/n", path="a.bin", status=401, hint="request access")
+    assert (error.repo, error.path, error.status, error.hint) == ("o/n", "a.bin", 401, "request access")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue: what `pull --slurm-array --wait` met as a traceback
+    with pytest.raises(hpcstage.HpcstageError) as failed:
+        job_states(["1"])
+    assert isinstance(failed.value, hpcstage.SlurmError) and failed.value.exit_code == 1
+
+
+def test_an_unreachable_proxy_is_named_in_the_error(hub, tmp_path):
+    with socket_closed_port() as port:
+        r = pull(hub, tmp_path / "cache", MODEL, "--retry-budget", "2",
+                 HF_ENDPOINT="http://hub.test:1", HTTP_PROXY=f"http://u:pw@127.0.0.1:{port}")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"through proxy http://127.0.0.1:{port} (HTTP_PROXY)" in r.stderr and "pw" not in r.stderr
+
+
+class socket_closed_port:
+    """A local port nothing listens on (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        pass
