@@ -108,9 +108,9 @@ class _Run:
         self.in_flight = InFlight(opts.workers)
         self.token: str | None = None
         self.progress: Progress | None = None
-        # repo (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
+        # "type:repo" (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
         self.refused: dict[str, RepoRefused] = {}
-        # repo -> set once the Hub has answered a first download of it: until then one request asks alone,
+        # "type:repo" -> set once the Hub has answered a first download of it: until then one request asks alone,
         # so that a repo the Hub refuses costs one refused request, not one per worker thread
         self._first_answer: dict[str, threading.Event] = {}
         self._first_lock = threading.Lock()
@@ -139,7 +139,7 @@ class _Run:
         where = hub.parse_hub_url(url)
         if where is None or where[2] is None:  # not a download (the API at plan time)
             return
-        repo = where[0].repo_id
+        repo = f"{where[0].repo_type}:{where[0].repo_id}"
         if resp.status >= 400:
             error = hub.error_for(resp, url)
             if isinstance(error, RepoRefused):
@@ -348,8 +348,9 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
-        first = self._first_of(plan.entry.repo)
-        refused = self.refused.get(plan.entry.repo) or self.refused.get("*")
+        key = f"{plan.entry.repo_type}:{plan.entry.repo}"
+        first = self._first_of(key)
+        refused = self.refused.get(key) or self.refused.get("*")
         if refused is not None:  # the Hub refused this repo (or the token): asking again gets the same answer
             if first is not None:
                 first.set()
@@ -359,7 +360,7 @@ class _Run:
         try:
             return self._fetch_file(plan, f, progress, lease, url, label)
         except RepoRefused as e:
-            self.refused.setdefault("*" if isinstance(e, InvalidToken) else plan.entry.repo, e)
+            self.refused.setdefault("*" if isinstance(e, InvalidToken) else key, e)
             raise
         finally:
             if first is not None:  # also when the request never got an answer
