@@ -20,7 +20,7 @@ from hpcstage.hfcache import CachedFile
 from hpcstage.manifest import Lockfile, entry_lock, load_manifest, save_lock
 
 NAMES = ["space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "hf_home",
-         "token", "endpoint", "offline", "cpu_limit"]
+         "token", "proxy", "endpoint", "offline", "cpu_limit"]
 DEAD = "http://127.0.0.1:9"  # discard port: nothing listens, connection refused
 MiB = 2**20
 

@@ -428,7 +428,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 if e.errno == errno.EACCES:
                     raise BadInput(f"port {args.port} needs privileges; use one above 1023, or --port 0") from None
                 raise BadInput(f"cannot listen on {args.host}:{args.port} ({e.strerror}); check --host") from None
-    serve_forever(args.root, args.host, args.port, log_file=args.log_file)
+    limit = None
+    if args.rate_limit:
+        quota, _, window = args.rate_limit.partition("/")
+        if not (quota.isdigit() and window.isdigit() and int(quota) > 0 and int(window) > 0):
+            raise BadInput(f"--rate-limit {args.rate_limit!r}: give resolver requests per window in seconds, "
+                           "e.g. --rate-limit 3000/300")
+        limit = (int(quota), int(window))
+
+    def setup(server) -> None:
+        for repo in args.gated:
+            server.gate(repo, granted=tuple(args.token))
+        if args.token:
+            server.tokens = set(args.token)
+        if limit:
+            server.limit_resolvers(*limit)
+        server.ignore_range = args.ignore_range
+
+    serve_forever(args.root, args.host, args.port, log_file=args.log_file, setup=setup)
     return 0
 
 
@@ -464,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", action="store_true", help="follow the array with a progress bar; exit with its result")
     g.add_argument("--worker", action="store_true", help="run as one of the array's workers (set by --slurm-array)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)")
-    p.add_argument("--retry-budget", type=float, default=300.0,
-                   help="seconds one request may spend retrying 429/5xx/network errors (default 300)")
+    p.add_argument("--retry-budget", type=float, default=900.0,
+                   help="seconds one request may spend retrying 429/5xx/network errors and waiting out the Hub's "
+                        "rate limit (default 900: a 5-minute window more than once)")
     p.add_argument("--shared-group", metavar="GROUP",
                    help="group-shared cache: folders setgid + group-writable, files group-readable")
     _common(p, workers="files downloaded at once")
@@ -529,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--samples", action="store_true", help="first write the bundled sample repos into ROOT")
     p.add_argument("--log-file", type=Path, help="append each request as a JSON line")
+    p.add_argument("--gated", action="append", default=[], metavar="ORG/NAME",
+                   help="a gated repo: listed publicly, files refused (401 without a token, 403 without access)")
+    p.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                   help="a valid token, with access to the gated repos; any other token gets 401 Invalid credentials")
+    p.add_argument("--rate-limit", metavar="Q/W", help="resolver requests per fixed window of W seconds, e.g. 3000/300")
+    p.add_argument("--ignore-range", action="store_true", help="answer 200 with the whole body to ranged requests")
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -29,8 +29,8 @@ from typing import Iterator
 from urllib.parse import quote
 
 from hpcstage import archive
-from hpcstage.errors import BadInput, HpcstageError, TransferError
 from hpcstage import safefs
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file
 from hpcstage.locks import Lease
 from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
@@ -264,7 +264,7 @@ class Stager:
                 got = url.download(self.http, entry.url, self.data_dir, sha256=pinned, on_bytes=on_bytes,
                                    before_fetch=space)
             except TransferError as e:
-                if pinned and not entry.sha256 and "hash mismatch" in str(e):
+                if pinned and not entry.sha256 and isinstance(e, HashMismatch):
                     raise TransferError(f"{entry.url} changed since it was locked (sha256 {pinned[:12]}... in "
                                         f"hpcstage.lock); run `{self.fix_command(f'--update {entry.dest}')}` to "
                                         "accept the new content") from None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import BadInput, HpcstageError, HubError, TransferError
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoRefused, TransferError
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -110,6 +110,14 @@ class _Run:
         self.summary = PullSummary()
         self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
         self.in_flight = InFlight(opts.workers)
+        self.token: str | None = None
+        self.progress: Progress | None = None
+        # "type:repo" (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
+        self.refused: dict[str, RepoRefused] = {}
+        # "type:repo" -> set once the Hub has answered a first download of it: until then one request asks alone,
+        # so that a repo the Hub refuses costs one refused request, not one per worker thread
+        self._first_answer: dict[str, threading.Event] = {}
+        self._first_lock = threading.Lock()
 
     @property
     def http(self) -> Http:
@@ -120,9 +128,47 @@ class _Run:
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
             token = self.opts.token if self.opts.token is not None else get_token()
+            self.token = token or None
             self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers * CONNECTIONS + 2,
-                              read_timeout=self.opts.timeout, retry=self.opts.retry)
+                              read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
+                              share=_array_share() if self.opts.worker else 1.0)
+            self._http.on_wait = self._on_wait
+            self._http.on_response = self._heard
         return self._http
+
+    def _heard(self, resp, url: str) -> None:
+        """A final answer from the Hub: a refusal of the repo is recorded before anyone waiting on the
+        repo's first answer goes on."""
+        if all(event.is_set() for event in list(self._first_answer.values())) and resp.status < 400:
+            return
+        where = hub.parse_hub_url(url)
+        if where is None or where[2] is None:  # not a download (the API at plan time)
+            return
+        repo = f"{where[0].repo_type}:{where[0].repo_id}"
+        if resp.status >= 400:
+            error = hub.error_for(resp, url)
+            if isinstance(error, RepoRefused):
+                self.refused.setdefault("*" if isinstance(error, InvalidToken) else repo, error)
+        event = self._first_answer.get(repo)
+        if event is not None:
+            event.set()
+
+    def _first_of(self, repo: str) -> threading.Event | None:
+        """The event to set when this thread's request is the repo's first (None: the first answer is in)."""
+        with self._first_lock:
+            event = self._first_answer.get(repo)
+            if event is None:
+                event = self._first_answer[repo] = threading.Event()
+                return event
+        while not event.wait(0.25):
+            if self.cancel.is_set():
+                raise KeyboardInterrupt
+        return None
+
+    def _on_wait(self, line: str | None) -> None:
+        """"rate-limited by the Hub: resuming in N s ..." on the progress line (None: waiting is over)."""
+        if self.progress is not None:
+            self.progress.note(line)
 
     def plan(self, entry: HubEntry, locked) -> _RepoPlan:
         ref = hub.RepoRef(entry.repo_type, entry.repo)
@@ -136,7 +182,8 @@ class _Run:
         elif policy.is_commit(entry.revision):
             commit = entry.revision
         else:
-            commit = hub.resolve(self.http, ref, entry.revision)
+            commit, info = hub.resolve_info(self.http, ref, entry.revision)
+            hub.warn_if_gated(ref, info, self.token)
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
@@ -170,6 +217,7 @@ class _Run:
                 p.cache.write_tree(p.commit, p.all_files)
                 p.all_files = None
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
+            self.progress = progress
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
                 progress.file_done()
@@ -212,7 +260,7 @@ class _Run:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[Future, tuple] = {}
         later: deque = deque()  # (not before, job): units another process holds
-        failures: list[str] = []
+        failures: list[HpcstageError] = []
         pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
 
         def start(job: tuple) -> None:
@@ -234,8 +282,8 @@ class _Run:
                 plan, f = job[1][0]
                 try:
                     fetched = fut.result()
-                except TransferError as e:
-                    failures.append((f"{plan.entry.repo}/{f.path}", str(e)))
+                except (TransferError, HubError) as e:
+                    failures.append((f"{plan.entry.repo}/{f.path}", e))
                     continue
                 except OSError as e:
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -248,8 +296,8 @@ class _Run:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
                 for (p_, f_), n in zip(job[1], fetched):
-                    if isinstance(n, TransferError):
-                        failures.append((f"{p_.entry.repo}/{f_.path}", str(n)))
+                    if isinstance(n, HpcstageError):
+                        failures.append((f"{p_.entry.repo}/{f_.path}", n))
                         continue
                     progress.file_done()
                     self.summary.downloaded_files += n > 0
@@ -261,11 +309,7 @@ class _Run:
             raise
         pool.shutdown()
         if failures:
-            err = TransferError(f"{len(failures)} of {sum(len(j[1]) for j in jobs)} files failed: "
-                                f"{describe_failures(failures)}; run the same pull again to retry them "
-                                "(finished files are kept)")
-            err.failures = [{"file": name, "error": why} for name, why in failures]  # type: ignore[attr-defined]
-            raise err
+            raise _failed(failures, sum(len(j[1]) for j in jobs))
 
     def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
         """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
@@ -291,7 +335,7 @@ class _Run:
                 units.append((self.cache_dir / BATCH_LEASES / f"{name}{LEASE_SUFFIX}", missing))
         return units
 
-    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | TransferError] | None:
+    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | HpcstageError] | None:
         """Put a unit's files in place; returns the bytes each one downloaded (or why it failed: one file
         does not stop the others), or None when another process holds the unit's lease (the caller queues
         it again and moves on)."""
@@ -301,13 +345,13 @@ class _Run:
             if not lease.try_acquire():
                 return None
         try:
-            done: list[int | TransferError] = []
+            done: list[int | HpcstageError] = []
             # Units are either one large file or a batch of small ones; a batch runs under one slot.
             with self.in_flight.slot() if items[0][1].size < SMALL else nullcontext():
                 for plan, f in items:
                     try:
                         done.append(self._stage_file(plan, f, progress, lease))
-                    except TransferError as e:
+                    except (TransferError, HubError) as e:
                         done.append(e)
             return done
         finally:
@@ -321,8 +365,27 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
+        key = f"{plan.entry.repo_type}:{plan.entry.repo}"
+        first = self._first_of(key)
+        refused = self.refused.get(key) or self.refused.get("*")
+        if refused is not None:  # the Hub refused this repo (or the token): asking again gets the same answer
+            if first is not None:
+                first.set()
+            raise refused
         url = plan.ref.file_url(plan.commit, f.path)
         label = f"{plan.entry.repo}/{f.path}"
+        try:
+            return self._fetch_file(plan, f, progress, lease, url, label)
+        except RepoRefused as e:
+            self.refused.setdefault("*" if isinstance(e, InvalidToken) else key, e)
+            raise
+        finally:
+            if first is not None:  # also when the request never got an answer
+                first.set()
+
+    def _fetch_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None, url: str,
+                    label: str) -> int:
+        cache = plan.cache
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
             with self.in_flight.timed():
@@ -348,7 +411,7 @@ class _Run:
                                 sha256=f.sha256, on_bytes=on_bytes, label=label, root=self.cache_dir)
                 break
             except TransferError as e:
-                if attempt == 2 or "hash mismatch" not in str(e):
+                if attempt == 2 or not isinstance(e, HashMismatch):
                     raise
                 progress.add(-f.size)  # fetch reported the whole file before its hash failed
         lease.check()
@@ -391,6 +454,40 @@ def check_cache_dir(folder: Path) -> None:
                 what = "is a file" if p == folder else f"lies under {p}, which is a file"
                 raise BadInput(f"cache folder {folder} {what}; pass --cache-dir (or `cache_dir:`) naming a folder")
             return
+
+
+def _failed(failures: list[tuple[str, HpcstageError]], total: int) -> HpcstageError:
+    """One error for a run whose files failed, naming every failed file (`describe_failures`). Refusals that a
+    rerun cannot change (a gate, a bad token) are told as such, once per repo; "run the same pull again" only
+    when some failure could pass. `.failures` lists each file and its error (for `--json`)."""
+    passing = [(name, e) for name, e in failures if e.rerun_helps]
+    final = [e for _, e in failures if not e.rerun_helps]
+    reasons: list[HpcstageError] = []
+    for e in final:  # one line per distinct refusal (the same refusal object stands for a repo's files)
+        if not any(type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons):
+            reasons.append(e)
+    told = "; ".join(str(r) for r in reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    if not passing:
+        first = reasons[0]
+        err = type(first)(f"{len(failures)} of {total} files not fetched: {told}", repo=first.repo,
+                          path=first.path, status=first.status, hint=first.hint)
+    else:
+        also = f"; not retried: {told}" if reasons else ""
+        lead = passing[0][1]
+        err = TransferError(f"{len(failures)} of {total} files failed: "
+                            f"{describe_failures([(name, str(e)) for name, e in passing])}; run the same pull again "
+                            f"to retry them (finished files are kept){also}", repo=lead.repo, path=lead.path,
+                            status=lead.status)
+    err.failures = [{"file": name, "error": str(e)} for name, e in failures]  # type: ignore[attr-defined]
+    return err
+
+
+def _array_share() -> float:
+    """An array worker's part of the Hub's rate limit: the workers share one address, so one quota."""
+    try:
+        return 1.0 / max(1, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
+    except ValueError:
+        return 1.0
 
 
 class InFlight:

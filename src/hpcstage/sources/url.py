@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from hpcstage import __version__
 from hpcstage import safefs
-from hpcstage.errors import TransferError
+from hpcstage.errors import HashMismatch, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
 from hpcstage.transfer import CHUNK, CONNECTIONS, DROPPED, RANGES_SUFFIX, Http, RetryPolicy, fetch
@@ -164,7 +164,7 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
             fetched = _stream(http, url, d, partial.name, counted, digests)
             if sha256 is not None and digests[0] != sha256:
                 d.unlink(partial.name)
-                raise TransferError(f"download {url}: content hash mismatch (wrong bytes discarded)")
+                raise HashMismatch(f"download {url}: content hash mismatch (wrong bytes discarded)")
         lease.check()
         d.replace(partial.name, final.name)
         return Download(final, digests[0], d.lstat(final.name).st_size, p.fingerprint, fetched)
