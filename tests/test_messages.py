@@ -169,7 +169,8 @@ def test_failed_pull_names_every_file_and_json_prints_the_summary(hub, tmp_path)
     env = client_env(hub, tmp_path / "default")
     hub.add_fault(FaultRule(path=r"/(config|tokenizer_config)\.json$", method="GET", status=404))
     r = hpcstage("pull", MODEL, "--cache-dir", cache, "--json", "--retry-budget", "0", env=env)
-    one_line(r, 1, "2 of 7 files failed", f"{MODEL}/config.json", f"{MODEL}/tokenizer_config.json")
+    one_line(r, 1, "2 of 7 files not fetched", f"{MODEL}/config.json", f"{MODEL}/tokenizer_config.json")
+    assert "run the same pull again" not in r.stderr  # a 404 does not pass by itself
     out = json.loads(r.stdout)
     assert out["ok"] is False and {f["file"] for f in out["failures"]} == {f"{MODEL}/config.json",
                                                                           f"{MODEL}/tokenizer_config.json"}
@@ -184,7 +185,7 @@ def test_many_failures_are_grouped_and_every_file_is_named(hub, tmp_path):
     env = client_env(hub, tmp_path / "default")
     hub.add_fault(FaultRule(path=r"/resolve/", method="GET", status=404))
     r = hpcstage("pull", MODEL, "--cache-dir", tmp_path / "c", "--retry-budget", "0", "-q", env=env)
-    err = one_line(r, 1, "7 of 7 files failed")
+    err = one_line(r, 1, "7 of 7 files not fetched")
     for name in MODEL_FILES:
         assert f"{MODEL}/{name}" in err, err
     assert err.count(" x '") < 7  # grouped by reason, not one sentence per file

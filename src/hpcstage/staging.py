@@ -457,22 +457,25 @@ def check_cache_dir(folder: Path) -> None:
 
 
 def _failed(failures: list[tuple[str, HpcstageError]], total: int) -> HpcstageError:
-    """One error for a run whose files failed, naming every failed file (`describe_failures`). Refusals that a
-    rerun cannot change (a gate, a bad token) are told as such, once per repo; "run the same pull again" only
-    when some failure could pass. `.failures` lists each file and its error (for `--json`)."""
+    """One error for a run whose files failed, naming every failed file (`describe_failures`), except that a
+    repo the Hub refuses as a whole (a gate, a bad token) is told once, not per file. "Run the same pull
+    again" only when some failure could pass. `.failures` lists each file and its error (for `--json`)."""
     passing = [(name, e) for name, e in failures if e.rerun_helps]
-    final = [e for _, e in failures if not e.rerun_helps]
+    other = [(name, e) for name, e in failures if not e.rerun_helps and not isinstance(e, RepoRefused)]
     reasons: list[HpcstageError] = []
-    for e in final:  # one line per distinct refusal (the same refusal object stands for a repo's files)
-        if not any(type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons):
+    for _, e in failures:  # one line per distinct refusal (the same refusal object stands for a repo's files)
+        if isinstance(e, RepoRefused) and not any(
+                type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons):
             reasons.append(e)
-    told = "; ".join(str(r) for r in reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    told = [str(r) for r in reasons[:3]] + ([f"(and {len(reasons) - 3} more refused repos)"] if len(reasons) > 3 else [])
+    if other:
+        told.append(describe_failures([(name, str(e)) for name, e in other]))
     if not passing:
-        first = reasons[0]
-        err = type(first)(f"{len(failures)} of {total} files not fetched: {told}", repo=first.repo,
+        first = reasons[0] if reasons else other[0][1]
+        err = type(first)(f"{len(failures)} of {total} files not fetched: {'; '.join(told)}", repo=first.repo,
                           path=first.path, status=first.status, hint=first.hint)
     else:
-        also = f"; not retried: {told}" if reasons else ""
+        also = f"; not retried: {'; '.join(told)}" if told else ""
         lead = passing[0][1]
         err = TransferError(f"{len(failures)} of {total} files failed: "
                             f"{describe_failures([(name, str(e)) for name, e in passing])}; run the same pull again "

@@ -895,7 +895,7 @@ def fetch(
                 _BUFFERS.release()
             owned[0] = 0
             pieces.done.clear()
-            record.unlink(missing_ok=True)
+            folder.unlink(record)
             kept, resumed = 0, frozenset()
             digest = _stream_whole(http, url, out, size, sha256, on_bytes, label)
         elif failed:
