@@ -332,6 +332,12 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
             explain.append(EntryCheck(label, False, [f"data file not found: {', '.join(build.missing)}"],
                                       f"restore the file, or fix prebuild[{i}] in {m}"))
         elif (marker := prebuild.read_marker(ds_cache, build, stack.datasets)) is None:
+            reason = prebuild.read_failure(ds_cache, build, stack.datasets)
+            if reason:  # prebuild built it but could not make it load offline: rerunning it changes nothing
+                explain.append(EntryCheck(label, False, [f"prebuild cannot make {build.call} load offline "
+                                                         f"(datasets {stack.datasets}): {reason}"],
+                                          _offline_form_fix(build, i, m, prebuild_fix)))
+                continue
             # loading would build it now, in the job's place
             explain.append(EntryCheck(label, False, [f"no prebuilt Arrow cache for {build.call} "
                                                      f"(datasets {stack.datasets})"], prebuild_fix))
@@ -353,7 +359,9 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
             if extra is not None and got and os.path.realpath(got) != os.path.realpath(extra["cache_dir"]):
                 problems.append(f"offline load reads {got}, not the build prebuilt for this commit "
                                 f"({extra['cache_dir']}): datasets picks the newest build")
-            fix = None if not problems else rebuild_fix if extra is not None else prebuild_fix
+            # a newer build winning: prebuild's skip puts the proven one back on top; a proven build that
+            # fails to load now: only a rebuild (--force) makes and proves it again
+            fix = None if not problems else rebuild_fix if extra is not None and r["error"] else prebuild_fix
             entries.append(EntryCheck(label, not problems, problems, fix))
             continue
         problems, fix = [], None
@@ -367,6 +375,20 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
             fix = pull_fix
         entries.append(EntryCheck(label, not problems, problems, fix))
     return CheckReport(entries, isolation, time.monotonic() - started, stack)
+
+
+def _offline_form_fix(build, index: int, manifest: str, prebuild_fix: str) -> str:
+    """The edit that makes a load provable offline, then the command. `hf://` data files need the network
+    to be listed even offline: the same files by repo id load from the prebuilt cache."""
+    files = build.kwargs.get("data_files")
+    if isinstance(files, str) and files.startswith("hf://datasets/"):
+        parts = files[len("hf://datasets/"):].split("/", 2)  # org, name[@rev], path pattern in the repo
+        if len(parts) == 3:
+            repo = f"{parts[0]}/{parts[1].split('@')[0]}"
+            return (f"in {manifest} write prebuild[{index}] as {{path: {repo}, data_files: {parts[2]!r}}} and load it "
+                    f"so in the job (hf:// paths need the network offline), then `{prebuild_fix}`")
+    return (f"change prebuild[{index}] in {manifest} to a form that loads offline (a Hub repo id with data_files "
+            f"inside it, or local files), then `{prebuild_fix}`")
 
 
 def isolated_command(code: str, isolation: str, python: str | None = None) -> list[str]:

@@ -232,6 +232,20 @@ def marker_path(datasets_cache_dir: Path, build: Build, datasets_version: str) -
     return Path(datasets_cache_dir) / MARKER_DIR / f"{build.key}.datasets-{safe}.json"
 
 
+def failure_path(datasets_cache_dir: Path, build: Build, datasets_version: str) -> Path:
+    """Why the last build of this call for this datasets version could not be proven offline (check names it)."""
+    return marker_path(datasets_cache_dir, build, datasets_version).with_suffix(".failed")
+
+
+def read_failure(datasets_cache_dir: Path, build: Build, datasets_version: str) -> str | None:
+    """The reason recorded by the last failed proof, while the local data files are unchanged."""
+    try:
+        record = json.loads(failure_path(datasets_cache_dir, build, datasets_version).read_text())
+        return record["error"] if record.get("fingerprint") == build.fingerprint() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def lease_path(datasets_cache_dir: Path, build: Build) -> Path:
     return Path(datasets_cache_dir) / LOCK_DIR / f"{build.key}.lease"
 
@@ -529,14 +543,23 @@ def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: 
         alias = alias_config(cache_dir, proof["config_id"])
         if alias is not None:
             proof = worker("proof").load(b, offline=True)
+    def unproven(error: str) -> BuildResult:  # recorded, so that `check` can say why instead of "run prebuild"
+        write_atomic(failure_path(ds_dir, b, version), json.dumps(
+            {"error": error, "fingerprint": b.fingerprint(), "at": time.time()}, default=str).encode())
+        return failed(error)
+
     if not proof["ok"]:
-        return failed(f"built into {cache_dir}, but the same call offline fails in the job's Python: "
-                      f"{proof['error']}")
+        return unproven(f"built into {cache_dir}, but the same call offline fails in the job's Python: "
+                        f"{proof['error']}")
     got = os.path.dirname(proof["files"][0])
     if not _same_folder(got, cache_dir):
-        return failed(f"built into {cache_dir}, but the same call offline reads {got}")
+        return unproven(f"built into {cache_dir}, but the same call offline reads {got}")
     if lease.lost:  # we stalled past the ttl: someone else may have built alongside; do not vouch for it
         return failed(f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
     seconds = time.perf_counter() - t0
     _write_marker(ds_dir, b, cache_dir, seconds, version, str(alias) if alias else None)
+    try:
+        failure_path(ds_dir, b, version).unlink()
+    except FileNotFoundError:
+        pass
     return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir, alias=str(alias) if alias else None)
