@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,16 +107,27 @@ class JobStack:
             f"{n} {self.versions.get(n) or 'not installed'}" for n in names) + ")"
 
 
+OWN_PYTHON = "hpcstage's own interpreter"
+
+
 def job_python(manifest: Manifest | None = None, python: str | os.PathLike | None = None) -> tuple[str, str]:
     """(interpreter, origin): `python` (--python), else the manifest's `python:`, else HPCSTAGE_PYTHON, else
     this interpreter. Paths are made absolute (not resolved: a venv's bin/python is a symlink that must stay one)."""
     if python:
-        return str(Path(os.path.expandvars(os.path.expanduser(str(python)))).absolute()), "--python"
+        return _interpreter(str(python)), "--python"
     if manifest is not None and manifest.python:
         return manifest.python, f"python: in {manifest.path}" if manifest.path else "python:"
     if os.environ.get("HPCSTAGE_PYTHON"):
-        return str(Path(os.path.expanduser(os.environ["HPCSTAGE_PYTHON"])).absolute()), "HPCSTAGE_PYTHON"
-    return sys.executable, "hpcstage's own interpreter"
+        return _interpreter(os.environ["HPCSTAGE_PYTHON"]), "HPCSTAGE_PYTHON"
+    return sys.executable, OWN_PYTHON
+
+
+def _interpreter(value: str) -> str:
+    """A path (~ and $VARS expanded) made absolute, or a bare name (`python3`) looked up on PATH."""
+    value = os.path.expandvars(os.path.expanduser(value))
+    if os.sep not in value:
+        return shutil.which(value) or str(Path(value).absolute())
+    return str(Path(value).absolute())
 
 
 _stacks: dict[str, JobStack] = {}
