@@ -173,3 +173,37 @@ def test_eight_offline_jobs_in_the_job_stack_load_every_form(stack_name, hub, sa
               f"{prebuild_seconds:.1f}s; stack {'cached' if stack['cached'] else 'built'} "
               f"({stack['build_seconds']}s when built); 8 jobs x 9 load forms ok; config aliases (datasets 4760): "
               f"{[Path(x['alias']).name for x in summary['results'] if x['alias']]}")
+
+
+@pytest.mark.timeout(1800)
+def test_builds_belong_to_a_stack_and_two_stacks_share_one_datasets_cache(hub, tmp_path):
+    """A build proven for datasets 5.x (hpcstage's own stack here) is not skipped for a job stack on 4.0: the
+    local json's folder hash includes the packaged builder's code, which differs between versions. Two
+    manifests with different `python:` share one hub and datasets cache; each ends ready in its stack."""
+    import datasets  # hpcstage's own stack (the test extra)
+
+    old = job_stack("ds4.0")
+    assert old["versions"]["datasets"] != datasets.__version__
+    manifests = {}
+    for name, python in (("own", sys.executable), ("ds4.0", old["python"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        manifests[name] = write_manifest(folder, python)
+        text = manifests[name].read_text().replace("cache_dir: hub", f"cache_dir: {tmp_path / 'hub'}")
+        text = text.replace("datasets_cache_dir: datasets", f"datasets_cache_dir: {tmp_path / 'datasets'}")
+        manifests[name].write_text(text.replace("data_files: data/eval.json", f"data_files: {tmp_path / 'eval.json'}"))
+    (tmp_path / "eval.json").write_text(json.dumps({"test": [{"q": i} for i in range(EVAL_ROWS)]}))
+    env = client_env(hub, tmp_path / "unused")
+    assert hpcstage("pull", "-f", str(manifests["own"]), "-q", env=env).returncode == 0
+
+    statuses = {}
+    for name in ("own", "ds4.0", "own", "ds4.0"):
+        r = hpcstage("prebuild", "-f", str(manifests[name]), "--json", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        statuses.setdefault(name, []).append([x["status"] for x in json.loads(r.stdout)["results"]])
+    assert statuses == {"own": [["built"] * 3, ["skipped"] * 3], "ds4.0": [["built"] * 3, ["skipped"] * 3]}
+    json_builds = {p.parent for p in (tmp_path / "datasets" / "json").rglob("*.arrow")}
+    assert len(json_builds) == 2  # one local-json build per datasets version, each found by its own stack
+    for name in ("own", "ds4.0"):
+        r = hpcstage("check", "-f", str(manifests[name]), env=env)
+        assert r.returncode == 0 and "ready: 5 of 5" in r.stdout, r.stdout + r.stderr
