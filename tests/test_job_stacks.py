@@ -207,3 +207,32 @@ def test_builds_belong_to_a_stack_and_two_stacks_share_one_datasets_cache(hub, t
     for name in ("own", "ds4.0"):
         r = hpcstage("check", "-f", str(manifests[name]), env=env)
         assert r.returncode == 0 and "ready: 5 of 5" in r.stdout, r.stdout + r.stderr
+
+
+BLOCK_DATASETS = """\
+import sys
+if sys.prefix == {prefix!r}:  # hpcstage's own interpreter only: the job stack's children import it freely
+    class _NoDatasets:
+        def find_spec(self, name, path=None, target=None):
+            if name == "datasets" or name.startswith("datasets."):
+                raise ImportError("hpcstage's own process must not import datasets")
+    sys.meta_path.insert(0, _NoDatasets())
+"""
+
+
+@pytest.mark.timeout(1800)
+def test_hpcstage_installed_as_a_tool_never_imports_datasets_itself(hub, tmp_path):
+    """`datasets` is an extra: with `python:` naming the job stack, pull, prebuild and check work in a
+    hpcstage process where importing datasets fails."""
+    stack = job_stack("ds4.0")
+    manifest = write_manifest(tmp_path, stack["python"])
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_DATASETS.format(prefix=sys.prefix))
+    env = client_env(hub, tmp_path / "unused", PYTHONPATH=str(blocker))
+    probe = subprocess.run([sys.executable, "-c", "import datasets"], env=env, capture_output=True, text=True)
+    assert "must not import datasets" in probe.stderr  # the blocker works
+    for cmd in ("pull", "prebuild", "check"):
+        r = hpcstage(cmd, "-f", str(manifest), env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "ready: 5 of 5" in r.stdout

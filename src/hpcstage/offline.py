@@ -151,6 +151,10 @@ def job_stack(manifest: Manifest | None = None, python: str | os.PathLike | None
     if not isinstance(versions, dict):
         raise BadInput(f"job interpreter {path} (from {origin}) does not run Python 3.8+ code; point it at the "
                        "jobs' Python, e.g. /path/to/venv/bin/python")
+    if not versions.get("datasets") and origin == OWN_PYTHON:
+        raise BadInput(f"no job interpreter given and hpcstage's own ({path}) has no `datasets`; set `python:` in "
+                       "the manifest (or --python, or HPCSTAGE_PYTHON) to the jobs' Python, or install "
+                       "'hpcstage[datasets]'")
     if not versions.get("datasets"):
         raise BadInput(f"job interpreter {path} (from {origin}) has no `datasets`; install it there "
                        f"({path} -m pip install 'datasets>=2.16') or point --python / `python:` at the jobs' Python")
