@@ -54,9 +54,9 @@ models:
     revision: {MODEL_TAG}
 datasets:
   - repo: {DATASET}
-    load: {{split: train}}
+    load: {{data_files: "data/train-*.parquet", split: train}}
 prebuild:
-  - {{path: {DATASET}, data_files: "data/train-*.parquet", split: train}}
+  - {{path: {DATASET}, split: train}}
   - {{path: json, data_files: data/eval.json, field: test, split: train}}
 """)
     return manifest

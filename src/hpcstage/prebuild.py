@@ -554,6 +554,8 @@ def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: 
     got = os.path.dirname(proof["files"][0])
     if not _same_folder(got, cache_dir):
         return unproven(f"built into {cache_dir}, but the same call offline reads {got}")
+    if alias is None and os.path.normpath(got) != os.path.normpath(cache_dir):  # through a link made before
+        alias = Path(got).parent.parent
     if lease.lost:  # we stalled past the ttl: someone else may have built alongside; do not vouch for it
         return failed(f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
     seconds = time.perf_counter() - t0
