@@ -67,6 +67,28 @@ def pieces_done(record: Path) -> int:
         return 0
 
 
+def python_for(user: str) -> tuple[str, dict]:
+    """An interpreter `user` can run with this test's packages: ours, or (when it lives under a private
+    home such as /root/.pyenv) the system python of the same version with our site-packages on PYTHONPATH."""
+    import shutil
+    import site
+
+    import hpcstage
+    import pytest
+
+    def works(python: str, env: dict) -> bool:
+        cmd = ["runuser", "-u", user, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()], python, "-c",
+               "import huggingface_hub, hpcstage.verify"]
+        return subprocess.run(cmd, capture_output=True, cwd="/").returncode == 0
+
+    if works(sys.executable, {}):
+        return sys.executable, {}
+    system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
+    path = {"PYTHONPATH": os.pathsep.join([*site.getsitepackages(), str(Path(hpcstage.__file__).parent.parent)])}
+    if system and works(system, path):
+        return system, path
+    pytest.skip(f"no python that user {user} can run with this venv's packages")
+
 
 def _job_stacks():
     """scripts/job-stacks.py as a module (its name has a dash)."""

@@ -140,8 +140,8 @@ def test_hostile_tar_is_refused_with_nothing_written_outside_and_no_dest(tmp_pat
     data = tmp_path / "data"
     dest = data / "dest"
     with pytest.raises(ArchiveError) as err:
-        with building(dest) as tmp:
-            extract_into(a, tmp)
+        with building(data, dest) as tmp:
+            extract_into(a, tmp.proc_path)
     assert words in str(err.value) and "refused" in str(err.value), err.value
     assert len(str(err.value).splitlines()) == 1
     assert not dest.exists() and list(data.iterdir()) == []  # no dest, no temporary folder
@@ -165,8 +165,8 @@ def test_hostile_zip_is_refused_with_nothing_written(tmp_path, case):
     a = _zip(tmp_path / "hostile.zip", entries)
     dest = tmp_path / "data" / "dest"
     with pytest.raises(ArchiveError, match=words):
-        with building(dest) as tmp:
-            extract_into(a, tmp)
+        with building(tmp_path / "data", dest) as tmp:
+            extract_into(a, tmp.proc_path)
     assert list((tmp_path / "data").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hostile.zip"]
 
@@ -197,8 +197,8 @@ def test_tar_bomb_is_stopped_by_the_ratio_limit(tmp_path):
     assert a.stat().st_size < 2 << 20
     dest = tmp_path / "data" / "dest"
     with pytest.raises(ArchiveError, match="archive bomb"):
-        with building(dest) as tmp:
-            extract_into(a, tmp)
+        with building(tmp_path / "data", dest) as tmp:
+            extract_into(a, tmp.proc_path)
     assert list((tmp_path / "data").iterdir()) == []
     # the limit is a manifest key: raised, the same archive unpacks
     out = tmp_path / "out"

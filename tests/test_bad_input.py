@@ -109,7 +109,7 @@ def test_leftovers_of_dest_foo_do_not_include_the_live_build_of_foo_bar(tmp_path
     other = tmp_path / ".foo.bar.4e5f6a7b.hpcstage-build"
     mine.mkdir()
     other.mkdir()
-    _remove_leftovers(tmp_path / "foo")
+    _remove_leftovers(tmp_path, tmp_path / "foo")
     assert not mine.exists() and other.exists()
 
 

@@ -15,6 +15,7 @@ import helpers
 import pytest
 
 from hpcstage import locks
+from hpcstage import safefs
 from hpcstage.locks import Lease, LeaseLost, LockTimeout, break_expired, fs_now, read_lease
 
 pytestmark = pytest.mark.timeout(60)
@@ -289,13 +290,14 @@ def test_claim_puts_back_what_is_not_the_stale_lease(tmp_path, monkeypatch):
     """The takeover's re-check, driven step by step (internals): contender B judges a lease stale, then
     stalls; whatever it moves later must go back unless it is still that very stale file."""
     lock = tmp_path / "x.lock"
+    d = safefs.opendir(tmp_path)
     write_foreign(lock, ttl=1)
     age_file(lock, 5)
-    judged = locks._read(lock)  # B: stale
+    judged = locks._read(d, "x.lock")  # B: stale
     c = Lease(lock, ttl=30, heartbeat=0.05)
     assert c.try_acquire()  # C takes over while B stalls
     token = json.loads(lock.read_text())["token"]
-    assert not locks._claim(lock, locks._still_stale(judged, tmp_path, 30))  # B moves C's lease...
+    assert not locks._claim(d, "x.lock", locks._still_stale(judged, d, 30))  # B moves C's lease...
     assert json.loads(lock.read_text())["token"] == token  # ...and puts it back
     time.sleep(0.2)
     assert c.held and not c.lost  # C's heartbeat never noticed
@@ -304,9 +306,9 @@ def test_claim_puts_back_what_is_not_the_stale_lease(tmp_path, monkeypatch):
     h = Lease(lock, ttl=2, heartbeat=0.5)
     assert h.try_acquire()
     age_file(lock, 5)
-    judged = locks._read(lock)  # stale: h looks stalled...
+    judged = locks._read(d, "x.lock")  # stale: h looks stalled...
     os.utime(lock)  # ...but heartbeats before B's claim
-    assert not locks._claim(lock, locks._still_stale(judged, tmp_path, 2))
+    assert not locks._claim(d, "x.lock", locks._still_stale(judged, d, 2))
     assert lock.exists() and h.held
     h.release()
     assert not lock.exists()
@@ -315,17 +317,17 @@ def test_claim_puts_back_what_is_not_the_stale_lease(tmp_path, monkeypatch):
     # holder of the moved one finds out through its heartbeat.
     m = Lease(lock, ttl=2, heartbeat=0.05)
     assert m.try_acquire()
-    judged = locks._read(lock)
+    judged = locks._read(d, "x.lock")
     real_read = locks._read
 
-    def read_then_intrude(path):
-        seen = real_read(path)
-        if ".claim-" in path.name:
+    def read_then_intrude(folder, name):
+        seen = real_read(folder, name)
+        if ".claim-" in name:
             write_foreign(lock, ttl=30, token="newer")
         return seen
 
     monkeypatch.setattr(locks, "_read", read_then_intrude)
-    assert not locks._claim(lock, lambda s: False)
+    assert not locks._claim(d, "x.lock", lambda s: False)
     monkeypatch.setattr(locks, "_read", real_read)
     assert read_lease(lock).token == "newer"
     wait_for(lambda: m.lost, 1.0, "lost")

@@ -18,7 +18,7 @@ import pytest
 
 from hpcstage import policy
 from hpcstage.errors import PolicyError
-from helpers import client_env, sha256
+from helpers import client_env, python_for as _python_for, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MODEL_DIR = "models--demo-org--tiny-model"
@@ -266,27 +266,6 @@ def _stat_problems(folder: Path, gid: int) -> list[str]:
     return bad
 
 
-def _python_for(user: str) -> tuple[str, dict]:
-    """An interpreter `user` can run with this test's packages: ours, or (when it lives under a private
-    home such as /root/.pyenv) the system python of the same version with our site-packages on PYTHONPATH."""
-    import site
-
-    import hpcstage
-
-    def works(python: str, env: dict) -> bool:
-        cmd = ["runuser", "-u", user, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()], python, "-c",
-               "import huggingface_hub, hpcstage.verify"]
-        return subprocess.run(cmd, capture_output=True, cwd="/").returncode == 0
-
-    if works(sys.executable, {}):
-        return sys.executable, {}
-    system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
-    path = {"PYTHONPATH": os.pathsep.join([*site.getsitepackages(), str(Path(hpcstage.__file__).parent.parent)])}
-    if system and works(system, path):
-        return system, path
-    pytest.skip(f"no python that user {user} can run with this venv's packages")
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a second user and a group")
 def test_shared_group_cache_is_read_offline_and_verified_by_another_member(hub, tmp_path):
     suffix = secrets.token_hex(3)
@@ -361,7 +340,7 @@ def test_repo_cache_writes_carry_the_shared_group_bits_even_under_a_private_umas
         (tmp_path / "hub").mkdir()
         sharing.dir(tmp_path / "hub")
         partial = cache.partial(f.etag)
-        cache._mkdirs(partial.parent)
+        cache.create_partial(f.etag)
         partial.write_bytes(content)
         cache.commit_blob(partial, f.etag)
         cache.link("a" * 40, f)

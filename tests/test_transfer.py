@@ -130,11 +130,11 @@ def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(hub, tmp_path, 
     real_open = os.open
     refused = []
 
-    def no_direct(path, flags, *args):
+    def no_direct(path, flags, *args, **kw):
         if flags & os.O_DIRECT:
             refused.append(path)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kw)
 
     monkeypatch.setattr(transfer.os, "open", no_direct)
     _fetch(hub, tmp_path / "blob.partial")
@@ -145,8 +145,8 @@ def _direct_fds(monkeypatch) -> set[int]:
     """The descriptors the engine opens with O_DIRECT, collected as it opens them."""
     real_open, fds = os.open, set()
 
-    def track(path, flags, *args):
-        fd = real_open(path, flags, *args)
+    def track(path, flags, *args, **kw):
+        fd = real_open(path, flags, *args, **kw)
         if flags & os.O_DIRECT:
             fds.add(fd)
         return fd

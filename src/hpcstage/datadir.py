@@ -16,9 +16,12 @@ request, no copy.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
+import os
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,8 @@ from urllib.parse import quote
 
 from hpcstage import archive
 from hpcstage.errors import BadInput, HpcstageError, TransferError
-from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file, write_atomic
+from hpcstage import safefs
+from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file
 from hpcstage.locks import Lease
 from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
                                UrlEntry)
@@ -90,31 +94,44 @@ def in_place(data_dir: Path, record: LockedData) -> bool:
 
 
 @contextmanager
-def building(dest: Path) -> Iterator[Path]:
+def building(data_dir: Path, dest: Path) -> Iterator[safefs.Dir]:
     """A temporary folder beside `dest`; renamed to `dest` (replacing the old one) only when the block
-    finishes, removed when it fails. An interruption never leaves a partial tree under `dest`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}{BUILD_SUFFIX}"
-    tmp.mkdir()
+    finishes, removed when it fails. An interruption never leaves a partial tree under `dest`.
+
+    The folder is 0700 while it is filled, so no other user can plant a link inside it, and callers reach
+    it through `Dir.proc_path` (its descriptor), so a link planted above it cannot redirect their writes
+    either; path-based code (extraction, copies) is then safe in it. It gets its normal mode at the end."""
+    parent = safefs.opendir(data_dir, dest.parent)
+    name, tmp = parent.private_child(f".{dest.name}.", BUILD_SUFFIX)
     try:
         yield tmp
+        st = os.fstat(tmp.fd)
+        os.fchmod(tmp.fd, (0o777 & ~_umask()) | (st.st_mode & stat.S_ISGID))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parent.proc_path / name, ignore_errors=True)
         raise
-    if dest.exists() or dest.is_symlink():
-        old = dest.parent / f".{dest.name}.{secrets.token_hex(4)}{OLD_SUFFIX}"
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
+    if parent.exists(dest.name):
+        old = f".{dest.name}.{secrets.token_hex(4)}{OLD_SUFFIX}"
+        parent.rename(dest.name, old)
+        parent.rename(name, dest.name)
+        shutil.rmtree(parent.proc_path / old, ignore_errors=True)
     else:
-        tmp.rename(dest)
+        parent.rename(name, dest.name)
 
 
-def _remove_leftovers(dest: Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_leftovers(data_dir: Path, dest: Path) -> None:
     """Build folders of dead runs for this dest (we hold its lease, so no live builder owns them)."""
+    parent = safefs.opendir(data_dir, dest.parent)
     for suffix in (BUILD_SUFFIX, OLD_SUFFIX):
-        for p in dest.parent.glob(f".{glob.escape(dest.name)}.{'[0-9a-f]' * 8}{suffix}"):  # not `.foo.bar.*` of dest foo
-            shutil.rmtree(p, ignore_errors=True)
+        pattern = f".{glob.escape(dest.name)}.{'[0-9a-f]' * 8}{suffix}"  # not `.foo.bar.*` of dest foo
+        for name in fnmatch.filter(os.listdir(parent.fd), pattern):
+            shutil.rmtree(parent.proc_path / name, ignore_errors=True)
 
 
 def _check_space(folder: Path, need: int, what: str) -> None:
@@ -155,14 +172,15 @@ class Stager:
             known = rec if rec is not None and rec.matches(entry) else None
         if known is not None and not self.update and self._unchanged(entry, known):
             return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
-        lease = Lease(builder_lease(self.data_dir, entry.dest), ttl=LEASE_TTL)
+        lease = Lease(builder_lease(self.data_dir, entry.dest), ttl=LEASE_TTL, root=self.data_dir)
         lease.acquire()
         try:
             rec = read_record(self.data_dir, entry.dest)  # another process may have built it while we waited
             if rec is not None and rec.matches(entry) and not self.update and self._unchanged(entry, rec):
                 return rec, DataResult(dest, entry.kind, len(rec.files), _total(rec), skipped=True)
-            _remove_leftovers(dest)
-            record_path(self.data_dir, entry.dest).unlink(missing_ok=True)
+            _remove_leftovers(self.data_dir, dest)
+            folder, name = safefs.parent_of(self.data_dir, record_path(self.data_dir, entry.dest))
+            folder.unlink(name)
             if isinstance(entry, UrlEntry):
                 record, result = self._url(entry, known or locked, dest, lease)
             elif isinstance(entry, LocalEntry):
@@ -176,7 +194,7 @@ class Stager:
                     f"{entry.dest} ({entry.source}): {problems[0]}{more}; the data is left in {dest} for inspection "
                     "and not marked staged: fix the source or the `expect:` of the entry")
             lease.check()
-            write_atomic(record_path(self.data_dir, entry.dest), record.model_dump_json(indent=1).encode())
+            safefs.write_atomic(self.data_dir, record_path(self.data_dir, entry.dest), record.model_dump_json(indent=1).encode())
             return record, result
         finally:
             lease.release()
@@ -236,8 +254,8 @@ class Stager:
             else:
                 got.path.unlink(missing_ok=True)
         else:
-            with building(dest) as tmp:
-                got.path.rename(tmp / name)
+            with building(self.data_dir, dest) as tmp:
+                safefs.opendir(self.data_dir, got.path.parent).replace(got.path.name, name, dst_dir=tmp)
                 lease.check()
             files = [archive.FileRecord(name, got.size, got.sha256)]
         result.files, result.bytes = len(files), sum(f.size for f in files)
@@ -249,8 +267,8 @@ class Stager:
     def _extract(self, path: Path, dest: Path, entry: DataEntry, lease: Lease, name: str) -> list[archive.FileRecord]:
         kind = archive.detect(path, name)
         _check_space(dest.parent, archive.estimate_unpacked(path, kind), f"unpacking {name}")
-        with building(dest) as tmp:
-            out = archive.extract_into(path, tmp, limits=entry.limits(), strip_components=entry.strip_components,
+        with building(self.data_dir, dest) as tmp:
+            out = archive.extract_into(path, tmp.proc_path, limits=entry.limits(), strip_components=entry.strip_components,
                                        quiet=self.opts.quiet, name=name)
             lease.check()
         return out.files
@@ -276,7 +294,8 @@ class Stager:
             _check_space(self.data_dir, 0 if same_fs else sum(f.size for f in files), f"a copy of {entry.local}")
             records, hows = [], {}
             with self._progress(sum(f.size for f in files), len(files), f"copy {entry.dest}") as prog, \
-                    building(dest) as tmp:
+                    building(self.data_dir, dest) as build:
+                tmp = build.proc_path
                 for f in files:
                     target = tmp / f.rel
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -330,8 +349,9 @@ class Stager:
             files = self._extract(path.resolve(), dest, entry, lease, f"{entry.repo}/{entry.file}")
             sha = f.get("sha256") or digest_file(path)
         else:
-            with building(dest) as tmp:
-                _, sha, result.copied_bytes = local.place(path.resolve(), tmp / Path(entry.file).name, lambda n: None)
+            with building(self.data_dir, dest) as tmp:
+                _, sha, result.copied_bytes = local.place(path.resolve(), tmp.proc_path / Path(entry.file).name,
+                                                          lambda n: None)
             files = [archive.FileRecord(Path(entry.file).name, f["size"], sha)]
         result.files, result.bytes = len(files), sum(x.size for x in files)
         record = LockedData(kind="hub-file", source=entry.source, dest=entry.dest, extract=entry.extract,

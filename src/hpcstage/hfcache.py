@@ -10,19 +10,20 @@ Our partial data and leases live beside the blob under names no other tool uses 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import grp
 import hashlib
 import json
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 
+from hpcstage import safefs
 from hpcstage.errors import BadInput, PolicyError
 from hpcstage.policy import check_relative_path
 
@@ -81,35 +82,6 @@ def default_datasets_cache_dir() -> Path:
     return _env_path("HF_DATASETS_CACHE") or hf_home() / "datasets"
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.hpcstage-tmp")
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644, sharing: Sharing | None = None) -> None:
-    """Write `data` to `path` via a temporary sibling and rename, so readers never see a torn file
-    (nor, on a shared cache, a file the group cannot read yet). Folders are created only when missing:
-    a pull of 2,000 small files must not pay a mkdir each."""
-    tmp = _tmp_name(path)
-    try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the umask applies, as for any file
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        if sharing is not None:
-            sharing.file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -135,36 +107,64 @@ class Sharing:
             raise BadInput(f"you are not a member of group {entry.gr_name!r}; pick one of yours (`id -Gn`)")
         return cls(entry.gr_gid, entry.gr_name)
 
-    def dir(self, path: Path | str) -> None:
-        st = os.lstat(path)
+    def dir_fd(self, fd: int) -> None:
+        """Give the open folder `fd` the group and the shared bits (by descriptor: no link is followed)."""
+        st = os.fstat(fd)
         if st.st_gid != self.gid:
-            os.chown(path, -1, self.gid)
+            os.fchown(fd, -1, self.gid)
         want = stat.S_IMODE(st.st_mode) | SHARED_DIR_BITS
         if stat.S_IMODE(st.st_mode) != want or st.st_gid != self.gid:  # chown may clear setgid
-            os.chmod(path, want)
+            os.fchmod(fd, want)
 
-    def file(self, path: Path | str) -> None:
-        st = os.lstat(path)
+    def file_fd(self, fd: int) -> None:
+        st = os.fstat(fd)
         if st.st_gid != self.gid:
-            os.chown(path, -1, self.gid)
+            os.fchown(fd, -1, self.gid)
         mode = stat.S_IMODE(st.st_mode)
         want = mode | SHARED_FILE_BITS | (0o010 if mode & 0o100 else 0)
         if mode != want:
-            os.chmod(path, want)
+            os.fchmod(fd, want)
 
-    def link(self, path: Path | str) -> None:
-        if os.lstat(path).st_gid != self.gid:
-            os.lchown(path, -1, self.gid)
+    def dir(self, path: Path | str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.dir_fd(fd)
+        finally:
+            os.close(fd)
 
-    def apply(self, path: Path | str) -> None:
-        """Whatever `path` is (folder, file, symlink), give it the shared group and bits."""
-        mode = os.lstat(path).st_mode
-        if stat.S_ISLNK(mode):
-            self.link(path)
-        elif stat.S_ISDIR(mode):
-            self.dir(path)
-        else:
-            self.file(path)
+    def file(self, path: Path | str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.file_fd(fd)
+        finally:
+            os.close(fd)
+
+    def entry(self, dir_fd: int, name: str) -> None:
+        """Whatever `name` in the open folder `dir_fd` is (folder, file, symlink), opened without
+        following a link, gets the shared group and bits. Other users' entries are left as they are."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_gid != self.gid:
+                    os.chown(name, -1, self.gid, dir_fd=dir_fd, follow_symlinks=False)
+                return
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                return
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0), dir_fd=dir_fd)
+        except (FileNotFoundError, PermissionError):
+            return
+        except OSError as e:
+            if safefs.is_link_error(e):  # swapped for a link meanwhile: not ours to touch
+                return
+            raise
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() and os.geteuid() != 0:
+                return  # only the owner may chmod; another member's pull mends its own files
+            (self.dir_fd if stat.S_ISDIR(st.st_mode) else self.file_fd)(fd)
+        finally:
+            os.close(fd)
 
 
 SHARED_DIR_BITS = stat.S_ISGID | 0o070  # setgid: new entries inherit the group; rwx for the group
@@ -173,15 +173,15 @@ SHARED_FILE_BITS = 0o040  # group-readable
 
 def fix_permissions(path: Path | str, group: str | int | Sharing) -> int:
     """Give `path` (a hub cache or one repo folder in it) and everything below it the shared group and bits,
-    including `trees/*.json` that huggingface_hub writes 0600. Symlinks are not followed. Returns how many
-    entries were looked at."""
+    including `trees/*.json` that huggingface_hub writes 0600. Walked by descriptor (os.fwalk), never
+    through a link. Returns how many entries were looked at."""
     sharing = group if isinstance(group, Sharing) else Sharing.for_group(group)
     path = Path(path)
     sharing.dir(path)
     n = 1
-    for folder, dirs, files in os.walk(path):
+    for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
         for name in dirs + files:
-            sharing.apply(os.path.join(folder, name))
+            sharing.entry(dir_fd, name)
             n += 1
     return n
 
@@ -191,10 +191,10 @@ def share_cache(cache_dir: Path | str, group: str | int | Sharing, repos: list[P
     hpcstage ledger, which every member writes) and the repo folders in `repos` (default: all of them)."""
     sharing = group if isinstance(group, Sharing) else Sharing.for_group(group)
     cache_dir = Path(cache_dir)
-    sharing.dir(cache_dir)
+    sharing.dir_fd(safefs.opendir(cache_dir, create=False).fd)
     if repos is None:
-        repos = [p for p in cache_dir.iterdir() if p.is_dir() and "--" in p.name]
-    folders = [p for p in (cache_dir / ".locks", *repos) if p.is_dir()]
+        repos = [p for p in cache_dir.iterdir() if "--" in p.name and p.is_dir() and not p.is_symlink()]
+    folders = [p for p in (cache_dir / ".locks", *repos) if p.is_dir() and not p.is_symlink()]
     return 1 + sum(fix_permissions(p, sharing) for p in folders)
 
 
@@ -228,17 +228,10 @@ class RepoCache:
     repo_id: str
     sharing: Sharing | None = None  # a group-shared cache: every write gets the group's bits
 
-    def _mkdirs(self, folder: Path) -> None:
-        """`folder` and its parents up to the cache folder, shared when the cache is."""
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.sharing is None:
-            return
-        top = self.cache_dir
-        while True:
-            self.sharing.dir(folder)
-            if folder == top or top not in folder.parents:
-                return
-            folder = folder.parent
+    def folder(self, path: Path) -> safefs.Dir:
+        """`path` (a folder below the cache) opened without following another user's links, made and
+        shared where missing (safefs)."""
+        return safefs.opendir(self.cache_dir, path, sharing=self.sharing)
 
     @functools.cached_property
     def root(self) -> Path:
@@ -287,63 +280,71 @@ class RepoCache:
 
     def write_blob(self, etag: str, data: bytes) -> None:
         """A small blob checked in memory, written under a temporary name and renamed into place."""
-        if self.sharing is not None:
-            self._mkdirs(self.blob(etag).parent)
-        write_atomic(self.blob(etag), data, sharing=self.sharing)
+        self.folder(self._blobs).write_atomic(etag, data, sharing=self.sharing)
 
     def create_partial(self, etag: str) -> None:
         """The partial file, group-writable on a shared cache so anyone in the group can resume it."""
-        partial = self.partial(etag)
-        self._mkdirs(partial.parent)
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT, 0o664))
-        if self.sharing is not None:
-            self.sharing.file(partial)
-            os.chmod(partial, os.stat(partial).st_mode | stat.S_IWGRP)
+        fd = self.folder(self._blobs).open_transient(etag + PARTIAL_SUFFIX, os.O_WRONLY, 0o664)
+        try:
+            if self.sharing is not None:
+                self.sharing.file_fd(fd)
+                os.fchmod(fd, os.fstat(fd).st_mode | stat.S_IWGRP)
+        finally:
+            os.close(fd)
 
     def commit_blob(self, partial: Path, etag: str) -> None:
         """Move a complete, hash-checked partial into place. If another writer committed the same etag
         first, replacing it is harmless: the name is the content's hash."""
-        blob = self.blob(etag)
-        os.chmod(partial, 0o644 & ~_umask())
-        if self.sharing is not None:
-            self._mkdirs(blob.parent)
-            self.sharing.file(partial)
-        os.replace(partial, blob)
+        blobs = self.folder(partial.parent)
+        fd = blobs.open(partial.name, os.O_RDONLY | os.O_NONBLOCK)  # a link planted meanwhile: ELOOP, not moved
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{partial} is not a regular file")
+            try:
+                os.fchmod(fd, 0o644 & ~_umask())
+                if self.sharing is not None:
+                    self.sharing.file_fd(fd)
+            except PermissionError:
+                pass  # another member's partial, resumed here: its owner's bits stay
+        finally:
+            os.close(fd)
+        blobs.replace(partial.name, etag, self.folder(self._blobs))
 
     def link(self, commit: str, file: CachedFile) -> None:
         """Point `snapshots/<commit>/<path>` at the blob with a relative symlink. A new link is one
-        symlink call (a half-made symlink cannot exist); a wrong one is replaced atomically by rename."""
+        symlink call (a half-made symlink cannot exist); a wrong one is replaced atomically by rename
+        (which replaces a link, never follows it)."""
         link = self.snapshot(commit) / file.path
         target = self._link_target(file.path, file.etag)
+        folder = self.folder(link.parent)
+        name = link.name
         try:
-            os.symlink(target, link)
-        except FileNotFoundError:
-            self._mkdirs(link.parent)
-            return self.link(commit, file)
+            folder.symlink(target, name)
         except FileExistsError:
-            if os.readlink(link) == target:
-                return None
-            tmp = _tmp_name(link)
-            os.symlink(target, tmp)
             try:
-                os.replace(tmp, link)
+                if folder.readlink(name) == target:
+                    return None
+            except OSError:
+                pass  # not a link: replaced below
+            tmp = folder.tmp_name(name)
+            folder.symlink(target, tmp)
+            try:
+                folder.replace(tmp, name)
             except BaseException:
-                tmp.unlink(missing_ok=True)
+                folder.unlink(tmp)
                 raise
         if self.sharing is not None:
-            self.sharing.link(link)
+            if folder.lstat(name).st_gid != self.sharing.gid:
+                os.chown(name, -1, self.sharing.gid, dir_fd=folder.fd, follow_symlinks=False)
         return None
 
     def write_ref(self, revision: str, commit: str) -> None:
         """`refs/<revision>` holds exactly the 40-hex commit, no newline (a newline breaks offline loads)."""
         ref = self.root / "refs" / revision
-        try:
-            if ref.read_text() == commit:
-                return
-        except OSError:
-            pass
-        self._mkdirs(ref.parent)
-        write_atomic(ref, commit.encode(), sharing=self.sharing)
+        folder = self.folder(ref.parent)
+        if folder.read(ref.name, 64) == commit.encode():
+            return
+        folder.write_atomic(ref.name, commit.encode(), sharing=self.sharing)
 
     def read_ref(self, revision: str) -> str | None:
         try:
@@ -364,8 +365,8 @@ class RepoCache:
                 info.update(lfs_sha256=f.sha256, lfs_size=f.size)
             entries[f.path] = info
         data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
-        self._mkdirs(self.tree_path(commit).parent)
-        write_atomic(self.tree_path(commit), json.dumps(data, indent=1).encode(), sharing=self.sharing)
+        self.folder(self.tree_path(commit).parent).write_atomic(f"{commit}.json", json.dumps(data, indent=1).encode(),
+                                                                sharing=self.sharing)
 
     def read_tree(self, commit: str) -> list[CachedFile] | None:
         try:

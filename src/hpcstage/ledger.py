@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, write_atomic
+from hpcstage import safefs
+from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache
 from hpcstage.locks import read_lease
 from hpcstage.transfer import RANGES_SUFFIX
 
@@ -43,7 +44,7 @@ def _path(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Path:
 
 
 def write(cache_dir: Path, record: Record) -> None:
-    write_atomic(_path(cache_dir, record.repo_type, record.repo, record.revision), json.dumps(asdict(record)).encode())
+    safefs.write_atomic(cache_dir, _path(cache_dir, record.repo_type, record.repo, record.revision), json.dumps(asdict(record)).encode())
 
 
 def read(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Record | None:

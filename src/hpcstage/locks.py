@@ -35,10 +35,15 @@ runs: check `lost` (or call `check()`) before committing work.
 Files in a lock's directory: `<lock>`, `<lock>.guard`, `<lock>.claim-<hex>` (left only if a claimer dies
 mid-claim) and `.hpcstage-probe-<hex>` (fs clock probes, same). Reads use open+fstat, not stat: NFS
 revalidates attributes on open (close-to-open consistency), a bare stat may answer from its cache.
+
+On a group-shared cache another member could plant a link at a lock's name or folder. Every operation
+works by descriptor in the lock's folder, opened from a trusted `root` by safefs's link rule, and never
+through a link at the name: a link found there reads as an expired lease of nobody and is removed.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -52,12 +57,12 @@ from typing import Callable, Iterator
 
 import psutil
 
+from hpcstage import safefs
 from hpcstage.errors import HpcstageError
 
 DEFAULT_TTL = 60.0  # for lock files whose JSON is missing or unreadable (a creator died mid-write)
 GUARD_TTL = 10.0  # a guard lives for milliseconds; one older than this belongs to a crashed process
 _OFFSET_MAX_AGE = 30.0  # how long a measured fs-vs-local clock offset serves the no-guard fast path
-_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY
 
 
 class LeaseLost(HpcstageError):
@@ -137,29 +142,30 @@ def _dead_local(meta: dict) -> bool:
         return False
 
 
-def fs_now(directory: str | Path) -> float:
+def fs_now(directory: str | Path | safefs.Dir) -> float:
     """The filesystem's current time: the mtime of a probe file touched now in `directory`.
 
     Lock mtimes are stamped by the filesystem too, so comparing against this instead of time.time()
     keeps a node with a wrong clock from expiring live leases early (or dead ones never)."""
-    probe = Path(directory) / f".hpcstage-probe-{secrets.token_hex(6)}"
-    fd = os.open(probe, _FLAGS, 0o600)
+    d = directory if isinstance(directory, safefs.Dir) else safefs.opendir(directory, create=False)
+    probe = f".hpcstage-probe-{secrets.token_hex(6)}"
+    fd = d.create(probe, 0o600)
     try:
         os.utime(fd)  # "now" as the filesystem stamps it (NFS: the server's clock)
         return os.fstat(fd).st_mtime
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(probe)
+            d.unlink(probe)
 
 
 _offsets: dict[str, tuple[float, float]] = {}  # directory -> (monotonic when measured, fs - local)
 
 
-def _fs_clock(directory: Path, fresh: bool) -> float:
+def _fs_clock(directory: safefs.Dir, fresh: bool) -> float:
     """fs_now, or (fresh=False) local time plus a recently measured offset: good enough to skip the
     guard when a lease is clearly live; every takeover decision re-checks with fresh=True."""
-    key = str(directory)
+    key = str(directory.path)
     hit = _offsets.get(key)
     if fresh or hit is None or time.monotonic() - hit[0] > _OFFSET_MAX_AGE:
         try:
@@ -181,11 +187,19 @@ class _Seen:
     meta: dict
 
 
-def _read(path: Path) -> _Seen | None:
+def _read(d: safefs.Dir, name: str) -> _Seen | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = d.open(name, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        try:  # a link planted at the name: an expired lease of nobody, removed by the next claim
+            st = d.lstat(name)
+        except FileNotFoundError:
+            return None
+        return _Seen(b"", (st.st_dev, st.st_ino), 0.0, {})
     try:
         st = os.fstat(fd)
         raw = os.read(fd, 1 << 16)
@@ -198,23 +212,23 @@ def _read(path: Path) -> _Seen | None:
     return _Seen(raw, (st.st_dev, st.st_ino), st.st_mtime, meta if isinstance(meta, dict) else {})
 
 
-def _stale(seen: _Seen, directory: Path, default_ttl: float, fresh: bool) -> bool:
+def _stale(seen: _Seen, directory: safefs.Dir, default_ttl: float, fresh: bool) -> bool:
     if _dead_local(seen.meta):
         return True
     return _fs_clock(directory, fresh) - seen.mtime > _num(seen.meta, "ttl", default_ttl)
 
 
-def _still_stale(seen: _Seen, directory: Path, default_ttl: float) -> Callable[[_Seen], bool]:
+def _still_stale(seen: _Seen, directory: safefs.Dir, default_ttl: float) -> Callable[[_Seen], bool]:
     """Claim predicate: the moved file is the very one judged stale, and it is still stale."""
     return lambda moved: (
         moved.ino == seen.ino and moved.raw == seen.raw and _stale(moved, directory, default_ttl, True)
     )
 
 
-def _create(path: Path, data: bytes) -> bool:
-    """O_EXCL-create `path` holding `data`; False if it exists. 0o664 (minus umask): group-readable."""
+def _create(d: safefs.Dir, name: str, data: bytes) -> bool:
+    """O_EXCL-create `name` holding `data`; False if it exists. 0o664 (minus umask): group-readable."""
     try:
-        fd = os.open(path, _FLAGS, 0o664)
+        fd = d.create(name, 0o664)
     except FileExistsError:
         return False
     try:
@@ -222,71 +236,65 @@ def _create(path: Path, data: bytes) -> bool:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            d.unlink(name)
         raise
     os.close(fd)
     return True
 
 
-def _claim(path: Path, ok: Callable[[_Seen], bool]) -> bool:
-    """Remove `path` if the file there passes `ok`; True if removed. See the module docstring: rename
+def _claim(d: safefs.Dir, name: str, ok: Callable[[_Seen], bool]) -> bool:
+    """Remove `name` if the file there passes `ok`; True if removed. See the module docstring: rename
     first (only one racer gets the file), judge what was moved, put it back if it was not ours to take."""
-    moved = path.with_name(f"{path.name}.claim-{secrets.token_hex(6)}")
+    moved = f"{name}.claim-{secrets.token_hex(6)}"
     try:
-        os.rename(path, moved)
+        d.rename(name, moved)
     except FileNotFoundError:
         return False
-    seen = _read(moved)
+    seen = _read(d, moved)
     if seen is not None and ok(seen):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(moved)
+        d.unlink(moved)
         return True
     try:
-        os.link(moved, path)  # EEXIST rather than clobber a lease created meanwhile
+        d.link(moved, name)  # EEXIST rather than clobber a lease created meanwhile
     except FileExistsError:
         pass  # the moved lease's holder will see its token gone and set `lost`
     except FileNotFoundError:
         return False  # the moved file vanished (a careless cleanup): nothing to put back
     except OSError:  # no hard links on this filesystem; under the guard nobody creates the name
-        if not os.path.lexists(path):
-            os.rename(moved, path)
+        if not d.exists(name):
+            d.rename(moved, name)
             return False
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(moved)
+    d.unlink(moved)
     return False
 
 
-def _guard_path(lock: Path) -> Path:
-    return lock.with_name(lock.name + ".guard")
-
-
-def _take_guard(lock: Path) -> str | None:
+def _take_guard(d: safefs.Dir, lock: str) -> str | None:
     """One try (breaking a stale guard on the way) at `<lock>.guard`; its token, or None if busy."""
-    guard = _guard_path(lock)
+    guard = lock + ".guard"
     for _ in range(2):
         token = secrets.token_hex(8)
-        if _create(guard, _record(token, GUARD_TTL)):
+        if _create(d, guard, _record(token, GUARD_TTL)):
             return token
-        seen = _read(guard)
+        seen = _read(d, guard)
         if seen is not None:
-            if not _stale(seen, guard.parent, GUARD_TTL, fresh=False):
+            if not _stale(seen, d, GUARD_TTL, fresh=False):
                 return None
-            _claim(guard, _still_stale(seen, guard.parent, GUARD_TTL))
+            _claim(d, guard, _still_stale(seen, d, GUARD_TTL))
     return None
 
 
 @contextlib.contextmanager
-def _guarded(lock: Path, wait: float) -> Iterator[bool]:
+def _guarded(d: safefs.Dir, lock: str, wait: float) -> Iterator[bool]:
     """Hold the guard for the block (yields False if it stayed busy for `wait` seconds)."""
     deadline = time.monotonic() + wait
-    while (token := _take_guard(lock)) is None and time.monotonic() < deadline:
+    while (token := _take_guard(d, lock)) is None and time.monotonic() < deadline:
         time.sleep(random.uniform(0.002, 0.02))
     try:
         yield token is not None
     finally:
         if token is not None:
             with contextlib.suppress(OSError):  # if this fails the guard simply expires
-                _claim(_guard_path(lock), lambda s: s.meta.get("token") == token)
+                _claim(d, lock + ".guard", lambda s: s.meta.get("token") == token)
 
 
 class Lease:
@@ -296,8 +304,12 @@ class Lease:
     it. A SIGKILLed holder's lease is taken over at once on its own host, after `ttl` from elsewhere.
     """
 
-    def __init__(self, path: str | Path, ttl: float = 60.0, heartbeat: float | None = None):
+    def __init__(self, path: str | Path, ttl: float = 60.0, heartbeat: float | None = None,
+                 root: str | Path | None = None):
         self.path = Path(path).absolute()
+        # the trusted folder the lock lives below (a shared cache): no other user's link below it is followed
+        self.root = Path(root).absolute() if root is not None else self.path.parent
+        self._dir: safefs.Dir | None = None
         self.ttl = float(ttl)
         self.heartbeat = self.ttl / 3 if heartbeat is None else float(heartbeat)
         if not 0 < self.heartbeat < self.ttl:
@@ -327,24 +339,24 @@ class Lease:
         """Take the lease if it is free, expired or its owner is dead; never blocks."""
         if self._token is not None:
             raise RuntimeError(f"{self.path}: this Lease is held or lost; release() it first (not reentrant)")
-        directory = self.path.parent
-        seen = _read(self.path)
+        directory = self._dir = safefs.opendir(self.root, self.path.parent)
+        name = self.path.name
+        seen = _read(directory, name)
         if seen is not None and not _stale(seen, directory, self.ttl, fresh=False):
             return False  # a live owner: cheap answer, no guard traffic from waiters
-        directory.mkdir(parents=True, exist_ok=True)
-        with _guarded(self.path, wait=0) as ok:
+        with _guarded(directory, name, wait=0) as ok:
             if not ok:
                 return False  # someone else is acquiring or releasing right now
             for _ in range(3):
                 token = secrets.token_hex(16)
-                if _create(self.path, _record(token, self.ttl)):
+                if _create(directory, name, _record(token, self.ttl)):
                     self._start(token)
                     return True
-                seen = _read(self.path)
+                seen = _read(directory, name)
                 if seen is not None:
                     if not _stale(seen, directory, self.ttl, fresh=True):
                         return False
-                    _claim(self.path, _still_stale(seen, directory, self.ttl))
+                    _claim(directory, name, _still_stale(seen, directory, self.ttl))
         return False
 
     def acquire(self, timeout: float | None = None, poll: float = 0.2) -> None:
@@ -370,12 +382,14 @@ class Lease:
         self._thread = None
         if os.getpid() != self._pid:
             return  # a forked child's copy: the parent's lease is not ours to remove
-        seen = _read(self.path)
+        d, name = self._dir, self.path.name
+        assert d is not None
+        seen = _read(d, name)
         if seen is None or seen.meta.get("token") != token:
             self._lost.set()
             return
-        with _guarded(self.path, wait=GUARD_TTL * 1.5):  # on a stuck guard, the claim alone is still safe
-            if not _claim(self.path, lambda s: s.meta.get("token") == token):
+        with _guarded(d, name, wait=GUARD_TTL * 1.5):  # on a stuck guard, the claim alone is still safe
+            if not _claim(d, name, lambda s: s.meta.get("token") == token):
                 self._lost.set()
 
     def __enter__(self) -> Lease:
@@ -407,9 +421,10 @@ class Lease:
     def _beat(self) -> bool | None:
         """Touch the lock file if it still carries our token. True: refreshed; False: not ours any more;
         None: I/O error, try again next beat."""
+        assert self._dir is not None
         for attempt in range(2):
             try:
-                fd = os.open(self.path, os.O_RDONLY)
+                fd = self._dir.open(self.path.name, os.O_RDONLY | os.O_NONBLOCK)
             except FileNotFoundError:
                 if attempt == 0:  # a claimer may be putting it back this very moment
                     time.sleep(0.05)
@@ -433,14 +448,22 @@ class Lease:
         return False
 
 
-def read_lease(path: str | Path) -> LeaseInfo | None:
+def _folder(path: Path, root: str | Path | None) -> safefs.Dir | None:
+    try:
+        return safefs.opendir(Path(root).absolute() if root is not None else path.parent, path.parent, create=False)
+    except FileNotFoundError:
+        return None
+
+
+def read_lease(path: str | Path, root: str | Path | None = None) -> LeaseInfo | None:
     """The lease at `path` judged now by the filesystem's clock, or None if there is none."""
-    path = Path(path)
-    seen = _read(path)
-    if seen is None:
+    path = Path(path).absolute()
+    d = _folder(path, root)
+    seen = _read(d, path.name) if d is not None else None
+    if d is None or seen is None:
         return None
     meta, ttl = seen.meta, _num(seen.meta, "ttl", DEFAULT_TTL)
-    age = _fs_clock(path.parent, fresh=False) - seen.mtime  # cheap enough for `status` over many locks
+    age = _fs_clock(d, fresh=False) - seen.mtime  # cheap enough for `status` over many locks
     return LeaseInfo(
         host=str(meta.get("host", "")),
         pid=int(_num(meta, "pid", 0)),
@@ -452,14 +475,18 @@ def read_lease(path: str | Path) -> LeaseInfo | None:
     )
 
 
-def break_expired(path: str | Path) -> bool:
+def break_expired(path: str | Path, root: str | Path | None = None) -> bool:
     """Remove the lease at `path` only if it is expired or its owner dead (for `hpcstage cleanup`)."""
     path = Path(path).absolute()
-    seen = _read(path)
-    if seen is None or not _stale(seen, path.parent, DEFAULT_TTL, fresh=True):
+    d = _folder(path, root)
+    if d is None:
         return False
-    with _guarded(path, wait=1.0) as ok:
-        seen = _read(path) if ok else None
-        if seen is None or not _stale(seen, path.parent, DEFAULT_TTL, fresh=True):
+    name = path.name
+    seen = _read(d, name)
+    if seen is None or not _stale(seen, d, DEFAULT_TTL, fresh=True):
+        return False
+    with _guarded(d, name, wait=1.0) as ok:
+        seen = _read(d, name) if ok else None
+        if seen is None or not _stale(seen, d, DEFAULT_TTL, fresh=True):
             return False
-        return _claim(path, _still_stale(seen, path.parent, DEFAULT_TTL))
+        return _claim(d, name, _still_stale(seen, d, DEFAULT_TTL))

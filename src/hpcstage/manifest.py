@@ -15,7 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, fie
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, ManifestError, PolicyError
-from hpcstage.hfcache import CachedFile, write_atomic
+from hpcstage import safefs
+from hpcstage.hfcache import CachedFile
 from hpcstage.yamlfile import read_yaml
 
 LOCK_NAME = "hpcstage.lock"
@@ -476,7 +477,9 @@ class Lockfile(_Strict):
 
 
 def load_lock(path: Path) -> Lockfile:
-    """An absent lockfile is empty; a corrupt one is an error (never silently re-resolved)."""
+    """An absent lockfile is empty; a corrupt one is an error (never silently re-resolved); one that is
+    another user's link is refused (safefs)."""
+    safefs.refuse_foreign_link(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -506,4 +509,4 @@ def entry_lock(entry: HubEntry, commit: str, files: list[CachedFile]) -> LockedE
 
 
 def save_lock(path: Path, lock: Lockfile) -> None:
-    write_atomic(path, (lock.model_dump_json(indent=1) + "\n").encode())
+    safefs.write_atomic(path.parent, path, (lock.model_dump_json(indent=1) + "\n").encode())

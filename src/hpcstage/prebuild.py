@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any, Callable
 
 from hpcstage import offline
 from hpcstage.errors import BadInput, HpcstageError
-from hpcstage.hfcache import write_atomic
+from hpcstage import safefs
 from hpcstage.locks import Lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
 from hpcstage.yamlfile import read_yaml
@@ -278,29 +279,31 @@ def _write_marker(datasets_cache_dir: Path, build: Build, cache_dir: str, second
         "datasets": datasets_version, "fingerprint": build.fingerprint(), "cache_dir": str(folder),
         "files": files, "alias": alias, "proven": True, "built_at": time.time(), "seconds": round(seconds, 3),
     }
-    write_atomic(marker_path(datasets_cache_dir, build, datasets_version),
-                 json.dumps(marker, indent=1, default=str).encode())
+    safefs.write_atomic(datasets_cache_dir, marker_path(datasets_cache_dir, build, datasets_version),
+                        json.dumps(marker, indent=1, default=str).encode())
 
 
-def alias_config(cache_dir: str | Path, config_id: str) -> Path | None:
+def alias_config(datasets_cache_dir: Path, cache_dir: str | Path, config_id: str) -> Path | None:
     """datasets 4760: make `<dataset>/<config_id>` (the folder an offline load looks in) a relative symlink
     to the built config folder (`<dataset>/<built config>`, holding `<version>/<hash>/`). Returns the alias,
     or None when a real folder of that name exists (not ours to replace). Atomic: a temporary link renamed
-    over the old one, so a later build of the same call re-points it."""
+    over the old one, so a later build of the same call re-points it; written through safefs (no planted
+    link below the datasets cache redirects it)."""
     build_dir = Path(cache_dir)
     config_dir = build_dir.parent.parent
     alias = config_dir.parent / config_id
     if config_id in ("", ".", "..") or "/" in config_id or alias == config_dir:
         return None
-    if alias.exists() and not alias.is_symlink():
-        return None
-    tmp = alias.with_name(f".{config_id}.{os.getpid()}.hpcstage-link")
+    folder, name = safefs.parent_of(datasets_cache_dir, alias, create=False)
     try:
-        tmp.unlink()
+        if not stat.S_ISLNK(folder.lstat(name).st_mode):
+            return None
     except FileNotFoundError:
         pass
-    os.symlink(config_dir.name, tmp)
-    os.replace(tmp, alias)
+    tmp = f".{config_id}.{os.getpid()}.hpcstage-link"
+    folder.unlink(tmp)
+    folder.symlink(config_dir.name, tmp)
+    folder.replace(tmp, name)
     return alias
 
 
@@ -495,7 +498,7 @@ def prebuild(
                     progressed = True
                     tell("skipped", b.label)
                     continue
-                lease = Lease(lease_path(ds_dir, b), ttl=lease_ttl)
+                lease = Lease(lease_path(ds_dir, b), ttl=lease_ttl, root=ds_dir)
                 if not lease.try_acquire():
                     continue  # another process builds it; look again next round
                 try:
@@ -540,11 +543,11 @@ def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: 
     proof = worker("proof").load(b, offline=True)
     alias = None
     if not (proof["ok"] and _same_folder(os.path.dirname(proof["files"][0]), cache_dir)) and proof.get("config_id"):
-        alias = alias_config(cache_dir, proof["config_id"])
+        alias = alias_config(ds_dir, cache_dir, proof["config_id"])
         if alias is not None:
             proof = worker("proof").load(b, offline=True)
     def unproven(error: str) -> BuildResult:  # recorded, so that `check` can say why instead of "run prebuild"
-        write_atomic(failure_path(ds_dir, b, version), json.dumps(
+        safefs.write_atomic(ds_dir, failure_path(ds_dir, b, version), json.dumps(
             {"error": error, "fingerprint": b.fingerprint(), "at": time.time()}, default=str).encode())
         return failed(error)
 
@@ -560,8 +563,6 @@ def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: 
         return failed(f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
     seconds = time.perf_counter() - t0
     _write_marker(ds_dir, b, cache_dir, seconds, version, str(alias) if alias else None)
-    try:
-        failure_path(ds_dir, b, version).unlink()
-    except FileNotFoundError:
-        pass
+    folder, name = safefs.parent_of(ds_dir, failure_path(ds_dir, b, version))
+    folder.unlink(name)
     return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir, alias=str(alias) if alias else None)

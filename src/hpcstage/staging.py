@@ -8,9 +8,11 @@ workers take other files, then linked when its writer is done.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import logging
 import math
+import os
 import queue
 import shutil
 import statistics
@@ -277,7 +279,7 @@ class _Run:
         it again and moves on)."""
         lease = None
         if lease_path is not None:
-            lease = Lease(lease_path, ttl=LEASE_TTL)
+            lease = Lease(lease_path, ttl=LEASE_TTL, root=self.cache_dir)
             if not lease.try_acquire():
                 return None
         try:
@@ -325,7 +327,7 @@ class _Run:
         for attempt in (1, 2):  # wrong bytes are discarded and fetched once more
             try:
                 fetched = fetch(self.http, url, cache.partial(f.etag), size=f.size, expected=f.etag,
-                                sha256=f.sha256, on_bytes=on_bytes, label=label)
+                                sha256=f.sha256, on_bytes=on_bytes, label=label, root=self.cache_dir)
                 break
             except TransferError as e:
                 if attempt == 2 or "hash mismatch" not in str(e):
@@ -539,6 +541,16 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     return run.summary
 
 
+def _walk(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
+    """Names matching `pattern` below `root`, never through a link (pathlib's `**` follows them)."""
+    found = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False
+        depth = len(Path(folder).relative_to(root).parts)
+        if depth >= min_depth:
+            found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
+    return sorted(found)
+
+
 @dataclass
 class Leftover:
     path: Path
@@ -566,17 +578,22 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
             return None
         return age if age >= older_than else None
 
+    def root_of(path: Path) -> Path:
+        return data_dir if data_dir in path.parents else cache_dir
+
     def live(lease_path: Path) -> bool:
-        info = read_lease(lease_path)
+        info = read_lease(lease_path, root_of(lease_path))
         return info is not None and not info.expired
 
-    lease_dirs = [*sorted(cache_dir.glob("*/blobs")), cache_dir / BATCH_LEASES, downloads, data_dir / STATE / "locks"]
+    # Links below the roots are not followed: what cleanup removes is always inside the cache or data_dir.
+    blob_dirs = sorted(p for p in cache_dir.glob("*/blobs") if not p.parent.is_symlink() and not p.is_symlink())
+    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, downloads, data_dir / STATE / "locks"]
     for folder in lease_dirs:
         for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
-            info = read_lease(lease_path)
-            if info is not None and info.expired and (dry_run or break_expired(lease_path)):
+            info = read_lease(lease_path, root_of(lease_path))
+            if info is not None and info.expired and (dry_run or break_expired(lease_path, root_of(lease_path))):
                 found.append(Leftover(lease_path, f"lease of {info.host}:{info.pid}, dead or silent {info.age:.0f}s"))
-    for folder in [*sorted(cache_dir.glob("*/blobs")), downloads]:
+    for folder in [*blob_dirs, downloads]:
         for partial in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
             # a blob's lease is named by its etag; a URL download's by the URL's key (before "-<version>")
             key = partial.name.removesuffix(PARTIAL_SUFFIX)
@@ -586,7 +603,7 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
             if dry_run:
                 found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
                 continue
-            lease = Lease(guard, ttl=LEASE_TTL)  # so that a run starting this instant cannot be resuming it
+            lease = Lease(guard, ttl=LEASE_TTL, root=root_of(guard))  # a run starting now cannot be resuming it
             if not lease.try_acquire():
                 continue
             try:
@@ -595,13 +612,13 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
                 partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
             finally:
                 lease.release()
-    for tmp in sorted(cache_dir.glob("*/**/.*.hpcstage-tmp")):
+    for tmp in _walk(cache_dir, ".*.hpcstage-tmp", min_depth=1):
         if (age := old(tmp)) is not None:
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))
             if not dry_run:
                 tmp.unlink(missing_ok=True)
     for suffix in (BUILD_SUFFIX, OLD_SUFFIX):  # `.<dest>.<hex><suffix>` beside each data entry's dest
-        for build in sorted(data_dir.glob(f"**/.*{suffix}")):
+        for build in _walk(data_dir, f".*{suffix}"):
             dest = build.name[1:].removesuffix(suffix).rsplit(".", 1)[0]
             rel = (build.parent / dest).relative_to(data_dir).as_posix()
             if live(builder_lease(data_dir, rel)) or (age := old(build)) is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
+from hpcstage import safefs
 from hpcstage.errors import TransferError
 from hpcstage.hfcache import new_hasher
 
@@ -324,8 +325,8 @@ class _Pieces:
     RECORD_EVERY seconds while running, and whenever the download stops early), so a process started later,
     on any node, continues instead of starting over."""
 
-    def __init__(self, record: Path, size: int):
-        self.record, self.size = record, size
+    def __init__(self, folder: safefs.Dir, record: str, size: int):
+        self.folder, self.record, self.size = folder, record, size
         self.count = max(1, -(-size // PIECE))
         self.done: set[int] = set()
         self._written = 0.0  # monotonic time of the last save
@@ -333,10 +334,10 @@ class _Pieces:
 
     def load(self) -> None:
         try:
-            data = json.loads(self.record.read_text())
+            data = json.loads(self.folder.read(self.record) or b"null")
         except (OSError, ValueError):
             return
-        if data.get("size") == self.size and data.get("segment") == PIECE:
+        if isinstance(data, dict) and data.get("size") == self.size and data.get("segment") == PIECE:
             self.done = {i for i in data.get("done", []) if isinstance(i, int) and 0 <= i < self.count}
 
     def bounds(self, i: int) -> tuple[int, int]:
@@ -352,9 +353,7 @@ class _Pieces:
         if not self._dirty:
             return
         payload = {"size": self.size, "segment": PIECE, "done": sorted(self.done)}
-        tmp = self.record.with_name(f"{self.record.name}.{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.record)
+        self.folder.write_atomic(self.record, json.dumps(payload).encode())
         self._written, self._dirty = time.monotonic(), False
 
 
@@ -369,16 +368,17 @@ class _PartialFile:
     offsets, and the unaligned tail of the last piece goes through a second, buffered descriptor.
     Filesystems that refuse O_DIRECT (tmpfs, some FUSE mounts) get buffered writes."""
 
-    def __init__(self, path: Path, size: int):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __init__(self, folder: safefs.Dir, name: str, size: int):
+        # never through a link planted at the name (safefs): a link or hard link there is replaced
+        self.fd = folder.open_transient(name, os.O_RDWR)
         self.direct = -1
         try:
             if os.fstat(self.fd).st_size != size:
                 os.ftruncate(self.fd, size)
-            if hasattr(os, "O_DIRECT"):
-                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            if hasattr(os, "O_DIRECT"):  # a second description of the same inode, not of the name
+                self.direct = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
-            if e.errno != errno.EINVAL:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):  # no O_DIRECT here, or no /proc: buffered
                 self.close()
                 raise
         self.use_direct = self.direct >= 0
@@ -429,6 +429,7 @@ def fetch(
     label: str = "",
     connections: int = CONNECTIONS,
     on_digest: Callable[[str], None] | None = None,
+    root: Path | None = None,
 ) -> int:
     """Download `url` into `partial` until it holds `size` bytes hashing to `expected`; returns the
     bytes fetched (less than `size` when pieces were already there).
@@ -443,16 +444,17 @@ def fetch(
     connection that is ahead waits for a free one. Pieces already done by this
     or a dead process (the `.ranges` record) are not fetched again, only read back for the hash. On a hash
     mismatch the partial is deleted and TransferError raised: wrong bytes are never kept. The caller holds
-    the blob's lease, so no one else writes `partial` meanwhile.
+    the blob's lease, so no one else writes `partial` meanwhile. `root` is the trusted folder `partial` lives
+    below (the hub cache, a data_dir): no link another user planted below it is written through (safefs).
     """
     label = label or url
-    record = partial.with_name(partial.name + RANGES_SUFFIX)
-    pieces = _Pieces(record, size)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    if partial.exists():
+    folder = safefs.opendir(root or partial.parent, partial.parent)
+    record = partial.name + RANGES_SUFFIX
+    pieces = _Pieces(folder, record, size)
+    if folder.exists(partial.name):
         pieces.load()
     resumed = frozenset(pieces.done)
-    out = _PartialFile(partial, size)
+    out = _PartialFile(folder, partial.name, size)
     finished = False
     owned = [0]  # buffers this file holds of the process-wide budget
     try:
@@ -517,11 +519,11 @@ def fetch(
             on_digest(digest)
         if expected is not None and digest != expected:
             out.close()
-            partial.unlink(missing_ok=True)
-            record.unlink(missing_ok=True)
+            folder.unlink(partial.name)
+            folder.unlink(record)
             finished = True
             raise _hash_mismatch(label)
-        record.unlink(missing_ok=True)
+        folder.unlink(record)
         finished = True
         return size - kept
     finally:

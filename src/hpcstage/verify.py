@@ -27,8 +27,7 @@ from typing import Iterable
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
-from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache,
-                              write_atomic)
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache
 from hpcstage.manifest import HubEntry, Manifest, load_lock
 
 logger = logging.getLogger(__name__)
@@ -444,13 +443,13 @@ def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[Hu
             continue
         cache, f = snap.cache, snap.expected[p.path]
         entry = cache.snapshot(p.commit) / p.path
+        blobs = cache.folder(cache.blob(f.etag).parent)  # another user's link there: refused (safefs)
         for blob in (p.where, str(cache.blob(f.etag))):
             real = os.path.realpath(blob)
             if _blob_in_repo(cache, blob) and real not in good and os.path.lexists(blob):
                 logger.info("removing bad blob %s", blob)
-                os.unlink(blob)
-        if os.path.lexists(entry):
-            os.unlink(entry)
+                blobs.unlink(os.path.basename(real))
+        cache.folder(entry.parent).unlink(entry.name)
         wanted[(p.repo_type, p.repo_id, p.commit)].add(p.path)
     return [
         HubEntry(repo=repo_id, repo_type=repo_type, revision=commit, include=sorted(glob.escape(x) for x in paths))
@@ -480,7 +479,7 @@ def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
         else:
             continue
         if commit and cache.snapshot(commit).is_dir():
-            write_atomic(ref, commit.encode())
+            cache.folder(ref.parent).write_atomic(ref.name, commit.encode(), sharing=cache.sharing)
 
 
 def verify(

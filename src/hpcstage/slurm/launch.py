@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 
-from hpcstage import __version__, policy
+from hpcstage import __version__, policy, safefs
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.slurm import JOB_TYPES, SlurmError
 from hpcstage.slurm.clusters import Cluster, RegistryError, detect, load_registry, slurm_time_seconds
@@ -469,8 +469,7 @@ def _chunk_map(request: LaunchRequest, exp: Path) -> tuple[str, str]:
     size = request.chunk_size
     chunks = [folders[i:i + size] for i in range(0, len(folders), size)]
     path = exp / "chunk_map.json"
-    path.write_text(json.dumps({"input": str(root), "chunk_size": size, "tasks": len(folders), "chunks": chunks},
-                               indent=1) + "\n")
+    _write_json(path, {"input": str(root), "chunk_size": size, "tasks": len(folders), "chunks": chunks})
     array = f"0-{len(chunks) - 1}"
     if request.max_parallel is not None:
         array += f"%{request.max_parallel}"
@@ -509,18 +508,19 @@ def _experiment_dir(request: LaunchRequest) -> tuple[Path, bool]:
     name = request.name or f"{request.job_type}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = Path(request.experiments_dir).expanduser().resolve() / name
     fresh = not exp.exists()
-    jobs_file = exp / "jobs.json"
-    if jobs_file.exists():
+    try:
+        folder = safefs.opendir(exp.parent, exp)  # no link another user planted in a shared folder is followed
+        folder.child("logs")
+    except (NotADirectoryError, FileExistsError, safefs.NotAFolder):
+        raise BadInput(f"--experiments-dir {request.experiments_dir}: not a folder; name a folder") from None
+    raw = folder.read("jobs.json")  # a link there is not a record (and is replaced below)
+    if raw is not None:
         try:
-            launched = any(j.get("job_id") for j in json.loads(jobs_file.read_text()).get("jobs", []))
-        except (OSError, ValueError, AttributeError):
+            launched = any(j.get("job_id") for j in json.loads(raw).get("jobs", []))
+        except (ValueError, AttributeError):
             launched = True
         if launched:
             raise BadInput(f"experiment {exp} was launched already; pick another --name")
-    try:
-        (exp / "logs").mkdir(parents=True, exist_ok=True)
-    except (NotADirectoryError, FileExistsError):
-        raise BadInput(f"--experiments-dir {request.experiments_dir}: not a folder; name a folder") from None
     return exp, fresh
 
 
@@ -622,8 +622,7 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
         except Exception as e:  # jinja2's errors (undefined variable, missing or broken template)
             raise BadInput(f"template {job.key}.sbatch.j2: {type(e).__name__}: {e}") from None
         job.script = exp / f"{job.key}.sbatch"
-        job.script.write_text(text)
-        job.script.chmod(0o755)
+        safefs.write_atomic(exp, job.script, text.encode(), mode=0o755)
 
     result = Launch(exp, cluster, offline, request.dry_run, artifacts, jobs, env)
     by_key = {job.key: job for job in jobs}
@@ -653,7 +652,7 @@ def _submit_all(jobs: list[Job], by_key: dict[str, Job], offline: bool, exp: Pat
                 job.ids.append(submit(argv[-1], extra_args=argv[2:-1], env=sbatch_env))
                 submitted.append(job.ids[-1])
             if job.restarts:
-                (exp / f"restarts-{job.key}.ids").write_text("".join(f"{i}\n" for i in job.ids))
+                safefs.write_atomic(exp, exp / f"restarts-{job.key}.ids", "".join(f"{i}\n" for i in job.ids).encode())
                 release(job.ids[:1])
     except SlurmError as e:
         try:
@@ -682,9 +681,7 @@ def _write_records(result: Launch, request: LaunchRequest) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    safefs.write_atomic(path.parent, path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 # --- status -----------------------------------------------------------------------------------------

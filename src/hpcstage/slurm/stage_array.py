@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hpcstage import safefs
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.manifest import Manifest, load_lock
 from hpcstage.slurm import SlurmError
@@ -54,7 +55,7 @@ def _script(folder: Path, name: str, cluster: Cluster, commands: list[list[str]]
                                      for c in commands)),
     })
     path = folder / f"{name}.sbatch"
-    path.write_text(text)
+    safefs.write_atomic(folder, path, text.encode(), mode=0o755)
     return path
 
 
@@ -64,7 +65,7 @@ def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_lim
     if workers < 1:
         raise BadInput("--slurm-array needs at least 1 worker")
     folder = manifest.lock_path.parent / "hpcstage-array" / time.strftime("%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
+    safefs.opendir(manifest.lock_path.parent, folder)  # no link another user planted beside the manifest is followed
     m = str(manifest.path.resolve())
     cache = ["--cache-dir", str(cache_dir)] if cache_dir else []
     worker = _script(folder, "worker", cluster, [["pull", "-f", m, "--worker", *cache]], time_limit,
@@ -80,7 +81,7 @@ def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_lim
     except SlurmError as e:
         raise HpcstageError(str(e)) from None
     run = ArrayRun(folder, workers, array_id, finish_id, report_id)
-    (folder / "jobs.json").write_text(json.dumps({**asdict(run), "folder": str(folder)}, indent=1))
+    safefs.write_atomic(folder, folder / "jobs.json", json.dumps({**asdict(run), "folder": str(folder)}, indent=1).encode())
     return run
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from hpcstage import __version__
+from hpcstage import safefs
 from hpcstage.errors import TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
@@ -107,23 +109,25 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
     known (manifest or lockfile), is checked; wrong bytes are deleted. `before_fetch` sees the probe
     (the caller's space check) before any content byte is requested."""
     p = probe(http, url)
+    data_dir = Path(data_dir)
     folder = downloads_dir(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    d = safefs.opendir(data_dir, folder)  # no link another user planted below data_dir is followed
     key = _key(url)
     version = hashlib.sha256(p.fingerprint.encode()).hexdigest()[:16]
     final = folder / f"{key}-{version}--{file_name(url)}"
     partial = folder / f"{key}-{version}{PARTIAL_SUFFIX}"
-    lease = Lease(folder / f"{key}{LEASE_SUFFIX}", ttl=LEASE_TTL)
+    lease = Lease(folder / f"{key}{LEASE_SUFFIX}", ttl=LEASE_TTL, root=data_dir)
     lease.acquire()
     try:
-        for old in folder.glob(f"{key}-*"):  # another version of this URL: the source changed, drop it
-            if not old.name.startswith(f"{key}-{version}"):
-                old.unlink(missing_ok=True)
-        if final.exists() and (p.size is None or final.stat().st_size == p.size):
-            digest = digest_file(final)
+        for old in os.listdir(d.fd):  # another version of this URL: the source changed, drop it
+            if old.startswith(f"{key}-") and not old.startswith(f"{key}-{version}"):
+                d.unlink(old)
+        st = _regular(d, final.name)
+        if st is not None and (p.size is None or st.st_size == p.size):
+            digest = digest_file(d.proc_path / final.name)
             if sha256 is None or digest == sha256:
-                return Download(final, digest, final.stat().st_size, p.fingerprint, 0)
-            final.unlink()
+                return Download(final, digest, st.st_size, p.fingerprint, 0)
+            d.unlink(final.name)
         before_fetch(p)
 
         def counted(n: int) -> None:
@@ -134,29 +138,38 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
         digests: list[str] = []
         if p.ranges and p.size:
             fetched = fetch(http, url, partial, size=p.size, expected=sha256, sha256="sha256", on_bytes=counted,
-                            label=url, on_digest=digests.append)
+                            label=url, on_digest=digests.append, root=data_dir)
         else:
-            fetched = _stream(http, url, partial, counted, digests)
+            fetched = _stream(http, url, d, partial.name, counted, digests)
             if sha256 is not None and digests[0] != sha256:
-                partial.unlink(missing_ok=True)
+                d.unlink(partial.name)
                 raise TransferError(f"download {url}: content hash mismatch (wrong bytes discarded)")
         lease.check()
-        os.replace(partial, final)
-        return Download(final, digests[0], final.stat().st_size, p.fingerprint, fetched)
+        d.replace(partial.name, final.name)
+        return Download(final, digests[0], d.lstat(final.name).st_size, p.fingerprint, fetched)
     finally:
         lease.release()
 
 
-def _stream(http: Http, url: str, partial: Path, on_bytes: Callable[[int], None], digests: list[str]) -> int:
+def _regular(d: safefs.Dir, name: str) -> os.stat_result | None:
+    try:
+        st = d.lstat(name)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _stream(http: Http, url: str, d: safefs.Dir, partial: str, on_bytes: Callable[[int], None],
+            digests: list[str]) -> int:
     """No size or no ranges: one GET from the start (nothing to resume), hashed on the way."""
-    partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
+    d.unlink(partial + RANGES_SUFFIX)
     resp = http.request("GET", url, what=f"download {url}")
     try:
         if resp.status != 200:
             raise _status_error(url, resp.status)
         h = hashlib.sha256()
         n = 0
-        with open(partial, "wb") as f:
+        with open(d.open_transient(partial, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             while chunk := resp.read(CHUNK):
                 f.write(chunk)
                 h.update(chunk)
