@@ -112,6 +112,10 @@ def build(name: str, log=print) -> dict:
 def main(argv: list[str]) -> int:
     cmd, names = (argv[0], argv[1:]) if argv else ("build", [])
     names = names or list(STACKS)
+    unknown = [n for n in names if n not in STACKS]
+    if unknown:
+        print(f"job-stacks: unknown stack {unknown[0]!r}; known: {', '.join(STACKS)}", file=sys.stderr)
+        return 2
     if cmd == "build":
         started = time.monotonic()
         for n in names:
