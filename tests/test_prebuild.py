@@ -353,6 +353,22 @@ def test_the_job_interpreter_comes_from_flag_manifest_or_environment_and_a_bad_o
     r = hpcstage("prebuild", "-f", str(manifest), "--python", str(tmp_path / "nope" / "python"), env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert f"{tmp_path / 'nope' / 'python'} (from --python) is not an executable file" in r.stderr
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'libpython3.11.so.1.0: cannot open shared object file' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    r = hpcstage("check", "-f", str(manifest), "--python", str(broken), env=env)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"hpcstage: error: job interpreter {broken} (from --python) does not run Python 3.8+ code; point it at "
+        "the jobs' Python, e.g. /path/to/venv/bin/python"), r.stderr
+
+    # --python given on the command line: check's fix line carries it, and running that line fixes it
+    r = hpcstage("check", "-f", str(manifest), "--python", sys.executable, "--json", env=env)
+    assert r.returncode == 1
+    fixes = {e["fix"] for e in json.loads(r.stdout)["entries"] if not e["ok"]}
+    assert fixes == {f"hpcstage prebuild -f {manifest} --python {sys.executable}"}, fixes
+    r = subprocess.run([sys.executable, "-m", *fixes.pop().split()], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert hpcstage("check", "-f", str(manifest), "--python", sys.executable, env=env).returncode == 0
 
     # the manifest's `python:`: ~ and $VARS expanded, relative to the manifest's folder, symlinks kept
     (tmp_path / "sub").mkdir()

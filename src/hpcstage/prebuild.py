@@ -6,13 +6,23 @@ of the config. Local files (`load_dataset("json", data_files=...)`) do build off
 together all build into one `<dir>.incomplete` folder and crash on a shared filesystem. So we build each
 call once, before any job starts:
 
-* each build runs in a child interpreter whose environment is computed here (`offline.online_env`):
-  HF_* variables are read at import time, so this process's imports cannot leak into the build;
+* each build runs in a child of the JOB's interpreter (`offline.job_stack`: --python, the manifest's
+  `python:`, HPCSTAGE_PYTHON, else this one), whose environment is computed here (`offline.online_env`):
+  HF_* variables are read at import time, and the job's datasets version decides the cache layout
+  (FACTS.md, "Job stacks are not hpcstage's stack"). The child code uses public datasets APIs of 2.16+
+  only and never imports hpcstage;
 * one writer per build across processes and nodes: a `Lease` on
   `<datasets_cache>/.hpcstage-locks/<key>.lease`, where key is a hash of the call's arguments;
-* a finished build leaves `<datasets_cache>/.hpcstage-prebuild/<key>.json` naming its Arrow files (and
-  the size and mtime of the local data files the datasets cache key depends on); while that marker
-  holds, the build is skipped without starting Python or importing `datasets`.
+* each build is proven: a second child of the same interpreter, offline flags set and the network off
+  (`unshare -n`, else the socket guard), makes the call as a job makes it and must read the very build.
+  datasets 4760 (a Hub dataset with `data_files` is built as `default-<A>` and looked up offline as
+  `default-<B>`): B, computed by the job's own `datasets.BuilderConfig.create_config_id`, becomes a
+  relative symlink to A, and the load is proven again. Unproven: CACHE_FAILED, the reason recorded in
+  `<key>.datasets-<version>.failed` for `check`;
+* a proven build leaves `<datasets_cache>/.hpcstage-prebuild/<key>.datasets-<version>.json` naming its
+  Arrow files, its alias, and the size and mtime of the local data files the datasets cache key depends
+  on; while that marker holds for the job stack's datasets version, the build is skipped without
+  importing `datasets` (the version comes from the installed distribution's metadata).
 """
 from __future__ import annotations
 
