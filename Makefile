@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench mutants
 
 $(BIN)/hpcstage: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: install
 # Quick run: make bench BENCH_ARGS="--rounds 1 --size-mb 256"
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Mutation testing of the critical modules (slow: one test run per mutant); MUTANTS="policy archive" picks.
+mutants: install
+	$(BIN)/pip install -q -e '.[test,mutation]'
+	$(BIN)/python scripts/mutants.py $(MUTANTS)
 
 clean:
 	rm -rf demo-work .pytest_cache

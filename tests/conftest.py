@@ -9,6 +9,8 @@ import pytest
 from hpcstage.samples import make_samples
 from hpcstage.serve import HubServer
 
+pytest_plugins = ["strict_skips"]  # HPCSTAGE_REQUIRE_ALL=1: a skip is a failure (CI)
+
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory):
@@ -52,6 +54,21 @@ def big_root(tmp_path_factory):
 @pytest.fixture
 def big_hub(big_root):
     with HubServer(big_root) as server:
+        yield server
+
+
+MID_MODEL = "demo-org/mid-model"
+MID_SIZE = 20 * 2**20 + 123  # 3 pieces: a large file (partial, ranges record, lease) that still arrives in a blink
+
+
+@pytest.fixture(scope="session")
+def mid_root(tmp_path_factory):
+    return _one_lfs_file_repo(tmp_path_factory.mktemp("mid"), MID_MODEL, MID_SIZE, seed=3)
+
+
+@pytest.fixture
+def mid_hub(mid_root):
+    with HubServer(mid_root) as server:
         yield server
 
 

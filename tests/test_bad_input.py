@@ -85,6 +85,8 @@ def test_slurm_array_bad_options_are_refused_before_planning(tmp_path):
     env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # planning would fail on the network: it must not be reached
     one_line_bad_input(hpcstage("pull", "-f", "m.yaml", "--slurm-array", "0", "--cluster", "local", cwd=tmp_path,
                                 env=env), "at least 1 worker")
+    (tmp_path / "site.toml").write_text("[local]\ninternet = true\n")  # array workers need online nodes
+    env["HPCSTAGE_CLUSTERS"] = str(tmp_path / "site.toml")
     one_line_bad_input(hpcstage("pull", "-f", "m.yaml", "--slurm-array", "2", "--cluster", "local", "--time", "bogus",
                                 cwd=tmp_path, env=env), "--time")
     assert not (tmp_path / "hpcstage.lock").exists()

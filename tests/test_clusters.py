@@ -147,7 +147,7 @@ def test_local_cluster_is_the_test_script_cluster(registry):
 
 
 def test_sbatch_options_follow_each_site(registry):
-    assert registry.get("jureca").sbatch_options() == ["--partition=dc-hwai", "--gres=gpu:4"]
+    assert registry.get("jureca").sbatch_options() == ["--partition=dc-gpu", "--gres=gpu:4"]
     assert registry.get("perlmutter").sbatch_options(2) == [
         "--qos=regular",
         "--constraint=gpu&hbm80g",

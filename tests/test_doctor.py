@@ -308,3 +308,22 @@ def test_hf_home_under_a_small_home_warns(hub, tmp_path, small_fs):
     assert hf_home["status"] == "warn", hf_home
     assert f"{small_fs}/.cache/huggingface" in hf_home["detail"] and "hub cache and datasets cache" in hf_home["detail"]
     assert "HF_HOME=/p/scratch/" in hf_home["fix"]
+
+
+def test_hf_home_under_home_warns_where_the_registry_knows_a_small_home_quota(hub, tmp_path, cluster):
+    """JSC's $HOME quota (10 GB, GPFS) is invisible to `quota`; the registry's home_quota says it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    site = tmp_path / "site.toml"
+    site.write_text('[local]\nhome_quota = "10G"\n')  # this machine is the local cluster (its Slurm says so)
+    env = env_for(tmp_path, hub.url, HOME=str(home), HPCSTAGE_CLUSTERS=str(site), XDG_CONFIG_HOME=str(tmp_path / "c"))
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        env.pop(name)
+    r, _ = doctor_cli("--json", env=env)
+    hf_home = by_name(r.stdout)["hf_home"]
+    assert hf_home["status"] == "warn", hf_home
+    assert "local's $HOME quota is 10.7 GB (cluster registry)" in hf_home["detail"], hf_home
+    assert "HF_HOME=/p/scratch/" in hf_home["fix"]
+    site.write_text("[local]\n")  # no quota known: a big filesystem is fine
+    r, _ = doctor_cli("--json", env=env)
+    assert by_name(r.stdout)["hf_home"]["status"] == "ok"

@@ -56,6 +56,8 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("HF_TOKEN", CANARY)
+    monkeypatch.setenv("SBATCH_ACCOUNT", "demo-budget")  # what sbatch reads when no --account is given
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
     monkeypatch.chdir(tmp_path)
 
 
@@ -110,8 +112,8 @@ def test_train_with_eval_dry_run_matches_golden_on_every_cluster(name, tmp_path,
     code, out, err = hpcstage(
         "launch", "--job-type", "train", "--cluster", name, "--train-config", train_config(tmp_path),
         "--model", "demo-org/tiny-model", "--dataset", "demo-org/tiny-dataset", "--num-nodes", "2",
-        "--eval-tasks", "hellaswag,arc_easy", "--name", "sft", "--time-limit", "12:00:00", "--dry-run",
-        capsys=capsys,
+        "--eval-tasks", "hellaswag,arc_easy", "--name", "sft", "--time-limit", "12:00:00", "--account", "demo-budget",
+        "--dry-run", capsys=capsys,
     )
     assert code == 0, err
     exp = tmp_path / "experiments" / "sft"
@@ -250,8 +252,18 @@ def test_a_template_naming_an_unknown_variable_is_refused(tmp_path, capsys):
     ("args", "message"),
     [
         (["--job-type", "run", "--command", "true", "--chunk-size", "3"], "--chunk-size is for --job-type datagen"),
-        (["--job-type", "run", "--command", "true", "--time-limit", "25:00:00"], "over jureca's limit of 24:00:00"),
-        (["--job-type", "run", "--command", "true", "--gpus-per-node", "5"], "jureca has 4 GPUs per node"),
+        (["--job-type", "run", "--command", "true", "--time-limit", "25:00:00"],
+         "--time-limit 25:00:00 is over partition dc-gpu's limit of 24:00:00 (from the jureca registry)"),
+        (["--job-type", "run", "--command", "true", "--partition", "dc-gpu-devel", "--time-limit", "03:00:00"],
+         "--time-limit 03:00:00 is over partition dc-gpu-devel's limit of 02:00:00 (from the jureca registry); "
+         "ask for 02:00:00 or less"),
+        (["--job-type", "train", "--train-config", "sft.yaml", "--eval-tasks", "x", "--eval-time-limit", "25:00:00"],
+         "--eval-time-limit 25:00:00 is over partition dc-gpu's limit of 24:00:00"),
+        (["--job-type", "train", "--train-config", "sft.yaml", "--eval-tasks", "x", "--eval-gpus", "5"],
+         "jureca partition dc-gpu has 4 GPUs per node; --eval-gpus 5 asked"),
+        (["--job-type", "run", "--command", "true", "--after", "no-such-folder"],
+         "--after 'no-such-folder' is not a Slurm job id nor an experiment folder (one with jobs.json)"),
+        (["--job-type", "run", "--command", "true", "--gpus-per-node", "5"], "jureca partition dc-gpu has 4 GPUs per node"),
         (["--job-type", "run"], '--job-type run needs --command "..."'),
         (["--job-type", "train"], "--train-config is required"),
         (["--job-type", "run", "--command", "true", "--after", "x1"], "--after 'x1' is not a Slurm job id"),
@@ -262,6 +274,7 @@ def test_a_template_naming_an_unknown_variable_is_refused(tmp_path, capsys):
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(args, message, tmp_path, capsys):
+    train_config(tmp_path)
     if "--cluster" not in args:
         args = [*args, "--cluster", "jureca"]
     code, _, err = hpcstage("launch", *args, "--name", "bad", "--dry-run", capsys=capsys)
@@ -354,3 +367,126 @@ def test_restarted_array_relies_on_kill_on_invalid_dep(tmp_path, capsys):
     assert "hpcstage_end_chain" not in check_script(exp / "datagen.sbatch")
     assert json.loads((exp / "jobs.json").read_text())["jobs"][1]["sbatch"][2:4] == [
         "--dependency=afternotok:{datagen#0}", "--kill-on-invalid-dep=yes"]
+
+
+@pytest.mark.parametrize("name", ["jureca", "juwels", "jupiter", "leonardo"])
+def test_a_site_that_charges_a_budget_refuses_a_launch_without_account(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SBATCH_ACCOUNT")
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", name, "--command", "true", "--name", "acct",
+                            "--dry-run", capsys=capsys)
+    assert code == 2
+    assert err.strip() == (f"hpcstage: error: {name} charges every job to a project budget: pass --account BUDGET "
+                           f"(or export SBATCH_ACCOUNT=BUDGET, or set account under [{name}] in "
+                           "~/.config/hpcstage/clusters.toml)")
+    assert not (tmp_path / "experiments" / "acct").exists()
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", name, "--command", "true", "--name", "acct",
+                            "--account", "proj1", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    assert "#SBATCH --account=proj1\n" in (tmp_path / "experiments" / "acct" / "run.sbatch").read_text()
+
+
+def test_each_job_asks_for_its_partitions_time_and_its_own_resources(tmp_path, capsys):
+    code, out, err = hpcstage("launch", "--job-type", "train", "--cluster", "jureca", "--train-config",
+                              train_config(tmp_path), "--partition", "dc-gpu-devel", "--eval-tasks", "hellaswag",
+                              "--name", "devel", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "devel"
+    train, evaluation = (check_script(exp / f"{k}.sbatch") for k in ("train", "eval"))
+    # the partition's own limit, not the cluster's 24 h
+    assert "#SBATCH --time=02:00:00\n" in train and "#SBATCH --partition=dc-gpu-devel\n" in train
+    assert "#SBATCH --gres=gpu:4\n#" in train and "#SBATCH --cpus-per-task=128\n" in train
+    # the eval job: one GPU, its share of CPUs, its own (capped) time
+    assert "#SBATCH --gres=gpu:1\n" in evaluation and "#SBATCH --cpus-per-task=32\n" in evaluation
+    assert "#SBATCH --time=02:00:00\n" in evaluation
+    assert "pretrained=$HPCSTAGE_EVAL_MODEL\"" in evaluation and "parallelize" not in evaluation
+    code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "jureca", "--train-config",
+                            train_config(tmp_path), "--eval-tasks", "hellaswag", "--eval-gpus", "2",
+                            "--eval-time-limit", "01:30:00", "--name", "e2", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    evaluation = check_script(tmp_path / "experiments" / "e2" / "eval.sbatch")
+    assert "#SBATCH --gres=gpu:2\n" in evaluation and "#SBATCH --time=01:30:00\n" in evaluation
+    assert "pretrained=$HPCSTAGE_EVAL_MODEL,parallelize=True\"" in evaluation
+
+
+def test_module_loads_run_under_set_e_and_jsc_rendezvous_uses_the_infiniband_name(tmp_path, capsys):
+    code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "juwels", "--train-config",
+                            train_config(tmp_path), "--num-nodes", "2", "--name", "ib", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    text = check_script(tmp_path / "experiments" / "ib" / "train.sbatch")
+    assert text.index("set -euo pipefail") < text.index("module load Stages/2025\nmodule load CUDA\n")
+    assert "export MASTER_ADDR=${nodes[0]}i\n" in text
+    assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0\n" in text
+
+
+def test_train_config_paths_are_resolved_against_its_folder_and_its_repo_id_is_staged(tmp_path, capsys,
+                                                                                        monkeypatch):
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    (folder / "ds_z3.json").write_text("{}")
+    config = folder / "sft.yaml"
+    config.write_text("model_name_or_path: demo-org/tiny-model\ndataset_dir: data\ndeepspeed: ds_z3.json\n"
+                      "output_dir: out/run1\noverwrite_output_dir: true\ntokenized_path: cache/tok\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = hpcstage("launch", "--job-type", "train", "--cluster", "jureca", "--train-config", config,
+                              "--eval-tasks", "hellaswag", "--max-restarts", "1", "--name", "paths",
+                              "--experiments-dir", tmp_path / "experiments", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    assert "model demo-org/tiny-model@main: would fetch" in out  # the config's repo id is staged like --model
+    exp = tmp_path / "experiments" / "paths"
+    train = (exp / "train.sbatch").read_text()
+    assert (f"\"model_name_or_path=$HPCSTAGE_MODEL\" dataset_dir={folder / 'data'} deepspeed={folder / 'ds_z3.json'} "
+            f"output_dir={folder / 'out' / 'run1'}") in train
+    assert "HPCSTAGE_MODEL=\"$HF_HUB_CACHE/models--demo-org--tiny-model/snapshots/" in train
+    assert f"export HPCSTAGE_EVAL_MODEL={folder / 'out' / 'run1'}\n" in (exp / "eval.sbatch").read_text()
+    warnings = [line for line in err.splitlines() if line.startswith("hpcstage: warning:")]
+    assert warnings == [
+        "hpcstage: warning: --train-config sft.yaml: tokenized_path: cache/tok exists neither beside the config "
+        f"({folder}) nor here ({elsewhere}); the job will look for it in {elsewhere}",
+        "hpcstage: warning: --max-restarts 1 with overwrite_output_dir: true in sft.yaml: each restart trains from "
+        "scratch; drop overwrite_output_dir (llama-factory then resumes from the last checkpoint in output_dir) or "
+        "set resume_from_checkpoint",
+    ]
+
+
+def test_slurm_array_is_refused_where_compute_nodes_have_no_internet(tmp_path, capsys):
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text("models:\n  - repo: demo-org/tiny-model\n")
+    code, out, err = hpcstage("pull", "-f", manifest, "--slurm-array", "2", "--cluster", "jureca", capsys=capsys)
+    assert code == 2
+    assert err.strip() == (f"hpcstage: error: --slurm-array: jureca's compute nodes have no internet, so array "
+                           f"workers cannot download; pull on the login node instead: `hpcstage pull -f {manifest}`")
+    assert out == "" and not (tmp_path / "hpcstage-array").exists() and not (tmp_path / "hpcstage.lock").exists()
+
+
+def test_after_an_experiment_folder_waits_for_its_last_job(tmp_path, capsys):
+    first = tmp_path / "experiments" / "first"
+    first.mkdir(parents=True)
+    (first / "jobs.json").write_text(json.dumps({"jobs": [
+        {"key": "train", "attempt": 0, "job_id": "101"}, {"key": "eval", "attempt": 0, "job_id": "102"},
+        {"key": "eval", "attempt": 1, "job_id": "103"}]}))
+    code, out, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                              "--after", first, "--name", "second", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    assert "would run: sbatch --parsable --dependency=afterok:102?afterok:103 " in out
+    (tmp_path / "experiments" / "dry").mkdir()
+    (tmp_path / "experiments" / "dry" / "jobs.json").write_text(json.dumps({"jobs": [{"key": "run", "job_id": None}]}))
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                            "--after", tmp_path / "experiments" / "dry", "--name", "third", "--dry-run", capsys=capsys)
+    assert code == 2 and "nothing of that experiment was submitted (a dry run?); launch it first" in err
+
+
+def test_dataset_without_a_load_entry_gets_a_warning_naming_what_the_job_should_load(tmp_path, capsys):
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true",
+                            "--dataset", "demo-org/tiny-dataset", "--name", "ds", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    assert err.splitlines() == [
+        "hpcstage: warning: --dataset demo-org/tiny-dataset has no `load:` entry, so no load_dataset call was "
+        "prebuilt or checked: offline, load_dataset('demo-org/tiny-dataset', ...) fails in the job; load "
+        "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with `load: {split: ...}` (-f)"]
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text("datasets:\n  - repo: demo-org/tiny-dataset\n    load: {split: train}\n")
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "-f", manifest,
+                            "--dataset", "demo-org/tiny-dataset", "--name", "ds2", "--dry-run", capsys=capsys)
+    assert code == 0 and err == "", err

@@ -64,7 +64,8 @@ def env(tmp_path, monkeypatch):
     """The launching process's environment: bundled registry, caches under tmp_path, a canary token."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
     base.update(XDG_CONFIG_HOME=str(tmp_path / "config"), HF_TOKEN=CANARY,
-                HF_HUB_CACHE=str(tmp_path / "hub"), HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+                HF_HUB_CACHE=str(tmp_path / "hub"), HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+                HF_ENDPOINT="http://127.0.0.1:9")  # a test that stages sets its emulator; nothing reaches a real hub
     base.pop("HPCSTAGE_CLUSTERS", None)
     return base
 
@@ -131,7 +132,7 @@ def test_offline_job_loads_staged_model_and_dataset_by_repo_id_then_after_job_ru
 
 def test_failing_train_leaves_its_chained_eval_never_running(cluster, tmp_path, env):
     (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
-    (tmp_path / "sft.yaml").write_text("stage: sft\nmodel_name_or_path: demo-org/tiny-model\n")
+    (tmp_path / "sft.yaml").write_text("stage: sft\nmodel_name_or_path: /models/tiny-model\n")
     records = launch(tmp_path, env, "--job-type", "train", "--name", "crash", "--train-config", tmp_path / "sft.yaml",
                      "--train-command", f"{PY} {tmp_path / 'fake_train.py'}", "--gpus-per-node", "2",
                      "--eval-tasks", "hellaswag", "--time-limit", "10:00")
@@ -140,8 +141,11 @@ def test_failing_train_leaves_its_chained_eval_never_running(cluster, tmp_path, 
         states = wait([train, evaluation], timeout=60, poll=POLL)
         assert (states[train].state, states[train].exit_code) == ("FAILED", 1)
         assert (states[evaluation].state, states[evaluation].reason) == ("PENDING", "DependencyNeverSatisfied")
-        status = hpcstage("status", "--experiment", tmp_path / "experiments" / "crash", env=env).stdout
-        assert f"eval\t{evaluation}\tPENDING (DependencyNeverSatisfied)\n" in status
+        status = hpcstage("status", "--experiment", tmp_path / "experiments" / "crash", env=env)
+        assert f"eval\t{evaluation}\tPENDING (DependencyNeverSatisfied)\n" in status.stdout
+        assert status.stderr == (f"hpcstage: warning: job {evaluation} is PENDING (DependencyNeverSatisfied) and will "
+                                 "never start: a job it depends on failed or was cancelled; fix that job and launch "
+                                 "again\n")
     finally:
         cancel([evaluation])
     assert wait([evaluation], timeout=20, poll=POLL)[evaluation].state == "CANCELLED"
@@ -194,6 +198,105 @@ def test_restarts_stop_at_the_first_success_and_leave_nothing_pending(cluster, t
     ]
     records = json.loads((tmp_path / "experiments" / "flaky" / "jobs.json").read_text())["jobs"]
     assert [r["dependency"] for r in records] == [None, f"afternotok:{ids(flaky)[0]}", f"afternotok:{ids(flaky)[1]}"]
+
+
+SEE_JOB = """\
+import json, os, subprocess, sys
+limit = subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%l"], capture_output=True,
+                       text=True).stdout.strip()
+out = os.path.join(os.environ["HPCSTAGE_EXPERIMENT"], os.path.basename(sys.argv[0]) + ".json")
+json.dump({"argv": sys.argv[1:], "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "limit": limit,
+           "cpus": os.environ.get("SLURM_CPUS_PER_TASK"), "partition": os.environ.get("SLURM_JOB_PARTITION")},
+          open(out, "w"))
+"""
+
+
+def test_eval_chained_after_train_runs_on_its_own_resources(cluster, tmp_path, env):
+    for name in ("train_seen.py", "eval_seen.py"):
+        (tmp_path / name).write_text(SEE_JOB)
+    (tmp_path / "sft.yaml").write_text("stage: sft\noutput_dir: out\n")
+    records = launch(tmp_path, env, "--job-type", "train", "--name", "chain", "--train-config", tmp_path / "sft.yaml",
+                     "--train-command", f"{PY} {tmp_path / 'train_seen.py'}", "--time-limit", "2:00:00",
+                     "--eval-tasks", "hellaswag", "--eval-command", f"{PY} {tmp_path / 'eval_seen.py'}")
+    states = wait(ids(records), timeout=60, poll=POLL)
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+    exp = tmp_path / "experiments" / "chain"
+    train = json.loads((exp / "train_seen.py.json").read_text())
+    evaluation = json.loads((exp / "eval_seen.py.json").read_text())
+    assert (train["gpus"], train["cpus"], train["limit"]) == ("0,1,2,3", "8", "2:00:00")
+    assert (evaluation["gpus"], evaluation["cpus"], evaluation["limit"]) == ("0", "2", "4:00:00")
+    assert train["argv"] == [str(exp / "train_config.yaml"), f"output_dir={tmp_path / 'out'}"]
+    assert evaluation["argv"][evaluation["argv"].index("--model_args") + 1] == f"pretrained={tmp_path / 'out'}"
+
+
+def test_after_a_job_that_does_not_exist_or_failed_is_refused_before_any_sbatch(cluster, tmp_path, env):
+    proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--job-type", "run",
+                    "--command", "true", "--after", "99999999", "--name", "typo", env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == ("hpcstage: error: --after 99999999: job 99999999 is unknown to squeue and sacct (a typo?); "
+                           "`squeue --me` lists your jobs\n")
+    assert not (tmp_path / "experiments" / "typo").exists()
+    failed = launch(tmp_path, env, "--job-type", "run", "--name", "bad", "--command", "exit 3")
+    wait(ids(failed), timeout=60, poll=POLL)
+    for after in (ids(failed)[0], tmp_path / "experiments" / "bad"):
+        proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--job-type",
+                        "run", "--command", "true", "--after", after, "--name", "next", env=env, check=False)
+        assert proc.returncode == 2
+        assert (f"--after {after}: job {ids(failed)[0]} ended FAILED, so a job after it would never start; "
+                "launch after a job that can still succeed, or without --after") in proc.stderr
+        assert not (tmp_path / "experiments" / "next").exists()
+    good = launch(tmp_path, env, "--job-type", "run", "--name", "good", "--command", "true")
+    wait(ids(good), timeout=60, poll=POLL)
+    follower = launch(tmp_path, env, "--job-type", "run", "--name", "follow", "--after", tmp_path / "experiments" / "good",
+                      "--command", "true")
+    assert follower[0]["dependency"] == f"afterok:{ids(good)[0]}"
+    assert wait(ids(follower), timeout=60, poll=POLL)[ids(follower)[0]].state == "COMPLETED"
+
+
+def test_time_limit_over_the_live_partition_limit_is_refused(cluster, tmp_path, env):
+    proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--job-type", "run",
+                    "--command", "true", "--partition", "short", "--time-limit", "20:00", "--name", "long", env=env,
+                    check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == ("hpcstage: error: --time-limit 20:00 is over partition short's limit of 00:10:00 (from "
+                           "`scontrol show partition short`); ask for 00:10:00 or less, or pick a partition with a "
+                           "longer limit (--partition)\n")
+    assert not (tmp_path / "experiments" / "long").exists()
+
+
+TRAIN_LOADS_MODEL = """\
+import json, os, sys
+from huggingface_hub import snapshot_download
+path = next(a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("model_name_or_path="))
+by_id = snapshot_download("demo-org/tiny-model", local_files_only=True)
+config = json.load(open(os.path.join(path, "config.json")))
+json.dump({"path": path, "by_id": by_id, "model_type": config["model_type"],
+           "offline": os.environ.get("HF_HUB_OFFLINE")}, open(sys.argv[1] + ".loaded", "w"))
+"""
+
+
+def test_train_config_naming_a_repo_id_gets_it_staged_and_the_job_loads_it_offline(cluster, hub, tmp_path, env):
+    env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"}
+    (tmp_path / "train.py").write_text(TRAIN_LOADS_MODEL)
+    (tmp_path / "sft.yaml").write_text(f"model_name_or_path: {MODEL}\nstage: sft\n")
+    records = launch(tmp_path, env, "--job-type", "train", "--name", "repo", "--train-config", tmp_path / "sft.yaml",
+                     "--train-command", f"{PY} {tmp_path / 'train.py'}", "--gpus-per-node", "1",
+                     "--time-limit", "10:00")
+    hub.stop()  # the job cannot reach the Hub
+    states = wait(ids(records), timeout=60, poll=POLL)
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+    snapshot = str(tmp_path / "hub" / "models--demo-org--tiny-model" / "snapshots" / hub.commit_of("model", MODEL, "main"))
+    loaded = json.loads((tmp_path / "experiments" / "repo" / "train_config.yaml.loaded").read_text())
+    assert loaded == {"path": snapshot, "by_id": snapshot, "model_type": "llama", "offline": "1"}
+
+
+def test_launch_wait_follows_the_jobs_and_exits_with_their_result(cluster, tmp_path, env):
+    proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--job-type", "run",
+                    "--command", "exit 4", "--name", "w", "--wait", "--poll", "0.2", env=env, check=False)
+    assert proc.returncode == 1
+    job = json.loads((tmp_path / "experiments" / "w" / "jobs.json").read_text())["jobs"][0]["job_id"]
+    assert f"job {job}: FAILED (NonZeroExitCode)\n" in proc.stdout
+    assert proc.stderr.startswith(f"hpcstage: error: not completed: run ({job} FAILED)")
 
 
 STACK_JOB = """\

@@ -19,28 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _one_lfs_file_repo
+from conftest import MID_MODEL, MID_SIZE
 from helpers import client_env, python_for, sha256
 from hpcstage.serve import HubServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="planting links owned by another uid needs root")
 
 OTHER = 4321  # "another member of the group": owns the planted links
-REPO = "org/m"
-REPO_DIR = "models--org--m"
-SIZE = 20 * 2**20 + 123  # a large file: partial, ranges record and lease
+REPO = MID_MODEL
+REPO_DIR = "models--demo-org--mid-model"
+SIZE = MID_SIZE
 PRECIOUS = b"precious: must never change\n"
-
-
-@pytest.fixture(scope="module")
-def lfs_root(tmp_path_factory):
-    return _one_lfs_file_repo(tmp_path_factory.mktemp("planted"), REPO, SIZE, seed=3)
-
-
-@pytest.fixture
-def mhub(lfs_root):
-    with HubServer(lfs_root) as server:
-        yield server
 
 
 def hpcstage(*args: str, env: dict, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
@@ -71,9 +60,9 @@ def outside(tmp_path):
     assert snapshot_of(out) == before, "a write went through a planted link"
 
 
-def _names(mhub) -> dict[str, str]:
-    commit = mhub.commit_of("model", REPO)
-    files = mhub.files_of("model", REPO)
+def _names(mid_hub) -> dict[str, str]:
+    commit = mid_hub.commit_of("model", REPO)
+    files = mid_hub.files_of("model", REPO)
     big = files["model.safetensors"]
     config = (Path(files["config.json"].local)).read_bytes()
     small = hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest()
@@ -87,9 +76,9 @@ def one_line_refusal(r: subprocess.CompletedProcess, link: Path) -> None:
     assert lines and str(link) in lines[0] and f"uid {OTHER}" in lines[0] and "not following it" in lines[0], r.stderr
 
 
-def pulled_ok(cache: Path, mhub) -> None:
-    snap = cache / REPO_DIR / "snapshots" / mhub.commit_of("model", REPO)
-    for path, info in mhub.files_of("model", REPO).items():
+def pulled_ok(cache: Path, mid_hub) -> None:
+    snap = cache / REPO_DIR / "snapshots" / mid_hub.commit_of("model", REPO)
+    for path, info in mid_hub.files_of("model", REPO).items():
         assert sha256(snap / path) == sha256(info.local), path
 
 
@@ -102,25 +91,25 @@ FILE_LINKS = {
     "ref": "{repo}/refs/main",
     "trees file": "{repo}/trees/{commit}.json",
     "snapshot link": "{repo}/snapshots/{commit}/config.json",
-    "ledger record": ".locks/hpcstage/ledger/models--org--m@main.json",
+    "ledger record": ".locks/hpcstage/ledger/models--demo-org--mid-model@main.json",
 }
 
 
 @pytest.mark.parametrize("where", list(FILE_LINKS))
-def test_a_planted_file_link_is_replaced_not_written_through(mhub, tmp_path, outside, where):
+def test_a_planted_file_link_is_replaced_not_written_through(mid_hub, tmp_path, outside, where):
     cache = tmp_path / "cache"
-    link = cache / FILE_LINKS[where].format(repo=REPO_DIR, **_names(mhub))
+    link = cache / FILE_LINKS[where].format(repo=REPO_DIR, **_names(mid_hub))
     plant(link, outside / "precious")
-    r = hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=client_env(mhub, tmp_path / "h"))
+    r = hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 0, r.stderr
-    pulled_ok(cache, mhub)
+    pulled_ok(cache, mid_hub)
     if where == "snapshot link":
         assert os.readlink(link).startswith("../../blobs/")
     elif where in ("large blob", "small blob", "ref", "trees file", "ledger record"):
         assert not link.is_symlink() and link.is_file()
     else:  # transient: removed and made anew, gone after a clean run
         assert not os.path.lexists(link)
-    r = hpcstage("verify", REPO, "--cache-dir", str(cache), env=client_env(mhub, tmp_path / "h"))
+    r = hpcstage("verify", REPO, "--cache-dir", str(cache), env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -129,16 +118,16 @@ FOLDER_LINKS = ["{repo}", "{repo}/blobs", "{repo}/snapshots", "{repo}/snapshots/
 
 
 @pytest.mark.parametrize("where", FOLDER_LINKS)
-def test_a_planted_folder_link_is_refused_in_one_line(mhub, tmp_path, outside, where):
+def test_a_planted_folder_link_is_refused_in_one_line(mid_hub, tmp_path, outside, where):
     cache = tmp_path / "cache"
     cache.mkdir()
-    link = cache / where.format(repo=REPO_DIR, **_names(mhub))
+    link = cache / where.format(repo=REPO_DIR, **_names(mid_hub))
     plant(link, outside / "folder")
-    r = hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=client_env(mhub, tmp_path / "h"))
+    r = hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=client_env(mid_hub, tmp_path / "h"))
     one_line_refusal(r, link)
 
 
-def test_the_users_own_links_and_a_linked_cache_root_still_work(mhub, tmp_path):
+def test_the_users_own_links_and_a_linked_cache_root_still_work(mid_hub, tmp_path):
     real = tmp_path / "scratch" / "hub"
     real.mkdir(parents=True)
     cache = tmp_path / "home-cache"
@@ -147,10 +136,10 @@ def test_the_users_own_links_and_a_linked_cache_root_still_work(mhub, tmp_path):
     blobs.mkdir()
     (real / REPO_DIR).mkdir()
     (real / REPO_DIR / "blobs").symlink_to(blobs)  # the user's own folder link, below the root
-    r = hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=client_env(mhub, tmp_path / "h"))
+    r = hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=client_env(mid_hub, tmp_path / "h"))
     assert r.returncode == 0, r.stderr
-    pulled_ok(cache, mhub)
-    assert (blobs / _names(mhub)["big"]).stat().st_size == SIZE
+    pulled_ok(cache, mid_hub)
+    assert (blobs / _names(mid_hub)["big"]).stat().st_size == SIZE
     # a link belonging to the owner of the folder holding it is refused too: in a shared cache that owner is
     # whoever staged the repo first (the kernel's protected_symlinks would trust them)
     other = tmp_path / "other"
@@ -159,7 +148,7 @@ def test_the_users_own_links_and_a_linked_cache_root_still_work(mhub, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     plant(other / REPO_DIR / "refs", theirs)
-    r = hpcstage("pull", REPO, "--cache-dir", str(other), "-q", env=client_env(mhub, tmp_path / "h"))
+    r = hpcstage("pull", REPO, "--cache-dir", str(other), "-q", env=client_env(mid_hub, tmp_path / "h"))
     one_line_refusal(r, other / REPO_DIR / "refs")
     assert list(theirs.iterdir()) == []
 
@@ -288,7 +277,7 @@ def test_launch_records_are_never_written_through_a_planted_link(tmp_path, outsi
 # -- two real users sharing one group cache
 
 
-def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_writes(mhub, tmp_path):
+def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_writes(mid_hub, tmp_path):
     suffix = secrets.token_hex(3)
     group, alice, mallory = f"hpcsg{suffix}", f"hpcsa{suffix}", f"hpcsm{suffix}"
     base = Path(tempfile.mkdtemp(prefix="hpcstage-two-users-", dir="/tmp"))  # pytest's tmp is 0700
@@ -312,7 +301,7 @@ def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_write
         python, pythonpath = python_for(alice)
 
         def as_user(user: str, *argv: str) -> subprocess.CompletedProcess:
-            env = {**client_env(mhub, base / f"hf-{user}"), "HOME": str(base / user), **pythonpath}
+            env = {**client_env(mid_hub, base / f"hf-{user}"), "HOME": str(base / user), **pythonpath}
             cmd = ["runuser", "-u", user, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()], *argv]
             return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=base / user)
 
@@ -326,7 +315,7 @@ def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_write
         r = as_user(mallory, python, "-c", "from hpcstage.hfcache import Sharing, share_cache; "
                     f"share_cache({str(cache)!r}, {group!r})")
         assert r.returncode == 0, r.stderr
-        big = _names(mhub)["big"]
+        big = _names(mid_hub)["big"]
         for name in (f"{big}.hpcstage-partial", f"{big}.hpcstage-partial.ranges", f"{big}.hpcstage-lease"):
             r = as_user(mallory, "ln", "-s", str(bashrc), str(cache / REPO_DIR / "blobs" / name))
             assert r.returncode == 0, r.stderr
@@ -350,7 +339,7 @@ def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_write
         for user in (alice, mallory):
             r = as_user(user, python, "-m", "hpcstage", "verify", REPO, "--cache-dir", str(cache))
             assert r.returncode == 0, r.stdout + r.stderr
-        pulled_ok(cache, mhub)
+        pulled_ok(cache, mid_hub)
         gid = grp.getgrnam(group).gr_gid
         assert os.stat(cache / REPO_DIR / "blobs" / big).st_gid == gid
     finally:
@@ -360,14 +349,14 @@ def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_write
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_verify_repair_deletes_nothing_through_a_planted_folder_link(mhub, tmp_path):
+def test_verify_repair_deletes_nothing_through_a_planted_folder_link(mid_hub, tmp_path):
     cache = tmp_path / "cache"
-    env = client_env(mhub, tmp_path / "h")
+    env = client_env(mid_hub, tmp_path / "h")
     assert hpcstage("pull", REPO, "--cache-dir", str(cache), "-q", env=env).returncode == 0
     theirs = tmp_path / "theirs-blobs"
     shutil.move(cache / REPO_DIR / "blobs", theirs)  # "their" folder now holds the blobs...
     plant(cache / REPO_DIR / "blobs", theirs)  # ...and the cache's blobs/ is their link to it
-    small = theirs / _names(mhub)["small"]
+    small = theirs / _names(mid_hub)["small"]
     small.write_bytes(b"changed")  # a corrupt blob, seen through the link
     before = snapshot_of(theirs)
     r = hpcstage("verify", REPO, "--cache-dir", str(cache), "--repair", env=env)

@@ -195,8 +195,8 @@ def test_disk_full_mid_file_keeps_the_partial_and_resumes(big_hub, small_fs):
                             stderr=subprocess.PIPE, text=True)
     info = big_hub.files_of("model", BIG_MODEL)["model.safetensors"]
     blobs = cache / "models--demo-org--big-model" / "blobs"
-    wait_for(lambda: (blobs / f"{info.sha256}.hpcstage-partial").exists(), 30, "the download")
-    time.sleep(1.0)
+    record = blobs / f"{info.sha256}.hpcstage-partial.ranges"
+    wait_for(lambda: pieces_done(record) >= 1, 60, "a first piece on disk (the download is under way)")
     filler = small_fs / "filler"
     fill(filler)
     assert proc.wait(timeout=60) == 1

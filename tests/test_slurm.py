@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hpcstage.slurm import SlurmError
-from hpcstage.slurm.clusters import detect, load_registry, slurm_cluster_name
+from hpcstage.slurm.clusters import detect, load_registry, parse_scontrol_partition, slurm_cluster_name
 from hpcstage.slurm.jobs import (
     JobState,
     WaitTimeout,
@@ -69,6 +69,21 @@ def test_parse_sacct_with_slurmdbd_forms():
     assert jobs["123_4"] == JobState("123_4", "130", "CANCELLED", exit_code=0, signal=15)
     assert jobs["124"].done
     assert jobs["125"] == JobState("125", "125", "RUNNING")  # no exit code before the end
+
+
+def test_parse_squeue_pending_past_the_partitions_time_limit_never_runs():
+    job = parse_squeue(golden("squeue-partition-time-limit.txt"))["17"]
+    assert (job.state, job.reason, job.never_runs, job.done) == ("PENDING", "PartitionTimeLimit", True, True)
+    assert job.why_never() == (
+        "job 17 is PENDING (PartitionTimeLimit) and will never start: its --time is over the partition's MaxTime "
+        "(`scontrol show partition`); cancel it and ask for less time (--time-limit, or --time for pull)")
+
+
+def test_parse_scontrol_show_partition():
+    partitions = parse_scontrol_partition(golden("scontrol-show-partition.txt"))
+    assert sorted(partitions) == ["debug", "short"]
+    assert (partitions["debug"]["MaxTime"], partitions["short"]["MaxTime"]) == ("UNLIMITED", "00:10:00")
+    assert partitions["short"]["Nodes"] == "node1"
 
 
 def test_parse_sbatch_parsable():
@@ -189,3 +204,19 @@ def test_this_machine_is_detected_as_the_local_cluster(cluster):
     local = load_registry().get("local")
     assert slurm_cluster_name() == local.slurm_cluster
     assert detect() == local
+
+
+def test_wait_on_a_job_stuck_in_partition_time_limit_ends_at_the_first_poll_that_sees_it(cluster, tmp_path):
+    job = batch(tmp_path, "true", "--partition=short", "--time=1:00:00")
+    try:
+        deadline = time.monotonic() + 30  # the reason is PartitionConfig for a moment after sbatch
+        while job_states([job])[job].reason != "PartitionTimeLimit":
+            assert time.monotonic() < deadline
+            time.sleep(POLL)
+        polls = []
+        states = wait([job], timeout=600, poll=600, on_poll=polls.append)  # a second poll would take 10 minutes
+        assert len(polls) == 1
+        assert (states[job].state, states[job].reason) == ("PENDING", "PartitionTimeLimit")
+        assert states[job].why_never().startswith(f"job {job} is PENDING (PartitionTimeLimit) and will never start")
+    finally:
+        cancel([job])

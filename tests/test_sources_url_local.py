@@ -272,9 +272,12 @@ def test_local_folder_copies_verify_by_hash_and_a_second_run_copies_nothing(ahub
     assert dest.stat().st_ino == dest_ino and {p: p.stat().st_ino for p in dest.rglob("*")} == inodes
     assert json.loads(r.stdout)["downloaded_bytes"] == 0
     assert (tmp_path / "proj" / "hpcstage.lock").read_bytes() == before
-    # a changed source file is picked up; unchanged ones are linked from the current copy
-    time.sleep(0.01)
-    (src / "websight" / "prompts.jsonl").write_bytes(FILES["websight/prompts.jsonl"] + b'{"prompt": "new"}\n')
+    # a changed source file is picked up; unchanged ones are linked from the current copy. The source is
+    # replaced (a new inode), not edited in place: on one filesystem the staged file is a hardlink of the
+    # old one, so an in-place edit would show in it whatever hpcstage did.
+    new = src / "websight" / "prompts.jsonl.new"
+    new.write_bytes(FILES["websight/prompts.jsonl"] + b'{"prompt": "new"}\n')
+    os.replace(new, src / "websight" / "prompts.jsonl")
     r = pull(m, ahub)
     assert r.returncode == 0, r.stderr
     assert (dest / "prompts.jsonl").read_bytes().endswith(b'"new"}\n')

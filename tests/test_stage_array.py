@@ -3,6 +3,7 @@ leases, every file lands once, a cancelled worker's files are finished by the ot
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import client_env
+from helpers import client_env, wait_for
 from hpcstage.serve import FaultRule, HubServer
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
@@ -56,6 +57,14 @@ def content_gets(server) -> list[tuple[str, str | None]]:
             and (rec.server == "cdn" or "/resolve/" in rec.path)]
 
 
+def online_nodes(tmp_path: Path, env: dict) -> dict:
+    """The local cluster with internet = true (a site file): its nodes reach the emulator on 127.0.0.1, and
+    --slurm-array is refused on clusters whose compute nodes have no internet."""
+    site = tmp_path / "site-clusters.toml"
+    site.write_text("[local]\ninternet = true\n")
+    return {**env, "HPCSTAGE_CLUSTERS": str(site), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+
+
 def hpcstage(*argv: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hpcstage", *argv], env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -63,7 +72,7 @@ def hpcstage(*argv: str, env: dict, timeout: float = 300) -> subprocess.Complete
 
 def test_four_workers_stage_each_file_once_and_verify_clean(cluster, array_hub, tmp_path):
     manifest = manifest_in(tmp_path / "array")
-    env = client_env(array_hub, tmp_path)
+    env = online_nodes(tmp_path, client_env(array_hub, tmp_path))
     started = time.monotonic()
     r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "4", "--cluster", "local", "--wait", env=env)
     array_seconds = time.monotonic() - started
@@ -90,7 +99,7 @@ def test_four_workers_stage_each_file_once_and_verify_clean(cluster, array_hub, 
 
 def test_a_cancelled_worker_leaves_its_files_to_the_others(cluster, array_hub, tmp_path):
     manifest = manifest_in(tmp_path / "array")
-    env = client_env(array_hub, tmp_path)
+    env = online_nodes(tmp_path, client_env(array_hub, tmp_path))
     array_hub.add_fault(FaultRule(path=r"/resolve/", server="hub", delay=0.1))  # 2,000 files / 24 threads: ~8 s
     r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "3", "--cluster", "local", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -100,7 +109,7 @@ def test_a_cancelled_worker_leaves_its_files_to_the_others(cluster, array_hub, t
     while job_states([victim]).get(victim, None) is None or job_states([victim])[victim].state != "RUNNING":
         assert time.monotonic() < deadline, "worker 1 never ran"
         time.sleep(0.2)
-    time.sleep(2.0)  # mid-way through its units
+    wait_for(lambda: len(array_hub.log) >= 300, 120, "the workers to be under way")  # of ~2,000 requests
     cancel([victim])
     states = wait([jobs["finish_id"], jobs["report_id"]], timeout=240, poll=0.5)
     assert states[jobs["finish_id"]].state == "COMPLETED", states
@@ -111,3 +120,46 @@ def test_a_cancelled_worker_leaves_its_files_to_the_others(cluster, array_hub, t
     assert v.returncode == 0, v.stdout + v.stderr
     st = hpcstage("status", "-f", str(manifest), env=env)
     assert st.returncode == 0 and st.stdout.count("\tstaged\t") == 2, st.stdout
+
+
+def test_wait_gives_up_when_the_workers_can_never_start(cluster, tmp_path, capsys):
+    """The issue's hang: workers asking for more time than the partition allows sat in PartitionTimeLimit and
+    `--wait` printed progress forever. Now the first poll that sees the reason ends the wait with it."""
+    from hpcstage.manifest import load_manifest
+    from hpcstage.slurm.stage_array import ArrayRun, NeverRunsError, follow
+    from hpcstage.slurm.submit import submit
+
+    folder = tmp_path / "array"
+    manifest = load_manifest(manifest_in(folder))
+    script = folder / "true.sbatch"
+    script.write_text("#!/bin/bash\ntrue\n")
+    out = [f"--output={folder / 'slurm-%j.out'}"]
+    workers = submit(script, extra_args=["--partition=short", "--time=1:00:00", "--array=0-1", *out])
+    finish = submit(script, extra_args=[f"--dependency=afterany:{workers}", *out])
+    report = submit(script, extra_args=[f"--dependency=afterany:{finish}", *out])
+    try:
+        deadline = time.monotonic() + 30  # PartitionConfig for a moment after sbatch
+        while not any(s.reason == "PartitionTimeLimit" for s in job_states([workers]).values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        run = ArrayRun(folder, 2, workers, finish, report)
+        with pytest.raises(NeverRunsError) as err:
+            follow(run, manifest, folder / "cache", poll=600)  # a second poll would take 10 minutes
+        assert str(err.value).startswith(f"job {workers}") and "is PENDING (PartitionTimeLimit) and will never start" \
+            in str(err.value)
+        last = capsys.readouterr().err.splitlines()[-1]  # the progress line says what the workers wait for
+        assert "array: 0 running, pending (PartitionTimeLimit): 0/0 files" in last, last
+    finally:
+        cancel([workers, finish, report])
+
+
+def test_array_time_over_the_partitions_limit_is_refused_before_any_sbatch(cluster, tmp_path):
+    manifest = manifest_in(tmp_path / "array")
+    env = online_nodes(tmp_path, {k: v for k, v in os.environ.items() if not k.startswith("HF_")})
+    r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "2", "--cluster", "local", "--partition", "short",
+                 "--time", "1:00:00", "--wait", env=env)
+    assert r.returncode == 2
+    assert r.stderr == ("hpcstage: error: --time 1:00:00 is over partition short's limit of 00:10:00 (from `scontrol "
+                        "show partition short`); ask for 00:10:00 or less, or pick a partition with a longer limit "
+                        "(--partition)\n")
+    assert not (tmp_path / "array" / "hpcstage-array").exists() and not (tmp_path / "array" / "hpcstage.lock").exists()

@@ -68,24 +68,22 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
     from hpcstage.hfcache import default_cache_dir
-    from hpcstage.slurm.clusters import slurm_time_seconds
-    from hpcstage.slurm.launch import resolve_cluster
+    from hpcstage.slurm.launch import check_account, preflight_time, resolve_cluster
     from hpcstage.slurm.stage_array import follow, submit_array
     from hpcstage.staging import plan_manifest
 
     cluster = resolve_cluster(args.cluster, args.partition, args.account)  # bad input: refused before any request
     if args.slurm_array < 1:
         raise BadInput("--slurm-array needs at least 1 worker")
-    if args.time:
-        try:
-            slurm_time_seconds(args.time)
-        except ValueError as e:
-            raise BadInput(f"--time {args.time!r}: {e}") from None
+    if not cluster.internet:
+        raise BadInput(f"--slurm-array: {cluster.name}'s compute nodes have no internet, so array workers cannot "
+                       f"download; pull on the login node instead: `hpcstage pull -f {args.manifest}`")
+    time_limit = preflight_time(cluster, cluster.partition, args.time, "--time")
+    check_account(cluster)
     plan = plan_manifest(manifest, opts, update=args.update)
     print(f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
           f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})", flush=True)
-    run = submit_array(manifest, args.slurm_array, cluster=cluster, time_limit=args.time or cluster.max_time or "24:00:00",
-                       cache_dir=args.cache_dir)
+    run = submit_array(manifest, args.slurm_array, cluster=cluster, time_limit=time_limit, cache_dir=args.cache_dir)
     print(f"submitted {args.slurm_array} workers as array {run.array_id} on {cluster.name}; finish {run.finish_id} "
           f"(pull leftovers + verify), report {run.report_id} (status); scripts and logs in {run.folder}", flush=True)
     if not args.wait:
@@ -212,6 +210,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         code = f" exit {r['exit_code']}" if r["exit_code"] is not None else ""
         attempt = f" attempt {r['attempt']}" if r["attempt"] else ""
         print(f"{r['key']}{attempt}\t{r['job_id'] or '-'}\t{r['state']}{detail}{code}")
+    from hpcstage.slurm.jobs import JobState
+
+    for r in rows:  # a reason that never clears: say so, and what to do
+        why = JobState(r["job_id"] or "-", "", r["state"], r["reason"]).why_never()
+        if why:
+            print(f"hpcstage: warning: {why}", file=sys.stderr)
     return 0
 
 

@@ -477,6 +477,18 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _site_home_quota() -> tuple[str, int] | None:
+    """(cluster, bytes) of the $HOME quota the cluster registry gives this machine's cluster, if any."""
+    from hpcstage.slurm.clusters import RegistryError, detect
+
+    try:
+        cluster = detect()
+    except RegistryError:
+        return None
+    quota = cluster.home_quota_bytes if cluster is not None else None
+    return (cluster.name, quota) if quota else None
+
+
 def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
     home_dir = hf_home()
     try:
@@ -502,6 +514,9 @@ def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
     small = [f"its filesystem holds {human_bytes(size)}"] if size < SMALL_HOME else []
     if limit and limit < SMALL_HOME:
         small.append(f"your quota there is {human_bytes(limit)}")
+    elif not limit and (site := _site_home_quota()) and site[1] < SMALL_HOME:
+        # GPFS quotas (JSC's $HOME) are not what `quota` reports: the registry knows the site's default.
+        small.append(f"{site[0]}'s $HOME quota is {human_bytes(site[1])} (cluster registry)")
     if not small:
         return Check("hf_home", "ok", f"{text} is under $HOME on a {human_bytes(size)} filesystem")
     if not follows:

@@ -54,7 +54,6 @@ def check_relative_path(path: str, what: str = "path") -> str:
         or "\x00" in path
         or "\\" in path
         or path.startswith("/")
-        or os.path.isabs(path)
         or any(p in ("..", ".", "") for p in path.split("/"))
         or not parts
     ):

@@ -77,6 +77,12 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, files=self._files_text())
 
+    def relabel(self, label: str) -> None:
+        """Change what the bar (or log line) is called: e.g. what the work is waiting for."""
+        self.label = label
+        if self._bar is not None:
+            self._bar.update(self._task, description=label)
+
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = self.bytes / elapsed

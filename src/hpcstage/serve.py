@@ -652,6 +652,7 @@ class HubServer:
         self._lock = threading.Lock()
         self._answered = threading.Condition(self._lock)
         self._in_flight = 0
+        self._received = 0
         self._faults: list[list] = []  # [rule, remaining uses or None]
         self._log: list[RequestRecord] = []
         self._log_stream = None
@@ -761,6 +762,12 @@ class HubServer:
             self._answered.wait_for(lambda: self._in_flight == 0, timeout=1.0)
             return list(self._log)
 
+    @property
+    def received(self) -> int:
+        """Requests received so far, answered or not (tests wait on this instead of sleeping)."""
+        with self._lock:
+            return self._received
+
     def clear_log(self) -> None:
         with self._lock:
             self._log.clear()
@@ -768,6 +775,7 @@ class HubServer:
     def _arrived(self) -> None:
         with self._lock:
             self._in_flight += 1
+            self._received += 1
 
     def _record(self, record: RequestRecord) -> None:
         with self._answered:

@@ -32,7 +32,7 @@ _MEM = re.compile(r"\d+[KMGT]?")
 # Optional keys an override can clear with "": TOML has no null.
 _UNSETTABLE = (
     "hostname", "slurm_cluster", "mem", "partition", "account", "qos", "constraint", "licenses",
-    "exclude", "gres_name", "python",
+    "exclude", "gres_name", "python", "cpu_partition", "rendezvous_suffix", "socket_ifname", "home_quota",
 )  # fmt: skip
 
 
@@ -55,6 +55,22 @@ def slurm_time_seconds(text: str) -> int:
     if third is not None:  # H:M:S
         return (first * 60 + second) * 60 + third
     return first * 60 + (second or 0)  # M[:S]
+
+
+class Partition(BaseModel):
+    """What the registry knows of one partition (keys documented in clusters.toml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_time: str
+    cpus_per_node: int | None = Field(default=None, ge=1)
+    gpus_per_node: int | None = Field(default=None, ge=0)
+
+    @field_validator("max_time")
+    @classmethod
+    def _valid_time(cls, value: str) -> str:
+        slurm_time_seconds(value)
+        return value
 
 
 class Cluster(BaseModel):
@@ -83,6 +99,12 @@ class Cluster(BaseModel):
     modules: list[str] = Field(default_factory=list)
     max_time: str
     python: str | None = None
+    partitions: dict[str, Partition] = Field(default_factory=dict)
+    cpu_partition: str | None = None
+    account_required: bool = False
+    rendezvous_suffix: str | None = None
+    socket_ifname: str | None = None
+    home_quota: str | None = None  # the site's default per-user $HOME quota (doctor warns about caches there)
 
     @field_validator(*_UNSETTABLE, mode="before")
     @classmethod
@@ -99,7 +121,7 @@ class Cluster(BaseModel):
                 raise ValueError(f"bad regular expression {value!r}: {exc}") from exc
         return value
 
-    @field_validator("mem")
+    @field_validator("mem", "home_quota")
     @classmethod
     def _valid_mem(cls, value: str | None) -> str | None:
         if value is not None and not _MEM.fullmatch(value):
@@ -116,6 +138,29 @@ class Cluster(BaseModel):
     def max_time_seconds(self) -> int:
         return slurm_time_seconds(self.max_time)
 
+    @property
+    def home_quota_bytes(self) -> int | None:
+        if self.home_quota is None:
+            return None
+        unit = {"K": 1, "M": 2, "G": 3, "T": 4}.get(self.home_quota[-1], 0)
+        return int(self.home_quota.rstrip("KMGT")) * 1024**unit
+
+    def partition_max_time(self, partition: str | None) -> str | None:
+        """The registry's time limit of a partition: its own entry, else the cluster's for its default
+        partition; None for a partition the registry does not know."""
+        if partition and partition in self.partitions:
+            return self.partitions[partition].max_time
+        if partition is None or partition == self.partition:
+            return self.max_time
+        return None
+
+    def node_shape(self, partition: str | None) -> tuple[int, int]:
+        """(CPUs, GPUs) per node of a partition: its own entry where it says, else the cluster's."""
+        info = self.partitions.get(partition or "")
+        cpus = info.cpus_per_node if info and info.cpus_per_node else self.cpus_per_node
+        gpus = info.gpus_per_node if info and info.gpus_per_node is not None else self.gpus_per_node
+        return cpus, gpus
+
     def matches(self, hostnames: Iterable[str], environ: Mapping[str, str]) -> bool:
         """Whether a whole host name matches, or the environment names this cluster."""
         if self.hostname and any(
@@ -128,11 +173,10 @@ class Cluster(BaseModel):
 
     def sbatch_options(self, gpus: int | None = None) -> list[str]:
         """sbatch options for one node of this cluster with ``gpus`` GPUs (default: all)."""
-        gpus = self.gpus_per_node if gpus is None else gpus
-        if not 0 <= gpus <= self.gpus_per_node:
-            raise RegistryError(
-                f"{self.name} has {self.gpus_per_node} GPUs per node; {gpus} were asked for"
-            )
+        most = self.node_shape(self.partition)[1]
+        gpus = most if gpus is None else gpus
+        if not 0 <= gpus <= most:
+            raise RegistryError(f"{self.name} has {most} GPUs per node; {gpus} were asked for")
         options = [
             f"--{key}={value}"
             for key, value in (
@@ -300,3 +344,41 @@ def detect(
             f"{', '.join(c.name for c in found)}; make their patterns exclusive"
         )
     return found[0] if found else None
+
+
+def parse_scontrol_partition(text: str) -> dict[str, dict[str, str]]:
+    """``scontrol show partition [NAME]`` output (multi-line or ``--oneliner``): fields by partition name."""
+    partitions: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if not sep:
+            continue
+        if key == "PartitionName":
+            current = partitions.setdefault(value, {})
+        elif current is not None:
+            current[key] = value
+    return partitions
+
+
+def live_max_time(partition: str) -> tuple[bool, str | None]:
+    """(known, MaxTime) of a partition from this machine's Slurm: (False, None) when Slurm cannot be asked
+    or does not know the partition; (True, None) when it has no limit (UNLIMITED)."""
+    try:
+        proc = run_command(["scontrol", "show", "partition", partition, "--oneliner"], timeout=10)
+    except SlurmError:
+        return False, None
+    fields = parse_scontrol_partition(proc.stdout).get(partition) if proc.returncode == 0 else None
+    if fields is None:
+        return False, None
+    value = fields.get("MaxTime", "UNLIMITED")
+    return True, None if value in ("UNLIMITED", "INFINITE", "NONE") else value
+
+
+def is_here(cluster: Cluster, registry: Registry | None = None) -> bool:
+    """Whether this machine belongs to ``cluster`` (so its Slurm can be asked about the cluster's jobs)."""
+    try:
+        found = detect(registry=registry)
+    except RegistryError:
+        return False
+    return found is not None and found.name == cluster.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from hpcstage.errors import BadInput
@@ -23,8 +24,9 @@ def add_launch_parser(sub) -> None:
     g.add_argument("--num-nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, help="default: all for train/eval/datagen, none for run/consolidate")
     g.add_argument("--cpus-per-task", type=int, help="default: the node's CPUs per GPU asked for")
-    g.add_argument("--time-limit", help="Slurm time, e.g. 12:00:00 (default: the cluster's longest)")
-    g.add_argument("--after", action="append", default=[], metavar="JOBID", help="start after this job succeeds")
+    g.add_argument("--time-limit", help="Slurm time, e.g. 12:00:00 (default: the partition's longest)")
+    g.add_argument("--after", action="append", default=[], metavar="JOBID|EXPERIMENT",
+                   help="start after this job (or this experiment folder's last job) succeeds")
     g.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="queue N more attempts, each run only if the one before failed")
     g = p.add_argument_group("experiment")
@@ -51,6 +53,9 @@ def add_launch_parser(sub) -> None:
                    help="more llama-factory overrides as key=value words, e.g. 'learning_rate=1e-5 num_train_epochs=1'")
     g.add_argument("--eval-tasks", metavar="A,B", help="eval job: lm_eval tasks; with train, chained afterok")
     g.add_argument("--eval-command", help="replaces `$HPCSTAGE_PYTHON -m lm_eval`")
+    g.add_argument("--eval-gpus", type=int, metavar="N", help="GPUs of the eval job (default 1)")
+    g.add_argument("--eval-time-limit", metavar="TIME",
+                   help="time limit of the eval job (default 04:00:00, capped at the partition's limit)")
     g = p.add_argument_group("datagen")
     g.add_argument("--datagen-script", type=Path, help="run as $HPCSTAGE_PYTHON SCRIPT [--engine E] [ARGS]; an array "
                    "task finds its task folders listed in $HPCSTAGE_CHUNK_LIST")
@@ -62,6 +67,10 @@ def add_launch_parser(sub) -> None:
     g = p.add_argument_group("consolidate and run")
     g.add_argument("--checkpoint-dir", type=Path, help="consolidate: the ZeRO checkpoint folder")
     g.add_argument("--command", help='run: the shell command, e.g. "python eval.py --x 1"')
+    p.add_argument("--wait", action="store_true",
+                   help="follow the jobs until they end (exit 0 if all completed); give up on a job that can never "
+                        "start (PartitionTimeLimit, DependencyNeverSatisfied...)")
+    p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print jobs.json on stdout")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_launch)
@@ -79,17 +88,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task, quiet=args.quiet or args.json, train_config=args.train_config,
         train_command=args.train_command, train_extra_args=args.train_extra_args,
         eval_tasks=[t for t in (args.eval_tasks or "").split(",") if t], eval_command=args.eval_command,
+        eval_gpus=args.eval_gpus, eval_time_limit=args.eval_time_limit,
         datagen_script=args.datagen_script, datagen_extra_args=args.datagen_extra_args,
         datagen_engine=args.datagen_engine, trace_input_path=args.trace_input_path, chunk_size=args.chunk_size,
         max_parallel=args.max_parallel, checkpoint_dir=args.checkpoint_dir, command=args.command,
     )
+    if args.wait and args.dry_run:
+        raise BadInput("--wait follows submitted jobs; a --dry-run submits none")
     result = launch(request)
     exp = result.experiment_dir
+    for warning in result.warnings:
+        print(f"hpcstage: warning: {warning}", file=sys.stderr)
     if args.json:
         print((exp / "jobs.json").read_text(), end="")
-        return 0
+        return _follow(result, args.poll, quiet=True) if args.wait else 0
     if args.quiet:
-        return 0
+        return _follow(result, args.poll, quiet=True) if args.wait else 0
     print(f"cluster {result.cluster.name} ({'offline' if result.offline else 'online'} compute nodes); "
           f"experiment {exp}")
     for a in result.artifacts:
@@ -105,7 +119,41 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"\ndry run: nothing staged or submitted; records in {exp}/jobs.json and config.json")
     else:
         ids = ", ".join(f"{job.key} {'/'.join(job.ids)}" for job in result.jobs)
-        print(f"submitted {ids}; `hpcstage status --experiment {exp}`")
+        print(f"submitted {ids}; `hpcstage status --experiment {exp}`", flush=True)
+        if args.wait:
+            return _follow(result, args.poll, quiet=False)
+    return 0
+
+
+def _follow(result, poll: float, quiet: bool) -> int:
+    """--wait: print each job's state (and why it waits) as it changes; 0 once all completed."""
+    from hpcstage.slurm.jobs import wait
+
+    ids = [i for job in result.jobs for i in job.ids]
+    seen: dict[str, str] = {}
+
+    def show(states) -> None:
+        for s in sorted(states.values(), key=lambda s: (len(s.job_id), s.job_id)):
+            line = f"{s.state}{f' ({s.reason})' if s.reason else ''}"
+            if seen.get(s.job_id) != line and not quiet:
+                print(f"job {s.job_id}: {line}", flush=True)
+            seen[s.job_id] = line
+
+    states = wait(ids, timeout=float("inf"), poll=poll, on_poll=show)
+    stuck = [s for s in states.values() if s.never_runs]
+    if stuck:
+        print(f"hpcstage: error: {stuck[0].why_never()}", file=sys.stderr)
+        return 1
+    bad = []
+    for job in result.jobs:  # a job succeeded when one attempt completed (every task, for an array)
+        mine = [s for s in states.values() if any(s.job_id == i or s.job_id.startswith(f"{i}_") for i in job.ids)]
+        attempts = {i: [s for s in mine if s.job_id == i or s.job_id.startswith(f"{i}_")] for i in job.ids}
+        if not any(found and all(s.state == "COMPLETED" for s in found) for found in attempts.values()):
+            bad.append(f"{job.key} ({', '.join(f'{s.job_id} {s.state}' for s in mine)})")
+    if bad:
+        print(f"hpcstage: error: not completed: {'; '.join(bad)}; `hpcstage status --experiment "
+              f"{result.experiment_dir}`", file=sys.stderr)
+        return 1
     return 0
 
 

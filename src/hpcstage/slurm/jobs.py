@@ -9,7 +9,7 @@ their raw job ids only.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hpcstage.slurm import SlurmError, run_command
@@ -28,8 +28,31 @@ TERMINAL_STATES = frozenset(
         "TIMEOUT",
     }
 )
-# Pending for one of these reasons means the job will never start (unless someone intervenes).
-NEVER_RUNS_REASONS = frozenset({"DependencyNeverSatisfied"})
+# Pending for one of these reasons means the job will never start unless someone changes it (scontrol update)
+# or a limit: why, and what to do. Reasons that clear by themselves are left out on purpose: AssocGrpCpuLimit,
+# AssocGrpGRES, QOSGrpCpuLimit... mean the group's running jobs use its whole share now, and clear when they end;
+# PartitionConfig is what squeue shows for a moment before a job's first scheduling pass.
+NEVER_RUNS: dict[str, str] = {
+    "DependencyNeverSatisfied": "a job it depends on failed or was cancelled; fix that job and launch again",
+    "PartitionTimeLimit": "its --time is over the partition's MaxTime (`scontrol show partition`); "
+                          "cancel it and ask for less time (--time-limit, or --time for pull)",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows; cancel it and ask for fewer",
+    "AssocMaxWallDurationPerJobLimit": "its --time is over your account's per-job limit; cancel it and ask for less",
+    "QOSMaxWallDurationPerJobLimit": "its --time is over the QOS's per-job limit; cancel it and ask for less",
+    "AssocMaxNodesPerJobLimit": "it asks for more nodes than your account allows per job",
+    "QOSMaxNodePerJobLimit": "it asks for more nodes than the QOS allows per job",
+    "AssocMaxCpuPerJobLimit": "it asks for more CPUs than your account allows per job",
+    "QOSMaxCpuPerJobLimit": "it asks for more CPUs than the QOS allows per job",
+    "AssocMaxGRESPerJob": "it asks for more GPUs than your account allows per job",
+    "QOSMaxGRESPerJob": "it asks for more GPUs than the QOS allows per job",
+    "AssocGrpCPUMinutesLimit": "the account's CPU-minutes budget is used up; use another --account",
+    "AssocGrpBillingMinutes": "the account's budget is used up; use another --account",
+    "AssocGrpGRESMinutes": "the account's GPU-minutes budget is used up; use another --account",
+    "InvalidAccount": "the account is not valid here; pass a valid --account",
+    "InvalidQOS": "the QOS is not valid for this account; fix qos in the cluster registry",
+    "BadConstraints": "no node matches its constraints; fix constraint in the cluster registry",
+}
+NEVER_RUNS_REASONS = frozenset(NEVER_RUNS)
 
 SQUEUE_FORMAT = "JobArrayID:|,JobID:|,State:|,Reason:|,exit_code:|"
 SACCT_FIELDS = "JobID,JobIDRaw,State,ExitCode"
@@ -49,6 +72,12 @@ class JobState:
     @property
     def never_runs(self) -> bool:
         return self.state == "PENDING" and self.reason in NEVER_RUNS_REASONS
+
+    def why_never(self) -> str | None:
+        """One line: why this job will never start and what to do; None while it may still start."""
+        if not self.never_runs:
+            return None
+        return f"job {self.job_id} is PENDING ({self.reason}) and will never start: {NEVER_RUNS[self.reason]}"
 
     @property
     def done(self) -> bool:
@@ -157,12 +186,15 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     return states
 
 
-def wait(job_ids: Iterable[str], timeout: float, poll: float = 1.0) -> dict[str, JobState]:
+def wait(job_ids: Iterable[str], timeout: float, poll: float = 1.0,
+         on_poll: Callable[[dict[str, JobState]], None] | None = None) -> dict[str, JobState]:
     """Block until every job (and every task of an array) is done; return their states.
 
-    A job pending on ``DependencyNeverSatisfied`` counts as done: it will never run.
-    Raises ``WaitTimeout`` after ``timeout`` seconds, and ``SlurmError`` for an id Slurm
-    does not know at all.
+    A job pending for a reason in ``NEVER_RUNS`` (``DependencyNeverSatisfied``, ``PartitionTimeLimit``...)
+    counts as done: it will never run, and the poll that sees it is the last, even while other jobs still
+    run (the jobs that wait for it would wait forever); ``JobState.why_never`` says why. ``on_poll`` sees
+    every look at the jobs. Raises ``WaitTimeout`` after ``timeout`` seconds, and
+    ``SlurmError`` for an id Slurm does not know at all.
     """
     ids = [str(job_id) for job_id in job_ids]
     deadline = time.monotonic() + timeout
@@ -171,7 +203,9 @@ def wait(job_ids: Iterable[str], timeout: float, poll: float = 1.0) -> dict[str,
         unknown = [i for i in ids if not any(_belongs(s, i) for s in states.values())]
         if unknown:
             raise SlurmError(f"unknown to squeue and sacct: job {', '.join(unknown)}")
-        if all(s.done for s in states.values()):
+        if on_poll is not None:
+            on_poll(states)
+        if all(s.done for s in states.values()) or any(s.never_runs for s in states.values()):
             return states
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -35,7 +35,15 @@ from typing import Any
 from hpcstage import __version__, policy, safefs
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.slurm import JOB_TYPES, SlurmError
-from hpcstage.slurm.clusters import Cluster, RegistryError, detect, load_registry, slurm_time_seconds
+from hpcstage.slurm.clusters import (
+    Cluster,
+    RegistryError,
+    detect,
+    is_here,
+    live_max_time,
+    load_registry,
+    slurm_time_seconds,
+)
 from hpcstage.slurm.render import Shell, render, sbatch_directives
 from hpcstage.slurm.submit import cancel, release, submit
 from hpcstage.yamlfile import read_yaml
@@ -45,6 +53,11 @@ MASTER_PORT = 29500
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PYTHON = Shell('"$HPCSTAGE_PYTHON"')
+EVAL_TIME_LIMIT = "04:00:00"  # an lm_eval run's default, capped at the partition's limit
+ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")  # sbatch takes the account from these too
+# llama-factory keys naming files or folders: relative ones are resolved against the config's folder.
+CONFIG_PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "deepspeed", "tokenized_path",
+                    "media_dir", "output_dir")
 
 
 class LaunchError(HpcstageError):
@@ -83,6 +96,8 @@ class LaunchRequest:
     train_extra_args: str | None = None
     eval_tasks: list[str] = field(default_factory=list)
     eval_command: str | None = None  # default: $HPCSTAGE_PYTHON -m lm_eval
+    eval_gpus: int | None = None  # default 1: lm_eval --model hf runs on one GPU
+    eval_time_limit: str | None = None  # default: EVAL_TIME_LIMIT, capped at the partition's limit
     # datagen
     datagen_script: Path | None = None
     datagen_extra_args: str | None = None
@@ -98,7 +113,7 @@ class LaunchRequest:
 
 _OWN_OPTIONS = {
     "train": ("train_config", "train_command", "train_extra_args"),
-    "eval": ("eval_command",),
+    "eval": ("eval_command", "eval_gpus", "eval_time_limit"),
     "datagen": ("datagen_script", "datagen_extra_args", "datagen_engine", "trace_input_path", "chunk_size",
                 "max_parallel"),
     "consolidate": ("checkpoint_dir",),
@@ -144,6 +159,7 @@ class Job:
     after: list[str] = field(default_factory=list)  # external job ids (afterok)
     after_job: str | None = None  # key of a job of this launch (afterok on any of its attempts)
     restarts: int = 0
+    partition: str | None = None  # default: the cluster's
     script: Path | None = None
     ids: list[str] = field(default_factory=list)  # one per attempt, once submitted
     sbatch: list[list[str]] = field(default_factory=list)
@@ -160,6 +176,7 @@ class Launch:
     artifacts: list[Artifact]
     jobs: list[Job]
     env: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # things that will not stop the job but may hurt it
 
     def records(self) -> list[dict[str, Any]]:
         """jobs.json's job list: one record per submitted attempt."""
@@ -194,6 +211,105 @@ def resolve_cluster(name: str | None, partition: str | None = None, account: str
     return cluster.model_copy(update=update) if update else cluster
 
 
+# --- checks before anything is submitted ------------------------------------------------------------
+
+
+def check_account(cluster: Cluster) -> None:
+    """A cluster that charges jobs to a budget gets one: --account, the registry, or SBATCH_ACCOUNT."""
+    if cluster.account_required and not cluster.account and not any(os.environ.get(v) for v in ACCOUNT_ENV):
+        raise BadInput(f"{cluster.name} charges every job to a project budget: pass --account BUDGET (or export "
+                       f"SBATCH_ACCOUNT=BUDGET, or set account under [{cluster.name}] in "
+                       "~/.config/hpcstage/clusters.toml)")
+
+
+def partition_limit(cluster: Cluster, partition: str | None, live: bool) -> tuple[bool, str | None, str]:
+    """(known, longest time or None for no limit, where that came from) for a partition of ``cluster``:
+    ``scontrol show partition`` when ``live`` (this machine is on the cluster), else the registry."""
+    if live and partition:
+        known, most = live_max_time(partition)
+        if known:
+            return True, most, f"`scontrol show partition {partition}`"
+    most = cluster.partition_max_time(partition)
+    return most is not None, most, f"the {cluster.name} registry"
+
+
+def preflight_time(cluster: Cluster, partition: str | None, limit: str | None, option: str,
+                   live: bool | None = None, default: str | None = None) -> str:
+    """The time limit to ask for: ``limit`` if the partition accepts it, else BadInput naming the fix;
+    unset, ``default`` capped at the partition's limit (no default: the partition's limit)."""
+    if live is None:
+        live = is_here(cluster)
+    known, most, source = partition_limit(cluster, partition, live)
+    fallback = most or cluster.partition_max_time(partition) or cluster.max_time
+    if limit is None:
+        if default is not None and (most is None or slurm_time_seconds(default) <= slurm_time_seconds(most)):
+            return default
+        return fallback
+    try:
+        seconds = slurm_time_seconds(limit)
+    except ValueError as e:
+        raise BadInput(f"{option}: {e}") from None
+    if most is not None and seconds > slurm_time_seconds(most):
+        where = f"partition {partition}" if partition else cluster.name
+        raise BadInput(f"{option} {limit} is over {where}'s limit of {most} (from {source}); "
+                       f"ask for {most} or less, or pick a partition with a longer limit (--partition)")
+    return limit
+
+
+_JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+def resolve_after(values: list[str]) -> list[list[str]]:
+    """--after values as groups of job ids: a job id is a group of one; an experiment folder is its last
+    job (every attempt of it: any one succeeding satisfies the dependency)."""
+    groups = []
+    for value in values:
+        if _JOB_ID.fullmatch(value):
+            groups.append([value])
+            continue
+        jobs_file = Path(value).expanduser() / "jobs.json"
+        if not jobs_file.is_file():
+            raise BadInput(f"--after {value!r} is not a Slurm job id nor an experiment folder (one with jobs.json)")
+        try:
+            records = [r for r in json.loads(jobs_file.read_text())["jobs"] if r.get("job_id")]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise BadInput(f"--after {value}: {jobs_file} is unreadable; name a job id instead") from None
+        if not records:
+            raise BadInput(f"--after {value}: nothing of that experiment was submitted (a dry run?); launch it first")
+        last = records[-1]["key"]
+        groups.append([str(r["job_id"]) for r in records if r["key"] == last])
+    if len(groups) > 1 and any(len(g) > 1 for g in groups):
+        raise BadInput("--after: an experiment whose last job has restarts cannot be combined with another --after; "
+                       "name one")
+    return groups
+
+
+def check_after(values: list[str], groups: list[list[str]]) -> None:
+    """Each --after names jobs Slurm knows, and not all of a group have failed (afterok would never be met)."""
+    from hpcstage.slurm.jobs import _belongs, job_states
+
+    ids = [i for g in groups for i in g]
+    if not ids:
+        return
+    try:
+        states = job_states(ids)
+    except SlurmError as e:
+        raise LaunchError(f"cannot check --after: {e}") from None
+    for value, group in zip(values, groups):
+        mine = {i: [s for s in states.values() if _belongs(s, i)] for i in group}
+        unknown = [i for i, found in mine.items() if not found]
+        if len(unknown) == len(group):
+            raise BadInput(f"--after {value}: job {', '.join(unknown)} is unknown to squeue and sacct (a typo?); "
+                           "`squeue --me` lists your jobs")
+        failed = {i: next((s for s in found if s.never_runs or (s.done and s.state != "COMPLETED")), None)
+                  for i, found in mine.items() if found}
+        if failed and all(failed.values()):
+            s = next(iter(failed.values()))
+            how = f"is PENDING ({s.reason}) and will never start" if s.never_runs else f"ended {s.state}"
+            raise BadInput(f"--after {value}: job {s.job_id} {how}, so a job after it would never start; "
+                           "launch after a job that can still succeed, or without --after")
+
+
 # --- artifacts and staging --------------------------------------------------------------------
 
 
@@ -220,13 +336,40 @@ def staged_snapshot(cache_dir: Path, repo_type: str, repo: str, revision: str,
     return commit, snapshot
 
 
+def read_train_config(request: LaunchRequest) -> tuple[Path, dict[str, Any]] | None:
+    """The train job's llama-factory config (path, mapping), or None for other job types."""
+    if request.job_type != "train":
+        return None
+    source = _existing_file(request.train_config, "--train-config")
+    config = read_yaml(source, "--train-config", BadInput, "pass a llama-factory YAML config")[0] or {}
+    if not isinstance(config, dict):
+        raise BadInput(f"--train-config {source}: a llama-factory config is a YAML mapping")
+    return source, config
+
+
+def config_model(request: LaunchRequest) -> str | None:
+    """The Hub repo id the train config's model_name_or_path names (staged like --model), or None."""
+    found = read_train_config(request)
+    if found is None or request.model:
+        return None
+    source, config = found
+    value = config.get("model_name_or_path")
+    if not isinstance(value, str) or _is_local(value) or (source.parent / value).exists():
+        return None
+    try:
+        policy.check_repo_id(value)
+    except BadInput:
+        return None
+    return value
+
+
 def _artifacts(request: LaunchRequest, manifest) -> list[Artifact]:
     out = []
     if manifest is not None:
         for e in manifest.entries:
             out.append(Artifact("model" if e.repo_type == "model" else "dataset", e.repo, e.repo_type, e.revision,
                                 e.include, e.exclude))
-    for role, value in (("model", request.model), ("dataset", request.dataset)):
+    for role, value in (("model", request.model or config_model(request)), ("dataset", request.dataset)):
         if not value:
             continue
         if _is_local(value):
@@ -368,22 +511,24 @@ def _split(text: str | None) -> list[str]:
         raise BadInput(f"cannot split {text!r} into words ({e}); balance the quotes") from None
 
 
-def _resources(request: LaunchRequest, cluster: Cluster, gpus_default: int) -> dict[str, Any]:
-    gpus = gpus_default if request.gpus_per_node is None else request.gpus_per_node
-    if not 0 <= gpus <= cluster.gpus_per_node:
-        raise BadInput(f"{cluster.name} has {cluster.gpus_per_node} GPUs per node; --gpus-per-node {gpus} asked")
-    share = cluster.cpus_per_node // max(cluster.gpus_per_node, 1)
+def _resources(request: LaunchRequest, cluster: Cluster, gpus_default: int, *, partition: str | None = None,
+               gpus: int | None = None, gpus_option: str = "--gpus-per-node", time_limit: str | None = None,
+               time_option: str = "--time-limit", time_default: str | None = None,
+               live: bool = False) -> dict[str, Any]:
+    """GPUs, CPUs, time limit and partition of one job, each checked against the partition's node and limit."""
+    partition = partition or cluster.partition
+    node_cpus, node_gpus = cluster.node_shape(partition)
+    where = f"{cluster.name} partition {partition}" if partition else cluster.name
+    if gpus is None:
+        gpus = gpus_default if request.gpus_per_node is None else request.gpus_per_node
+    if not 0 <= gpus <= node_gpus:
+        raise BadInput(f"{where} has {node_gpus} GPUs per node; {gpus_option} {gpus} asked")
+    share = node_cpus // max(node_gpus, 1)
     cpus = request.cpus_per_task if request.cpus_per_task is not None else (share * gpus if gpus else share) or 1
-    if not 1 <= cpus <= cluster.cpus_per_node:
-        raise BadInput(f"{cluster.name} has {cluster.cpus_per_node} CPUs per node; --cpus-per-task {cpus} asked")
-    limit = request.time_limit or cluster.max_time
-    try:
-        seconds = slurm_time_seconds(limit)
-    except ValueError as e:
-        raise BadInput(f"--time-limit: {e}") from None
-    if seconds > cluster.max_time_seconds:
-        raise BadInput(f"--time-limit {limit} is over {cluster.name}'s limit of {cluster.max_time}")
-    return {"gpus": gpus, "cpus": cpus, "time_limit": limit}
+    if not 1 <= cpus <= node_cpus:
+        raise BadInput(f"{where} has {node_cpus} CPUs per node; --cpus-per-task {cpus} asked")
+    limit = preflight_time(cluster, partition, time_limit, time_option, live=live, default=time_default)
+    return {"gpus": gpus, "cpus": cpus, "time_limit": limit, "partition": partition}
 
 
 def _existing_file(path: Path | None, option: str) -> Path:
@@ -395,41 +540,80 @@ def _existing_file(path: Path | None, option: str) -> Path:
     return path
 
 
-def _eval_job(request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, after_job: str | None) -> Job:
+def _eval_job(request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, after_job: str | None,
+              live: bool) -> Job:
+    """lm_eval on its own resources: --eval-gpus (default 1) and --eval-time-limit, not the train job's."""
     tasks = ",".join(request.eval_tasks)
+    gpus = request.eval_gpus
+    if gpus is None:
+        gpus = request.gpus_per_node if request.job_type == "eval" and request.gpus_per_node is not None else 1
     head = _split(request.eval_command) or [PYTHON, "-m", "lm_eval"]
-    argv = [*head, "--model", "hf", "--model_args", Shell('"pretrained=$HPCSTAGE_EVAL_MODEL"'), "--tasks", tasks,
+    model_args = '"pretrained=$HPCSTAGE_EVAL_MODEL' + (',parallelize=True"' if gpus > 1 else '"')
+    argv = [*head, "--model", "hf", "--model_args", Shell(model_args), "--tasks", tasks,
             "--output_path", str(exp / "eval"), "--batch_size", "auto"]
-    return Job("eval", f"eval: lm_eval tasks {tasks}", 1, **_resources(request, cluster, cluster.gpus_per_node),
+    resources = _resources(request, cluster, 1, gpus=gpus, gpus_option="--eval-gpus",
+                           time_limit=request.eval_time_limit, time_option="--eval-time-limit",
+                           time_default=EVAL_TIME_LIMIT, live=live)
+    return Job("eval", f"eval: lm_eval tasks {tasks}", 1, **resources,
                context={"eval_model": model, "eval_argv": argv}, after_job=after_job)
 
 
-def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path) -> list[Job]:
+def _config_overrides(source: Path, config: dict[str, Any], exp: Path, warnings: list[str]) -> dict[str, str]:
+    """key -> absolute path for the config's relative paths (its folder first, then the launch folder)."""
+    out = {}
+    for key in CONFIG_PATH_KEYS:
+        value = config.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        if key in ("model_name_or_path", "adapter_name_or_path") and not _is_local(value) \
+                and not (source.parent / value).exists():
+            continue  # a Hub repo id
+        here, there = source.parent / value, Path.cwd() / value
+        if key == "output_dir" or here.exists():
+            out[key] = str(here.resolve())
+        elif there.exists():
+            out[key] = str(there.resolve())
+        else:
+            warnings.append(f"--train-config {source.name}: {key}: {value} exists neither beside the config "
+                            f"({source.parent}) nor here ({Path.cwd()}); the job will look for it in {Path.cwd()}")
+    return out
+
+
+def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool = False,
+               warnings: list[str] | None = None) -> list[Job]:
     """The jobs of a launch, in submission order (files they need are written into ``exp``)."""
     kind = request.job_type
     nodes = request.num_nodes
+    warnings = [] if warnings is None else warnings
+    own = {"time_limit": request.time_limit, "live": live}
     if kind == "train":
-        source = _existing_file(request.train_config, "--train-config")
-        config = read_yaml(source, "--train-config", BadInput, "pass a llama-factory YAML config")[0] or {}
-        if not isinstance(config, dict):
-            raise BadInput(f"--train-config {source}: a llama-factory config is a YAML mapping")
+        source, config = read_train_config(request)
         shutil.copyfile(source, exp / "train_config.yaml")  # the job reads the copy: later edits don't leak in
-        output_dir = config.get("output_dir") or str(exp / "checkpoints")
-        overrides = [] if config.get("output_dir") else [f"output_dir={output_dir}"]
-        if request.model:
+        paths = _config_overrides(source, config, exp, warnings)
+        if not config.get("output_dir"):
+            paths["output_dir"] = str(exp / "checkpoints")
+        output_dir = paths.get("output_dir", config.get("output_dir"))
+        overrides: list[Any] = [f"{key}={value}" for key, value in paths.items()
+                                if not (key == "model_name_or_path" and request.model)]
+        if request.model or config_model(request):
             overrides.insert(0, Shell('"model_name_or_path=$HPCSTAGE_MODEL"'))
+        if request.max_restarts and config.get("overwrite_output_dir") is True:
+            warnings.append(f"--max-restarts {request.max_restarts} with overwrite_output_dir: true in "
+                            f"{source.name}: each restart trains from scratch; drop overwrite_output_dir (llama-factory "
+                            "then resumes from the last checkpoint in output_dir) or set resume_from_checkpoint")
         argv = [*(_split(request.train_command) or DEFAULT_TRAIN_COMMAND), str(exp / "train_config.yaml"),
                 *overrides, *_split(request.train_extra_args)]
         jobs = [Job("train", f"train: {source.name} on {nodes} node(s)", nodes,
-                    **_resources(request, cluster, cluster.gpus_per_node),
+                    **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
+                                 **own),
                     context={"train_argv": argv, "master_port": MASTER_PORT})]
         if request.eval_tasks:
-            jobs.append(_eval_job(request, cluster, exp, output_dir, "train"))
+            jobs.append(_eval_job(request, cluster, exp, output_dir, "train", live))
         return jobs
     if kind == "eval":
         if not request.eval_tasks or not request.model:
             raise BadInput("--job-type eval needs --model and --eval-tasks")
-        return [_eval_job(request, cluster, exp, Shell('"$HPCSTAGE_MODEL"'), None)]
+        return [_eval_job(request, cluster, exp, Shell('"$HPCSTAGE_MODEL"'), None, live)]
     if kind == "datagen":
         script = _existing_file(request.datagen_script, "--datagen-script")
         argv = [PYTHON, str(script)]
@@ -441,19 +625,23 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path) -> list[Job]
             raise BadInput("--trace-input-path and --chunk-size go together")
         if request.trace_input_path is not None:
             array, context["chunk_map"] = _chunk_map(request, exp)
-        return [Job("datagen", f"datagen: {script.name}", nodes, **_resources(request, cluster, cluster.gpus_per_node),
+        return [Job("datagen", f"datagen: {script.name}", nodes,
+                    **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
+                                 **own),
                     context=context, array=array)]
     if kind == "consolidate":
         if request.checkpoint_dir is None:
             raise BadInput("--job-type consolidate needs --checkpoint-dir")
         ckpt = Path(request.checkpoint_dir).expanduser().resolve()
+        # CPU work: the registry's CPU partition where it names one (a GPU partition charges the GPUs too).
+        partition = request.partition or cluster.cpu_partition or cluster.partition
         return [Job("consolidate", f"consolidate: ZeRO shards of {ckpt.name} to fp32", 1,
-                    **_resources(request, cluster, 0),
+                    **_resources(request, cluster, 0, partition=partition, **own),
                     context={"checkpoint_dir": str(ckpt), "output_dir": str(ckpt / "fp32")})]
     if kind == "run":
         if not request.command:
             raise BadInput('--job-type run needs --command "..."')
-        return [Job("run", "run: a command", nodes, **_resources(request, cluster, 0),
+        return [Job("run", "run: a command", nodes, **_resources(request, cluster, 0, **own),
                     context={"command": request.command})]
     raise BadInput(f"unknown job type {kind!r}; choose one of {', '.join(JOB_TYPES)}")
 
@@ -490,15 +678,12 @@ def _validate(request: LaunchRequest) -> None:
                 raise BadInput(f"--{name.replace('_', '-')} is for --job-type {kind}")
     if request.eval_tasks and request.job_type not in ("train", "eval"):
         raise BadInput("--eval-tasks is for --job-type train (a chained eval) or eval")
-    for name in ("num_nodes", "cpus_per_task", "chunk_size", "max_parallel"):
+    for name in ("num_nodes", "cpus_per_task", "chunk_size", "max_parallel", "eval_gpus"):
         value = getattr(request, name)
-        if value is not None and value < 1:  # 0 would otherwise mean "the default" without a word
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        if value is not None and value < (0 if name == "eval_gpus" else 1):  # 0 must not mean "the default"
+            raise BadInput(f"--{name.replace('_', '-')} must be at least {0 if name == 'eval_gpus' else 1} (got {value})")
     if request.max_restarts < 0:
         raise BadInput("--max-restarts must be 0 or more")
-    for job_id in request.after:
-        if not re.fullmatch(r"\d+(_\d+)?", job_id):
-            raise BadInput(f"--after {job_id!r} is not a Slurm job id")
     if request.name is not None and not _NAME.fullmatch(request.name):
         raise BadInput(f"--name {request.name!r}: use letters, digits, '.', '_' and '-'")
 
@@ -536,7 +721,7 @@ def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: Launch
     elif request.cache_dir or (manifest is not None and manifest.cache_dir):
         env["HF_HUB_CACHE"] = hf["HF_HUB_CACHE"]
     for role in ("model", "dataset"):
-        chosen = getattr(request, role)
+        chosen = getattr(request, role) or (config_model(request) if role == "model" else None)
         candidates = [a for a in artifacts if a.role == role and (chosen is None or a.source == chosen)]
         if chosen or len(candidates) == 1:
             a = candidates[0]
@@ -550,6 +735,8 @@ def _dependency(job: Job, by_key: dict[str, Job], symbolic: bool) -> str | None:
         target = by_key[job.after_job]
         ids = ["{%s#%d}" % (target.key, n) for n in range(target.restarts + 1)] if symbolic else target.ids
         return "?".join(f"afterok:{i}" for i in ids)
+    if job.after and any("?" in i for i in job.after):  # the attempts of an experiment's last job: any one
+        return "?".join(f"afterok:{i}" for i in job.after[0].split("?"))
     if job.after:
         return "afterok:" + ":".join(job.after)
     return None
@@ -573,12 +760,18 @@ def launch(request: LaunchRequest) -> Launch:
 
     _validate(request)
     cluster = resolve_cluster(request.cluster, request.partition, request.account)
+    # Checks before anything is written or submitted; Slurm is asked only on the cluster itself.
+    live = is_here(cluster)
+    check_account(cluster)
+    after = resolve_after(request.after)
+    if live:
+        check_after(request.after, after)
     offline = (not cluster.internet) if request.offline is None else request.offline
     manifest = load_manifest(request.manifest) if request.manifest else None
     artifacts = _artifacts(request, manifest)
     exp, fresh = _experiment_dir(request)
     try:
-        return _launch_into(request, cluster, offline, manifest, artifacts, exp)
+        return _launch_into(request, cluster, offline, manifest, artifacts, exp, after, live)
     except BadInput:
         if fresh:  # refused: leave nothing behind
             shutil.rmtree(exp, ignore_errors=True)
@@ -586,9 +779,17 @@ def launch(request: LaunchRequest) -> Launch:
 
 
 def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manifest, artifacts: list[Artifact],
-                 exp: Path) -> Launch:
+                 exp: Path, after: list[list[str]], live: bool) -> Launch:
     from hpcstage import offline as offline_env
 
+    warnings: list[str] = []
+    jobs = build_jobs(request, cluster, exp, live, warnings)  # resources and limits are checked before staging
+    loads = {e.repo for e in manifest.datasets if e.load is not None} if manifest is not None else set()
+    if offline and request.dataset and not _is_local(request.dataset) and request.dataset not in loads:
+        warnings.append(f"--dataset {request.dataset} has no `load:` entry, so no load_dataset call was prebuilt or "
+                        f"checked: offline, load_dataset({request.dataset!r}, ...) fails in the job; load "
+                        "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with "
+                        "`load: {split: ...}` (-f)")
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
     env = _job_env(artifacts, offline, manifest, request)
@@ -596,14 +797,14 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
     if offline and not request.dry_run:
         _prebuild_and_check(artifacts, manifest, cache_dir, check_python)
 
-    jobs = build_jobs(request, cluster, exp)
-    jobs[0].after = list(request.after)
+    jobs[0].after = ["?".join(group) for group in after]
     jobs[0].restarts = request.max_restarts
     for job in jobs:
         name = f"{exp.name}-{job.key}"
         output = str(exp / "logs" / ("%x-%A_%a.out" if job.array else "%x-%j.out"))
-        directives = sbatch_directives(cluster, name=name, nodes=job.nodes, gpus=job.gpus, cpus=job.cpus,
-                                       time_limit=job.time_limit, output=output, array=job.array)
+        directives = sbatch_directives(cluster.model_copy(update={"partition": job.partition}), name=name,
+                                       nodes=job.nodes, gpus=job.gpus, cpus=job.cpus, time_limit=job.time_limit,
+                                       output=output, array=job.array)
         context = {
             "job": {"key": job.key, "name": name, "description": job.description, "nodes": job.nodes,
                     "gpus": job.gpus, "cpus": job.cpus, "time_limit": job.time_limit, "array": job.array,
@@ -624,7 +825,7 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
         job.script = exp / f"{job.key}.sbatch"
         safefs.write_atomic(exp, job.script, text.encode(), mode=0o755)
 
-    result = Launch(exp, cluster, offline, request.dry_run, artifacts, jobs, env)
+    result = Launch(exp, cluster, offline, request.dry_run, artifacts, jobs, env, warnings)
     by_key = {job.key: job for job in jobs}
     if request.dry_run:
         for job in jobs:

@@ -31,6 +31,10 @@ from hpcstage.slurm.submit import submit
 PASSED_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE")  # not secrets; HF_TOKEN reaches jobs only through sbatch's environment
 
 
+class NeverRunsError(HpcstageError):
+    """A job of the array is pending for a reason that never clears (PartitionTimeLimit...)."""
+
+
 @dataclass
 class ArrayRun:
     folder: Path  # scripts, logs and jobs.json
@@ -105,8 +109,16 @@ def follow(run: ArrayRun, manifest: Manifest, cache_dir: Path, *, quiet: bool = 
                 else:
                     still.append(item)
             left = still
-            states = job_states([run.finish_id, run.report_id])
+            states = job_states([run.array_id, run.finish_id, run.report_id])
+            workers = [s for s in states.values() if s.job_id.split("_")[0] == run.array_id]
+            pending = sorted({s.reason for s in workers if s.state == "PENDING" and s.reason})
+            running = sum(s.state == "RUNNING" for s in workers)
+            progress.relabel(f"array: {running} running" + (f", pending ({', '.join(pending)})" if pending else ""))
+            stuck = next((s for s in states.values() if s.never_runs), None)
+            if stuck is not None:  # the workers' finish (afterany) would wait for it forever
+                raise NeverRunsError(f"{stuck.why_never()}; scripts and logs in {run.folder}")
             finish = states.get(run.finish_id)
-            if all(s.done for s in states.values()) and len(states) == 2:
-                return finish is not None and finish.state == "COMPLETED"
+            report = states.get(run.report_id)
+            if finish is not None and report is not None and finish.done and report.done:
+                return finish.state == "COMPLETED"
             time.sleep(poll)

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Mutation testing of the modules behind the README's guarantees (`make mutants`).
+
+For each critical module, cosmic-ray changes one operator, constant or condition at a time and runs the
+test files that cover the module; a mutant the tests do not notice "survives" and is listed. Mutants are
+applied to a copy of the checkout (cosmic-ray edits files in place), and the tests' subprocesses import
+that copy (PYTHONPATH), so CLI tests see the mutant too.
+
+    python scripts/mutants.py [MODULE ...]      # default: all of MODULES; e.g. `policy archive`
+    make mutants MUTANTS="policy locks"
+
+Slow by nature (one test run per mutant): not part of `make test`. Prints per module the mutants killed,
+the survivors (file:line, operator) and the time taken; writes mutants/report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# module -> the test selection that covers it (fast enough to run once per mutant)
+MODULES: dict[str, list[str]] = {
+    "policy": ["tests/test_policy.py", "tests/test_manifest.py", "tests/test_security.py::test_bad_site_policy_is_exit_2_naming_the_file",
+               "tests/test_guarantees.py::test_a_hostile_revision_is_refused_before_any_request",
+               "tests/test_guarantees.py::test_a_hostile_lockfile_path_is_refused_and_nothing_is_written",
+               "tests/test_security.py::test_hostile_tree_entries_are_refused_and_nothing_is_written_outside_the_cache",
+               "tests/test_security.py::test_site_policy_refuses_with_exit_2_before_any_request"],
+    "archive": ["tests/test_archive.py", "tests/test_guarantees.py::test_hardlinked_members_count_toward_the_unpacked_size_limit"],
+    "locks": ["tests/test_locks.py", "tests/test_guarantees.py::test_a_lease_lost_after_the_download_stops_the_commit"],
+    "safefs": ["tests/test_planted_links.py"],
+    "hfcache": ["tests/test_pull.py", "tests/test_verify.py"],
+    "transfer": ["tests/test_transfer.py", "tests/test_guarantees.py"],
+    "offline": ["tests/test_check.py", "tests/test_guarantees.py::test_the_check_child_has_no_network_and_the_offline_flags"],
+}
+WORK = REPO / "mutants"
+
+
+def _copy(dest: Path) -> None:
+    """The tracked files of the checkout as they are now (uncommitted edits included)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO / name.decode()
+        if src.is_file():
+            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name.decode())
+
+
+def run(module: str, timeout: float) -> dict:
+    copy = WORK / module
+    _copy(copy)
+    tests = " ".join(MODULES[module])
+    config = copy / "cosmic-ray.toml"
+    config.write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "src/hpcstage/{module}.py"\n'
+        f"timeout = {timeout}\n"
+        "excluded-modules = []\n"
+        f'test-command = "{sys.executable} -m pytest -x -q -p no:cacheprovider -p no:randomly {tests}"\n'
+        "[cosmic-ray.distributor]\n"
+        'name = "local"\n'
+    )
+    session = copy / "session.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(copy / "src")}  # the tests' subprocesses import the mutant too
+    cr = [sys.executable, "-m", "cosmic_ray.cli"]
+    started = time.monotonic()
+    subprocess.run([*cr, "init", str(config), str(session)], cwd=copy, env=env, check=True)
+    _skip_annotations(session, copy / f"src/hpcstage/{module}.py")
+    baseline = subprocess.run([*cr, "baseline", str(config)], cwd=copy, env=env, capture_output=True, text=True)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{module}: the tests fail without any mutant; fix them first\n{baseline.stdout[-2000:]}")
+    subprocess.run([*cr, "exec", str(config), str(session)], cwd=copy, env=env, check=True)
+    seconds = time.monotonic() - started
+    return {"module": module, "seconds": round(seconds), **_results(session, copy)}
+
+
+def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) (line, column) of every type annotation: with `from __future__ import annotations` they
+    are never evaluated, so a mutant there (`str | None` -> `str // None`) cannot change behaviour."""
+    import ast
+
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        found = []
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            found.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            found.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+        spans += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in found]
+    return spans
+
+
+def _skip_annotations(session: Path, module: Path) -> None:
+    """Mark the mutants inside type annotations as skipped (cosmic-ray's own filters do not know them)."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    spans = _annotation_spans(module.read_text())
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item in db.work_items:
+            for spec in item.mutations:
+                at = tuple(spec.start_pos)
+                if any(a <= at < b for a, b in spans):
+                    db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+                    break
+
+
+def _results(session: Path, copy: Path) -> dict:
+    db = sqlite3.connect(session)
+    rows = db.execute(
+        "SELECT m.module_path, m.operator_name, m.start_pos_row, r.test_outcome FROM mutation_specs m "
+        "JOIN work_results r ON r.job_id = m.job_id"
+    ).fetchall()
+    outcomes = [(p, op, row, (outcome or "").lower()) for p, op, row, outcome in rows if outcome]  # skipped: None
+    survived = [f"{Path(p).name}:{row} {op.split('/')[-1]}" for p, op, row, outcome in outcomes if outcome == "survived"]
+    killed = sum(1 for *_, outcome in outcomes if outcome in ("killed", "incompetent"))
+    return {"mutants": len(rows), "killed": killed, "survived": sorted(survived)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    args = parser.parse_args()
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown module {', '.join(unknown)}; pick from {', '.join(MODULES)}")
+    args.modules = args.modules or list(MODULES)
+    WORK.mkdir(exist_ok=True)
+    results = []
+    for module in args.modules:
+        r = run(module, args.timeout)
+        results.append(r)
+        ratio = r["killed"] / r["mutants"] if r["mutants"] else 1.0
+        print(f"{module}: {r['killed']}/{r['mutants']} killed ({ratio:.0%}) in {r['seconds']} s", flush=True)
+        for s in r["survived"]:
+            print(f"  survived: {s}")
+    total = sum(r["mutants"] for r in results)
+    killed = sum(r["killed"] for r in results)
+    lines = ["# Mutation testing (`make mutants`)", "", "| module | killed | mutants | ratio | time |", "|---|---|---|---|---|"]
+    lines += [f"| {r['module']} | {r['killed']} | {r['mutants']} | {r['killed'] / max(1, r['mutants']):.0%} | "
+              f"{r['seconds']} s |" for r in results]
+    lines += ["", f"All: {killed}/{total} ({killed / max(1, total):.0%})", "", "Survivors:", ""]
+    lines += [f"- {r['module']}: {s}" for r in results for s in r["survived"]]
+    (WORK / "report.md").write_text("\n".join(lines) + "\n")
+    (WORK / "report.json").write_text(json.dumps(results, indent=1))
+    print(f"all: {killed}/{total} killed ({killed / max(1, total):.0%}); report in {WORK / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
