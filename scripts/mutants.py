@@ -125,7 +125,8 @@ def _results(session: Path, copy: Path) -> dict:
     outcomes = [(p, op, row, (outcome or "").lower()) for p, op, row, outcome in rows if outcome]  # skipped: None
     survived = [f"{Path(p).name}:{row} {op.split('/')[-1]}" for p, op, row, outcome in outcomes if outcome == "survived"]
     killed = sum(1 for *_, outcome in outcomes if outcome in ("killed", "incompetent"))
-    return {"mutants": len(rows), "killed": killed, "survived": sorted(survived)}
+    return {"mutants": len(outcomes), "killed": killed, "skipped": len(rows) - len(outcomes),
+            "survived": sorted(survived)}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from hpcstage.hfcache import CachedFile
 from hpcstage.manifest import Lockfile, entry_lock, load_manifest, save_lock
 
 NAMES = ["space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "hf_home",
-         "token", "endpoint", "offline", "cpu_limit"]
+         "token", "proxy", "endpoint", "offline", "cpu_limit"]
 DEAD = "http://127.0.0.1:9"  # discard port: nothing listens, connection refused
 MiB = 2**20
 
@@ -125,7 +125,7 @@ def test_offline_flag_on_login_node_warns_and_unreachable_endpoint_is_no_failure
     assert r.returncode == 0, r.stdout
     checks = by_name(r.stdout)
     assert checks["offline"]["status"] == "warn"
-    assert "pull cannot fetch while HF_HUB_OFFLINE=1 is set" in checks["offline"]["detail"]
+    assert "`hpcstage pull` refuses to fetch while HF_HUB_OFFLINE is set" in checks["offline"]["detail"]
     assert "unset" in checks["offline"]["fix"] and "login node" in checks["offline"]["fix"]
     assert checks["endpoint"]["status"] == "warn"
     # Inside a Slurm job the same flags are what a job should have.

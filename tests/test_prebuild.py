@@ -163,6 +163,9 @@ def test_log_lines_and_warm_run_skips_in_well_under_a_second(hub, tmp_path):
     assert [x["status"] for x in summary["results"]] == ["skipped", "skipped"]
     assert summary["seconds"] < 0.5 and wall < 5  # wall includes the interpreter start
     assert hub.log == []
+    r = hpcstage("prebuild", "-f", str(manifest), env=env)  # skipped builds say so (was CACHE_BUILT)
+    assert re.search(rf"^{STAMP} CACHE_SKIPPED: {DATASET} \(already built\)$", r.stdout, re.M), r.stdout
+    assert "CACHE_BUILT" not in r.stdout
 
     # a changed eval file (new mtime) is a new datasets cache key: rebuilt, and the job finds it
     os.utime(eval_file, ns=(time.time_ns(), time.time_ns() + 10**9))

@@ -194,7 +194,12 @@ def test_resolve_headers_and_ranges(hub):
     config = hub.files_of("model", MODEL_ID)["config.json"]
     content = config.local.read_bytes()
     assert config.oid == hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest() and config.sha256 is None
-    base = f"/{MODEL_ID}/resolve/main/config.json"
+    status, headers, _ = request(hub.url, "HEAD", f"/{MODEL_ID}/resolve/main/config.json")
+    commit = hub.commit_of("model", MODEL_ID)
+    # as the real Hub: a regular file is a 307 with a relative Location into the resolve cache
+    assert status == 307 and headers["X-Repo-Commit"] == commit and headers["ETag"] == f'"{config.oid}"'
+    base = headers["Location"]
+    assert base.startswith(f"/api/resolve-cache/models/{MODEL_ID}/{commit}/config.json?")
     status, headers, body = request(hub.url, "HEAD", base)
     assert status == 200 and body == b""
     assert headers["ETag"] == f'"{config.oid}"' and headers["Content-Length"] == str(len(content))
@@ -239,7 +244,7 @@ def test_paths_never_escape_root(hub, path):
 
 def test_keep_alive_and_request_log(sample_root, tmp_path):
     log_file = tmp_path / "requests.jsonl"
-    with HubServer(sample_root, log_file=log_file) as hub:
+    with HubServer(sample_root, log_file=log_file, resolve_cache=False) as hub:
         host, port = hub.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=5)
         for _ in range(3):
@@ -262,7 +267,7 @@ def test_each_file_hashed_once_under_concurrency(sample_root, monkeypatch):
         return real_digest(path, lfs)
 
     monkeypatch.setattr(serve, "_digest", slow_digest)
-    with HubServer(sample_root) as hub:
+    with HubServer(sample_root, resolve_cache=False) as hub:
         threads = [threading.Thread(target=request, args=(hub.url, "HEAD", f"/{MODEL_ID}/resolve/main/config.json"))
                    for _ in range(8)]
         for t in threads:
@@ -319,11 +324,12 @@ print(json.dumps([hf_hub_download({MODEL_ID!r}, "config.json"), hf_hub_download(
     assert Path(paths[0]).read_bytes() == files["config.json"].local.read_bytes()
     assert Path(paths[1]).read_bytes() == files["model.safetensors"].local.read_bytes()
     heads = [r.status for r in hub.log if r.method == "HEAD" and r.path.endswith("/config.json")]
-    assert heads == [503, 200]
+    assert heads == [503, 307, 200]  # retried, then the 307 into the resolve cache and its answer
     assert [r.status for r in hub.log if r.server == "cdn"] == [429, 200]
 
 
 def test_drop_after_short_read_and_client_retries(hub, tmp_path):
+    hub.resolve_cache = False  # README.md answered directly, not through a 307
     hub.add_fault(FaultRule(r"README\.md$", method="GET", drop_after=50, times=1))
     with pytest.raises(http.client.IncompleteRead) as short:
         request(hub.url, "GET", f"/{MODEL_ID}/resolve/main/README.md")
@@ -342,6 +348,7 @@ print(json.dumps(hf_hub_download({MODEL_ID!r}, "model.safetensors")))
 
 
 def test_reset_closes_before_any_header(hub):
+    hub.resolve_cache = False
     hub.add_fault(FaultRule(r"config\.json$", reset=True, times=1))
     with pytest.raises(ConnectionResetError):
         request(hub.url, "GET", f"/{MODEL_ID}/resolve/main/config.json")
@@ -376,7 +383,7 @@ def test_stall_times_out_client_and_stop_stays_prompt(sample_root):
 def test_delay_rate_and_corrupt(hub):
     weights = hub.files_of("model", MODEL_ID)["model.safetensors"]
     content = weights.local.read_bytes()
-    cdn_path = f"/lfs/{weights.sha256}"
+    cdn_path = hub.cdn_path(weights.sha256)
 
     hub.add_fault(FaultRule(r"^/lfs/", delay=0.5, times=1))
     started = time.monotonic()
@@ -396,3 +403,41 @@ def test_delay_rate_and_corrupt(hub):
     assert differing == list(range(0, len(content), serve.CORRUPT_STRIDE))
     hub.clear_faults()
     assert request(hub.cdn_url, "GET", cdn_path)[2] == content
+
+
+def test_a_repo_changed_while_serving_is_rescanned_as_a_new_commit(tmp_path):
+    from helpers import wait_for
+
+    repo = tmp_path / "models" / "demo-org" / "live"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"v": 1}')
+    with HubServer(tmp_path, resolve_cache=False) as hub:
+        before = hub.commit_of("model", "demo-org/live")
+        (repo / "config.json").write_text('{"v": 22}')  # same folder, same name: only the content changed
+        (repo / "added.txt").write_text("new")
+        wait_for(lambda: hub.commit_of("model", "demo-org/live") != before, 10, "the rescan")
+        files = hub.files_of("model", "demo-org/live")
+        assert set(files) == {"config.json", "added.txt"}
+        status, _, body = request(hub.url, "GET", "/demo-org/live/resolve/main/config.json")
+        assert (status, body) == (200, b'{"v": 22}')
+
+
+def test_lfs_is_decided_by_gitattributes_when_the_repo_has_lfs_rules(tmp_path):
+    repo = tmp_path / "models" / "demo-org" / "attrs"
+    repo.mkdir(parents=True)
+    (repo / ".gitattributes").write_text("*.json filter=lfs diff=lfs merge=lfs -text\n"
+                                         "weights/*.pt filter=lfs diff=lfs merge=lfs -text\n"
+                                         "small.json -filter\n")
+    (repo / "config.json").write_text("{}")
+    (repo / "small.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"\0" * 100)  # an LFS suffix, but no rule names it
+    (repo / "weights").mkdir()
+    (repo / "weights" / "a.pt").write_bytes(b"\1" * 100)
+    (repo / "big.dat").write_bytes(b"\2" * (11 << 20))  # past LFS_MIN_SIZE, but no rule names it
+    plain = tmp_path / "models" / "demo-org" / "plain"
+    plain.mkdir(parents=True)
+    (plain / "model.safetensors").write_bytes(b"\0" * 100)
+    with HubServer(tmp_path) as hub:
+        lfs = {p for p, f in hub.files_of("model", "demo-org/attrs").items() if f.sha256}
+        assert lfs == {"config.json", "weights/a.pt"}
+        assert hub.files_of("model", "demo-org/plain")["model.safetensors"].sha256  # no rules: by suffix

@@ -160,7 +160,9 @@ def test_missing_image_fails_its_count_expectation_and_is_not_marked_staged(ahub
     assert not (tmp_path / "data" / ".hpcstage" / "staged" / "websight.json").exists()
     chk = subprocess.run([sys.executable, "-m", "hpcstage", "check", "-f", str(m), "--isolation", "guard"],
                          env=client_env(ahub, tmp_path / "cache"), capture_output=True, text=True, timeout=120)
-    assert chk.returncode == 1 and "not staged" in chk.stdout, chk.stdout + chk.stderr
+    # the data is there but fails `expect:`: check proposes inspecting it, not a pull that fails the same way
+    assert chk.returncode == 1 and "failed its `expect:`" in chk.stdout, chk.stdout + chk.stderr
+    assert "fix: inspect the data" in chk.stdout and "hpcstage pull" not in chk.stdout
 
 
 def test_hostile_archive_is_refused_with_nothing_outside_and_no_dest(ahub, tmp_path):

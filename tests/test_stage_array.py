@@ -54,7 +54,7 @@ def manifest_in(folder: Path) -> Path:
 def content_gets(server) -> list[tuple[str, str | None]]:
     """Content requests that delivered bytes (a 302 to the CDN is not content), with their byte range."""
     return [(rec.path, rec.range) for rec in server.log if rec.method == "GET" and rec.status in (200, 206)
-            and (rec.server == "cdn" or "/resolve/" in rec.path)]
+            and (rec.server == "cdn" or "/resolve" in rec.path)]  # also /api/resolve-cache/ (regular files)
 
 
 def online_nodes(tmp_path: Path, env: dict) -> dict:

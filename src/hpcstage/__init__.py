@@ -24,6 +24,11 @@ _API = {
     "launch": "hpcstage.slurm.launch",
     "LaunchRequest": "hpcstage.slurm.launch",
     "load_manifest": "hpcstage.manifest",
+    # the error family (hpcstage.errors): fields repo, path, status, hint
+    **{name: "hpcstage.errors" for name in (
+        "HpcstageError", "BadInput", "HubError", "RepoRefused", "GatedRepo", "InvalidToken", "DisabledRepo",
+        "RepoNotFound", "RevisionNotFound", "EntryNotFound", "TransferError", "HashMismatch", "ProxyError")},
+    "SlurmError": "hpcstage.slurm",
 }
 __all__ = sorted(_API)
 

@@ -1,4 +1,5 @@
 """The `hpcstage` command: argument parsing and printing only; the work is in the library."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,13 @@ from hpcstage import __version__
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.progress import human_bytes
 
+DESCRIPTION = """\
+Stage Hugging Face models and datasets onto a shared filesystem for offline Slurm jobs: pull them into
+the standard hub cache (hash-checked, resumable, safe with many nodes at once), verify them offline,
+prebuild the datasets Arrow caches, check that every entry loads with the network off, and launch jobs.
+Start with `hpcstage pull ORG/NAME` or `hpcstage pull -f hpcstage.yaml`; each command's --help lists
+its options."""
+
 
 def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
     p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: HF_HUB_CACHE rules)")
@@ -24,12 +32,28 @@ def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from hpcstage.manifest import hub_entry, load_manifest
+    try:
+        return _pull(args)
+    except HpcstageError as e:
+        if args.json:  # a machine reader gets the summary and every failure on stdout, the line on stderr
+            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code,
+                              "failures": getattr(e, "failures", []),
+                              **(e.summary.as_dict() if hasattr(e, "summary") else {})}, indent=1))
+            e.json_printed = True  # type: ignore[attr-defined]
+        raise
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from hpcstage.manifest import load_manifest
     from hpcstage.staging import Options, pull, pull_manifest
     from hpcstage.transfer import RetryPolicy
 
+    updates = args.update or []
+    if not args.manifest and not args.repo_ids and len(updates) == 1 and updates[0] != "*":
+        args.repo_ids, updates = updates, []  # `pull --update ORG/NAME`: argparse took the repo for NAME
     if bool(args.manifest) == bool(args.repo_ids):
         raise BadInput("give either REPO_ID... or -f MANIFEST (see `hpcstage pull --help`)")
+    update = True if "*" in updates else (updates or False)
     if args.workers < 1:
         raise BadInput("--workers must be at least 1")
     if args.timeout <= 0 or args.retry_budget < 0:
@@ -41,21 +65,46 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     if (args.slurm_array is not None or args.worker) and not args.manifest:
         raise BadInput("--slurm-array and --worker need -f MANIFEST")
     opts.worker = args.worker
+    if updates and not args.manifest:
+        raise BadInput("--update needs -f MANIFEST: it re-resolves what the lockfile pinned (a pull of REPO_IDs "
+                       "always resolves the revision)")
+    if args.local_dir is not None and args.manifest:
+        raise BadInput("--local-dir copies one repo: use it with REPO_ID [FILE...], not -f")
+    if args.local_dir is not None and args.local_dir.exists() and not args.local_dir.is_dir():
+        raise BadInput(f"--local-dir {args.local_dir} is a file; name a folder")
+    manifest = load_manifest(args.manifest) if args.manifest else None
+    if manifest is not None:
+        if not manifest.entries and not manifest.data_entries:
+            raise BadInput(f"{args.manifest} lists no models: or datasets: entries, so there is nothing to pull; "
+                           "add entries (see the Manifest section of the README)")
+        known = {n for e in [*manifest.entries, *manifest.data_entries]
+                 for n in (e.key, getattr(e, "repo", None), getattr(e, "dest", None), getattr(e, "source", None)) if n}
+        unknown = [u for u in updates if u != "*" and u not in known]
+        if unknown:
+            names = sorted({getattr(e, "repo", None) or e.dest for e in [*manifest.entries, *manifest.data_entries]})
+            raise BadInput(f"--update {unknown[0]}: no such entry in {args.manifest}; name one of {', '.join(names)}")
     if args.slurm_array is not None:
-        return _pull_array(args, load_manifest(args.manifest), opts)
-    if args.manifest:
+        return _pull_array(args, manifest, opts, update)
+    entries = []
+    if manifest is not None:
         if args.include or args.exclude or args.revision or args.repo_type:
             raise BadInput("--include/--exclude/--revision/--repo-type go in the manifest when -f is used")
-        summary = pull_manifest(load_manifest(args.manifest), opts, update=args.update)
     else:
-        entries = [
-            hub_entry(repo=r, repo_type=args.repo_type or "model", revision=args.revision or "main",
-                      include=args.include or None, exclude=args.exclude or None)
-            for r in args.repo_ids
-        ]
+        entries = _command_line_entries(args, opts)
+        if args.local_dir is not None and len(entries) != 1:
+            raise BadInput("--local-dir copies one repo: give one REPO_ID (and optionally its FILEs)")
+    if manifest is not None:
+        summary = pull_manifest(manifest, opts, update=update)
+    else:
         summary, _ = pull(entries, opts)
+        if args.local_dir is not None:
+            from hpcstage.staging import materialise
+
+            copied = materialise(summary.repos[0].snapshot, args.local_dir, entries[0])
+            if not args.json and not args.quiet:
+                print(f"copied {copied} files into {args.local_dir} (plain files; the cache keeps its own copy)")
     if args.json:
-        print(json.dumps(summary.as_dict(), indent=1))
+        print(json.dumps({"ok": True, "failures": [], **summary.as_dict()}, indent=1))
     elif not args.quiet:
         rate = summary.downloaded_bytes / summary.seconds if summary.seconds else 0
         for r in summary.repos:
@@ -66,7 +115,32 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
+def _command_line_entries(args: argparse.Namespace, opts) -> list:
+    """REPO_ID... or, as with `hf download`, REPO_ID FILE...: a name with exactly one `/` is a repo id; any
+    other (`config.json`, `data/train/x.parquet`) is a file of the repo before it. A file at `dir/name`
+    (one slash) is given with --include dir/name."""
+    import glob
+
+    from hpcstage.manifest import hub_entry
+
+    groups: list[tuple[str, list[str]]] = []
+    for name in args.repo_ids:
+        if not groups or (name.count("/") == 1 and not name.startswith("/") and not name.endswith("/")):
+            groups.append((name, []))  # the first is always a repo (an invalid id is said so)
+        else:
+            groups[-1][1].append(name)
+    entries = []
+    for repo, files in groups:
+        include = (args.include or []) + [glob.escape(f) for f in files]
+        entry = hub_entry(repo=repo, repo_type=args.repo_type or "model", revision=args.revision or "main",
+                          include=include or None, exclude=args.exclude or None)
+        if files:
+            opts.files[entry.key] = files
+        entries.append(entry)
+    return entries
+
+
+def _pull_array(args: argparse.Namespace, manifest, opts, update=False) -> int:
     from hpcstage.hfcache import default_cache_dir
     from hpcstage.slurm.launch import check_account, preflight_time, resolve_cluster
     from hpcstage.slurm.stage_array import follow, submit_array
@@ -80,7 +154,7 @@ def _pull_array(args: argparse.Namespace, manifest, opts) -> int:
                        f"download; pull on the login node instead: `hpcstage pull -f {args.manifest}`")
     time_limit = preflight_time(cluster, cluster.partition, args.time, "--time")
     check_account(cluster)
-    plan = plan_manifest(manifest, opts, update=args.update)
+    plan = plan_manifest(manifest, opts, update=update)
     print(f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
           f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})", flush=True)
     run = submit_array(manifest, args.slurm_array, cluster=cluster, time_limit=time_limit, cache_dir=args.cache_dir)
@@ -116,8 +190,10 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
             print(f"{stamp()} CACHE_PREBUILD: Pre-building HF datasets cache\nUnique datasets: {text}", flush=True)
         elif kind == "stack":
             print(f"Job Python: {text}", flush=True)
-        elif kind in ("built", "skipped"):
+        elif kind == "built":
             print(f"{stamp()} CACHE_BUILT: {text}", flush=True)
+        elif kind == "skipped":
+            print(f"{stamp()} CACHE_SKIPPED: {text} (already built)", flush=True)
         elif kind == "missing":
             print(f"{stamp()} CACHE_WARNING: {text}: data file not found; skipped", flush=True)
         else:
@@ -174,7 +250,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from hpcstage.manifest import load_manifest
     from hpcstage.verify import verify
 
-    report = verify(args.repo_ids or None, manifest=load_manifest(args.manifest) if args.manifest else None,
+    manifest = load_manifest(args.manifest) if args.manifest else None
+    if manifest is not None and not manifest.entries and not manifest.data_entries:
+        raise BadInput(f"{args.manifest} lists no models: or datasets: entries, so there is nothing to verify")
+    report = verify(args.repo_ids or None, manifest=manifest,
                     repo_type=args.repo_type, revision=args.revision, cache_dir=args.cache_dir,
                     workers=args.workers, repair=args.repair, shared_group=args.shared_group,
                     quiet=args.quiet or args.json)
@@ -185,6 +264,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"repaired {p.kind}: {p.repo_type} {p.repo_id}@{(p.commit or '')[:12]} {p.path}")
     for p in report.problems:
         print(p)
+    if args.repair and report.problems:
+        print("hpcstage: error: --repair could not fix the problems above; each names what is left to do",
+              file=sys.stderr)
     if not args.quiet:
         rate = report.bytes_hashed / report.seconds if report.seconds else 0
         print(f"{'ok' if report.ok else 'FAILED'}: {report.files} files in {report.snapshots} snapshots of "
@@ -224,13 +306,14 @@ def _staging_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from hpcstage.hfcache import default_cache_dir
-    from hpcstage.ledger import artifact_status, read_all
+    from hpcstage.ledger import ArtifactStatus, Unreadable, artifact_status, read_all_checked
     from hpcstage.manifest import load_lock, load_manifest
+    from hpcstage.staging import check_cache_dir
 
     if args.manifest:
         manifest = load_manifest(args.manifest)
         cache_dir = args.cache_dir or manifest.cache_dir or default_cache_dir()
-        lock = load_lock(manifest.lock_path)
+        lock = load_lock(manifest.lock_path, manifest.path)
         rows = []
         for e in manifest.entries:
             locked = lock.entries.get(e.key)
@@ -242,7 +325,20 @@ def _staging_status(args: argparse.Namespace) -> int:
             rows += data_status(manifest, lock, cache_dir)
     else:
         cache_dir = args.cache_dir or default_cache_dir()
-        rows = [artifact_status(cache_dir, r.repo_type, r.repo, r.revision, record=r) for r in read_all(cache_dir)]
+        check_cache_dir(cache_dir)
+        if not cache_dir.is_dir():
+            raise BadInput(f"no hub cache at {cache_dir}; pass the --cache-dir you pulled into (or set HF_HUB_CACHE)")
+        rows = []
+        for r in read_all_checked(cache_dir):
+            if isinstance(r, Unreadable):  # reported, never hidden: the artifact it describes is unknown now
+                what = r.artifact()
+                kind, repo, rev = what or ("model", r.path.name, "?")
+                fix = (f"run `hpcstage pull {repo}{'' if kind == 'model' else f' --repo-type {kind}'} --revision "
+                       f"{rev} --cache-dir {cache_dir}` to record it again" if what else f"delete {r.path}")
+                rows.append(ArtifactStatus(kind, repo, rev, None, "unreadable", 0, 0,
+                                           reason=f"ledger record {r.path} unreadable ({r.why}); {fix}"))
+                continue
+            rows.append(artifact_status(cache_dir, r.repo_type, r.repo, r.revision, record=r))
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
     for r in [] if args.json else rows:
@@ -253,13 +349,24 @@ def _staging_status(args: argparse.Namespace) -> int:
             extra.append("locked by " + ", ".join(r.locked_by))
         if r.reason:
             extra.append(r.reason)
-        print(f"{r.repo_type} {r.repo}@{r.revision}\t{r.state}\t" + "; ".join(extra))
+        name = f"{r.repo}@{r.revision}" if r.revision else r.repo  # data entries have no revision
+        print(f"{r.repo_type} {name}\t{r.state}\t" + "; ".join(extra))
     return 0 if all(r.state == "staged" for r in rows) else 1
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from hpcstage.staging import cleanup
+    from hpcstage.hfcache import default_cache_dir
+    from hpcstage.staging import check_cache_dir, cleanup
 
+    if args.older_than < 0:
+        raise BadInput(f"--older-than {args.older_than:g}: an age in hours is 0 or more")
+    cache_dir = args.cache_dir or default_cache_dir()
+    check_cache_dir(cache_dir)
+    from hpcstage.datadir import default_data_dir
+
+    if not cache_dir.is_dir() and not (args.data_dir or default_data_dir(cache_dir)).is_dir():
+        raise BadInput(f"no hub cache at {cache_dir} (nor a data folder beside it); pass the --cache-dir you pulled "
+                       "into (or set HF_HUB_CACHE)")
     found = cleanup(args.cache_dir, data_dir=args.data_dir, older_than=args.older_than * 3600, dry_run=args.dry_run)
     for item in found:
         print(f"{'would remove' if args.dry_run else 'removed'} {item.path} ({item.why})")
@@ -308,7 +415,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     elif not args.root.is_dir():
     
         raise BadInput(f"{args.root} is not a folder; create it or pass --samples to generate sample repos")
-    serve_forever(args.root, args.host, args.port, log_file=args.log_file)
+    if not 0 <= args.port <= 65535:
+        raise BadInput(f"--port {args.port}: a port is 0-65535 (0 picks a free one)")
+    import errno
+    import socket
+
+    if args.port:  # a busy port is bad input, said before anything starts
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise BadInput(f"port {args.port} on {args.host} is in use; pick another with --port, or "
+                                   "--port 0 for a free one (the URL is printed)") from None
+                if e.errno == errno.EACCES:
+                    raise BadInput(f"port {args.port} needs privileges; use one above 1023, or --port 0") from None
+                raise BadInput(f"cannot listen on {args.host}:{args.port} ({e.strerror}); check --host") from None
+    limit = None
+    if args.rate_limit:
+        quota, _, window = args.rate_limit.partition("/")
+        if not (quota.isdigit() and window.isdigit() and int(quota) > 0 and int(window) > 0):
+            raise BadInput(f"--rate-limit {args.rate_limit!r}: give resolver requests per window in seconds, "
+                           "e.g. --rate-limit 3000/300")
+        limit = (int(quota), int(window))
+
+    def setup(server) -> None:
+        for repo in args.gated:
+            server.gate(repo, granted=tuple(args.token))
+        if args.token:
+            server.tokens = set(args.token)
+        if limit:
+            server.limit_resolvers(*limit)
+        server.ignore_range = args.ignore_range
+
+    serve_forever(args.root, args.host, args.port, log_file=args.log_file, setup=setup)
     return 0
 
 
@@ -317,18 +458,27 @@ _PYTHON_HELP = ("the jobs' interpreter, where the loads run (default: the manife
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcstage", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hpcstage", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpcstage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="stage Hub repos into the hub cache")
-    p.add_argument("repo_ids", nargs="*", metavar="REPO_ID")
+    p = sub.add_parser("pull", help="stage Hub repos into the hub cache",
+                       usage="hpcstage pull REPO_ID [FILE...] [REPO_ID [FILE...]...] [options] | -f MANIFEST [options]")
+    p.add_argument("repo_ids", nargs="*", metavar="REPO_ID [FILE...]",
+                   help="repos (ORG/NAME); names after a repo without exactly one `/` (config.json, "
+                        "data/train/x.parquet) are its files, staged alone as `hf download REPO FILE...` does")
     p.add_argument("-f", "--manifest", type=Path, help="pull every entry of this manifest; writes hpcstage.lock beside it")
     p.add_argument("--repo-type", choices=["model", "dataset"])
     p.add_argument("--revision", help="branch, tag or commit sha (default main)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
-    p.add_argument("--update", action="store_true", help="re-resolve revisions instead of the lockfile's commits")
+    p.add_argument("--update", nargs="?", const="*", action="append", metavar="NAME",
+                   help="with -f: re-resolve revisions instead of the lockfile's commits, and ask url: sources if "
+                        "they changed (a conditional request; unchanged ones download nothing); NAME (repeatable): "
+                        "only that entry (repo id, data dest or url)")
+    p.add_argument("--local-dir", type=Path, metavar="DIR",
+                   help="also copy the repo's snapshot into DIR as plain files (like `hf download --local-dir`)")
     g = p.add_argument_group("staging as a Slurm job array (with -f)")
     g.add_argument("--slurm-array", type=int, metavar="N",
                    help="plan here, then stage on N array workers that share the work through the leases")
@@ -339,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", action="store_true", help="follow the array with a progress bar; exit with its result")
     g.add_argument("--worker", action="store_true", help="run as one of the array's workers (set by --slurm-array)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)")
-    p.add_argument("--retry-budget", type=float, default=300.0,
-                   help="seconds one request may spend retrying 429/5xx/network errors (default 300)")
+    p.add_argument("--retry-budget", type=float, default=900.0,
+                   help="seconds one request may spend retrying 429/5xx/network errors and waiting out the Hub's "
+                        "rate limit (default 900: a 5-minute window more than once)")
     p.add_argument("--shared-group", metavar="GROUP",
                    help="group-shared cache: folders setgid + group-writable, files group-readable")
     _common(p, workers="files downloaded at once")
@@ -407,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--samples", action="store_true", help="first write the bundled sample repos into ROOT")
     p.add_argument("--log-file", type=Path, help="append each request as a JSON line")
+    p.add_argument("--gated", action="append", default=[], metavar="ORG/NAME",
+                   help="a gated repo: listed publicly, files refused (401 without a token, 403 without access)")
+    p.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                   help="a valid token, with access to the gated repos; any other token gets 401 Invalid credentials")
+    p.add_argument("--rate-limit", metavar="Q/W", help="resolver requests per fixed window of W seconds, e.g. 3000/300")
+    p.add_argument("--ignore-range", action="store_true", help="answer 200 with the whole body to ranged requests")
     p.set_defaults(func=_cmd_serve)
     return parser
 
@@ -427,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except HpcstageError as e:
+        if getattr(args, "json", False) and not getattr(e, "json_printed", False):
+            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}, indent=1))  # stdout stays JSON
         print(f"hpcstage: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:

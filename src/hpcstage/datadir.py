@@ -29,8 +29,8 @@ from typing import Iterator
 from urllib.parse import quote
 
 from hpcstage import archive
-from hpcstage.errors import BadInput, HpcstageError, TransferError
 from hpcstage import safefs
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file
 from hpcstage.locks import Lease
 from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
@@ -149,22 +149,29 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 class Stager:
     """Stages data entries for one pull; `opts` is staging.Options (workers, timeout, retry, quiet)."""
 
-    def __init__(self, data_dir: Path, opts, update: bool = False):
+    def __init__(self, data_dir: Path, opts, update=False):
         self.data_dir = Path(data_dir)
         self.opts = opts
-        self.update = update
+        self.updates = update  # True/False, or the names given to `--update NAME` (staging.wants_update)
+        self.update = bool(update)  # for the entry being staged
         self._http = None
 
     @property
     def http(self):
         if self._http is None:
             from hpcstage.sources import url
+            from hpcstage.staging import refuse_offline
+
+            refuse_offline()
 
             self._http = url.client(workers=self.opts.workers, timeout=self.opts.timeout, retry=self.opts.retry)
         return self._http
 
     def stage(self, entry: DataEntry, locked: LockedData | None) -> tuple[LockedData, DataResult]:
         """Stage one entry; returns its lock record. ExpectationFailed leaves the data and records nothing."""
+        from hpcstage.staging import refuse_offline, wants_update
+
+        self.update = wants_update(self.updates, entry)
         dest = self.data_dir / entry.dest
         known = locked if locked is not None and locked.matches(entry) else None
         if known is None:
@@ -172,6 +179,13 @@ class Stager:
             known = rec if rec is not None and rec.matches(entry) else None
         if known is not None and not self.update and self._unchanged(entry, known):
             return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
+        if (known is not None and self.update and not self.rebuild and isinstance(entry, UrlEntry)
+                and known.fingerprint and in_place(self.data_dir, known)):
+            from hpcstage.sources import url
+
+            refuse_offline()
+            if url.unchanged(self.http, entry.url, known.fingerprint):  # one conditional request, no body
+                return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
         lease = Lease(builder_lease(self.data_dir, entry.dest), ttl=LEASE_TTL, root=self.data_dir)
         lease.acquire()
         try:
@@ -189,15 +203,25 @@ class Stager:
                 record, result = self._hub_file(entry, known, dest, lease)
             problems = archive.check_expect(dest, entry.expect.model_dump() if entry.expect else None)
             if problems:
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise archive.ExpectationFailed(
-                    f"{entry.dest} ({entry.source}): {problems[0]}{more}; the data is left in {dest} for inspection "
-                    "and not marked staged: fix the source or the `expect:` of the entry")
+                    f"{entry.dest} ({entry.source}): {'; '.join(problems)}; the data is left in {dest}: inspect it, "
+                    "then fix the source or the entry's `expect:` (pulling again fetches the same data)")
             lease.check()
             safefs.write_atomic(self.data_dir, record_path(self.data_dir, entry.dest), record.model_dump_json(indent=1).encode())
             return record, result
         finally:
             lease.release()
+
+    rebuild = False  # `verify --repair`: build again even when the source is unchanged (the copy is bad)
+    manifest_path: Path | None = None  # for the commands that fix a failure
+    cache_flag: Path | None = None
+
+    def fix_command(self, extra: str = "") -> str:
+        import shlex
+
+        m = shlex.quote(str(self.manifest_path)) if self.manifest_path else "MANIFEST"
+        cache = f" --cache-dir {shlex.quote(str(self.cache_flag))}" if self.cache_flag else ""
+        return f"hpcstage pull -f {m}{cache}" + (f" {extra}" if extra else "")
 
     def _unchanged(self, entry: DataEntry, record: LockedData) -> bool:
         if not in_place(self.data_dir, record):
@@ -240,10 +264,10 @@ class Stager:
                 got = url.download(self.http, entry.url, self.data_dir, sha256=pinned, on_bytes=on_bytes,
                                    before_fetch=space)
             except TransferError as e:
-                if pinned and not entry.sha256 and "hash mismatch" in str(e):
+                if pinned and not entry.sha256 and isinstance(e, HashMismatch):
                     raise TransferError(f"{entry.url} changed since it was locked (sha256 {pinned[:12]}... in "
-                                        "hpcstage.lock); run `hpcstage pull -f ... --update` to accept the new "
-                                        "content") from None
+                                        f"hpcstage.lock); run `{self.fix_command(f'--update {entry.dest}')}` to "
+                                        "accept the new content") from None
                 raise
         result = DataResult(dest, "url", 0, 0, downloaded_bytes=got.fetched)
         kept = None
@@ -350,8 +374,9 @@ class Stager:
             sha = f.get("sha256") or digest_file(path)
         else:
             with building(self.data_dir, dest) as tmp:
+                # a copy (or copy-on-write reflink), never a hardlink: editing it must not alter the hub blob
                 _, sha, result.copied_bytes = local.place(path.resolve(), tmp.proc_path / Path(entry.file).name,
-                                                          lambda n: None)
+                                                          lambda n: None, allow_hardlink=False)
             files = [archive.FileRecord(Path(entry.file).name, f["size"], sha)]
         result.files, result.bytes = len(files), sum(x.size for x in files)
         record = LockedData(kind="hub-file", source=entry.source, dest=entry.dest, extract=entry.extract,
@@ -386,6 +411,9 @@ def stage_all(manifest: Manifest, opts, lock: Lockfile, update: bool = False
     """Stage every data entry of `manifest`: (lock records of the staged ones, results, failures). One
     failing entry does not stop the others; the caller reports the failures."""
     stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update)
+    stager.manifest_path = manifest.path
+    if opts.cache_dir and opts.cache_dir != manifest.cache_dir:  # given with --cache-dir: the fix names it too
+        stager.cache_flag = opts.cache_dir
     records: dict[str, LockedData] = {}
     results: list[DataResult] = []
     failures: list[HpcstageError] = []
@@ -412,11 +440,14 @@ def lock_with_data(lock: Lockfile, manifest: Manifest, records: dict[str, Locked
 
 
 def first_failure(failures: list[HpcstageError]) -> HpcstageError:
-    """One error for the CLI's one line: the first, with how many more; its type keeps the exit code."""
+    """One error for the CLI's one line naming every failed entry; the first's type keeps the exit code."""
     first = failures[0]
     if len(failures) == 1:
-        return first
-    return type(first)(f"{first} (and {len(failures) - 1} more data entries failed; see `hpcstage check -f ...`)")
+        err = first
+    else:
+        err = type(first)(f"{len(failures)} data entries failed: " + " | ".join(str(e) for e in failures))
+    err.failures = [{"entry": getattr(e, "entry_key", None), "error": str(e)} for e in failures]  # type: ignore[attr-defined]
+    return err
 
 
 def describe(r: DataResult) -> str:
@@ -426,8 +457,9 @@ def describe(r: DataResult) -> str:
     return f"data {r.kind} -> {r.dest}: {r.files} files, {human_bytes(r.bytes)}; {what}"
 
 
-def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | None) -> list[tuple[str, list[str]]]:
-    """For `check`: each data entry's label and its problems ([] when ready): staged, in place, `expect:` met."""
+def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | None) -> list[tuple[str, list[str], bool]]:
+    """For `check`: each data entry's label, its problems ([] when ready: staged, in place, `expect:` met) and
+    whether it is staged and in place (then only `expect:` can fail, and pulling again cannot fix that)."""
     data_dir = data_dir_of(manifest, cache_dir)
     out = []
     for entry in manifest.data_entries:
@@ -435,12 +467,17 @@ def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | N
         record = (lock.data.get(entry.key) if lock else None) or read_record(data_dir, entry.dest)
         dest = data_dir / entry.dest
         if record is None or not record.matches(entry):
-            out.append((label, [f"{dest} is not staged"]))
+            # a pull that failed `expect:` leaves the data in place unrecorded: pulling again gets the same
+            failed = archive.check_expect(dest, entry.expect.model_dump()) if entry.expect and dest.is_dir() else []
+            if failed:
+                out.append((label, [f"{dest} failed its `expect:`: {p}" for p in failed], True))
+            else:
+                out.append((label, [f"{dest} is not staged"], False))
             continue
         if not in_place(data_dir, record):
-            out.append((label, [f"{dest} is missing files or they changed size since staging"]))
+            out.append((label, [f"{dest} is missing files or they changed size since staging"], False))
             continue
-        out.append((label, archive.check_expect(dest, entry.expect.model_dump() if entry.expect else None)))
+        out.append((label, archive.check_expect(dest, entry.expect.model_dump() if entry.expect else None), True))
     return out
 
 
@@ -456,7 +493,7 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
     for entry in manifest.data_entries:
         record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
         if record is None:
-            found.append((entry, "not_staged", "", data_dir / entry.dest, f"not staged: run `hpcstage pull -f {manifest.path}`"))
+            found.append((entry, "not_staged", "", data_dir / entry.dest, "not staged"))
             continue
         for f in record.files:
             path = data_dir / entry.dest / f["path"]
@@ -480,26 +517,54 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
 def restage(manifest: Manifest, entries: list[DataEntry], opts) -> None:
     """`verify --repair`: build these entries again from their sources (network for url/hub-file)."""
     stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update=True)
+    stager.rebuild = True
     for entry in entries:
         stager.stage(entry, None)
 
 
 def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
     """`status -f` rows for data entries: staged when its record exists and every file is in place
-    (sizes only; `verify` hashes)."""
-    from hpcstage.ledger import ArtifactStatus
+    (sizes only; `verify` hashes); partial or locked like Hub repos while a download or build is under way
+    (a URL's partial file and its pieces, the download and builder leases)."""
+    from hpcstage.ledger import ArtifactStatus, partial_progress
+    from hpcstage.locks import read_lease
 
     data_dir = data_dir_of(manifest, cache_dir)
     rows = []
     for entry in manifest.data_entries:
         record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
-        if record is None:
-            state = "partial" if (data_dir / entry.dest).exists() else "missing"
-            rows.append(ArtifactStatus("data", entry.dest, "", None, state, 0, 0, reason=entry.source))
-            continue
         root = data_dir / entry.dest
-        present = sum(1 for f in record.files if (root / f["path"]).is_file()
-                      and (root / f["path"]).stat().st_size == f["size"])
-        state = "staged" if present == len(record.files) else "partial"
-        rows.append(ArtifactStatus("data", entry.dest, "", None, state, len(record.files), present, reason=entry.source))
+        leases = [builder_lease(data_dir, entry.dest)]
+        progress: list[tuple[int, int]] = []
+        if isinstance(entry, UrlEntry):
+            from hpcstage.hfcache import PARTIAL_SUFFIX
+            from hpcstage.sources import url
+
+            folder = url.downloads_dir(data_dir)
+            key = url._key(entry.url)
+            leases.append(folder / f"{key}{LEASE_SUFFIX}")
+            progress = [partial_progress(p) for p in folder.glob(f"{key}-*{PARTIAL_SUFFIX}")]
+        locked_by = []
+        for path in leases:
+            info = read_lease(path)
+            if info is not None and not info.expired:
+                locked_by.append(f"{info.host}:{info.pid} (age {info.age:.0f}s)")
+        if record is None:
+            files = present = 0
+        else:
+            files = len(record.files)
+            present = sum(1 for f in record.files if (root / f["path"]).is_file()
+                          and (root / f["path"]).stat().st_size == f["size"])
+        st = ArtifactStatus("data", entry.dest, "", None, "missing", files, present, locked_by=locked_by,
+                            reason=entry.source)
+        if progress:
+            done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
+            st.partial_percent = round(100.0 * done / total, 1) if total else 0.0
+        if record is not None and present == files:
+            st.state = "staged"
+        elif locked_by:
+            st.state = "locked"
+        elif progress or present or root.exists():
+            st.state = "partial"
+        rows.append(st)
     return rows

@@ -50,7 +50,7 @@ from hpcstage.manifest import Manifest, load_lock
 from hpcstage.progress import human_bytes
 
 CHECK_NAMES = ("space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "hf_home",
-               "token", "endpoint", "offline", "cpu_limit")
+               "token", "proxy", "endpoint", "offline", "cpu_limit")
 STATUSES = ("ok", "warn", "fail")
 
 GiB = 2**30
@@ -545,15 +545,53 @@ def _get(http, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
         resp.release_conn()
 
 
-def _why(e: Exception) -> str:
-    text = str(e)
-    for key, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                       ("Name or service not known", "host name not found"),
-                       ("Temporary failure in name resolution", "host name not resolvable now"),
-                       ("Network is unreachable", "network unreachable"), ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted")):
-        if key in text:
-            return short
-    return text.split(": ", 1)[-1][:200]
+def _why(e: BaseException) -> str:
+    """A short reason, told by the error's type (the transfer engine chains the network error it gave up on)."""
+    import socket
+    import ssl
+
+    from hpcstage.errors import ProxyError
+
+    cause = e
+    while cause.__cause__ is not None and not isinstance(cause, ProxyError):
+        cause = cause.__cause__
+    if isinstance(cause, ProxyError):
+        return str(cause)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(cause, socket.gaierror):
+        return "host name not resolvable now" if cause.errno == socket.EAI_AGAIN else "host name not found"
+    if isinstance(cause, OSError) and cause.errno == errno.ENETUNREACH:
+        return "network unreachable"
+    return str(e).split(": ", 1)[-1][:200]
+
+
+def _proxy_check(endpoint: str, timeout: float) -> Check:
+    """Which proxy the environment applies to the endpoint, and whether its tunnel opens."""
+    from hpcstage.errors import BadInput
+    from hpcstage.transfer import Proxies, open_connection
+
+    try:
+        proxy = Proxies().for_url(endpoint)
+    except BadInput as e:
+        return Check("proxy", "fail", str(e), "set HTTPS_PROXY=http://[user:password@]host:port, or unset it")
+    if proxy is None:
+        names = [n for n in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+                 if os.environ.get(n)]
+        bypass = " (NO_PROXY excludes it)" if names else ""
+        return Check("proxy", "ok", f"no proxy for {endpoint}{bypass}: direct connections")
+    way = "CONNECT tunnel" if endpoint.startswith("https:") else "connection"
+    try:
+        open_connection(endpoint, timeout)
+    except Exception as e:  # noqa: BLE001 - any failure to get through is the finding
+        return Check("proxy", "fail", f"{proxy.variable} {proxy.name} applies to {endpoint}; the {way} failed: "
+                     f"{_why(e)}", "check the proxy's host, port and user:password (http://user:password@host:port), "
+                     "or ask the site which proxy login nodes use")
+    return Check("proxy", "ok", f"{proxy.variable} {proxy.name} applies to {endpoint}; the {way} opens")
 
 
 def _endpoint_check(ctx: _Context, endpoint: str, timeout: float) -> Check:
@@ -645,8 +683,12 @@ def _offline(ctx: _Context) -> Check:
     names = ", ".join(f"{v}={os.environ[v]}" for v in ctx.offline)
     if ctx.in_job:
         return Check("offline", "ok", f"{names} inside Slurm job {os.environ['SLURM_JOB_ID']}: jobs read the staged cache")
-    return Check("offline", "warn", f"{names} is set outside a Slurm job: pull cannot fetch while "
-                 f"{ctx.offline[0]}=1 is set", f"unset it on the login node: `unset {' '.join(ctx.offline)}`")
+    hub = "HF_HUB_OFFLINE" in ctx.offline
+    what = ("`hpcstage pull` refuses to fetch while HF_HUB_OFFLINE is set (as huggingface_hub does; a warm pull "
+            "from the lockfile still works)" if hub else
+            "prebuild and datasets cannot fetch while it is set")
+    return Check("offline", "warn", f"{names} is set outside a Slurm job: {what}",
+                 f"unset it on the login node: `unset {' '.join(ctx.offline)}`")
 
 
 def _cpu_limit(ctx: _Context) -> Check:
@@ -679,6 +721,8 @@ def run_checks(manifest: Manifest | None = None, cache_dir: Path | None = None, 
                             lambda: ([], None, f"the quota tool gave no answer within {timeout:g}s"))
     endpoint_job = _Background(lambda: _endpoint_check(ctx, endpoint, timeout), late_endpoint)
     token_job = _Background(lambda: _token_check(endpoint, token, source, timeout), late_token)
+    proxy_job = _Background(lambda: _proxy_check(endpoint, timeout),
+                            lambda: Check("proxy", "fail", f"the way to {endpoint} {silent}", "check the proxy"))
 
     plan = plan_of(manifest, ctx.cache_dir) if manifest is not None else None
     space, inodes, memory, fs = _space(ctx, plan), _inodes(ctx, plan), _memory(), _filesystem(ctx)
@@ -686,6 +730,6 @@ def run_checks(manifest: Manifest | None = None, cache_dir: Path | None = None, 
     sharing, offline, cpu = _sharing(ctx), _offline(ctx), _cpu_limit(ctx)
     found = quota_job.result(deadline)
     checks = [space, inodes, _quota(ctx, found), memory, fs, flock, write, sharing, _hf_home(ctx, found[1]),
-              token_job.result(deadline), endpoint_job.result(deadline), offline, cpu]
+              token_job.result(deadline), proxy_job.result(deadline), endpoint_job.result(deadline), offline, cpu]
     assert tuple(c.name for c in checks) == CHECK_NAMES
     return checks

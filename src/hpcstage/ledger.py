@@ -37,6 +37,9 @@ class Record:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     updated: float = field(default_factory=time.time)
+    # {include, exclude} of the pull (None in records written before they were kept): with the commit's
+    # trees/<commit>.json they name every file the pull selected, so status and verify see a missing one.
+    patterns: dict | None = None
 
 
 def _path(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Path:
@@ -55,13 +58,38 @@ def read(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Record | 
 
 
 def read_all(cache_dir: Path) -> list[Record]:
-    records = []
+    return [r for r in read_all_checked(cache_dir) if isinstance(r, Record)]
+
+
+@dataclass
+class Unreadable:
+    """A ledger file that could not be read: reported by `status`, never hidden."""
+
+    path: Path
+    why: str
+
+    def artifact(self) -> tuple[str, str, str] | None:
+        """(repo_type, repo, revision) from the file's name, when it has the ledger's form."""
+        from urllib.parse import unquote
+
+        stem = self.path.name.removesuffix(".json")
+        head, sep, revision = stem.partition("@")
+        kind, sep2, name = head.partition("s--")
+        if not (sep and sep2) or kind not in ("model", "dataset") or "--" not in name:
+            return None
+        return kind, name.replace("--", "/", 1), unquote(revision)
+
+
+def read_all_checked(cache_dir: Path) -> list[Record | Unreadable]:
+    out: list[Record | Unreadable] = []
     for p in sorted((Path(cache_dir) / LEDGER_DIR).glob("*.json")):
         try:
-            records.append(Record(**json.loads(p.read_text())))
-        except (OSError, ValueError, TypeError):
-            continue
-    return records
+            out.append(Record(**json.loads(p.read_text())))
+        except OSError as e:
+            out.append(Unreadable(p, e.strerror or str(e)))
+        except (ValueError, TypeError) as e:
+            out.append(Unreadable(p, f"not a ledger record: {str(e).splitlines()[0][:80]}"))
+    return out
 
 
 @dataclass
@@ -99,6 +127,12 @@ def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
     rec = record or read(cache_dir, repo_type, repo, revision)
     cache = RepoCache(Path(cache_dir), repo_type, repo)
     commit = commit or (rec.commit if rec else None) or cache.read_ref(revision)
+    if files is None and commit and rec is not None and rec.patterns is not None and rec.commit == commit:
+        listing = cache.read_tree(commit)  # the pull's selection, from the listing and its patterns
+        if listing is not None:
+            from hpcstage.sources.hub import select
+
+            files = select(listing, rec.patterns.get("include"), rec.patterns.get("exclude"))
     if files is not None and commit:
         expected, staged = len(files), sum(cache.is_linked(commit, f) for f in files)
     elif rec is not None:

@@ -314,6 +314,13 @@ def _explain(err: dict, valid: list[str]) -> str:
     if err["type"] == "missing":
         return f"{_dotted(loc)} is required"
     msg = err["msg"].removeprefix("Value error, ")
+    key = loc[-1] if loc else ""
+    value = err.get("input")
+    if err["type"] == "string_type" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: {key}: '{value}'"
+                if isinstance(key, str) else f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: '{value}'")
+    if err["type"] == "list_type" and isinstance(value, str) and isinstance(key, str):
+        return f"{_dotted(loc)} is a list, not a string; write {key}: [{value!r}]"
     return f"{_dotted(loc)}: {msg}"
 
 
@@ -476,20 +483,25 @@ class Lockfile(_Strict):
     data: dict[str, LockedData] = {}  # data entries by `data:<dest>`
 
 
-def load_lock(path: Path) -> Lockfile:
+def load_lock(path: Path, manifest: Path | None = None) -> Lockfile:
     """An absent lockfile is empty; a corrupt one is an error (never silently re-resolved); one that is
-    another user's link is refused (safefs)."""
+    another user's link is refused (safefs). `manifest`, the file it belongs to, goes into the command the
+    error proposes."""
+    import shlex
+
     safefs.refuse_foreign_link(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return Lockfile()
+    m = shlex.quote(str(manifest)) if manifest else shlex.quote(str(Path(path).parent)) + "/<manifest>.yaml"
     try:
         lock = Lockfile.model_validate_json(raw)
     except ValidationError:
-        raise ManifestError(f"{path} is not a valid hpcstage lockfile; delete it and run `hpcstage pull -f ... --update`") from None
+        raise ManifestError(f"{path} is not a valid hpcstage lockfile; delete it and run `hpcstage pull -f {m} "
+                            "--update`") from None
     if lock.version != LOCK_VERSION:
-        raise ManifestError(f"{path} has lock version {lock.version}; run `hpcstage pull -f ... --update`")
+        raise ManifestError(f"{path} has lock version {lock.version}; delete it and run `hpcstage pull -f {m} --update`")
     return lock
 
 

@@ -208,7 +208,14 @@ for t in tasks:
             snapshot_download(t["repo"], repo_type=t["kind"], revision=t["revision"], allow_patterns=t["include"],
                               ignore_patterns=t["exclude"], local_files_only=True)
         else:
+            import difflib, inspect
             from datasets import load_dataset
+            named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
+            for k in t["kwargs"]:  # a typo of a named argument would reach the builder config as a key
+                near = difflib.get_close_matches(k, named, n=1, cutoff=0.75) if k not in named else []
+                if near:
+                    r["bad_arg"] = [k, near[0]]
+                    raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}?")
             ds = load_dataset(t["path"], **t["kwargs"])
             parts = list(ds.values()) if isinstance(ds, dict) else [ds]
             r["files"] = sorted({f["filename"] for d in parts for f in getattr(d, "cache_files", None) or []})
@@ -310,15 +317,16 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
     child_env = job_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir)
     hub_cache, ds_cache = Path(child_env["HF_HUB_CACHE"]), Path(child_env["HF_DATASETS_CACHE"])
     lock = load_lock(manifest.lock_path) if manifest.path else None
-    m = str(manifest.path) if manifest.path else "hpcstage.yaml"
-    pull_fix, prebuild_fix = f"hpcstage pull -f {m}", f"hpcstage prebuild -f {m}"
-    if cache_dir:
-        pull_fix += f" --cache-dir {cache_dir}"
-        prebuild_fix += f" --cache-dir {cache_dir}"
+    import shlex
+
+    m = shlex.quote(str(manifest.path)) if manifest.path else "hpcstage.yaml"
+    flags = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""  # the fix works on the same caches
+    pull_fix = f"hpcstage pull -f {m}{flags}"
     if datasets_cache_dir:
-        prebuild_fix += f" --datasets-cache-dir {datasets_cache_dir}"
+        flags += f" --datasets-cache-dir {shlex.quote(str(datasets_cache_dir))}"
     if stack.origin == "--python":  # the fix must build for the same stack the check ran in
-        prebuild_fix += f" --python {stack.python}"
+        flags += f" --python {shlex.quote(stack.python)}"
+    prebuild_fix = f"hpcstage prebuild -f {m}{flags}"
     # a proven build whose offline load fails now (files removed or changed behind prebuild's back):
     # its marker would make a plain prebuild skip it, so the fix rebuilds
     rebuild_fix = f"{prebuild_fix} --force"
@@ -338,8 +346,10 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
     if manifest.data_entries:  # url/local/file entries: staged, in place, and their `expect:` met
         from hpcstage.datadir import check_entries
 
-        for label, problems in check_entries(manifest, hub_cache, lock):
-            explain.append(EntryCheck(label, not problems, problems, pull_fix if problems else None))
+        for label, problems, staged in check_entries(manifest, hub_cache, lock):
+            # staged and in place but `expect:` fails: pulling again fetches the same data
+            fix = (f"inspect the data, then fix the source or the entry's `expect:` in {m}" if staged else pull_fix)
+            explain.append(EntryCheck(label, not problems, problems, fix if problems else None))
     for i, spec in enumerate(manifest.prebuild):
         build = prebuild.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),
                                      where=f"{m}: prebuild[{i}]")
@@ -371,6 +381,11 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         r = next(it)
         if kind == "load":
             problems = [] if r["error"] is None else [f"offline load_dataset failed: {r['error']}"]
+            if r.get("bad_arg"):  # prebuild would fail the same way: the manifest is what to fix
+                bad, near = r["bad_arg"]
+                entries.append(EntryCheck(label, False, problems, f"change {bad!r} to {near!r} in `load:` in {m}, "
+                                          f"then `{prebuild_fix}`"))
+                continue
             got = os.path.dirname(r["files"][0]) if r["files"] else None
             if extra is not None and got and os.path.realpath(got) != os.path.realpath(extra["cache_dir"]):
                 problems.append(f"offline load reads {got}, not the build prebuilt for this commit "
@@ -383,8 +398,10 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         problems, fix = [], None
         for f in r["missing"]:
             problems.append(f"{f} is in the repo but not staged")
-            if f not in extra["selected"]:
-                fix = f"add {f!r} to include (or drop the exclude that matches it) in {m}, then `{pull_fix}`"
+        unselected = [f for f in r["missing"] if f not in extra["selected"]]
+        if unselected:  # one fix for all of them, not one run per file
+            fix = (f"add {', '.join(repr(f) for f in unselected)} to include (or drop the exclude that matches "
+                   f"{'it' if len(unselected) == 1 else 'them'}) in {m}, then `{pull_fix}`")
         if r["error"] and not r["missing"]:
             problems.append(f"offline snapshot_download failed: {r['error']}")
         if problems and fix is None:

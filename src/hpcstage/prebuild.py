@@ -371,11 +371,17 @@ except Exception as e:
 NOT_CONFIG = {"path", "name", "split", "cache_dir", "features", "download_config", "download_mode",
               "verification_mode", "keep_in_memory", "save_infos", "revision", "token", "streaming", "num_proc",
               "storage_options", "trust_remote_code", "ignore_verifications", "use_auth_token", "task"}
+import difflib, inspect
+named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
 proto.write(json.dumps({"ready": True, "datasets": datasets.__version__}) + "\n")
 for line in sys.stdin:
     req = json.loads(line)
     started = time.perf_counter()
     try:
+        for k in req["kwargs"]:  # a typo of a named argument would reach the builder config as a key
+            near = difflib.get_close_matches(k, named, n=1, cutoff=0.75) if k not in named else []
+            if near:
+                raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}? (fix `load:`)")
         ds = load_dataset(req["path"], **req["kwargs"])
         parts = list(ds.values()) if isinstance(ds, dict) else [ds]
         files = sorted({f["filename"] for d in parts for f in getattr(d, "cache_files", None) or []})

@@ -39,6 +39,7 @@ class Progress:
     ):
         self.total_bytes, self.total_files, self.label = total_bytes, total_files, label
         self.bytes = self.files = 0
+        self._note = ""  # what the run waits for, e.g. "rate-limited by the Hub: resuming in 40 s (...)"
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._stream = stream or sys.stderr
@@ -83,6 +84,12 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, description=label)
 
+    def note(self, text: str | None) -> None:
+        """Shown on the bar and in the next progress line until cleared with None."""
+        self._note = text or ""
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{self.label}: {text}" if text else self.label)
+
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = self.bytes / elapsed
@@ -90,7 +97,7 @@ class Progress:
         eta = f", ETA {left / rate:.0f}s" if rate > 0 and left > 0 else ""
         return (
             f"{stamp()} {self.label}: {self._files_text()}, {human_bytes(self.bytes)}/{human_bytes(self.total_bytes)}, "
-            f"{human_bytes(rate)}/s{eta}"
+            f"{human_bytes(rate)}/s{eta}" + (f"; {self._note}" if self._note else "")
         )
 
     def _log_loop(self, interval: float) -> None:

@@ -5,13 +5,23 @@ answers exactly what those clients read (see FACTS.md): repo info, paged trees, 
 ETag/X-Repo-Commit headers, and a 302 to a second listener (the "CDN", another origin) for LFS files.
 
 Layout served: ``ROOT/{models,datasets}/<org>/<name>/...`` is revision ``main``; a sibling folder
-``<name>@<rev>/`` is revision ``<rev>``. Hashes and commit shas derive from content only, so they are
-stable across restarts and machines.
+``<name>@<rev>/`` is revision ``<rev>`` (``%2F`` in the folder name for a ``/`` in the revision:
+``<name>@refs%2Fpr%2F1``). Hashes and commit shas derive from content only, so they are stable across
+restarts and machines.
+
+Real-Hub behaviours (FACTS.md "The real Hub"), each switchable on a running server: regular files behind a
+307 with a relative Location to ``/api/resolve-cache/...`` (`resolve_cache`); LFS files as signed URLs on
+the second origin that expire and then answer 403 (`signed_ttl`); gated repos (`gate`: public listing,
+401/403 ``GatedRepo`` on resolve), tokens (`tokens`: any other token gets 401 "Invalid credentials"),
+disabled repos (`disabled`), renamed repos (`renamed`: 307 on API and resolve), the resolver rate limit
+in fixed windows with ``RateLimit``/``RateLimit-Policy`` (`rate_limit`), and a mirror that ignores Range
+(`ignore_range`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -38,11 +48,15 @@ LFS_SUFFIXES = frozenset(
     ".safetensors .bin .parquet .arrow .pt .pth .h5 .msgpack .onnx .gz .tgz .zip .tar .zst .xz .bz2 "
     ".png .jpg .jpeg .npy .npz".split()
 )
-LFS_MIN_SIZE = 10 * 1024 * 1024
+LFS_MIN_SIZE = 10 * 1024 * 1024  # without LFS rules in .gitattributes: LFS by suffix or size
+RESCAN_AFTER = 1.0  # seconds a revision's listing is trusted before its folder is looked at again
 CORRUPT_STRIDE = 4096  # a `corrupt` fault flips the body's first byte and every CORRUPT_STRIDE-th after it
 
 _KINDS = {"model": "models", "dataset": "datasets"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # org, repo name and revision folder names
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")  # refs/pr/1 too
+INVALID_CREDENTIALS = "Invalid credentials in Authorization header"  # the real Hub's X-Error-Message
+DISABLED = "Access to this resource is disabled."
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -147,25 +161,29 @@ def _error_response(error: _HubError) -> _Response:
 
 
 class _Once:
-    """Compute a value once per key, even when many threads ask for it at the same moment."""
+    """Compute a value once per key (again once it is `max_age` seconds old), even when many threads ask
+    for it at the same moment."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._values: dict = {}
+        self._values: dict = {}  # key -> (value, monotonic time computed)
         self._busy: dict = {}
 
-    def get(self, key, compute: Callable):
+    def get(self, key, compute: Callable, max_age: float | None = None):
+        fresh = lambda hit: hit is not None and (max_age is None or time.monotonic() - hit[1] < max_age)  # noqa: E731
         with self._lock:
-            if key in self._values:
-                return self._values[key]
+            hit = self._values.get(key)
+            if fresh(hit):
+                return hit[0]
             key_lock = self._busy.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
-                if key in self._values:
-                    return self._values[key]
+                hit = self._values.get(key)
+                if fresh(hit):
+                    return hit[0]
             value = compute()
             with self._lock:
-                self._values[key] = value
+                self._values[key] = (value, time.monotonic())
                 self._busy.pop(key, None)
             return value
 
@@ -301,17 +319,23 @@ class _Repos:
         folders = {"main": main}
         for sibling in main.parent.iterdir():
             base, at, rev = sibling.name.partition("@")
-            if at and base == name and _NAME.fullmatch(rev) and sibling.is_dir():
+            rev = unquote(rev)
+            if at and base == name and _REVISION.fullmatch(rev) and sibling.is_dir():
                 folders.setdefault(rev, sibling)
         self._folders[(kind, repo_id)] = (version, folders)
         return folders
 
     def _scan(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
-        return self._revisions.get((kind, repo_id, name, folder), lambda: self._read(kind, repo_id, name, folder))
+        """The revision as the folder holds it now: looked at again (sizes and mtimes; unchanged files keep
+        their hashes) at most every RESCAN_AFTER seconds, so files changed while the server runs are served
+        as a new commit, as on the Hub after a push."""
+        return self._revisions.get((kind, repo_id, name, folder), lambda: self._read(kind, repo_id, name, folder),
+                                   max_age=RESCAN_AFTER)
 
     def _read(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
         files: dict[str, FileInfo] = {}
         newest = 0
+        lfs_rules = _lfs_rules(folder / ".gitattributes")
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = [d for d in dirnames if d != ".git"]
             for filename in filenames:
@@ -320,15 +344,53 @@ class _Repos:
                 if not real.is_relative_to(self.root) or not real.is_file():
                     continue
                 st = real.stat()
-                lfs = real.suffix.lower() in LFS_SUFFIXES or st.st_size >= LFS_MIN_SIZE
+                path = local.relative_to(folder).as_posix()
+                if lfs_rules:  # as the Hub: what .gitattributes sends to LFS is LFS
+                    lfs = _is_lfs(path, lfs_rules)
+                else:
+                    lfs = real.suffix.lower() in LFS_SUFFIXES or st.st_size >= LFS_MIN_SIZE
                 digest = self._hashes.get((real, st.st_size, st.st_mtime_ns, lfs), lambda: _digest(real, lfs))
                 oid = _git_oid(_lfs_pointer(digest, st.st_size)) if lfs else digest
-                path = local.relative_to(folder).as_posix()
                 files[path] = FileInfo(path, st.st_size, oid, digest if lfs else None, real)
                 newest = max(newest, st.st_mtime_ns)
         with self._lfs_lock:
             self._lfs.update({f.sha256: f for f in files.values() if f.sha256})
         return _Revision(kind, repo_id, name, files, newest)
+
+
+def _lfs_rules(path: Path) -> list[tuple[str, bool]]:
+    """(pattern, is LFS) for each `.gitattributes` line that sets or unsets `filter` (`filter=lfs`,
+    `-filter`, `!filter`); empty when the file is missing or names no LFS pattern."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    rules = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        for attribute in fields[1:]:
+            if attribute == "filter=lfs":
+                rules.append((fields[0], True))
+            elif attribute in ("-filter", "!filter") or attribute.startswith("filter="):
+                rules.append((fields[0], False))
+    return rules if any(lfs for _, lfs in rules) else []
+
+
+def _is_lfs(path: str, rules: list[tuple[str, bool]]) -> bool:
+    """git's rule: the last matching line wins; a pattern without '/' matches the name at any depth."""
+    import fnmatch
+
+    lfs = False
+    for pattern, value in rules:
+        if "/" in pattern.rstrip("/"):
+            hit = fnmatch.fnmatchcase(path, pattern.lstrip("/").replace("**/", "*"))
+        else:
+            hit = fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+        if hit:
+            lfs = value
+    return lfs
 
 
 def _repo_path(segments: list[str]) -> str:
@@ -337,6 +399,19 @@ def _repo_path(segments: list[str]) -> str:
     if "\0" in path or "\\" in path or (path and any(p in ("", ".", "..") for p in path.split("/"))):
         raise _HubError(400, None, f"Invalid path {path!r}")
     return path
+
+
+def _target(path: str) -> tuple[str, str, bool] | None:
+    """(kind, repo id, is a resolver request) for the hub's repo routes, else None."""
+    segments = path.split("/")[1:]
+    if segments[:2] == ["api", "resolve-cache"] and len(segments) >= 5 and segments[2] in _KINDS.values():
+        return segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}", True
+    if segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
+        return segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}", False
+    kind, rest = ("datasets", segments[1:]) if segments[:1] == ["datasets"] else ("models", segments)
+    if len(rest) >= 5 and rest[2] == "resolve":
+        return kind, f"{unquote(rest[0])}/{unquote(rest[1])}", True
+    return None
 
 
 def _parse_range(value: str | None, size: int) -> tuple[int, int] | None:
@@ -404,7 +479,15 @@ class _Handler(BaseHTTPRequestHandler):
                 retry = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                 self._send(method, _error_response(_HubError(fault.status, None, "Injected fault", retry)), fault)
             else:
-                self._send(method, self._answer(method, url.path, url.query, body), fault)
+                extra: dict[str, str] = {}
+                try:
+                    early = self._hub_rules(url.path, url.query, extra) if role == "hub" else None
+                except _HubError as error:
+                    early = _error_response(error)
+                answer = early or self._answer(method, url.path, url.query, body)
+                if extra:
+                    answer = _Response(answer.status, {**answer.headers, **extra}, answer.body)
+                self._send(method, answer, fault)
         except OSError:  # the client went away, or stop() cut the connection
             self.close_connection = True
         finally:
@@ -413,6 +496,36 @@ class _Handler(BaseHTTPRequestHandler):
                 status=self._status, bytes_sent=self._sent, has_auth="Authorization" in self.headers,
                 time=arrived, duration=time.monotonic() - started,
             ))
+
+    def _hub_rules(self, path: str, query: str, extra: dict[str, str]) -> _Response | None:
+        """The real Hub's answers before any content: rate limit (resolver requests), the token, renamed,
+        disabled and gated repos. Adds the RateLimit headers to `extra`; an answer here replaces the route's."""
+        owner = self.server.owner
+        target = _target(path)
+        if target is None:
+            return None
+        kind, repo_id, resolver = target
+        if resolver and owner.rate_limit is not None:
+            owner._count_resolver(extra)
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or None
+        if token is not None and owner.tokens is not None and token not in owner.tokens:
+            raise _HubError(401, None, INVALID_CREDENTIALS)
+        if repo_id in owner.renamed:
+            org, name = repo_id.split("/")
+            new_org, new_name = owner.renamed[repo_id].split("/")
+            moved = (path + "/").replace(f"/{org}/{name}/", f"/{new_org}/{new_name}/", 1)[:-1]
+            return _Response(307, {"Location": moved + (f"?{query}" if query else "")}, b"")
+        if repo_id in owner.disabled:
+            raise _HubError(403, None, DISABLED)
+        if resolver and repo_id in owner.gated:
+            noun = kind[:-1]
+            if token is None:
+                raise _HubError(401, "GatedRepo", f"Access to {noun} {repo_id} is restricted. You must have access to "
+                                                  "it and be authenticated to access it. Please log in.")
+            if token not in owner.gated[repo_id]:
+                raise _HubError(403, "GatedRepo", f"Access to {noun} {repo_id} is restricted and you are not in the "
+                                                  f"authorized list. Visit {owner.url}/{repo_id} to ask for access.")
+        return None
 
     def _answer(self, method: str, path: str, query: str, body: bytes) -> _Response:
         try:
@@ -429,7 +542,11 @@ class _Handler(BaseHTTPRequestHandler):
         segments = path.split("/")[1:]
         if self.server.role == "cdn":
             if method in ("GET", "HEAD") and len(segments) == 2 and segments[0] == "lfs":
-                return self._cdn(segments[1])
+                return self._cdn(segments[1], parse_qs(query))
+        elif (segments[:2] == ["api", "resolve-cache"] and len(segments) >= 7 and segments[2] in _KINDS.values()
+              and method in ("GET", "HEAD")):
+            return self._resolve_cache(segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}",
+                                       unquote(segments[5]), segments[6:])
         elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
             return self._api(method, segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}",
                              segments[4:], parse_qs(query, keep_blank_values=True), body)
@@ -442,10 +559,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _api(self, method: str, kind: str, repo_id: str, rest: list[str], query: dict, body: bytes) -> _Response:
         repos = self.server.owner._repos
         get = method in ("GET", "HEAD")
+        gated = "manual" if repo_id in self.server.owner.gated else False
         if get and not rest:
-            return _json_response(200, repos.revision(kind, repo_id, "main").info(repo_id, kind))
+            return _json_response(200, {**repos.revision(kind, repo_id, "main").info(repo_id, kind), "gated": gated})
         if get and len(rest) == 2 and rest[0] == "revision":
-            return _json_response(200, repos.revision(kind, repo_id, unquote(rest[1])).info(repo_id, kind))
+            info = repos.revision(kind, repo_id, unquote(rest[1])).info(repo_id, kind)
+            return _json_response(200, {**info, "gated": gated})
         if get and len(rest) >= 2 and rest[0] == "tree":
             revision = repos.revision(kind, repo_id, unquote(rest[1]))
             return self._tree(revision, _repo_path(rest[2:]), query)
@@ -490,21 +609,44 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(404, "EntryNotFound", f"{path!r} not found at revision {revision.name}", headers)
         headers.update({"ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"})
         if f.sha256 is None:
-            return self._file(f, headers)
+            if not owner.resolve_cache:
+                return self._file(f, headers)
+            # The real Hub: a 307 with a relative Location to the resolve cache (another resolver request).
+            location = f"/api/resolve-cache/{kind}/{repo_id}/{revision.commit}/{quote(path)}?{urlencode({'etag': f.oid})}"
+            return _Response(307, {**headers, "Location": location}, b"")
         host = (self.headers.get("Host") or "127.0.0.1").rsplit(":", 1)[0]
         cdn = owner._listeners[1].scheme
-        location = f"{cdn}://{host}:{owner.cdn_port}/lfs/{f.sha256}?filename={quote(path.rsplit('/', 1)[-1])}"
+        location = f"{cdn}://{host}:{owner.cdn_port}{owner.cdn_path(f.sha256, path.rsplit('/', 1)[-1])}"
         headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size), "Location": location})
         return _Response(302, headers, b"")
 
-    def _cdn(self, sha256: str) -> _Response:
-        f = self.server.owner._repos.lfs_file(sha256)
+    def _resolve_cache(self, kind: str, repo_id: str, commit: str, path_segments: list[str]) -> _Response:
+        revision = self.server.owner._repos.revision(kind, repo_id, commit)
+        path = _repo_path(path_segments)
+        f = revision.files.get(path)
+        headers = {"X-Repo-Commit": revision.commit}
+        if f is None:
+            raise _HubError(404, "EntryNotFound", f"{path!r} not found at revision {revision.name}", headers)
+        return self._file(f, {**headers, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"})
+
+    def _cdn(self, sha256: str, query: dict) -> _Response:
+        owner = self.server.owner
+        expires, signature = query.get("expires", [""])[0], query.get("signature", [""])[0]
+        if not expires.isdigit() or not hmac.compare_digest(signature, owner._sign(sha256, expires)):
+            raise _HubError(403, None, "Invalid signature")
+        if time.time() > int(expires):
+            raise _HubError(403, None, "Request has expired")  # signed URLs end; the client goes back to resolve
+        f = owner._repos.lfs_file(sha256)
         if f is None:
             raise _HubError(404, None, "No such object")
         return self._file(f, {"ETag": f'"{f.sha256}"', "Accept-Ranges": "bytes"})
 
     def _file(self, f: FileInfo, headers: dict) -> _Response:
         headers["Content-Type"] = "application/octet-stream"
+        if headers.get("ETag") and headers["ETag"] in (self.headers.get("If-None-Match") or ""):
+            return _Response(304, headers, b"")  # a conditional request for what the client has
+        if self.server.owner.ignore_range:  # a mirror or caching proxy that ignores Range: always the whole body
+            return _Response(200, headers, _FileSlice(f.local, 0, f.size))
         span = _parse_range(self.headers.get("Range"), f.size)
         if span is None:
             return _Response(200, headers, _FileSlice(f.local, 0, f.size))
@@ -640,9 +782,23 @@ class HubServer:
 
     def __init__(self, root: Path | str, host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0,
                  page_size: int = 1000, log_file: Path | str | None = None,
-                 tls: dict[str, ssl.SSLContext] | None = None):
+                 tls: dict[str, ssl.SSLContext] | None = None, resolve_cache: bool = True):
         """`tls`: a server-side SSLContext per listener ('hub', 'cdn') to serve over https (tests)."""
         self.root = Path(root)
+        # Real-Hub behaviours (module docstring); attributes a test may change while the server runs.
+        self.resolve_cache = resolve_cache  # regular files: 307 to /api/resolve-cache/...
+        self.signed_ttl = 3600.0  # seconds a signed LFS URL stays valid
+        self.gated: dict[str, set[str]] = {}  # gated repo id -> tokens granted access
+        self.tokens: set[str] | None = None  # valid tokens; None: any token is accepted
+        self.disabled: set[str] = set()
+        self.renamed: dict[str, str] = {}  # old repo id -> new repo id
+        self.rate_limit: tuple[int, int] | None = None  # (resolver requests, window in whole seconds)
+        self.rate_limit_reset: int | None = None  # say this t on every answer instead of the real one
+        self.rate_limit_on_success = True  # RateLimit headers on every resolver answer (the Hub's way), not only 429s
+        self.ignore_range = False
+        self._secret = os.urandom(16)
+        self._window = (0.0, -1, 0)  # (start, index, requests counted in it)
+        self.rate_window_started = 0.0
         self._tls = tls or {}
         self.host, self.page_size = host, page_size
         self._ports = (port, cdn_port)
@@ -730,6 +886,48 @@ class HubServer:
         except _HubError as error:
             raise LookupError(str(error)) from None
 
+    # -- real-Hub behaviours ----------------------------------------------------------------------------
+
+    def gate(self, repo_id: str, granted: tuple[str, ...] = ()) -> None:
+        """Make `repo_id` gated: listed publicly, its files refused unless the token is in `granted`."""
+        self.gated[repo_id] = set(granted)
+        self.tokens = (self.tokens or set()) | set(granted)
+
+    def limit_resolvers(self, quota: int, window: int) -> None:
+        """The Hub's resolver rate limit: `quota` requests per fixed window of `window` seconds, starting now."""
+        with self._lock:
+            self.rate_limit = (quota, window)
+            self._window = (time.monotonic(), -1, 0)
+            self.rate_window_started = time.time()  # the same moment on the request log's clock
+
+    def _count_resolver(self, headers: dict[str, str]) -> None:
+        """Count one resolver request in the current window; RateLimit headers into `headers`; 429 when over."""
+        quota, window = self.rate_limit
+        with self._lock:
+            start, index, count = self._window
+            now = time.monotonic()
+            current = int((now - start) // window)
+            count = count + 1 if current == index else 1
+            self._window = (start, current, count)
+        reset = int(start + (current + 1) * window - now)  # whole seconds, rounded down: 0 in the last second
+        if self.rate_limit_reset is not None:  # a server that always says t=N, whatever is left of the window
+            reset = self.rate_limit_reset
+        said = {"RateLimit": f'"resolvers";r={max(0, quota - count)};t={reset}',
+                "RateLimit-Policy": f'"fixed window";"resolvers";q={quota};w={int(window)}'}
+        if count > quota:
+            raise _HubError(429, None, "You have exceeded the rate limit for resolver requests", said)
+        if self.rate_limit_on_success:
+            headers.update(said)
+
+    def cdn_path(self, sha256: str, filename: str = "") -> str:
+        """A signed path on the CDN listener for an LFS object, valid for `signed_ttl` seconds from now."""
+        expires = str(int(time.time() + self.signed_ttl))
+        query = {"filename": filename} if filename else {}
+        return f"/lfs/{sha256}?{urlencode({**query, 'expires': expires, 'signature': self._sign(sha256, expires)})}"
+
+    def _sign(self, sha256: str, expires: str) -> str:
+        return hmac.new(self._secret, f"{sha256}:{expires}".encode(), "sha256").hexdigest()
+
     # -- faults and log ------------------------------------------------------------------------------
 
     def add_fault(self, rule: FaultRule) -> None:
@@ -787,12 +985,16 @@ class HubServer:
                 self._log_stream.flush()
 
 
-def serve_forever(root: Path | str, host: str = "127.0.0.1", port: int = 0, log_file: Path | str | None = None) -> None:
-    """Serve `root` until SIGINT/SIGTERM; print one line with the URL first (`hpcstage serve`)."""
+def serve_forever(root: Path | str, host: str = "127.0.0.1", port: int = 0, log_file: Path | str | None = None,
+                  setup: Callable[[HubServer], None] | None = None) -> None:
+    """Serve `root` until SIGINT/SIGTERM; print one line with the URL first (`hpcstage serve`). `setup`
+    switches real-Hub behaviours on (gated repos, tokens, rate limit, ...) before the first request."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with HubServer(root, host, port, log_file=log_file) as server:
+            if setup is not None:
+                setup(server)
             print(f"{server.url} serving {root} (LFS files from {server.cdn_url})", flush=True)
             while not stop.wait(0.5):
                 pass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import BadInput, HpcstageError, TransferError
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoRefused, TransferError
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -94,6 +94,8 @@ class Options:
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: setgid folders, group-readable files
     worker: bool = False  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
+    files: dict[str, list[str]] = field(default_factory=dict)  # entry key -> files named on the command line
+    manifest_path: Path | None = None  # entries come from this manifest: hints name its keys, not flags
 
 
 class _Run:
@@ -102,23 +104,71 @@ class _Run:
     def __init__(self, opts: Options):
         self.opts = opts
         self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+        check_cache_dir(self.cache_dir)
         self._http: Http | None = None
         self.sharing = Sharing.for_group(opts.shared_group) if opts.shared_group else None  # checked before any request
         self.summary = PullSummary()
         self.cancel = threading.Event()  # set on Ctrl-C/SIGTERM: workers stop at their next chunk
         self.in_flight = InFlight(opts.workers)
+        self.token: str | None = None
+        self.progress: Progress | None = None
+        # "type:repo" (or "*" for the token itself) -> the Hub's refusal: its remaining files are not asked for
+        self.refused: dict[str, RepoRefused] = {}
+        # "type:repo" -> set once the Hub has answered a first download of it: until then one request asks alone,
+        # so that a repo the Hub refuses costs one refused request, not one per worker thread
+        self._first_answer: dict[str, threading.Event] = {}
+        self._first_lock = threading.Lock()
 
     @property
     def http(self) -> Http:
         # Created on first use: a warm pull from the lockfile never opens a connection.
         if self._http is None:
+            refuse_offline()
             origin = hub.endpoint()  # a malformed HF_ENDPOINT is bad input, before huggingface_hub parses it
             from huggingface_hub import get_token  # HF_TOKEN, else the token file; imported only when needed
 
             token = self.opts.token if self.opts.token is not None else get_token()
+            self.token = token or None
             self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers * CONNECTIONS + 2,
-                              read_timeout=self.opts.timeout, retry=self.opts.retry)
+                              read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
+                              share=_array_share() if self.opts.worker else 1.0)
+            self._http.on_wait = self._on_wait
+            self._http.on_response = self._heard
         return self._http
+
+    def _heard(self, resp, url: str) -> None:
+        """A final answer from the Hub: a refusal of the repo is recorded before anyone waiting on the
+        repo's first answer goes on."""
+        if all(event.is_set() for event in list(self._first_answer.values())) and resp.status < 400:
+            return
+        where = hub.parse_hub_url(url)
+        if where is None or where[2] is None:  # not a download (the API at plan time)
+            return
+        repo = f"{where[0].repo_type}:{where[0].repo_id}"
+        if resp.status >= 400:
+            error = hub.error_for(resp, url)
+            if isinstance(error, RepoRefused):
+                self.refused.setdefault("*" if isinstance(error, InvalidToken) else repo, error)
+        event = self._first_answer.get(repo)
+        if event is not None:
+            event.set()
+
+    def _first_of(self, repo: str) -> threading.Event | None:
+        """The event to set when this thread's request is the repo's first (None: the first answer is in)."""
+        with self._first_lock:
+            event = self._first_answer.get(repo)
+            if event is None:
+                event = self._first_answer[repo] = threading.Event()
+                return event
+        while not event.wait(0.25):
+            if self.cancel.is_set():
+                raise KeyboardInterrupt
+        return None
+
+    def _on_wait(self, line: str | None) -> None:
+        """"rate-limited by the Hub: resuming in N s ..." on the progress line (None: waiting is over)."""
+        if self.progress is not None:
+            self.progress.note(line)
 
     def plan(self, entry: HubEntry, locked) -> _RepoPlan:
         ref = hub.RepoRef(entry.repo_type, entry.repo)
@@ -132,10 +182,19 @@ class _Run:
         elif policy.is_commit(entry.revision):
             commit = entry.revision
         else:
-            commit = hub.resolve(self.http, ref, entry.revision)
+            commit, info = hub.resolve_info(self.http, ref, entry.revision)
+            hub.warn_if_gated(ref, info, self.token)
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
+        named = self.opts.files.get(entry.key)
+        if named:  # `pull ORG/NAME FILE...`: each must be a file of the repo, as `hf download` insists
+            have = {f.path for f in all_files}
+            absent = [n for n in named if n not in have]
+            if absent:
+                raise HubError(f"{entry.repo_type} {entry.repo}@{entry.revision} has no file "
+                               f"{', '.join(repr(a) for a in absent)}; check the name (paths are relative to the "
+                               "repo's root, e.g. data/train.parquet)")
         return _RepoPlan(entry, ref, cache, commit, files, None if on_disk is not None else all_files)
 
     def execute(self, plans: list[_RepoPlan]) -> None:
@@ -153,7 +212,12 @@ class _Run:
         self.summary.bytes = total
         todo = [(p, f) for p, f, dup in jobs if not dup]
         self._check_space(todo)
+        for p in plans:  # the listing first: `status` and `verify` of a failed run then know what is missing
+            if p.all_files is not None:
+                p.cache.write_tree(p.commit, p.all_files)
+                p.all_files = None
         with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
+            self.progress = progress
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
                 progress.file_done()
@@ -196,7 +260,7 @@ class _Run:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[Future, tuple] = {}
         later: deque = deque()  # (not before, job): units another process holds
-        failures: list[str] = []
+        failures: list[HpcstageError] = []
         pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
 
         def start(job: tuple) -> None:
@@ -218,8 +282,8 @@ class _Run:
                 plan, f = job[1][0]
                 try:
                     fetched = fut.result()
-                except TransferError as e:
-                    failures.append(str(e))
+                except (TransferError, HubError) as e:
+                    failures.append((f"{plan.entry.repo}/{f.path}", e))
                     continue
                 except OSError as e:
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -231,9 +295,9 @@ class _Run:
                 if fetched is None:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
-                for n in fetched:
-                    if isinstance(n, TransferError):
-                        failures.append(str(n))
+                for (p_, f_), n in zip(job[1], fetched):
+                    if isinstance(n, HpcstageError):
+                        failures.append((f"{p_.entry.repo}/{f_.path}", n))
                         continue
                     progress.file_done()
                     self.summary.downloaded_files += n > 0
@@ -245,9 +309,7 @@ class _Run:
             raise
         pool.shutdown()
         if failures:
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise TransferError(f"{len(failures)} of {sum(len(j[1]) for j in jobs)} files failed: {failures[0]}{more}; "
-                                "run the same pull again to retry them (finished files are kept)")
+            raise _failed(failures, sum(len(j[1]) for j in jobs))
 
     def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
         """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
@@ -273,7 +335,7 @@ class _Run:
                 units.append((self.cache_dir / BATCH_LEASES / f"{name}{LEASE_SUFFIX}", missing))
         return units
 
-    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | TransferError] | None:
+    def _stage_unit(self, lease_path: Path | None, items: list, progress: Progress) -> list[int | HpcstageError] | None:
         """Put a unit's files in place; returns the bytes each one downloaded (or why it failed: one file
         does not stop the others), or None when another process holds the unit's lease (the caller queues
         it again and moves on)."""
@@ -283,13 +345,13 @@ class _Run:
             if not lease.try_acquire():
                 return None
         try:
-            done: list[int | TransferError] = []
+            done: list[int | HpcstageError] = []
             # Units are either one large file or a batch of small ones; a batch runs under one slot.
             with self.in_flight.slot() if items[0][1].size < SMALL else nullcontext():
                 for plan, f in items:
                     try:
                         done.append(self._stage_file(plan, f, progress, lease))
-                    except TransferError as e:
+                    except (TransferError, HubError) as e:
                         done.append(e)
             return done
         finally:
@@ -303,8 +365,27 @@ class _Run:
             cache.link(plan.commit, f)
             progress.add(f.size)
             return 0
+        key = f"{plan.entry.repo_type}:{plan.entry.repo}"
+        first = self._first_of(key)
+        refused = self.refused.get(key) or self.refused.get("*")
+        if refused is not None:  # the Hub refused this repo (or the token): asking again gets the same answer
+            if first is not None:
+                first.set()
+            raise refused
         url = plan.ref.file_url(plan.commit, f.path)
         label = f"{plan.entry.repo}/{f.path}"
+        try:
+            return self._fetch_file(plan, f, progress, lease, url, label)
+        except RepoRefused as e:
+            self.refused.setdefault("*" if isinstance(e, InvalidToken) else key, e)
+            raise
+        finally:
+            if first is not None:  # also when the request never got an answer
+                first.set()
+
+    def _fetch_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None, url: str,
+                    label: str) -> int:
+        cache = plan.cache
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
             with self.in_flight.timed():
@@ -330,13 +411,83 @@ class _Run:
                                 sha256=f.sha256, on_bytes=on_bytes, label=label, root=self.cache_dir)
                 break
             except TransferError as e:
-                if attempt == 2 or "hash mismatch" not in str(e):
+                if attempt == 2 or not isinstance(e, HashMismatch):
                     raise
                 progress.add(-f.size)  # fetch reported the whole file before its hash failed
         lease.check()
         cache.commit_blob(cache.partial(f.etag), f.etag)
         cache.link(plan.commit, f)
         return fetched
+
+
+GROUP_AT = 5  # more failures than this are grouped by their reason
+
+
+def describe_failures(failures: list[tuple[str, str]]) -> str:
+    """Every failed file by name: each with its error, or, when many, grouped under each distinct reason
+    (the error with the file's own name taken out)."""
+    if len(failures) <= GROUP_AT:
+        return "; ".join(why if why.startswith(name) else f"{name}: {why}" for name, why in failures)
+    groups: dict[str, list[str]] = {}
+    for name, why in failures:
+        reason = why.replace(name, "FILE") if name in why else why
+        groups.setdefault(reason, []).append(name)
+    return "; ".join(f"{len(names)} x {reason!r}: {', '.join(names)}" for reason, names in groups.items())
+
+
+def refuse_offline() -> None:
+    """huggingface_hub refuses to use the network with HF_HUB_OFFLINE=1 set; so does pull (a warm pull,
+    which needs no request, still works)."""
+    import os
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise BadInput(f"HF_HUB_OFFLINE={value} is set, so pull does not use the network (as huggingface_hub); "
+                       "`unset HF_HUB_OFFLINE`, then run the same command again")
+
+
+def check_cache_dir(folder: Path) -> None:
+    """A cache path that is a file (or lies under one) is bad input, found before any request."""
+    for p in (folder, *folder.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == folder else f"lies under {p}, which is a file"
+                raise BadInput(f"cache folder {folder} {what}; pass --cache-dir (or `cache_dir:`) naming a folder")
+            return
+
+
+def _failed(failures: list[tuple[str, HpcstageError]], total: int) -> HpcstageError:
+    """One error for a run whose files failed, naming every failed file (`describe_failures`). Refusals that a
+    rerun cannot change (a gate, a bad token) are told as such, once per repo; "run the same pull again" only
+    when some failure could pass. `.failures` lists each file and its error (for `--json`)."""
+    passing = [(name, e) for name, e in failures if e.rerun_helps]
+    final = [e for _, e in failures if not e.rerun_helps]
+    reasons: list[HpcstageError] = []
+    for e in final:  # one line per distinct refusal (the same refusal object stands for a repo's files)
+        if not any(type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons):
+            reasons.append(e)
+    told = "; ".join(str(r) for r in reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    if not passing:
+        first = reasons[0]
+        err = type(first)(f"{len(failures)} of {total} files not fetched: {told}", repo=first.repo,
+                          path=first.path, status=first.status, hint=first.hint)
+    else:
+        also = f"; not retried: {told}" if reasons else ""
+        lead = passing[0][1]
+        err = TransferError(f"{len(failures)} of {total} files failed: "
+                            f"{describe_failures([(name, str(e)) for name, e in passing])}; run the same pull again "
+                            f"to retry them (finished files are kept){also}", repo=lead.repo, path=lead.path,
+                            status=lead.status)
+    err.failures = [{"file": name, "error": str(e)} for name, e in failures]  # type: ignore[attr-defined]
+    return err
+
+
+def _array_share() -> float:
+    """An array worker's part of the Hub's rate limit: the workers share one address, so one quota."""
+    try:
+        return 1.0 / max(1, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
+    except ValueError:
+        return 1.0
 
 
 class InFlight:
@@ -416,10 +567,11 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
         # After a clean run every file is linked (execute checked them); only a failed run needs a look.
         done = state == "staged" or all(p.cache.is_linked(p.commit, f) for f in p.files)
         new = ledger.Record(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, "staged" if done else state,
-                            len(p.files), sum(f.size for f in p.files), "" if done else reason)
+                            len(p.files), sum(f.size for f in p.files), "" if done else reason,
+                            patterns={"include": p.entry.include, "exclude": p.entry.exclude})
         old = ledger.read(cache_dir, p.entry.repo_type, p.entry.repo, p.entry.revision)
-        if old is None or (old.commit, old.state, old.files, old.bytes, old.reason) != (
-                new.commit, new.state, new.files, new.bytes, new.reason):  # a warm pull writes nothing
+        if old is None or (old.commit, old.state, old.files, old.bytes, old.reason, old.patterns) != (
+                new.commit, new.state, new.files, new.bytes, new.reason, new.patterns):  # a warm pull writes nothing
             ledger.write(cache_dir, new)
 
 
@@ -435,7 +587,30 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool)
             raise BadInput(f"array worker: {what} planned in the lockfile; "
                            "plan first with `hpcstage pull -f MANIFEST --slurm-array N`")
     run = _Run(opts)
-    return run, [run.plan(e, None if update else lock.entries.get(e.key)) for e in entries]
+    plans = []
+    for e in entries:
+        try:
+            plans.append(run.plan(e, None if wants_update(update, e) else lock.entries.get(e.key)))
+        except HubError as err:
+            if opts.manifest_path is not None and str(err).endswith("; check --revision"):  # no such flag with -f
+                raise HubError(f"{str(err).removesuffix('; check --revision')}; check `revision:` of the entry in "
+                               f"{opts.manifest_path}") from None
+            if opts.manifest_path is None or f"repo {e.repo} not found" not in str(err):
+                raise
+            other = "dataset" if e.repo_type == "model" else "model"
+            raise HubError(f"{e.repo_type} repo {e.repo} not found at {hub.endpoint()}; if it is a {other}, list it "
+                           f"under `{other}s:` in {opts.manifest_path} (a file entry: `repo_type: {other}`), else "
+                           "check the id (private or gated repos need HF_TOKEN)") from None
+    return run, plans
+
+
+def wants_update(update, entry) -> bool:
+    """`update` is True/False (every entry or none) or the names given to `--update NAME`: an entry's repo
+    id, its lockfile key, or a data entry's dest or source."""
+    if isinstance(update, bool) or update is None:
+        return bool(update)
+    names = {entry.key, getattr(entry, "repo", None), getattr(entry, "dest", None), getattr(entry, "source", None)}
+    return bool(names & set(update))
 
 
 def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
@@ -457,6 +632,9 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
     except BaseException as e:
         _record(run.cache_dir, plans, "failed" if isinstance(e, HpcstageError) else "interrupted",
                 str(e) or type(e).__name__)
+        if isinstance(e, HpcstageError):
+            run.summary.seconds = time.monotonic() - started
+            e.summary = run.summary  # type: ignore[attr-defined]  # what did get staged, for `--json`
         raise
     _record(run.cache_dir, plans, "staged")
     if run.sharing is not None:
@@ -475,6 +653,7 @@ def _manifest_opts(manifest: Manifest, opts: Options | None) -> Options:
         opts.allow = manifest.allow
     if manifest.shared_group and not opts.shared_group:
         opts.shared_group = manifest.shared_group
+    opts.manifest_path = manifest.path
     return opts
 
 
@@ -494,7 +673,7 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
     opts = _manifest_opts(manifest, opts)
-    old = load_lock(manifest.lock_path)
+    old = load_lock(manifest.lock_path, manifest.path)
     summary, new = pull(manifest.entries, opts, old, update)
     if not manifest.data_entries:
         _save(manifest, old, new)
@@ -516,7 +695,9 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     summary.downloaded_bytes += sum(r.downloaded_bytes for r in results)
     summary.seconds += time.monotonic() - started
     if failures:
-        raise datadir.first_failure(failures)
+        err = datadir.first_failure(failures)
+        err.summary = summary  # type: ignore[attr-defined]
+        raise err
     return summary
 
 
@@ -525,7 +706,7 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""
     opts = _manifest_opts(manifest, opts)
-    old = load_lock(manifest.lock_path)
+    old = load_lock(manifest.lock_path, manifest.path)
     run, plans = _start(manifest.entries, opts, old, update)
     for p in plans:
         if p.all_files is not None:
@@ -549,6 +730,36 @@ def _walk(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
         if depth >= min_depth:
             found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
     return sorted(found)
+
+
+def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
+    """`pull --local-dir DIR`: the snapshot's files as plain files under DIR (a reflink where the filesystem
+    can, else a copy; never a hardlink or symlink into the cache, so editing them leaves the cache intact).
+    A file already there with the blob's size and bytes is left alone. Returns the files written."""
+    import filecmp
+
+    from hpcstage.sources import local
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    found = [(Path(here) / name).relative_to(snapshot).as_posix()
+             for here, _dirs, names in os.walk(snapshot) for name in names]
+    written = 0
+    # only this pull's selection: the snapshot may hold files other pulls added
+    for rel in filter_repo_objects(found, allow_patterns=entry.include, ignore_patterns=entry.exclude):
+        src = snapshot / rel
+        dst = Path(local_dir) / rel
+        blob = src.resolve()
+        if dst.is_file() and not dst.is_symlink() and dst.stat().st_size == blob.stat().st_size \
+                and filecmp.cmp(dst, blob, shallow=False):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.hpcstage-tmp")
+        tmp.unlink(missing_ok=True)
+        local.place(blob, tmp, lambda n: None, allow_hardlink=False)
+        os.replace(tmp, dst)
+        written += 1
+    return written
 
 
 @dataclass

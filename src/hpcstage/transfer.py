@@ -7,24 +7,30 @@ a partial file survives its process so the next one continues where it stopped.
 """
 from __future__ import annotations
 
+import base64
 import email.utils
 import errno
 import http.client
 import json
+import logging
+import math
 import mmap
 import os
 import random
+import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from hpcstage import safefs
-from hpcstage.errors import TransferError
+from hpcstage.errors import BadInput, HashMismatch, HpcstageError, ProxyError, TransferError
 from hpcstage.hfcache import new_hasher
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -37,6 +43,7 @@ DIRECT_ALIGN = 4096  # O_DIRECT alignment that every Linux filesystem accepts
 BUFFERS = 16  # PIECE buffers for all large files of a process at once: 128 MiB
 _BUFFERS = threading.BoundedSemaphore(BUFFERS)
 RANGES_SUFFIX = ".ranges"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,7 +53,9 @@ class RetryPolicy:
     attempts: int = 6
     base: float = 1.0
     cap: float = 16.0
-    budget: float = 300.0  # seconds from the first try of one request
+    # Seconds from the first try of one request. Rate-limit waits spend this time, not tries: the Hub's
+    # windows are 5 minutes (FACTS.md), and the default waits one out more than once (2 x 301 s).
+    budget: float = 900.0
 
     def delay(self, attempt: int, retry_after: str | None) -> float:
         hinted = parse_retry_after(retry_after)
@@ -78,13 +87,29 @@ class _Attempts:
     n: int = 0
     started: float = field(default_factory=time.monotonic)
 
-    def wait(self, reason: str, retry_after: str | None = None) -> None:
+    limited: int = 0  # 429s so far: they spend the time budget, never a try
+
+    def wait(self, reason: str, retry_after: str | None = None, cause: BaseException | None = None) -> None:
         delay = self.policy.delay(self.n, retry_after)
         self.n += 1
         spent = time.monotonic() - self.started
         if self.n >= self.policy.attempts or spent + delay > self.policy.budget:
-            raise TransferError(f"{self.what}: {reason} (gave up after {self.n} tries in {spent:.0f}s)")
+            raise TransferError(f"{self.what}: {reason} (gave up after {self.n} tries in {spent:.0f}s)") from cause
         time.sleep(delay)
+
+    def rate_limited(self, delay: float | None) -> float:
+        """A 429: the wait (the server's hint, else backoff that does not use up tries), or TransferError
+        when it would end past the budget. The caller's next request waits in the origin's pacer."""
+        if delay is None:
+            delay = min(self.policy.cap, self.policy.base * 2**self.limited) * random.uniform(0.5, 1.0)
+        self.limited += 1
+        spent = time.monotonic() - self.started
+        if spent + delay > self.policy.budget:
+            raise TransferError(f"{self.what}: rate-limited by the server for {spent:.0f}s and told to wait "
+                                f"{delay:.0f}s more, past --retry-budget ({self.policy.budget:.0f}s); raise "
+                                "--retry-budget, or log in (`hf auth login`) for a larger Hub quota",
+                                status=429)
+        return delay
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -97,10 +122,114 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 DROPPED = (ConnectionError, TimeoutError, http.client.HTTPException)
 
 
+# -- proxies and TLS --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """An http proxy from the environment. `name` is what messages show: never the credentials."""
+
+    host: str
+    port: int
+    auth: str | None  # the Proxy-Authorization value, from user:password in the proxy URL
+    variable: str  # which variable named it (HTTPS_PROXY, ...)
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Proxy-Authorization": self.auth} if self.auth else {}
+
+
+def _parse_proxy(value: str, variable: str) -> Proxy:
+    """`http://[user:password@]host[:port]` (a bare `host:port` is http too, as curl reads it)."""
+    parts = urlsplit(value if "://" in value else f"http://{value}")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port < 0:
+        shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if port > 0 and parts.port else "")
+        raise BadInput(f"{variable}={shown}...: hpcstage speaks to proxies over plain http "
+                       "(http://host:port, CONNECT for https); fix or unset it")
+    auth = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(pair.encode()).decode()
+    return Proxy(parts.hostname, port, auth, variable)
+
+
+class Proxies:
+    """The proxy for each origin, read from the environment now (not at import) with the standard library's
+    rules (`urllib.request.getproxies`/`proxy_bypass`: those of requests; huggingface_hub's httpx with
+    `trust_env` reads the same variables):
+    `https_proxy`/`HTTPS_PROXY` for https, `http_proxy`/`HTTP_PROXY` for http, `all_proxy`/`ALL_PROXY`
+    for both, `no_proxy`/`NO_PROXY` (host names, domain suffixes, IPs, host:port, `*`) to go direct.
+    Written here because http.client has no proxy support beyond a bare `set_tunnel`."""
+
+    def __init__(self):
+        self._env = urllib.request.getproxies_environment()
+        self._cache: dict[tuple, Proxy | None] = {}
+
+    def variable(self, scheme: str) -> str | None:
+        """The variable the proxy for `scheme` comes from (for messages)."""
+        for key in (scheme, "all"):
+            if self._env.get(key):
+                for name in (f"{key}_proxy", f"{key.upper()}_PROXY"):
+                    if os.environ.get(name) == self._env[key]:
+                        return name
+                return f"{key.upper()}_PROXY"
+        return None
+
+    def for_origin(self, scheme: str, host: str, port: int | None) -> Proxy | None:
+        key = (scheme, host, port)
+        if key not in self._cache:
+            self._cache[key] = self._lookup(scheme, host, port)
+        return self._cache[key]
+
+    def for_url(self, url: str) -> Proxy | None:
+        return self.for_origin(*_origin(url))
+
+    def _lookup(self, scheme: str, host: str, port: int | None) -> Proxy | None:
+        value = self._env.get(scheme) or self._env.get("all")
+        if not value:
+            return None
+        where = f"{host}:{port}" if port else host
+        if urllib.request.proxy_bypass_environment(where, self._env):
+            return None
+        return _parse_proxy(value, self.variable(scheme) or "proxy")
+
+
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def tls_context() -> ssl.SSLContext:
+    """The system store (where SSL_CERT_FILE/SSL_CERT_DIR apply), plus the site bundle many sites name in
+    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE (read by requests and curl, not by the ssl module)."""
+    ctx = ssl.create_default_context()
+    for name in CA_BUNDLE_VARIABLES:
+        path = os.environ.get(name)
+        if not path:
+            continue
+        try:
+            if os.path.isdir(path):
+                ctx.load_verify_locations(capath=path)
+            else:
+                ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as e:
+            raise BadInput(f"{name}={path} is not a readable CA bundle ({getattr(e, 'strerror', None) or e}); "
+                           f"point it at your site's CA file, or unset it") from None
+    return ctx
+
+
 class _HTTPConnection(http.client.HTTPConnection):
-    """Connect timeout for the connect, read timeout for everything after it."""
+    """Connect timeout for the connect, read timeout for everything after it. Through a proxy (`proxy`
+    set) the connection goes to the proxy and requests carry the absolute URL."""
 
     read_timeout: float = 30.0
+    proxy: Proxy | None = None
 
     def connect(self) -> None:
         super().connect()  # also sets TCP_NODELAY
@@ -109,10 +238,50 @@ class _HTTPConnection(http.client.HTTPConnection):
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     read_timeout: float = 30.0
+    proxy: Proxy | None = None  # https through an http proxy: a CONNECT tunnel, then TLS inside it
+    tls: ssl.SSLContext
 
     def connect(self) -> None:
-        super().connect()
+        if self.proxy is None:
+            super().connect()
+        else:
+            self._tunnel_through(self.proxy)
         self.sock.settimeout(self.read_timeout)
+
+    def _tunnel_through(self, proxy: Proxy) -> None:
+        """CONNECT host:port through the proxy, then TLS with the target's name. By hand rather than with
+        `set_tunnel`, so that the proxy's refusal comes back as a status (ProxyError), not as message text."""
+        sock = socket.create_connection((proxy.host, proxy.port), self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = f"{self.host}:{self.port or 443}"
+            head = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"] + [f"{k}: {v}" for k, v in proxy.headers.items()]
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            answer = http.client.HTTPResponse(sock, method="CONNECT")
+            answer.begin()
+            if answer.status != 200:
+                answer.close()
+                hint = {407: "put user:password in the proxy URL (http://user:password@host:port)",
+                        403: "ask the site whether this host is allowed through the proxy"}.get(answer.status, "")
+                raise ProxyError(f"proxy {proxy.name} ({proxy.variable}) refused CONNECT to {target}: "
+                                 f"{answer.status} {answer.reason.strip().lower()}" + (f"; {hint}" if hint else ""),
+                                 status=answer.status, hint=hint or None)
+            sock.settimeout(self.read_timeout)
+            self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def open_connection(url: str, timeout: float) -> None:
+    """Open (and close) a connection to `url`'s origin the way requests go: through its proxy (the CONNECT
+    tunnel and TLS for https). Raises what a request would meet (ProxyError, OSError, ssl errors)."""
+    http = Http({}, connect_timeout=timeout, read_timeout=timeout)
+    conn = http._connection(_origin(url))
+    try:
+        conn.connect()
+    finally:
+        conn.close()
 
 
 class Response:
@@ -123,6 +292,7 @@ class Response:
                  url: str):
         self._http, self._key, self._conn, self._raw = http, key, conn, raw
         self.status, self.headers, self.url = raw.status, raw.headers, url
+        self.sent_auth = False  # whether Authorization went with the request that got this answer
 
     def read(self, amt: int | None = None) -> bytes:
         return self._raw.read(amt)
@@ -150,14 +320,153 @@ class Response:
             conn.close()
 
 
+# -- rate limits ------------------------------------------------------------------------------------
+
+
+def _resource(path: str) -> str:
+    """Which of the Hub's quotas a request spends: resolver requests (`/resolve/`, `/api/resolve-cache/`)
+    have their own, smaller than the API's (FACTS.md)."""
+    return "resolvers" if "/resolve" in path else "api"
+
+
+class _PastDeadline(Exception):
+    """A rate-limit wait that would outlast the request's retry budget (`seconds`: the wait)."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _Pacer:
+    """Requests to one origin and quota, spaced so that a pull flows under the server's rate limit.
+
+    The server says, on its answers, `RateLimit: "resolvers";r=R;t=T` (R left in this fixed window, which
+    ends in T whole seconds: between T and T+1) and `RateLimit-Policy: "fixed window";...;q=Q;w=W`. This
+    keeps an estimate of what is left (counted down as requests go out, never above what the server last
+    said) and of when the window ends (the earliest T+1 seen); when nothing is left, requests wait for the
+    window's end. A 429 pauses every request to the origin until its wait is over. After a wait, one request
+    goes first (a probe) and the others follow once its answer says how much the new window holds: a
+    server whose T is too short (`t=0` while the window runs on) then costs one 429 per guess, not a burst.
+    `share` is this process's part of the quota (array workers share one address, so one quota).
+    huggingface_hub has no pacing (it only waits after a 429), hence by hand."""
+
+    PROBE_TIMEOUT = 5.0  # a probe unanswered this long (its connection failed) lets another one go
+
+    def __init__(self, origin: str, share: float, announce: Callable[[str | None], None]):
+        self.origin, self.share, self._announce = origin, share, announce
+        self._cond = threading.Condition()
+        self.remaining: float | None = None  # None: no limit known
+        self.ends = 0.0  # monotonic time by which the current window has surely ended
+        self.paused_until = 0.0
+        self.probe: float | None = None  # when the probe went out; None: not probing
+        self.quota: int | None = None
+        self.window: int | None = None
+        self._said = 0.0  # the resume time last announced
+
+    def _mine(self, remaining: int) -> int:
+        return math.ceil(remaining * self.share)
+
+    def before(self, deadline: float = math.inf) -> None:
+        """Wait, if need be, until a request may go out; count it. `_PastDeadline` when the wait would end
+        after `deadline` (monotonic: the request's retry budget)."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self.remaining is None:
+                    return
+                if now >= max(self.ends, self.paused_until) and self.probe is None and self.remaining < 1:
+                    self.remaining, self.probe = 1, 0.0  # the window is over: one request asks how it looks
+                if now < self.paused_until:
+                    until = self.paused_until
+                elif self.remaining >= 1:
+                    self.remaining -= 1
+                    if self.probe is not None:
+                        self.probe = now
+                    if self._said:
+                        self._said = 0.0
+                        self._announce(None)
+                    return
+                elif self.probe is not None:  # the probe is out: its answer tells the others
+                    if now - self.probe > self.PROBE_TIMEOUT:
+                        self.remaining = 1
+                        continue
+                    self._cond.wait(0.25)
+                    continue
+                else:
+                    until = self.ends
+                if until > deadline:
+                    raise _PastDeadline(until - now)
+                if until > self._said + 0.5 and until - now >= 0.5:
+                    self._said = until
+                    line = self.line(until - now)
+                    logger.warning("%s", line)
+                    self._announce(line)
+                self._cond.wait(until - now)
+
+    def line(self, seconds: float) -> str:
+        quota = f" (quota {self.quota} per {self.window} s)" if self.quota and self.window else ""
+        return f"rate-limited by the Hub: resuming in {math.ceil(seconds)} s{quota}"
+
+    def observe(self, info, status: int, limited_for: float | None) -> None:
+        """An answer: its RateLimit headers (`info`: huggingface_hub's RateLimitInfo, or None), its status,
+        and for a 429 how long to wait."""
+        now = time.monotonic()
+        with self._cond:
+            if info is not None and info.limit and info.window_seconds:
+                self.quota, self.window = info.limit, info.window_seconds
+            if status == 429:
+                self.remaining, self.probe = 0, None
+                self.paused_until = max(self.paused_until, now + (limited_for or 1.0))
+                self.ends = max(self.ends, self.paused_until)
+            elif info is not None:
+                earliest, latest = now + info.reset_in_seconds, now + info.reset_in_seconds + 1
+                mine = self._mine(info.remaining)
+                if self.remaining is None or self.probe is not None or earliest > self.ends:  # a new window
+                    self.remaining, self.ends = mine, latest
+                else:
+                    self.remaining, self.ends = min(self.remaining, mine), min(self.ends, latest)
+                self.probe = None
+            elif self.probe is not None:  # the probe passed, the server said nothing: assume a fresh window
+                self.remaining = self._mine(self.quota) - 1 if self.quota else None
+                self.ends = now + (self.window or 1)
+                self.probe = None
+            self._cond.notify_all()
+
+
+def _ratelimit_info(headers):
+    """The IETF draft headers the Hub sends (`RateLimit`, `RateLimit-Policy`), parsed by huggingface_hub."""
+    if "RateLimit" not in headers:  # case-insensitive; the common case costs no import and no parse
+        return None
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    return parse_ratelimit_headers(headers)
+
+
+def ratelimit_wait(headers) -> float | None:
+    """A 429's wait: the larger of `Retry-After` and the window's reset plus 1 s (`t=0` means the window
+    closes within this second, not "retry now"); None when the server gave neither."""
+    waits = []
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if retry_after is not None:
+        waits.append(retry_after)
+    info = _ratelimit_info(headers)
+    if info is not None and info.remaining == 0:
+        waits.append(info.reset_in_seconds + 1.0)
+    return max(waits) if waits else None
+
+
 class Http:
     """One client per run: keep-alive connections per origin over the standard library's http.client.
     Redirects are followed here so that Authorization is never sent to another origin (LFS files redirect
-    to a CDN).
+    to a CDN). Proxies from the environment (`Proxies`), the site's CA bundle (`tls_context`), and the
+    server's rate limits (`_Pacer`) apply to every request.
 
     Why not urllib3's pool (used before): per small request it cost ~3x the CPU of a bare http.client
     exchange (its pool queue, retry and header objects), and 2,000 small files spent most of their time
-    there (bench/README.md). What is kept of a pool here is a list of idle connections per origin."""
+    there (bench/README.md). What is kept of a pool here is a list of idle connections per origin.
+
+    `errors(resp, url)`, when given, turns an error answer into a typed error (the Hub's X-Error-Code);
+    `on_wait(line)` hears "rate-limited ..." while requests wait (None when they go on)."""
 
     def __init__(
         self,
@@ -168,27 +477,38 @@ class Http:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        errors: Callable[["Response", str], HpcstageError | None] | None = None,
+        share: float = 1.0,
     ):
         self.headers = headers
         self.auth_origin = _origin(auth_origin) if auth_origin else None
         self.retry = retry or RetryPolicy()
         self.pool_size = pool_size
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.errors = errors
+        self.share = share
+        self.on_wait: Callable[[str | None], None] = lambda line: None
+        self.on_response: Callable[[Response, str], None] | None = None  # hears each final answer (and its URL)
+        self.proxies = Proxies()
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
+        self._pacers: dict[tuple, _Pacer] = {}
 
     def _connection(self, key: tuple) -> http.client.HTTPConnection:
         scheme, host, port = key
+        proxy = self.proxies.for_origin(scheme, host, port)
         if scheme == "https":
             if self._tls is None:
-                self._tls = ssl.create_default_context()  # system CAs; SSL_CERT_FILE/SSL_CERT_DIR apply
+                self._tls = tls_context()
             conn: http.client.HTTPConnection = _HTTPSConnection(host, port, timeout=self.connect_timeout,
                                                                 context=self._tls)
+            conn.tls = self._tls
         elif scheme == "http":
-            conn = _HTTPConnection(host, port, timeout=self.connect_timeout)
+            conn = _HTTPConnection(*((proxy.host, proxy.port) if proxy else (host, port)), timeout=self.connect_timeout)
         else:
             raise TransferError(f"unsupported URL scheme {scheme!r} (only http and https)")
+        conn.proxy = proxy
         conn.read_timeout = self.read_timeout
         return conn
 
@@ -212,8 +532,11 @@ class Http:
                 conn = idle.pop() if idle else None
             reused = conn is not None
             conn = conn or self._connection(key)
+            sent = headers
+            if conn.proxy is not None and parts.scheme == "http":  # plain http through the proxy: absolute URL
+                target, sent = url, {**headers, **conn.proxy.headers}
             try:
-                conn.request(method, target, body=body, headers=headers)
+                conn.request(method, target, body=body, headers=sent)
                 raw = conn.getresponse()
             except (OSError, http.client.HTTPException):
                 conn.close()
@@ -222,17 +545,37 @@ class Http:
                 raise
             return Response(self, key, conn, raw, url)
 
-    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+    def _pacer(self, key: tuple, path: str, create: bool = False) -> _Pacer | None:
+        slot = (key, _resource(path))
+        pacer = self._pacers.get(slot)
+        if pacer is None and create:
+            with self._lock:
+                pacer = self._pacers.setdefault(slot, _Pacer(f"{key[0]}://{key[1]}", self.share,
+                                                             lambda line: self.on_wait(line)))
+        return pacer
+
+    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+              deadline: float = math.inf) -> Response:
         """Follow redirects; Authorization goes only to `auth_origin` (else to the first URL's origin).
         The response's `url` is where it finally came from."""
         trusted = self.auth_origin or _origin(url)
         for _ in range(10):
             parts = urlsplit(url)  # once per hop: small files make this the hot path
+            key = (parts.scheme, parts.hostname or "", parts.port)
             sent = dict(self.headers, **headers)
-            if (parts.scheme, parts.hostname or "", parts.port) != trusted:
+            if key != trusted:
                 sent.pop("authorization", None)
                 sent.pop("Authorization", None)
+            pacer = self._pacer(key, parts.path) if self._pacers else None
+            if pacer is not None:
+                pacer.before(deadline)
             resp = self._exchange(method, url, parts, sent, body)
+            resp.sent_auth = "authorization" in sent or "Authorization" in sent
+            info = _ratelimit_info(resp.headers)
+            if pacer is None and (info is not None or resp.status == 429):
+                pacer = self._pacer(key, parts.path, create=True)
+            if pacer is not None:
+                pacer.observe(info, resp.status, ratelimit_wait(resp.headers) if resp.status == 429 else None)
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 target = urljoin(url, resp.headers["Location"])
                 scheme = urlsplit(target).scheme
@@ -251,32 +594,54 @@ class Http:
         self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None, what: str = ""
     ) -> Response:
         """Send with retries on 408/429/5xx and connection errors. The caller reads (or releases) the
-        body; error statuses other than those come back to the caller to map to a typed error."""
+        body; error statuses other than those come back to the caller to map to a typed error
+        (`status_error`). A 429 waits as the server says (`ratelimit_wait`) in the origin's pacer,
+        spending the retry budget's time but no try."""
         attempts = _Attempts(self.retry, what or f"{method} {url}")
         while True:
             try:
-                resp = self._send(method, url, headers or {}, body)
+                resp = self._send(method, url, headers or {}, body, attempts.started + self.retry.budget)
+            except _PastDeadline as e:
+                attempts.rate_limited(e.seconds)  # raises: the wait is past the budget
+                continue
             except ssl.SSLCertVerificationError as e:
                 raise TransferError(f"{attempts.what}: the server's TLS certificate is not trusted "
-                                    f"({e.verify_message}); point SSL_CERT_FILE at your site's CA bundle") from None
+                                    f"({e.verify_message}); point SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at "
+                                    "your site's CA bundle") from e
+            except ProxyError as e:
+                if not e.rerun_helps and e.status in (403, 407):
+                    raise
+                attempts.wait(str(e), cause=e)
+                continue
             except (OSError, http.client.HTTPException) as e:
-                attempts.wait(f"connection failed ({type(e).__name__}: {_short(e)})")
+                proxy = self.proxies.for_url(url)
+                via = f" through proxy {proxy.name} ({proxy.variable})" if proxy else ""
+                attempts.wait(f"connection failed{via} ({type(e).__name__}: {_short(e)})", cause=e)
+                continue
+            if resp.status == 429:
+                delay = ratelimit_wait(resp.headers)
+                resp.drain_conn()
+                resp.release_conn()
+                wait = attempts.rate_limited(delay)
+                if delay is None:  # no hint: the pacer holds the next request 1 s; back off the rest here
+                    time.sleep(max(0.0, wait - 1.0))
                 continue
             if resp.status in RETRY_STATUSES:
-                retry_after = resp.headers.get("Retry-After") or _ratelimit_reset(resp.headers)
+                retry_after = resp.headers.get("Retry-After")
                 resp.drain_conn()
                 resp.release_conn()
                 attempts.wait(f"server answered {resp.status}", retry_after)
                 continue
+            if self.on_response is not None:
+                self.on_response(resp, url)
             return resp
 
-
-def _ratelimit_reset(headers) -> str | None:
-    """The Hub's 429s say when the window resets in `RateLimit: "api";r=0;t=55` (IETF draft)."""
-    from huggingface_hub.utils import parse_ratelimit_headers
-
-    info = parse_ratelimit_headers(headers)
-    return str(info.reset_in_seconds) if info is not None and info.remaining == 0 else None
+    def status_error(self, resp: Response, url: str, what: str) -> HpcstageError:
+        """The typed error for an answer the caller cannot use (the body is released here)."""
+        resp.drain_conn()
+        resp.release_conn()
+        error = self.errors(resp, url) if self.errors is not None else None
+        return error or TransferError(f"{what}: server answered {resp.status}", status=resp.status)
 
 
 def _short(e: Exception) -> str:
@@ -284,8 +649,8 @@ def _short(e: Exception) -> str:
     return text if len(text) < 160 else text[:157] + "..."
 
 
-def _hash_mismatch(label: str) -> TransferError:
-    return TransferError(f"download {label}: content hash mismatch (wrong bytes discarded)")
+def _hash_mismatch(label: str) -> HashMismatch:
+    return HashMismatch(f"download {label}: content hash mismatch (wrong bytes discarded)")
 
 
 def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "") -> bytes:
@@ -297,7 +662,7 @@ def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str |
         resp = http.request("GET", url, what=f"download {label}")
         try:
             if resp.status != 200:
-                raise TransferError(f"download {label}: server answered {resp.status}")
+                raise http.status_error(resp, url, f"download {label}")
             data = resp.read()
         except DROPPED as e:
             attempts.wait(f"connection dropped ({type(e).__name__})")
@@ -460,12 +825,19 @@ def fetch(
     try:
         todo = deque(i for i in range(pieces.count) if i not in resumed)
         kept = sum(b - a for a, b in map(pieces.bounds, resumed))
-        on_bytes(kept)
+        reported = [0]  # bytes told to on_bytes, taken back if the file has to be streamed again
+
+        def counted(n: int) -> None:
+            reported[0] += n
+            on_bytes(n)
+
+        counted(kept)
         cond = threading.Condition()
         failed: list[BaseException] = []
         ready: dict[int, memoryview] = {}  # fetched and written, waiting for the hasher
         free: list[memoryview] = []
         source = [url]  # where the pieces are fetched from (the CDN, after the first redirect)
+        resolving = threading.Lock()  # one request at a time through `url` until it has redirected
 
         def take() -> tuple[int, memoryview] | None:
             """A buffer first, then the next piece: the piece the hasher waits for always has a buffer, so
@@ -487,7 +859,8 @@ def fetch(
                     i, buf = job
                     start, end = pieces.bounds(i)
                     view = buf[: end - start]
-                    _fetch_piece(http, source, url, view, start, size, on_bytes, label, lambda: bool(failed))
+                    _fetch_piece(http, source, url, view, start, size, counted, label, lambda: bool(failed),
+                                 resolving)
                     out.write(view, start)
                     with cond:
                         ready[i] = buf
@@ -513,7 +886,19 @@ def fetch(
         finally:
             for t in threads:
                 t.join()
-        if failed:
+        if failed and isinstance(failed[0], _RangeIgnored):
+            # A mirror or caching proxy that answers 200 with the whole body to a ranged request: one
+            # stream from the start, hashed as it arrives (what arrived in pieces is counted again).
+            logger.info("%s: the server ignores Range (200 to a ranged request); fetching it as one stream", label)
+            on_bytes(-reported[0])
+            for _ in range(owned[0]):  # the stream needs one buffer of its own, not the pieces' ones
+                _BUFFERS.release()
+            owned[0] = 0
+            pieces.done.clear()
+            record.unlink(missing_ok=True)
+            kept, resumed = 0, frozenset()
+            digest = _stream_whole(http, url, out, size, sha256, on_bytes, label)
+        elif failed:
             raise failed[0]
         if on_digest is not None and digest is not None:
             on_digest(digest)
@@ -566,12 +951,70 @@ def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, co
 _EXPIRED = (401, 403, 404, 410)  # what a CDN says to a signed URL past its expiry
 
 
+class _RangeIgnored(Exception):
+    """The server answered 200 (the whole body) to a ranged request."""
+
+
+def _stream_whole(http: Http, url: str, out: "_PartialFile", size: int, sha256: str | None,
+                  on_bytes: Callable[[int], None], label: str) -> str:
+    """The whole file in one GET from the start, written in place and hashed as it arrives; a broken stream
+    starts over (a server that ignores Range cannot continue one)."""
+    attempts = _Attempts(http.retry, f"download {label}")
+    buf = _piece_buffer()
+    while True:
+        hasher = new_hasher(sha256, size)
+        resp = http.request("GET", url, what=f"download {label}")
+        got, why = 0, ""
+        try:
+            if resp.status != 200:
+                raise http.status_error(resp, url, f"download {label}")
+            while got < size:
+                want, filled = min(PIECE, size - got), 0
+                try:
+                    while filled < want and (n := resp.readinto(buf[filled:want])):
+                        filled += n
+                        on_bytes(n)
+                except DROPPED as e:
+                    why = f"connection dropped ({type(e).__name__})"
+                hasher.update(buf[:filled])
+                out.write(buf[:filled], got)
+                got += filled
+                if filled < want:
+                    break
+        finally:
+            resp.release_conn()
+        if got == size:
+            return hasher.hexdigest()
+        on_bytes(-got)
+        attempts.wait(f"{why or 'connection closed'} at byte {got} of {size} (one stream: the server ignores Range)")
+
+
+def _check_content_range(value: str | None, start: int, end: int, size: int, label: str) -> None:
+    """A 206 must carry the bytes asked for: `Content-Range: bytes start-(end-1)/size` (total may be `*`)."""
+    if value is None:
+        return
+    unit, _, spec = value.strip().partition(" ")
+    span, _, total = spec.partition("/")
+    first, _, last = span.partition("-")
+    try:
+        ok = (unit == "bytes" and int(first) == start and int(last) == end - 1
+              and (total.strip() == "*" or int(total) == size))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TransferError(f"download {label}: asked for bytes {start}-{end - 1} of {size}, the server sent "
+                            f"Content-Range {value!r}; the server or a proxy between is broken")
+
+
 def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, start: int, size: int,
-                 on_bytes: Callable[[int], None], label: str, stop: Callable[[], bool]) -> None:
+                 on_bytes: Callable[[int], None], label: str, stop: Callable[[], bool],
+                 resolving: threading.Lock) -> None:
     """Bytes [start, start + len(view)) of the file into `view`; a dropped connection continues where it broke.
 
     `source[0]` is where the bytes last came from: after the first piece's redirect, the others go to the
     CDN directly instead of asking the Hub to redirect each of them (back to `url` if that link expired).
+    Until a request through `url` has answered, the others wait for it (`resolving`): a large file costs one
+    resolver request of the Hub's rate limit, not one per connection, and a refused repo one refusal.
     The body is read with `readinto` straight into the piece's buffer when the connection allows it: a new
     bytes object per chunk costs about a CPU second per GiB (bench/README.md)."""
     attempts = _Attempts(http.retry, f"download {label}")
@@ -581,16 +1024,24 @@ def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, star
         pos = start + filled
         whole = pos == 0 and end == size
         headers = {} if whole else {"Range": f"bytes={pos}-{end - 1}"}
-        target = source[0]
-        resp = http.request("GET", target, headers=headers, what=f"download {label}")
+        with resolving if source[0] == url else nullcontext():
+            if stop():
+                raise _Stopped()
+            target = source[0]
+            resp = http.request("GET", target, headers=headers, what=f"download {label}")
+            if resp.status in (200, 206):
+                source[0] = resp.url or target
         dropped: BaseException | None = None
         try:
             if resp.status in _EXPIRED and target != url:
                 source[0] = url
                 continue
-            if resp.status not in ((200, 206) if whole else (206,)):
-                raise TransferError(f"download {label}: server answered {resp.status} to a range request")
-            source[0] = resp.url or target
+            if resp.status == 200 and not whole:
+                raise _RangeIgnored()
+            if resp.status not in (200, 206):
+                raise http.status_error(resp, url, f"download {label}")
+            if resp.status == 206:
+                _check_content_range(resp.headers.get("Content-Range"), pos, end, size, label)
             while filled < len(view):
                 if stop():
                     raise _Stopped()

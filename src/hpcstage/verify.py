@@ -153,9 +153,39 @@ class _Snapshot:
     listed: bool = False
 
 
+class _Hints:
+    """The commands a problem's fix names, in the context verify ran in: the same manifest, cache folder and
+    repo type, so that running the hint fixes what was found (not the default cache)."""
+
+    def __init__(self, manifest: Manifest | None, cache_flag: Path | None):
+        self.manifest = manifest
+        self.cache = f" --cache-dir {_q(cache_flag)}" if cache_flag is not None else ""
+
+    def repair(self, cache: RepoCache) -> str:
+        if self.manifest is not None:
+            return f"hpcstage verify -f {_q(self.manifest.path)} --repair{self.cache}"
+        return f"hpcstage verify {cache.repo_id}{_type_flag(cache.repo_type)} --repair{self.cache}"
+
+    def pull(self, cache: RepoCache, revision: str) -> str:
+        if self.manifest is not None:
+            return f"hpcstage pull -f {_q(self.manifest.path)}{self.cache}"
+        return f"hpcstage pull {cache.repo_id}{_type_flag(cache.repo_type)} --revision {revision}{self.cache}"
+
+
+def _q(path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def _type_flag(repo_type: str) -> str:
+    return "" if repo_type == "model" else f" --repo-type {repo_type}"
+
+
 class _Plan:
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, hints: _Hints | None = None):
         self.cache_dir = cache_dir
+        self.hints = hints or _Hints(None, None)
         self.snapshots: dict[tuple[Path, str], _Snapshot] = {}
         self.repos: dict[Path, RepoCache] = {}
         self.ref_expect: dict[tuple[Path, str], str] = {}  # (repo root, ref) -> the locked commit
@@ -184,7 +214,7 @@ class _Plan:
         except (OSError, ValueError) as e:
             self.problem(UNREADABLE, snap.cache, snap.commit, "", tree,
                          f"cannot read the listing ({getattr(e, 'strerror', None) or e}); "
-                         f"delete it and run `hpcstage pull {snap.cache.repo_id} --revision {snap.commit}`")
+                         f"delete it and run `{self.hints.pull(snap.cache, snap.commit)}`")
             return
         files = data.get("files") if isinstance(data, dict) else None
         if not isinstance(files, dict):
@@ -231,17 +261,17 @@ def _snapshot_commits(cache: RepoCache) -> list[str]:
 
 
 def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None, repo_type: str | None,
-          revision: str | None) -> _Plan:
-    plan = _Plan(cache_dir)
+          revision: str | None, hints: _Hints | None = None) -> _Plan:
+    plan = _Plan(cache_dir, hints)
     if manifest is not None:
         lock_path = manifest.lock_path
-        lock = load_lock(lock_path)
+        lock = load_lock(lock_path, manifest.path)
         for entry in manifest.entries:
             cache = plan.repo(entry.repo_type, entry.repo)
             locked = lock.entries.get(entry.key)
             if locked is None:
                 plan.problem(NOT_STAGED, cache, None, "", lock_path,
-                             f"{entry.repo}@{entry.revision} has no entry in the lockfile; run `hpcstage pull -f {manifest.path}`")
+                             f"{entry.repo}@{entry.revision} has no entry in the lockfile; run `{plan.hints.pull(cache, entry.revision)}`")
                 continue
             plan.add_locked(cache, locked.commit, locked.cached_files(), lock_path)
             if not policy.is_commit(entry.revision):
@@ -249,7 +279,6 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
         return plan
     if repo_ids:
         kind = repo_type or "model"
-        flag = "" if kind == "model" else f" --repo-type {kind}"  # the fixing commands must name it too
         for repo_id in repo_ids:
             policy.check_repo_id(repo_id)
             cache = plan.repo(kind, repo_id)
@@ -257,7 +286,7 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
                 other = [] if repo_type else [k for k in ("dataset", "space")
                                               if RepoCache(cache.cache_dir, k, repo_id).root.is_dir()]
                 fix = (f"it is staged as a {other[0]}: pass --repo-type {other[0]}" if other else
-                       f"run `hpcstage pull {repo_id}{flag}` or pass --cache-dir")
+                       f"run `{plan.hints.pull(cache, 'main')}` or pass the --cache-dir it was pulled into")
                 plan.problem(NOT_STAGED, cache, None, "", cache.root, f"not in the cache {cache_dir}; {fix}")
                 continue
             if revision is None:
@@ -267,10 +296,10 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
             commit = revision if policy.is_commit(revision) else (cache.read_ref(revision) or "").strip()
             if not policy.is_commit(commit):
                 plan.problem(NOT_STAGED, cache, None, revision, cache.root / "refs" / revision,
-                             f"revision {revision!r} is not staged; run `hpcstage pull {repo_id}{flag} --revision {revision}`")
+                             f"revision {revision!r} is not staged; run `{plan.hints.pull(cache, revision)}`")
             elif not cache.snapshot(commit).is_dir():
                 plan.problem(NOT_STAGED, cache, commit, "", cache.snapshot(commit),
-                             f"no snapshot; run `hpcstage pull {repo_id}{flag} --revision {revision}`")
+                             f"no snapshot; run `{plan.hints.pull(cache, revision)}`")
             else:
                 plan.snapshot(cache, commit)
         return plan
@@ -286,6 +315,27 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
         for commit in _snapshot_commits(cache):
             plan.snapshot(cache, commit)
     return plan
+
+
+def _add_pulled(plan: _Plan) -> None:
+    """Without a lockfile: the files hpcstage's own pulls selected (the ledger records their patterns) must
+    be in the snapshot, so a deleted file is missing, not silently absent. Snapshots made by other tools
+    (no record) are checked file by file against their listing only."""
+    from hpcstage import ledger
+    from hpcstage.sources.hub import select
+
+    records = ledger.read_all(plan.cache_dir)
+    for snap in plan.snapshots.values():
+        if snap.locked or not snap.listed:
+            continue
+        for rec in records:
+            if (rec.repo_type, rec.repo, rec.commit) != (snap.cache.repo_type, snap.cache.repo_id, snap.commit):
+                continue
+            if rec.patterns is None:  # a record written before patterns were kept
+                continue
+            listing = list(snap.expected.values())
+            snap.required.update(f.path for f in select(listing, rec.patterns.get("include"),
+                                                        rec.patterns.get("exclude")))
 
 
 # -- checking
@@ -313,26 +363,30 @@ def _check_refs(plan: _Plan) -> None:
                 plan.problem(UNREADABLE, cache, None, f"refs/{name}", ref_file, f"cannot read ({e.strerror})")
                 continue
             if not _RAW_COMMIT.fullmatch(raw):
-                fix = ("remove the trailing newline/whitespace (`hpcstage verify --repair` does); offline loads fail"
-                       if _RAW_COMMIT.fullmatch(raw.strip()) else
-                       f"not a 40-hex commit; run `hpcstage pull {cache.repo_id} --revision {name}`")
+                locked = plan.ref_expect.get((root, name))
+                fix = (f"a trailing newline/whitespace, so offline loads fail; run `{plan.hints.repair(cache)}`"
+                       if _RAW_COMMIT.fullmatch(raw.strip()) or locked else
+                       f"not a 40-hex commit; run `{plan.hints.pull(cache, name)}`")
+                if locked and not _RAW_COMMIT.fullmatch(raw.strip()):
+                    fix = f"not a 40-hex commit; the lockfile pins {locked[:12]}: run `{plan.hints.repair(cache)}`"
                 plan.problem(BAD_REF, cache, None, f"refs/{name}", ref_file, fix)
                 continue
             commit = raw.decode()
             if not cache.snapshot(commit).is_dir():
+                fix = (plan.hints.repair(cache) if plan.ref_expect.get((root, name)) else plan.hints.pull(cache, name))
                 plan.problem(BAD_REF, cache, commit, f"refs/{name}", ref_file,
-                             f"points at {commit[:12]}, which has no snapshot; run `hpcstage pull {cache.repo_id} --revision {name}`")
+                             f"points at {commit[:12]}, which has no snapshot; run `{fix}`")
         for (r, name), locked in plan.ref_expect.items():
             if r != root:
                 continue
             current = cache.read_ref(name)
             if current is None:
                 plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name,
-                             f"missing, so offline loads of {name!r} fail; run `hpcstage verify --repair -f ...`")
+                             f"missing, so offline loads of {name!r} fail; run `{plan.hints.repair(cache)}`")
             elif current.strip() != locked and policy.is_commit(current.strip()):
                 plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name,
                              f"points at {current.strip()[:12]}, the lockfile at {locked[:12]}: offline loads of {name!r} "
-                             "get other files; pass the commit as revision or run `hpcstage pull -f ...`")
+                             f"get other files; pass the commit as revision or run `{plan.hints.pull(cache, name)}`")
 
 
 def _walk_snapshot(folder: Path) -> list[str]:
@@ -357,13 +411,13 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
         data = os.path.normpath(os.path.join(entry.parent, target))
         if os.path.isabs(target) or os.path.dirname(data) != os.path.normpath(cache.root / "blobs"):
             plan.problem(BAD_LINK, cache, commit, path, entry,
-                         f"symlink points outside the repo's blobs folder ({target}); `--repair` replaces the link")
+                         f"symlink points outside the repo's blobs folder ({target}); run `{plan.hints.repair(cache)}`")
             return
         try:
             size = os.stat(data).st_size
         except FileNotFoundError:
             plan.problem(BROKEN_LINK, cache, commit, path, entry,
-                         f"its blob {os.path.basename(data)} is missing; run `hpcstage verify --repair`")
+                         f"its blob {os.path.basename(data)} is missing; run `{plan.hints.repair(cache)}`")
             return
         except OSError as e:
             plan.problem(UNREADABLE, cache, commit, path, data, f"cannot stat the blob ({e.strerror})")
@@ -374,7 +428,7 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
         plan.problem(CORRUPT, cache, commit, path, entry, "not a file or a symlink to a blob")
         return
     if size != f.size:
-        plan.problem(CORRUPT, cache, commit, path, data, f"size {size}, expected {f.size}; run `hpcstage verify --repair`")
+        plan.problem(CORRUPT, cache, commit, path, data, f"size {size}, expected {f.size}; run `{plan.hints.repair(cache)}`")
         return
     algo, digest = ("sha256", f.sha256) if f.sha256 else ("git", f.blob_id)
     pending.append(_Pending(snap, f, os.path.realpath(data), algo, digest))
@@ -390,13 +444,14 @@ def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
         folder = cache.snapshot(commit)
         if not snap.locked and not snap.listed:
             plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
-                         f"no listing and no lockfile entry to check against; run `hpcstage pull {cache.repo_id} "
-                         f"--revision {commit}` to record one, or verify with -f MANIFEST")
+                         f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
+                         "to record one, or verify with -f MANIFEST")
             continue
         present = set(_walk_snapshot(folder)) if folder.is_dir() else set()
         for path in sorted(snap.required - present):
+            source = "the lockfile" if snap.locked else f"trees/{commit}.json and was pulled"
             plan.problem(MISSING, cache, commit, path, folder / path,
-                         "listed in the lockfile but not in the snapshot; run `hpcstage verify --repair`")
+                         f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`")
         for path in sorted(present):
             f = snap.expected.get(path)
             if f is None:
@@ -417,7 +472,7 @@ def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
         elif got != p.digest:
             name = "sha256" if p.algo == "sha256" else "git blob sha1"
             plan.problem(CORRUPT, cache, commit, p.file.path, p.data,
-                         f"{name} {got[:12]}…, expected {p.digest[:12]}…; run `hpcstage verify --repair`")
+                         f"{name} {got[:12]}…, expected {p.digest[:12]}…; run `{plan.hints.repair(cache)}`")
         else:
             good.add(p.data)
     return good
@@ -459,7 +514,8 @@ def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[Hu
 
 def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
     """Refs fixable offline: a valid commit with a trailing newline, or a locked branch's missing ref. A ref
-    that names another staged commit is left alone: on a shared cache someone may have pulled it on purpose."""
+    that names another staged commit is left alone: on a shared cache someone may have pulled it on purpose.
+    With a lockfile, a garbage ref (or one naming a commit with no snapshot) is restored to the locked commit."""
     for p in problems:
         cache = plan.repos.get(RepoCache(plan.cache_dir, p.repo_type, p.repo_id).root)
         if p.kind != BAD_REF or cache is None:
@@ -472,10 +528,13 @@ def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
             raw = None
         except OSError:
             continue
+        locked = plan.ref_expect.get((cache.root, name))
         if raw is None:
-            commit = plan.ref_expect.get((cache.root, name))
+            commit = locked
         elif raw != raw.strip() and _RAW_COMMIT.fullmatch(raw.strip()):
             commit = raw.strip().decode()
+        elif locked and (not _RAW_COMMIT.fullmatch(raw) or not cache.snapshot(raw.decode()).is_dir()):
+            commit = locked  # garbage, or a commit with no snapshot: the lockfile knows the right one
         else:
             continue
         if commit and cache.snapshot(commit).is_dir():
@@ -515,11 +574,14 @@ def verify(
     sharing = Sharing.for_group(group) if group else None
     folder = Path(cache_dir) if cache_dir else (manifest.cache_dir if manifest and manifest.cache_dir else None)
     folder = folder or default_cache_dir()
+    hints = _Hints(manifest, Path(cache_dir) if cache_dir else None)
     started = time.monotonic()
 
     def run() -> tuple[VerifyReport, _Plan, set[str]]:
         report = VerifyReport(cache_dir=folder)
-        plan = _plan(folder, repo_ids, manifest, repo_type, revision)
+        plan = _plan(folder, repo_ids, manifest, repo_type, revision, hints)
+        if manifest is None:
+            _add_pulled(plan)
         good = _check(plan, workers or default_workers(), report)
         report.repos = len(plan.repos)
         report.problems = plan.problems + _data_problems()
@@ -531,8 +593,11 @@ def verify(
             return []
         from hpcstage import datadir
 
-        found = datadir.verify_entries(manifest, load_lock(manifest.lock_path), folder, workers or default_workers())
-        return [Problem(kind, "data", entry.dest, None, path, str(where), detail)
+        found = datadir.verify_entries(manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers())
+        repair = f"hpcstage verify -f {_q(manifest.path)} --repair" + hints.cache
+        pull = f"hpcstage pull -f {_q(manifest.path)}" + hints.cache
+        return [Problem(kind, "data", entry.dest, None, path, str(where),
+                        f"{detail}; run `{pull if kind == NOT_STAGED else repair}`")
                 for entry, kind, path, where, detail in found]
 
     try:
@@ -542,6 +607,10 @@ def verify(
                             "group, or have its owner run `hpcstage pull --shared-group GROUP`") from None
     if repair and not report.ok:
         before = report.problems
+        if any(p.kind in REPAIRABLE or p.repo_type == "data" for p in before):
+            from hpcstage.staging import refuse_offline
+
+            refuse_offline()  # refetching needs the network: say so before deleting anything
         entries = _remove_bad(plan, before, good)
         _repair_refs(plan, before)
         bad_data = {p.repo_id for p in before if p.repo_type == "data"}

@@ -14,15 +14,17 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Mapping, Sequence
 
+from hpcstage.errors import HpcstageError
+
 COMMAND_TIMEOUT = 60.0
 JOB_TYPES = ("train", "datagen", "consolidate", "eval", "run")  # what `hpcstage launch --job-type` renders
 
 
-class SlurmError(RuntimeError):
+class SlurmError(HpcstageError):
     """A Slurm command could not run or failed; ``stderr`` holds what it said."""
 
-    def __init__(self, message: str, *, argv: Sequence[str] = (), stderr: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, argv: Sequence[str] = (), stderr: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.argv = list(argv)
         self.stderr = stderr
 

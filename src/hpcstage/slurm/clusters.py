@@ -24,6 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from hpcstage.errors import BadInput
 from hpcstage.slurm import SlurmError, run_command
 
 SITE_ENV = "HPCSTAGE_CLUSTERS"
@@ -36,8 +37,8 @@ _UNSETTABLE = (
 )  # fmt: skip
 
 
-class RegistryError(ValueError):
-    """The cluster configuration is wrong, or names a cluster that does not exist."""
+class RegistryError(BadInput, ValueError):
+    """The cluster configuration is wrong, or names a cluster that does not exist (bad input: exit 2)."""
 
 
 class UnknownClusterError(RegistryError):

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from hpcstage import __version__
 from hpcstage import safefs
-from hpcstage.errors import TransferError
+from hpcstage.errors import HashMismatch, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
 from hpcstage.transfer import CHUNK, CONNECTIONS, DROPPED, RANGES_SUFFIX, Http, RetryPolicy, fetch
@@ -78,6 +78,27 @@ def probe(http: Http, url: str) -> Probe:
     if validator.startswith("W/"):  # a weak ETag says nothing about bytes
         validator = headers.get("Last-Modified", "") or ""
     return Probe(url, size, ranges and size is not None, validator)
+
+
+def unchanged(http: Http, url: str, fingerprint: str) -> bool:
+    """`pull --update` of a staged URL: one conditional HEAD (If-None-Match with the recorded ETag, else
+    If-Modified-Since with the recorded Last-Modified). True when the server answers 304, or 200 with the
+    same validator and size; no content byte is requested either way. False when there is nothing to
+    compare (no validator was recorded) or the source changed."""
+    validator, _, size = fingerprint.rpartition("|")
+    if not validator:
+        return False
+    cond = {"If-None-Match": validator} if validator.startswith('"') else {"If-Modified-Since": validator}
+    resp = http.request("HEAD", url, headers=cond, what=f"HEAD {url}")
+    resp.drain_conn()
+    resp.release_conn()
+    if resp.status == 304:
+        return True
+    if resp.status != 200:
+        return False
+    now = (resp.headers.get("ETag") or resp.headers.get("Last-Modified") or "").strip()
+    length = resp.headers.get("Content-Length")
+    return now == validator and (length or "None") == size
 
 
 def _status_error(url: str, status: int) -> TransferError:
@@ -143,7 +164,7 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
             fetched = _stream(http, url, d, partial.name, counted, digests)
             if sha256 is not None and digests[0] != sha256:
                 d.unlink(partial.name)
-                raise TransferError(f"download {url}: content hash mismatch (wrong bytes discarded)")
+                raise HashMismatch(f"download {url}: content hash mismatch (wrong bytes discarded)")
         lease.check()
         d.replace(partial.name, final.name)
         return Download(final, digests[0], d.lstat(final.name).st_size, p.fingerprint, fetched)

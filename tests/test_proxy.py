@@ -1,0 +1,223 @@
+"""Behind a site proxy: the Hub's host name resolves only at the proxy, https goes through a CONNECT tunnel with
+the proxy's credentials, the Hub's certificate is signed by a site CA named in REQUESTS_CA_BUNDLE. The proxy
+is a real one (tests/proxy.py); the client is the real CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import client_env, run_python, sha256
+from hpcstage.serve import HubServer
+from proxy import ForwardProxy
+
+MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
+HOST = "hub.test"  # resolvable by the proxy only
+USER, PASSWORD = "alice", "s3cret:p@ss"  # quoted in the URL: ':' and '@' inside a password
+QUOTED = "s3cret%3Ap%40ss"
+
+
+@pytest.fixture(scope="module")
+def site_ca(tmp_path_factory) -> Path:
+    """A site CA and a certificate it signed for hub.test (what a site's TLS-inspecting setup looks like)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("site-ca")
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", "ca.key", "-out", "ca.pem",
+        "-subj", "/CN=Test Site CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "hub.csr", "-subj", f"/CN={HOST}")
+    (d / "ext.cnf").write_text(f"subjectAltName=DNS:{HOST}\nbasicConstraints=CA:FALSE\n"
+                               "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                               "authorityKeyIdentifier=keyid\n")
+    run("x509", "-req", "-in", "hub.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-out", "cert.pem", "-extfile", "ext.cnf")
+    return d
+
+
+@pytest.fixture
+def tls_hub(sample_root, site_ca):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(site_ca / "cert.pem", site_ca / "key.pem")
+    with HubServer(sample_root, tls={"hub": ctx, "cdn": ctx}) as server:
+        yield server
+
+
+def hpcstage(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def proxied_env(server: HubServer, cache: Path, proxy_url: str, site_ca: Path, **extra: str) -> dict:
+    port = server.url.rsplit(":", 1)[1]
+    return client_env(server, cache, HF_ENDPOINT=f"https://{HOST}:{port}", HTTPS_PROXY=proxy_url,
+                      REQUESTS_CA_BUNDLE=str(site_ca / "ca.pem"), **extra)
+
+
+def test_the_hub_name_resolves_only_at_the_proxy():
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(HOST, 443)
+
+
+def test_pull_through_a_connect_proxy_with_a_site_ca_is_byte_exact_and_loads_offline(tls_hub, site_ca, tmp_path):
+    cache = tmp_path / "cache"
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        env = proxied_env(tls_hub, cache, proxy.url(USER, QUOTED), site_ca)
+        for repo, kind in ((MODEL, "model"), (DATASET, "dataset")):
+            r = hpcstage("pull", repo, "--repo-type", kind, "--cache-dir", str(cache), "-q", env=env)
+            assert r.returncode == 0, r.stderr
+            assert PASSWORD not in r.stderr + r.stdout and QUOTED not in r.stderr + r.stdout
+        tunnels = [rec for rec in proxy.log if rec.method == "CONNECT"]
+    hub_port, cdn_port = tls_hub.url.rsplit(":", 1)[1], tls_hub.cdn_url.rsplit(":", 1)[1]
+    assert {rec.target for rec in tunnels} == {f"{HOST}:{hub_port}", f"{HOST}:{cdn_port}"}  # Hub and CDN
+    assert all(rec.status == 200 and rec.authorized for rec in tunnels)
+    assert len(tunnels) <= 20  # keep-alive: tunnels are reused, not one per request
+    for repo, kind in ((MODEL, "model"), (DATASET, "dataset")):
+        snapshot = next((cache / f"{kind}s--{repo.replace('/', '--')}" / "snapshots").iterdir())
+        for path, info in tls_hub.files_of(kind, repo).items():
+            assert sha256(snapshot / path) == sha256(info.local), path
+    # loads with the network off (the proxy is gone too) through the real clients
+    env = client_env(tls_hub, tmp_path / "x", HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = run_python(f"""
+import json
+from huggingface_hub import snapshot_download
+from datasets import load_dataset
+model = snapshot_download({MODEL!r}, local_files_only=True)
+data = snapshot_download({DATASET!r}, repo_type="dataset", local_files_only=True)
+print(json.dumps([model, load_dataset(data, split="train").num_rows]))
+""", env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    model, rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(model).is_dir() and rows > 0
+
+
+def test_a_407_gives_one_line_naming_the_proxy_and_never_the_password(tls_hub, site_ca, tmp_path):
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        env = proxied_env(tls_hub, tmp_path / "cache", proxy.url(USER, "wrong%40pw"), site_ca)
+        r = hpcstage("pull", MODEL, "--cache-dir", str(tmp_path / "cache"), "-q", "--retry-budget", "30", env=env)
+        refused = [rec for rec in proxy.log if rec.status == 407]
+    port = tls_hub.url.rsplit(":", 1)[1]
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert (f"proxy http://127.0.0.1:{proxy.port} (HTTPS_PROXY) refused CONNECT to {HOST}:{port}: "
+            "407 proxy authentication required") in lines[0], lines[0]
+    assert "wrong" not in r.stderr and USER not in r.stderr
+    assert len(refused) == 1  # not retried: a 407 does not pass by itself
+
+
+def test_no_proxy_is_honoured_and_plain_http_goes_through_the_proxy(hub, tmp_path):
+    with ForwardProxy({}) as proxy:
+        for name, no_proxy in (("direct", "127.0.0.1"), ("proxied", "")):
+            cache = tmp_path / name
+            env = client_env(hub, cache, HTTP_PROXY=proxy.url(), HTTPS_PROXY=proxy.url())
+            env["NO_PROXY"] = env["no_proxy"] = no_proxy
+            before = len(proxy.log)
+            r = hpcstage("pull", MODEL, "--cache-dir", str(cache), "-q", env=env)
+            assert r.returncode == 0, r.stderr
+            seen = proxy.log[before:]
+            if name == "direct":
+                assert seen == []  # NO_PROXY: the proxy saw nothing
+            else:
+                assert seen and all(rec.method == "GET" and rec.target.startswith("http://127.0.0.1:") for rec in seen)
+            snapshot = next((cache / "models--demo-org--tiny-model" / "snapshots").iterdir())
+            for path, info in hub.files_of("model", MODEL).items():
+                assert sha256(snapshot / path) == sha256(info.local), path
+
+
+def test_doctor_reports_the_proxy_and_whether_the_tunnel_opens(tls_hub, site_ca, tmp_path):
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        good = proxied_env(tls_hub, tmp_path / "c", proxy.url(USER, QUOTED), site_ca, HOME=str(tmp_path))
+        bad = proxied_env(tls_hub, tmp_path / "c", proxy.url(USER, "nope"), site_ca, HOME=str(tmp_path))
+        checks = {name: {c["name"]: c for c in json.loads(hpcstage("doctor", "--json", env=env).stdout)}
+                  for name, env in (("good", good), ("bad", bad))}
+    port = tls_hub.url.rsplit(":", 1)[1]
+    proxy_ok, proxy_bad = checks["good"]["proxy"], checks["bad"]["proxy"]
+    assert proxy_ok["status"] == "ok", proxy_ok
+    assert proxy_ok["detail"] == (f"HTTPS_PROXY http://127.0.0.1:{proxy.port} applies to https://{HOST}:{port}; "
+                                  "the CONNECT tunnel opens")
+    assert checks["good"]["endpoint"]["status"] == "ok", checks["good"]["endpoint"]
+    assert proxy_bad["status"] == "fail" and "407" in proxy_bad["detail"] and "nope" not in json.dumps(checks)
+
+
+def test_a_bad_ca_bundle_variable_is_bad_input(hub, tmp_path):
+    env = client_env(hub, tmp_path / "cache", REQUESTS_CA_BUNDLE=str(tmp_path / "missing.pem"),
+                     HF_ENDPOINT=hub.url.replace("http://", "https://"))
+    r = hpcstage("pull", MODEL, "--cache-dir", str(tmp_path / "cache"), "-q", env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "REQUESTS_CA_BUNDLE=" in r.stderr and "unset it" in r.stderr
+
+
+@pytest.mark.parametrize("no_proxy, host, direct", [
+    ("", "huggingface.co", False),
+    ("*", "huggingface.co", True),
+    ("huggingface.co", "huggingface.co", True),
+    (".hf.co", "cas-bridge.xethub.hf.co", True),
+    ("hf.co", "cas-bridge.xethub.hf.co", True),  # a bare domain covers its sub-domains too (curl, requests)
+    ("example.org, 10.1.2.3", "10.1.2.3", True),
+    ("example.org", "huggingface.co", False),
+    ("huggingface.co:8443", "huggingface.co", False),  # another port
+])
+def test_no_proxy_rules_are_the_standard_librarys(monkeypatch, no_proxy, host, direct):
+    from hpcstage.transfer import Proxies
+
+    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://bob:pw@proxy.site:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    proxy = Proxies().for_origin("https", host, None)
+    assert (proxy is None) == direct
+    if proxy is not None:
+        assert proxy.name == "http://proxy.site:3128" and proxy.variable == "HTTPS_PROXY"
+        assert proxy.headers == {"Proxy-Authorization": "Basic Ym9iOnB3"}  # bob:pw
+
+
+def test_all_proxy_applies_when_no_scheme_proxy_is_set_and_odd_proxies_are_bad_input(monkeypatch):
+    from hpcstage.errors import BadInput
+    from hpcstage.transfer import Proxies
+
+    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "proxy.site:8080")
+    proxy = Proxies().for_origin("https", "huggingface.co", None)
+    assert proxy is not None and (proxy.host, proxy.port, proxy.auth) == ("proxy.site", 8080, None)
+    monkeypatch.setenv("ALL_PROXY", "socks5://u:secret@proxy.site:1080")
+    with pytest.raises(BadInput, match="ALL_PROXY=socks5://proxy.site") as e:
+        Proxies().for_origin("https", "huggingface.co", None)
+    assert "secret" not in str(e.value)
+
+
+def test_the_progress_line_says_the_run_is_waiting():
+    import io
+
+    from hpcstage.progress import Progress
+
+    stream = io.StringIO()
+    with Progress(100, 2, stream=stream, interval=3600) as progress:
+        progress.note("rate-limited by the Hub: resuming in 40 s (quota 3000 per 300 s)")
+        assert progress.line().endswith("; rate-limited by the Hub: resuming in 40 s (quota 3000 per 300 s)")
+        progress.note(None)
+        assert "rate-limited" not in progress.line()
+
+
+def test_a_url_source_goes_through_the_proxy_too(tls_hub, site_ca, tmp_path):
+    port = tls_hub.url.rsplit(":", 1)[1]
+    name = "data/test-00000-of-00001.parquet"
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text(f"cache_dir: cache\ndata_dir: data\ndatasets:\n"
+                        f"  - url: https://{HOST}:{port}/datasets/{DATASET}/resolve/main/{name}\n    dest: parquet\n")
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        env = proxied_env(tls_hub, tmp_path / "cache", proxy.url(USER, QUOTED), site_ca)
+        r = hpcstage("pull", "-f", str(manifest), "-q", env=env)
+        tunnels = {rec.target for rec in proxy.log if rec.method == "CONNECT" and rec.status == 200}
+    assert r.returncode == 0, r.stderr
+    assert f"{HOST}:{port}" in tunnels
+    got = next((tmp_path / "data" / "parquet").rglob("*.parquet"))
+    assert sha256(got) == sha256(tls_hub.files_of("dataset", DATASET)[name].local)
