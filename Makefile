@@ -17,8 +17,10 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 # As root, the suite starts the one-node Slurm test cluster first (scripts/slurm-test-cluster.sh).
+# The job stacks (datasets 4.0 / 2.21 / current venvs, outside the repo) are built once and then reused.
 test: install
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/slurm-test-cluster.sh ]; then scripts/slurm-test-cluster.sh start; fi
+	$(BIN)/python scripts/job-stacks.py build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # hpcstage against hf download / curl / aria2c on a local Hub; writes bench/results.md (bench/README.md).

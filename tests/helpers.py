@@ -88,3 +88,26 @@ def python_for(user: str) -> tuple[str, dict]:
     if system and works(system, path):
         return system, path
     pytest.skip(f"no python that user {user} can run with this venv's packages")
+
+
+def _job_stacks():
+    """scripts/job-stacks.py as a module (its name has a dash)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "job-stacks.py"
+    spec = importlib.util.spec_from_file_location("job_stacks", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def job_stack_names() -> list[str]:
+    """The job stacks scripts/job-stacks.py builds (datasets 4.0 / 2.21 / current releases)."""
+    return list(_job_stacks().STACKS)
+
+
+def job_stack(name: str) -> dict:
+    """Job stack `name`, built first if it is not cached: its record plus `python`, the interpreter."""
+    module = _job_stacks()
+    record = module.build(name, log=lambda text: print(text, flush=True))
+    return {**record, "python": str(module.python_of(name))}

@@ -297,3 +297,63 @@ def test_launch_wait_follows_the_jobs_and_exits_with_their_result(cluster, tmp_p
     job = json.loads((tmp_path / "experiments" / "w" / "jobs.json").read_text())["jobs"][0]["job_id"]
     assert f"job {job}: FAILED (NonZeroExitCode)\n" in proc.stdout
     assert proc.stderr.startswith(f"hpcstage: error: not completed: run ({job} FAILED)")
+
+
+STACK_JOB = """\
+import json, sys
+import datasets
+from datasets import load_dataset
+out = {"python": sys.executable, "datasets": datasets.__version__}
+for name, call in (
+        ("hub", lambda: load_dataset("demo-org/tiny-dataset", split="train")),
+        ("hub_data_files", lambda: load_dataset("demo-org/tiny-dataset", data_files="data/train-*.parquet", split="train")),
+        ("json_field", lambda: load_dataset("json", data_files=sys.argv[2], field="test", split="train"))):
+    try:
+        out[name] = len(call())
+    except Exception as e:
+        out[name] = type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0]
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.timeout(1800)  # the job stack is built first when it is not cached (minutes, once)
+def test_launch_with_python_of_a_job_stack_prebuilds_checks_and_runs_in_it(cluster, hub, tmp_path, env):
+    """launch --python <datasets 4.0 stack>: prebuild and check run in that interpreter (their records are
+    for datasets 4.0 only, and the launch passes the check), and the job runs in it and loads offline every
+    form the manifest names, `data_files` on a Hub dataset included, without building anything."""
+    from helpers import job_stack
+
+    stack = job_stack("ds4.0")
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps({"test": [{"q": i} for i in range(5)]}))
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text(f"""
+models:
+  - repo: {MODEL}
+datasets:
+  - repo: {DATASET}
+    load: {{split: train}}
+prebuild:
+  - {{path: {DATASET}, data_files: "data/train-*.parquet", split: train}}
+  - {{path: json, data_files: {eval_file}, field: test, split: train}}
+""")
+    (tmp_path / "job.py").write_text(STACK_JOB)
+    out = tmp_path / "loaded.json"
+    env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_UPDATE_DOWNLOAD_COUNTS": "0", "NO_PROXY": "127.0.0.1"}
+    jobs = launch(tmp_path, env, "--job-type", "run", "--offline", "--name", "stack", "-f", manifest,
+                  "--python", stack["python"], "--command", f'"$HPCSTAGE_PYTHON" {tmp_path / "job.py"} {out} {eval_file}')
+    hub.stop()  # staged, built and checked: the job needs no server
+    datasets_cache = tmp_path / "datasets"
+    markers = sorted(p.name.split(".", 1)[1] for p in (datasets_cache / ".hpcstage-prebuild").iterdir())
+    assert markers == ["datasets-4.0.0.json"] * 3, markers  # built and proven for the job's stack only
+    arrow_before = {p: p.stat().st_mtime_ns for p in datasets_cache.rglob("*.arrow")}
+
+    states = wait(ids(jobs), timeout=120, poll=POLL)
+    assert {s.state for s in states.values()} == {"COMPLETED"}, states
+    loaded = json.loads(out.read_text())
+    assert loaded == {"python": stack["python"], "datasets": "4.0.0", "hub": 300, "hub_data_files": 300,
+                      "json_field": 5}
+    assert {p: p.stat().st_mtime_ns for p in datasets_cache.rglob("*.arrow")} == arrow_before
+    script = (tmp_path / "experiments" / "stack" / "run.sbatch").read_text()
+    assert f"export HPCSTAGE_PYTHON={stack['python']}" in script

@@ -242,7 +242,10 @@ def test_prebuild_records_are_never_written_through_a_planted_link(tmp_path, out
     m.write_text(f"datasets_cache_dir: {ds}\nprebuild:\n  - {{path: json, data_files: {tmp_path / 'eval.json'}, "
                  "field: test, split: train}\n")
     [build] = prebuild.builds_from_manifest(load_manifest(m))
-    link = {"marker": prebuild.marker_path(ds, build), "marker folder": ds / prebuild.MARKER_DIR,
+    from importlib.metadata import version
+
+    # markers are per datasets version of the job's interpreter (here hpcstage's own: no python:)
+    link = {"marker": prebuild.marker_path(ds, build, version("datasets")), "marker folder": ds / prebuild.MARKER_DIR,
             "lease": prebuild.lease_path(ds, build)}[where]
     plant(link, outside / ("folder" if where == "marker folder" else "precious"))
     r = hpcstage("prebuild", "-f", str(m), env=client_env(_NoHub(), tmp_path / "h"))

@@ -57,6 +57,15 @@ prebuild:
     return manifest, eval_file
 
 
+def _version_or(name: str, default: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return default
+
+
 def files_state(folder: Path) -> dict[str, tuple]:
     """Every file under `folder` with its inode, size and mtime: a rewrite changes one of them."""
     out = {}
@@ -135,10 +144,15 @@ def test_log_lines_and_warm_run_skips_in_well_under_a_second(hub, tmp_path):
     lines = r.stdout.splitlines()
     assert re.fullmatch(rf"{STAMP} CACHE_PREBUILD: Pre-building HF datasets cache", lines[0])
     assert lines[1] == "Unique datasets: 2"
-    assert re.fullmatch(rf"{STAMP} CACHE_BUILT: {DATASET}", lines[2])
-    assert re.fullmatch(rf"{STAMP} CACHE_BUILT: {re.escape(str(eval_file))}", lines[3])
-    assert re.fullmatch(rf"{STAMP} CACHE_PREBUILD_COMPLETE: All dataset caches ready", lines[4])
-    assert len(lines) == 5
+    # the job's interpreter (here hpcstage's own: no python:) and its client versions
+    import datasets, huggingface_hub
+    assert lines[2] == (f"Job Python: {sys.executable} (python {'%d.%d.%d' % sys.version_info[:3]}, datasets "
+                        f"{datasets.__version__}, huggingface_hub {huggingface_hub.__version__}, transformers "
+                        f"{_version_or('transformers', 'not installed')})")
+    assert re.fullmatch(rf"{STAMP} CACHE_BUILT: {DATASET}", lines[3])
+    assert re.fullmatch(rf"{STAMP} CACHE_BUILT: {re.escape(str(eval_file))}", lines[4])
+    assert re.fullmatch(rf"{STAMP} CACHE_PREBUILD_COMPLETE: All dataset caches ready", lines[5])
+    assert len(lines) == 6
 
     hub.clear_log()
     started = time.monotonic()
@@ -247,3 +261,133 @@ def test_measure_prebuild_against_a_plain_load_dataset(hub, tmp_path, capsys):
         print(f"\n[measure] plain load_dataset (hub, 1 call): {plain:.2f}s; prebuild cold (hub + json): {cold:.2f}s; "
               f"prebuild warm: {warm:.2f}s")
     assert warm < cold
+
+
+def test_a_build_that_does_not_load_offline_is_cache_failed_and_check_names_the_edit_that_fixes_it(hub, tmp_path):
+    """`hf://` data files are listed over the network even offline: the build succeeds online, its offline
+    proof fails, so prebuild says CACHE_FAILED (exit 1) instead of "All dataset caches ready"; check names
+    the form that loads offline, and that form passes both."""
+    manifest = tmp_path / "hpcstage.yaml"
+    hf_url = f"hf://datasets/{DATASET}/data/train-*.parquet"
+    manifest.write_text(f"""
+cache_dir: hub
+datasets_cache_dir: datasets
+datasets:
+  - repo: {DATASET}
+prebuild:
+  - {{path: parquet, data_files: "{hf_url}", split: train}}
+""")
+    env = client_env(hub, tmp_path / "unused")
+    assert hpcstage("pull", "-f", str(manifest), "-q", env=env).returncode == 0
+    r = hpcstage("prebuild", "-f", str(manifest), env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(rf"{STAMP} CACHE_FAILED: {re.escape(hf_url)}: built into .*, but the same call offline fails "
+                     r"in the job's Python: \w+", r.stdout), r.stdout
+    assert "CACHE_PREBUILD_FAILED: 1 of 1 builds failed" in r.stdout
+    assert "All dataset caches ready" not in r.stdout and "CACHE_BUILT" not in r.stdout
+    assert not list((tmp_path / "datasets" / ".hpcstage-prebuild").glob("*.json"))  # no marker: not vouched for
+
+    r = hpcstage("check", "-f", str(manifest), "--json", env=env)
+    assert r.returncode == 1
+    [bad] = [e for e in json.loads(r.stdout)["entries"] if not e["ok"]]
+    assert "prebuild cannot make" in bad["problems"][0] and "offline fails" in bad["problems"][0]
+    assert bad["fix"].startswith(f"in {manifest} write prebuild[0] as {{path: {DATASET}, "
+                                 "data_files: 'data/train-*.parquet'}")
+
+    # the edit check proposes: now built, proven, and ready
+    manifest.write_text(manifest.read_text().replace(f'{{path: parquet, data_files: "{hf_url}", split: train}}',
+                                                     f'{{path: {DATASET}, data_files: "data/train-*.parquet", split: train}}'))
+    r = hpcstage("prebuild", "-f", str(manifest), env=env)
+    assert r.returncode == 0 and "CACHE_PREBUILD_COMPLETE" in r.stdout, r.stdout + r.stderr
+    r = hpcstage("check", "-f", str(manifest), env=env)
+    assert r.returncode == 0, r.stdout
+
+
+def test_data_files_on_a_hub_dataset_is_aliased_for_the_offline_lookup(hub, tmp_path):
+    """datasets 4760: built online as default-<A>, looked up offline as default-<B>. prebuild links B to A
+    (records it in the marker) and proves the load; removing the link makes check fail with a fix that
+    makes it again."""
+    manifest = tmp_path / "hpcstage.yaml"
+    manifest.write_text(f"""
+cache_dir: hub
+datasets_cache_dir: datasets
+datasets:
+  - repo: {DATASET}
+prebuild:
+  - {{path: {DATASET}, data_files: "data/train-*.parquet", split: train}}
+""")
+    env = client_env(hub, tmp_path / "unused")
+    assert hpcstage("pull", "-f", str(manifest), "-q", env=env).returncode == 0
+    r = hpcstage("prebuild", "-f", str(manifest), "--json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [result] = json.loads(r.stdout)["results"]
+    alias = Path(result["alias"])
+    assert alias.is_symlink() and not os.path.isabs(os.readlink(alias))
+    assert alias.resolve() == Path(result["cache_dir"]).parent.parent.resolve() != alias
+    assert hpcstage("check", "-f", str(manifest), env=env).returncode == 0
+
+    alias.unlink()  # as if someone cleaned the cache by hand
+    r = hpcstage("check", "-f", str(manifest), "--json", env=env)
+    assert r.returncode == 1
+    [bad] = [e for e in json.loads(r.stdout)["entries"] if not e["ok"]]
+    assert bad["fix"] == f"hpcstage prebuild -f {manifest}"  # the marker no longer holds: a plain prebuild redoes it
+    r = subprocess.run(bad["fix"].replace("hpcstage", f"{sys.executable} -m hpcstage", 1).split(), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert alias.is_symlink()
+    assert hpcstage("check", "-f", str(manifest), env=env).returncode == 0
+
+
+def test_the_job_interpreter_comes_from_flag_manifest_or_environment_and_a_bad_one_is_one_line(hub, tmp_path):
+    venv = tmp_path / "jobenv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    manifest, _ = stage(hub, tmp_path, prebuild=False)
+    env = client_env(hub, tmp_path / "unused")
+    bare = str(venv / "bin" / "python")
+
+    for args, extra, origin in ((["--python", bare], {}, "--python"),
+                                ([], {"HPCSTAGE_PYTHON": bare}, "HPCSTAGE_PYTHON")):
+        for cmd in ("prebuild", "check"):
+            r = hpcstage(cmd, "-f", str(manifest), *args, env={**env, **extra})
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert r.stderr.strip() == (f"hpcstage: error: job interpreter {bare} (from {origin}) has no `datasets`; "
+                                        f"install it there ({bare} -m pip install 'datasets>=2.16') or point "
+                                        "--python / `python:` at the jobs' Python"), r.stderr
+    r = hpcstage("prebuild", "-f", str(manifest), "--python", str(tmp_path / "nope" / "python"), env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path / 'nope' / 'python'} (from --python) is not an executable file" in r.stderr
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'libpython3.11.so.1.0: cannot open shared object file' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    r = hpcstage("check", "-f", str(manifest), "--python", str(broken), env=env)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"hpcstage: error: job interpreter {broken} (from --python) does not run Python 3.8+ code; point it at "
+        "the jobs' Python, e.g. /path/to/venv/bin/python"), r.stderr
+
+    # --python given on the command line: check's fix line carries it, and running that line fixes it
+    r = hpcstage("check", "-f", str(manifest), "--python", sys.executable, "--json", env=env)
+    assert r.returncode == 1
+    fixes = {e["fix"] for e in json.loads(r.stdout)["entries"] if not e["ok"]}
+    assert fixes == {f"hpcstage prebuild -f {manifest} --python {sys.executable}"}, fixes
+    r = subprocess.run([sys.executable, "-m", *fixes.pop().split()], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert hpcstage("check", "-f", str(manifest), "--python", sys.executable, env=env).returncode == 0
+
+    # the manifest's `python:`: ~ and $VARS expanded, relative to the manifest's folder, symlinks kept
+    (tmp_path / "sub").mkdir()
+    other = tmp_path / "sub" / "hpcstage.yaml"
+    other.write_text("python: ../jobenv/bin/python\n")
+    assert load_manifest(other).python == str(tmp_path / "sub" / ".." / "jobenv" / "bin" / "python")
+    other.write_text("python: $JOBENV/bin/python\n")
+    os.environ["JOBENV"] = str(venv)
+    try:
+        assert load_manifest(other).python == bare
+    finally:
+        del os.environ["JOBENV"]
+    # the manifest's python: wins over HPCSTAGE_PYTHON, and --python over both
+    manifest.write_text(manifest.read_text() + f"python: {bare}\n")
+    r = hpcstage("prebuild", "-f", str(manifest), env={**env, "HPCSTAGE_PYTHON": sys.executable})
+    assert r.returncode == 2 and f"(from python: in {manifest})" in r.stderr
+    r = hpcstage("prebuild", "-f", str(manifest), "--python", sys.executable, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Job Python: {sys.executable} (python" in r.stdout

@@ -188,6 +188,8 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
             return
         if kind == "start":
             print(f"{stamp()} CACHE_PREBUILD: Pre-building HF datasets cache\nUnique datasets: {text}", flush=True)
+        elif kind == "stack":
+            print(f"Job Python: {text}", flush=True)
         elif kind == "built":
             print(f"{stamp()} CACHE_BUILT: {text}", flush=True)
         elif kind == "skipped":
@@ -197,8 +199,8 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
         else:
             print(f"{stamp()} CACHE_FAILED: {text}", flush=True)
 
-    summary = prebuild(builds, manifest=manifest, cache_dir=args.cache_dir,
-                       datasets_cache_dir=args.datasets_cache_dir, on_event=event)
+    summary = prebuild(builds, manifest=manifest, cache_dir=args.cache_dir, python=args.python,
+                       datasets_cache_dir=args.datasets_cache_dir, on_event=event, force=args.force)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=1))
     elif not quiet:
@@ -216,8 +218,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from hpcstage.manifest import load_manifest
     from hpcstage.offline import check
 
-    report = check(load_manifest(args.manifest), cache_dir=args.cache_dir,
+    report = check(load_manifest(args.manifest), cache_dir=args.cache_dir, python=args.python,
                    datasets_cache_dir=args.datasets_cache_dir, isolation=args.isolation)
+    stack = report.stack.describe() if report.stack else ""
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     elif not args.quiet:
@@ -226,7 +229,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             from rich.table import Table
             from rich.text import Text
 
-            table = Table(title=f"offline check (network off: {report.isolation})")
+            table = Table(title=f"offline check (network off: {report.isolation})", caption=f"job Python: {stack}")
             for col in ("entry", "status", "fix"):
                 table.add_column(col, overflow="fold")
             for e in report.entries:
@@ -234,6 +237,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 table.add_row(Text(e.entry), status, Text(e.fix or ""))
             Console().print(table)
         else:
+            print(f"job Python: {stack}")
             for e in report.entries:
                 print(f"{'ok' if e.ok else 'MISSING'}\t{e.entry}" + ("" if e.ok else f"\t{'; '.join(e.problems)}\tfix: {e.fix}"))
         bad = sum(not e.ok for e in report.entries)
@@ -449,6 +453,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_PYTHON_HELP = ("the jobs' interpreter, where the loads run (default: the manifest's `python:`, else "
+                "HPCSTAGE_PYTHON, else hpcstage's own)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcstage", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -504,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-experiment", type=Path, metavar="FILE",
                    help="experiment_summary.yaml: build each evaluation.tasks[].dataset as json, field=test")
     p.add_argument("--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)")
+    p.add_argument("--python", metavar="PATH", help=_PYTHON_HELP)
+    p.add_argument("--force", action="store_true", help="build and prove again even where a finished build is recorded")
     _common(p)
     p.set_defaults(func=_cmd_prebuild)
 
@@ -512,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)")
     p.add_argument("--isolation", choices=["auto", "netns", "guard"], default="auto",
                    help="network off by `unshare -n` (netns) or a socket guard in the child (default: netns if possible)")
+    p.add_argument("--python", metavar="PATH", help=_PYTHON_HELP)
     _common(p)
     p.set_defaults(func=_cmd_check)
 

@@ -6,6 +6,7 @@ day in the queue. The lockfile is JSON: a warm `pull` of a 2,000-file repo reads
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -228,6 +229,7 @@ class Manifest(_Strict):
     data_dir: Path | None = None  # where url/local/file entries land; default: beside the hub cache
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: folders setgid + group-writable, files group-readable
+    python: str | None = None  # the jobs' interpreter: prebuild and check run their loads in it
     models: list[HubEntry] = []
     datasets: list[HubEntry] = []
     prebuild: list[dict[str, Any]] = []
@@ -367,6 +369,9 @@ def load_manifest(path: str | Path) -> Manifest:
         folder = getattr(manifest, key)
         if folder is not None and not folder.is_absolute():
             manifest = manifest.model_copy(update={key: (path.parent / folder).resolve()})
+    if manifest.python:  # ~ and $VARS expanded, relative to this file's folder; symlinks kept (a venv's python is one)
+        python = Path(os.path.expandvars(os.path.expanduser(manifest.python)))
+        manifest = manifest.model_copy(update={"python": str((path.parent / python).absolute())})
     seen: set[str] = set()
     for entry in manifest.entries:
         if entry.key in seen:

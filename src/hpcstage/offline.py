@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.hfcache import default_cache_dir, default_datasets_cache_dir
 from hpcstage.manifest import Manifest
 
@@ -67,6 +68,101 @@ def job_env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
     return out
 
 
+# -- the job's interpreter: prebuild and check run their loads in it ----------------------------------
+
+# Versions without importing anything (importlib.metadata reads the installed distributions): ~50 ms, so a
+# warm prebuild still skips without importing datasets. Python 3.8+; never imports hpcstage.
+_PROBE = r"""
+import json, sys
+try:
+    from importlib.metadata import version, PackageNotFoundError
+except ImportError:
+    version = None
+out = {"python": "%d.%d.%d" % sys.version_info[:3]}
+for name in ("datasets", "huggingface_hub", "transformers"):
+    try:
+        out[name] = version(name) if version else None
+    except PackageNotFoundError:
+        out[name] = None
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class JobStack:
+    """The interpreter jobs run in and the versions of the clients in it: what decides how the Arrow caches
+    must look. `origin` says where the choice came from (--python, the manifest, HPCSTAGE_PYTHON, hpcstage)."""
+
+    python: str
+    origin: str
+    versions: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def datasets(self) -> str:
+        return self.versions.get("datasets") or ""
+
+    def describe(self) -> str:
+        names = ("datasets", "huggingface_hub", "transformers")
+        return f"{self.python} (python {self.versions.get('python')}, " + ", ".join(
+            f"{n} {self.versions.get(n) or 'not installed'}" for n in names) + ")"
+
+
+OWN_PYTHON = "hpcstage's own interpreter"
+
+
+def job_python(manifest: Manifest | None = None, python: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(interpreter, origin): `python` (--python), else the manifest's `python:`, else HPCSTAGE_PYTHON, else
+    this interpreter. Paths are made absolute (not resolved: a venv's bin/python is a symlink that must stay one)."""
+    if python:
+        return _interpreter(str(python)), "--python"
+    if manifest is not None and manifest.python:
+        return manifest.python, f"python: in {manifest.path}" if manifest.path else "python:"
+    if os.environ.get("HPCSTAGE_PYTHON"):
+        return _interpreter(os.environ["HPCSTAGE_PYTHON"]), "HPCSTAGE_PYTHON"
+    return sys.executable, OWN_PYTHON
+
+
+def _interpreter(value: str) -> str:
+    """A path (~ and $VARS expanded) made absolute, or a bare name (`python3`) looked up on PATH."""
+    value = os.path.expandvars(os.path.expanduser(value))
+    if os.sep not in value:
+        return shutil.which(value) or str(Path(value).absolute())
+    return str(Path(value).absolute())
+
+
+_stacks: dict[str, JobStack] = {}
+
+
+def job_stack(manifest: Manifest | None = None, python: str | os.PathLike | None = None) -> JobStack:
+    """The job's interpreter with its client versions; a BadInput (one line, exit 2) naming the interpreter
+    and what to install when it does not run or has no `datasets`."""
+    path, origin = job_python(manifest, python)
+    if path in _stacks:
+        return JobStack(path, origin, _stacks[path].versions)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise BadInput(f"job interpreter {path} (from {origin}) is not an executable file; point it at the "
+                       "jobs' Python, e.g. /path/to/venv/bin/python")
+    try:
+        r = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+        versions = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        versions = None
+    if not isinstance(versions, dict):
+        raise BadInput(f"job interpreter {path} (from {origin}) does not run Python 3.8+ code; point it at the "
+                       "jobs' Python, e.g. /path/to/venv/bin/python")
+    if not versions.get("datasets") and origin == OWN_PYTHON:
+        raise BadInput(f"no job interpreter given and hpcstage's own ({path}) has no `datasets`; set `python:` in "
+                       "the manifest (or --python, or HPCSTAGE_PYTHON) to the jobs' Python, or install "
+                       "'hpcstage[datasets]'")
+    if not versions.get("datasets"):
+        raise BadInput(f"job interpreter {path} (from {origin}) has no `datasets`; install it there "
+                       f"({path} -m pip install 'datasets>=2.16') or point --python / `python:` at the jobs' Python")
+    stack = JobStack(path, origin, versions)
+    _stacks[path] = stack
+    return stack
+
+
 # -- readiness check: what a job would do, in a process with the network off ---------------------------
 
 # Files a job's loaders read when the repo has them (transformers' AutoConfig / AutoTokenizer and friends).
@@ -101,7 +197,7 @@ sys.stdout = sys.stderr
 
 def first_line(e):
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    return "%s: %s" % (type(e).__name__, text[0] if text else "")
 
 out = []
 for t in tasks:
@@ -121,8 +217,8 @@ for t in tasks:
                     r["bad_arg"] = [k, near[0]]
                     raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}?")
             ds = load_dataset(t["path"], **t["kwargs"])
-            parts = ds.values() if isinstance(ds, dict) else [ds]
-            r["files"] = sorted({f["filename"] for d in parts for f in d.cache_files})
+            parts = list(ds.values()) if isinstance(ds, dict) else [ds]
+            r["files"] = sorted({f["filename"] for d in parts for f in getattr(d, "cache_files", None) or []})
     except Exception as e:
         r["error"] = first_line(e)
     snap = t.get("snapshot")
@@ -152,6 +248,7 @@ class CheckReport:
     entries: list[EntryCheck]
     isolation: str  # "netns" (unshare -n: no network interface but a downed loopback) or "guard" (socket patch)
     seconds: float
+    stack: JobStack | None = None  # the job's interpreter the loads ran in
 
     @property
     def ok(self) -> bool:
@@ -159,6 +256,8 @@ class CheckReport:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "isolation": self.isolation, "seconds": round(self.seconds, 3),
+                "python": self.stack.python if self.stack else None,
+                "versions": self.stack.versions if self.stack else None,
                 "entries": [asdict(e) for e in self.entries]}
 
 
@@ -198,8 +297,9 @@ def _model_task(manifest: Manifest, entry, hub_cache: Path, lock) -> tuple[dict,
 
 
 def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_dir: Path | None = None,
-          isolation: str = "auto", timeout: float = 600) -> CheckReport:
-    """Do, in a child process with the offline flags and the network off, what each job would do:
+          isolation: str = "auto", timeout: float = 600, python: str | os.PathLike | None = None) -> CheckReport:
+    """Do, in a child of the job's interpreter (`python`, else the manifest's `python:`, else HPCSTAGE_PYTHON,
+    else this one) with the offline flags and the network off, what each job would do:
     models through `snapshot_download(..., local_files_only=True)` plus their config/tokenizer files,
     datasets through their `load:` call (else `snapshot_download`), `prebuild:` entries through theirs.
 
@@ -213,6 +313,7 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         isolation = "netns" if netns_available() else "guard"
     if isolation not in ("netns", "guard"):
         raise ValueError(f"isolation must be auto, netns or guard, not {isolation!r}")
+    stack = job_stack(manifest, python)
     child_env = job_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir)
     hub_cache, ds_cache = Path(child_env["HF_HUB_CACHE"]), Path(child_env["HF_DATASETS_CACHE"])
     lock = load_lock(manifest.lock_path) if manifest.path else None
@@ -223,7 +324,12 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
     pull_fix = f"hpcstage pull -f {m}{flags}"
     if datasets_cache_dir:
         flags += f" --datasets-cache-dir {shlex.quote(str(datasets_cache_dir))}"
+    if stack.origin == "--python":  # the fix must build for the same stack the check ran in
+        flags += f" --python {shlex.quote(stack.python)}"
     prebuild_fix = f"hpcstage prebuild -f {m}{flags}"
+    # a proven build whose offline load fails now (files removed or changed behind prebuild's back):
+    # its marker would make a plain prebuild skip it, so the fix rebuilds
+    rebuild_fix = f"{prebuild_fix} --force"
 
     tasks: list[dict] = []
     explain: list = []  # per entry: (label, kind, extra) for tasks, or a finished EntryCheck
@@ -231,7 +337,8 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         if entry.repo_type == "dataset" and entry.load is not None:
             label = f"dataset {entry.repo} load({', '.join(f'{k}={v!r}' for k, v in entry.load.items())})"
             tasks.append({"kind": "load", "path": entry.repo, "kwargs": entry.load})
-            explain.append((label, "load", prebuild.read_marker(ds_cache, prebuild.hub_build(entry, lock))))
+            explain.append((label, "load", prebuild.read_marker(ds_cache, prebuild.hub_build(entry, lock),
+                                                                 stack.datasets)))
             continue
         task, extra = _model_task(manifest, entry, hub_cache, lock)
         tasks.append(task)
@@ -250,13 +357,21 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         if build.missing:
             explain.append(EntryCheck(label, False, [f"data file not found: {', '.join(build.missing)}"],
                                       f"restore the file, or fix prebuild[{i}] in {m}"))
-        elif prebuild.read_marker(ds_cache, build) is None:  # loading would build it now, in the job's place
-            explain.append(EntryCheck(label, False, [f"no prebuilt Arrow cache for {build.call}"], prebuild_fix))
+        elif (marker := prebuild.read_marker(ds_cache, build, stack.datasets)) is None:
+            reason = prebuild.read_failure(ds_cache, build, stack.datasets)
+            if reason:  # prebuild built it but could not make it load offline: rerunning it changes nothing
+                explain.append(EntryCheck(label, False, [f"prebuild cannot make {build.call} load offline "
+                                                         f"(datasets {stack.datasets}): {reason}"],
+                                          _offline_form_fix(build, i, m, prebuild_fix)))
+                continue
+            # loading would build it now, in the job's place
+            explain.append(EntryCheck(label, False, [f"no prebuilt Arrow cache for {build.call} "
+                                                     f"(datasets {stack.datasets})"], prebuild_fix))
         else:
             tasks.append({"kind": "load", "path": build.path, "kwargs": build.kwargs})
-            explain.append((label, "load", None))
+            explain.append((label, "load", marker))
 
-    answers = _run_child(tasks, child_env, isolation, timeout) if tasks else []
+    answers = _run_child(tasks, child_env, isolation, timeout, stack.python) if tasks else []
     entries, it = [], iter(answers)
     for item in explain:
         if isinstance(item, EntryCheck):
@@ -272,10 +387,13 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
                                           f"then `{prebuild_fix}`"))
                 continue
             got = os.path.dirname(r["files"][0]) if r["files"] else None
-            if extra is not None and got and got != extra["cache_dir"]:  # extra: the prebuild marker
+            if extra is not None and got and os.path.realpath(got) != os.path.realpath(extra["cache_dir"]):
                 problems.append(f"offline load reads {got}, not the build prebuilt for this commit "
                                 f"({extra['cache_dir']}): datasets picks the newest build")
-            entries.append(EntryCheck(label, not problems, problems, prebuild_fix if problems else None))
+            # a newer build winning: prebuild's skip puts the proven one back on top; a proven build that
+            # fails to load now: only a rebuild (--force) makes and proves it again
+            fix = None if not problems else rebuild_fix if extra is not None and r["error"] else prebuild_fix
+            entries.append(EntryCheck(label, not problems, problems, fix))
             continue
         problems, fix = [], None
         for f in r["missing"]:
@@ -289,18 +407,35 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         if problems and fix is None:
             fix = pull_fix
         entries.append(EntryCheck(label, not problems, problems, fix))
-    return CheckReport(entries, isolation, time.monotonic() - started)
+    return CheckReport(entries, isolation, time.monotonic() - started, stack)
 
 
-def isolated_command(code: str, isolation: str) -> list[str]:
-    """argv running Python `code` with the network off: in a new network namespace, or behind the guard."""
+def _offline_form_fix(build, index: int, manifest: str, prebuild_fix: str) -> str:
+    """The edit that makes a load provable offline, then the command. `hf://` data files need the network
+    to be listed even offline: the same files by repo id load from the prebuilt cache."""
+    files = build.kwargs.get("data_files")
+    if isinstance(files, str) and files.startswith("hf://datasets/"):
+        parts = files[len("hf://datasets/"):].split("/", 2)  # org, name[@rev], path pattern in the repo
+        if len(parts) == 3:
+            repo = f"{parts[0]}/{parts[1].split('@')[0]}"
+            return (f"in {manifest} write prebuild[{index}] as {{path: {repo}, data_files: {parts[2]!r}}} and load it "
+                    f"so in the job (hf:// paths need the network offline), then `{prebuild_fix}`")
+    return (f"change prebuild[{index}] in {manifest} to a form that loads offline (a Hub repo id with data_files "
+            f"inside it, or local files), then `{prebuild_fix}`")
+
+
+def isolated_command(code: str, isolation: str, python: str | None = None) -> list[str]:
+    """argv running Python `code` in `python` (default: this interpreter) with the network off: in a new
+    network namespace, or behind the guard."""
+    python = python or sys.executable
     if isolation == "netns":
-        return ["unshare", "-n", sys.executable, "-c", code]
-    return [sys.executable, "-c", _GUARD + code]
+        return ["unshare", "-n", python, "-c", code]
+    return [python, "-c", _GUARD + code]
 
 
-def _run_child(tasks: list[dict], child_env: dict[str, str], isolation: str, timeout: float) -> list[dict]:
-    argv = isolated_command(_CHECK, isolation)
+def _run_child(tasks: list[dict], child_env: dict[str, str], isolation: str, timeout: float,
+               python: str | None = None) -> list[dict]:
+    argv = isolated_command(_CHECK, isolation, python)
     try:
         r = subprocess.run(argv, input=json.dumps(tasks), env=child_env, capture_output=True, text=True,
                            timeout=timeout)
@@ -310,7 +445,8 @@ def _run_child(tasks: list[dict], child_env: dict[str, str], isolation: str, tim
         answers = json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         tail = [s for s in r.stderr.strip().splitlines() if s.strip()][-1:] or ["no output"]
-        raise CheckError(f"the offline check process exited with code {r.returncode} ({tail[0]})") from None
+        raise CheckError(f"the offline check process ({python or sys.executable}) exited with code "
+                         f"{r.returncode} ({tail[0]})") from None
     if len(answers) != len(tasks):
         raise CheckError("the offline check process answered for the wrong number of entries")
     return answers

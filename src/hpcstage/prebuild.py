@@ -6,13 +6,23 @@ of the config. Local files (`load_dataset("json", data_files=...)`) do build off
 together all build into one `<dir>.incomplete` folder and crash on a shared filesystem. So we build each
 call once, before any job starts:
 
-* each build runs in a child interpreter whose environment is computed here (`offline.online_env`):
-  HF_* variables are read at import time, so this process's imports cannot leak into the build;
+* each build runs in a child of the JOB's interpreter (`offline.job_stack`: --python, the manifest's
+  `python:`, HPCSTAGE_PYTHON, else this one), whose environment is computed here (`offline.online_env`):
+  HF_* variables are read at import time, and the job's datasets version decides the cache layout
+  (FACTS.md, "Job stacks are not hpcstage's stack"). The child code uses public datasets APIs of 2.16+
+  only and never imports hpcstage;
 * one writer per build across processes and nodes: a `Lease` on
   `<datasets_cache>/.hpcstage-locks/<key>.lease`, where key is a hash of the call's arguments;
-* a finished build leaves `<datasets_cache>/.hpcstage-prebuild/<key>.json` naming its Arrow files (and
-  the size and mtime of the local data files the datasets cache key depends on); while that marker
-  holds, the build is skipped without starting Python or importing `datasets`.
+* each build is proven: a second child of the same interpreter, offline flags set and the network off
+  (`unshare -n`, else the socket guard), makes the call as a job makes it and must read the very build.
+  datasets 4760 (a Hub dataset with `data_files` is built as `default-<A>` and looked up offline as
+  `default-<B>`): B, computed by the job's own `datasets.BuilderConfig.create_config_id`, becomes a
+  relative symlink to A, and the load is proven again. Unproven: CACHE_FAILED, the reason recorded in
+  `<key>.datasets-<version>.failed` for `check`;
+* a proven build leaves `<datasets_cache>/.hpcstage-prebuild/<key>.datasets-<version>.json` naming its
+  Arrow files, its alias, and the size and mtime of the local data files the datasets cache key depends
+  on; while that marker holds for the job stack's datasets version, the build is skipped without
+  importing `datasets` (the version comes from the installed distribution's metadata).
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -38,7 +49,7 @@ from hpcstage.yamlfile import read_yaml
 
 LOCK_DIR = ".hpcstage-locks"
 MARKER_DIR = ".hpcstage-prebuild"
-MARKER_VERSION = 1
+MARKER_VERSION = 2  # 2: one marker per datasets version, written after an offline proof
 LEASE_TTL = 60.0
 POLL = 0.2  # seconds between looks at builds other processes hold
 # datasets' packaged builders: their data_files are local paths; any other `path` is a Hub repo id
@@ -91,11 +102,13 @@ class BuildResult:
     seconds: float = 0.0
     cache_dir: str | None = None  # the Arrow build folder
     error: str | None = None
+    alias: str | None = None  # the config folder made to point at the build (datasets 4760), if one was needed
 
 
 @dataclass
 class PrebuildSummary:
     datasets_cache_dir: Path
+    stack: offline.JobStack | None = None  # the job's interpreter the builds were made and proven in
     results: list[BuildResult] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -110,6 +123,8 @@ class PrebuildSummary:
     def as_dict(self) -> dict:
         return {
             "datasets_cache_dir": str(self.datasets_cache_dir),
+            "python": self.stack.python if self.stack else None,
+            "versions": self.stack.versions if self.stack else None,
             "ok": self.ok,
             "results": [r.__dict__ for r in self.results],
             "warnings": self.warnings,
@@ -150,7 +165,8 @@ def local_build(spec: dict[str, Any], base: Path, where: str = "prebuild") -> Bu
     path = spec["path"]
     local_path = path not in PACKAGED and os.path.exists(base / path)
     if path not in PACKAGED and not local_path:  # a Hub repo id: data_files are paths inside the repo
-        return Build(path, kwargs, label=path)
+        names = _strings(kwargs.get("data_files"))
+        return Build(path, kwargs, label=f"{path} data_files={names[0] if len(names) == 1 else names}" if names else path)
     if local_path:
         path = str((base / path).absolute())
     if "data_files" in kwargs:
@@ -221,39 +237,84 @@ def _unique(builds: list[Build]) -> list[Build]:
 # -- markers -----------------------------------------------------------------------------------------
 
 
-def marker_path(datasets_cache_dir: Path, build: Build) -> Path:
-    return Path(datasets_cache_dir) / MARKER_DIR / f"{build.key}.json"
+def marker_path(datasets_cache_dir: Path, build: Build, datasets_version: str) -> Path:
+    """One marker per build and job stack's datasets version: a build proven for 5.2 says nothing of 4.0."""
+    safe = "".join(c if c.isalnum() or c in ".-+" else "_" for c in datasets_version)
+    return Path(datasets_cache_dir) / MARKER_DIR / f"{build.key}.datasets-{safe}.json"
+
+
+def failure_path(datasets_cache_dir: Path, build: Build, datasets_version: str) -> Path:
+    """Why the last build of this call for this datasets version could not be proven offline (check names it)."""
+    return marker_path(datasets_cache_dir, build, datasets_version).with_suffix(".failed")
+
+
+def read_failure(datasets_cache_dir: Path, build: Build, datasets_version: str) -> str | None:
+    """The reason recorded by the last failed proof, while the local data files are unchanged."""
+    try:
+        record = json.loads(failure_path(datasets_cache_dir, build, datasets_version).read_text())
+        return record["error"] if record.get("fingerprint") == build.fingerprint() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def lease_path(datasets_cache_dir: Path, build: Build) -> Path:
     return Path(datasets_cache_dir) / LOCK_DIR / f"{build.key}.lease"
 
 
-def read_marker(datasets_cache_dir: Path, build: Build) -> dict | None:
-    """The marker of a finished build if it still holds: same local data files (size, mtime) and every
-    recorded cache file present with its size. A few stats: well under a millisecond per build."""
+def read_marker(datasets_cache_dir: Path, build: Build, datasets_version: str) -> dict | None:
+    """The marker of a finished, proven build for this datasets version if it still holds: same local data
+    files (size, mtime), every recorded cache file present with its size, and the config alias (if one
+    was made) still in place. A few stats: well under a millisecond per build."""
     try:
-        marker = json.loads(marker_path(datasets_cache_dir, build).read_text())
+        marker = json.loads(marker_path(datasets_cache_dir, build, datasets_version).read_text())
         if marker.get("version") != MARKER_VERSION or marker.get("fingerprint") != build.fingerprint():
             return None
         for f in marker["files"]:
             if os.stat(f["path"]).st_size != f["size"]:
                 return None
+        if marker.get("alias") and not os.path.isdir(marker["alias"]):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return marker
 
 
-def _write_marker(datasets_cache_dir: Path, build: Build, cache_dir: str, seconds: float) -> None:
+def _write_marker(datasets_cache_dir: Path, build: Build, cache_dir: str, seconds: float, datasets_version: str,
+                  alias: str | None) -> None:
     folder = Path(cache_dir)
     files = [{"path": str(p), "size": p.stat().st_size} for p in sorted(folder.iterdir())
              if p.is_file() and (p.suffix == ".arrow" or p.name == "dataset_info.json")]
     marker = {
         "version": MARKER_VERSION, "key": build.key, "path": build.path, "kwargs": build.kwargs,
-        "fingerprint": build.fingerprint(), "cache_dir": str(folder), "files": files,
-        "built_at": time.time(), "seconds": round(seconds, 3),
+        "datasets": datasets_version, "fingerprint": build.fingerprint(), "cache_dir": str(folder),
+        "files": files, "alias": alias, "proven": True, "built_at": time.time(), "seconds": round(seconds, 3),
     }
-    safefs.write_atomic(datasets_cache_dir, marker_path(datasets_cache_dir, build), json.dumps(marker, indent=1, default=str).encode())
+    safefs.write_atomic(datasets_cache_dir, marker_path(datasets_cache_dir, build, datasets_version),
+                        json.dumps(marker, indent=1, default=str).encode())
+
+
+def alias_config(datasets_cache_dir: Path, cache_dir: str | Path, config_id: str) -> Path | None:
+    """datasets 4760: make `<dataset>/<config_id>` (the folder an offline load looks in) a relative symlink
+    to the built config folder (`<dataset>/<built config>`, holding `<version>/<hash>/`). Returns the alias,
+    or None when a real folder of that name exists (not ours to replace). Atomic: a temporary link renamed
+    over the old one, so a later build of the same call re-points it; written through safefs (no planted
+    link below the datasets cache redirects it)."""
+    build_dir = Path(cache_dir)
+    config_dir = build_dir.parent.parent
+    alias = config_dir.parent / config_id
+    if config_id in ("", ".", "..") or "/" in config_id or alias == config_dir:
+        return None
+    folder, name = safefs.parent_of(datasets_cache_dir, alias, create=False)
+    try:
+        if not stat.S_ISLNK(folder.lstat(name).st_mode):
+            return None
+    except FileNotFoundError:
+        pass
+    tmp = f".{config_id}.{os.getpid()}.hpcstage-link"
+    folder.unlink(tmp)
+    folder.symlink(config_dir.name, tmp)
+    folder.replace(tmp, name)
+    return alias
 
 
 def newer_builds(cache_dir: str | Path) -> list[Path]:
@@ -281,7 +342,8 @@ def make_newest(cache_dir: str | Path) -> None:
 
 # Reads one JSON request per line on stdin, answers one JSON line on the original stdout (datasets'
 # own output goes to stderr). Dies with its parent (PR_SET_PDEATHSIG) so a killed prebuild does not
-# leave a build running without the lease.
+# leave a build running without the lease. Runs in the JOB's interpreter: Python 3.8+, public APIs of
+# datasets >= 2.16 only, never imports hpcstage (it is not installed there).
 _WORKER = r"""
 import ctypes, json, os, sys, time
 try:
@@ -293,10 +355,25 @@ if os.getppid() != int(sys.argv[1]):
 proto = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(2, 1)
 sys.stdout = sys.stderr
-from datasets import load_dataset
+
+def first_line(e):
+    text = str(e).strip().splitlines()
+    return "%s: %s" % (type(e).__name__, text[0] if text else "")
+
+try:
+    import datasets
+    from datasets import load_dataset
+except Exception as e:
+    proto.write(json.dumps({"ready": False, "error": first_line(e)}) + "\n")
+    sys.exit(1)
+# load_dataset's own arguments; every other one is a builder config argument, which the offline cache
+# lookup hashes into the config id it looks for
+NOT_CONFIG = {"path", "name", "split", "cache_dir", "features", "download_config", "download_mode",
+              "verification_mode", "keep_in_memory", "save_infos", "revision", "token", "streaming", "num_proc",
+              "storage_options", "trust_remote_code", "ignore_verifications", "use_auth_token", "task"}
 import difflib, inspect
 named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
-proto.write(json.dumps({"ready": True}) + "\n")
+proto.write(json.dumps({"ready": True, "datasets": datasets.__version__}) + "\n")
 for line in sys.stdin:
     req = json.loads(line)
     started = time.perf_counter()
@@ -306,13 +383,19 @@ for line in sys.stdin:
             if near:
                 raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}? (fix `load:`)")
         ds = load_dataset(req["path"], **req["kwargs"])
-        parts = ds.values() if isinstance(ds, dict) else [ds]
-        files = sorted({f["filename"] for d in parts for f in d.cache_files})
+        parts = list(ds.values()) if isinstance(ds, dict) else [ds]
+        files = sorted({f["filename"] for d in parts for f in getattr(d, "cache_files", None) or []})
         out = {"ok": bool(files), "files": files,
                "error": None if files else "the result has no Arrow files (in memory or streaming)"}
     except Exception as e:
-        text = str(e).strip().splitlines()
-        out = {"ok": False, "error": f"{type(e).__name__}: {text[0] if text else ''}"}
+        out = {"ok": False, "error": first_line(e)}
+    if req.get("offline"):  # the config id the offline lookup wants (datasets 4760: not always the built one)
+        config = dict((k, v) for k, v in req["kwargs"].items() if k not in NOT_CONFIG)
+        try:
+            out["config_id"] = datasets.BuilderConfig(req["kwargs"].get("name") or "default").create_config_id(
+                config) if config else None
+        except Exception as e:
+            out["config_id"] = None
     out["seconds"] = time.perf_counter() - started
     proto.write(json.dumps(out) + "\n")
 """
@@ -321,13 +404,20 @@ for line in sys.stdin:
 class _Worker:
     """One child interpreter for all builds of a run: `datasets` is imported once, not per build."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], python: str = sys.executable, isolation: str | None = None):
+        """`isolation`: None (network on: builds), else "netns"/"guard" (network off: offline proofs)."""
         self._log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(os.getpid())], env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-        )
-        self._answer()  # {"ready": true}: import errors surface here, not inside a lease
+        self.python = python
+        argv = ([python, "-c", _WORKER] if isolation is None else
+                offline.isolated_command(_WORKER, isolation, python=python)) + [str(os.getpid())]
+        self.proc = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log)
+        ready = self._answer()  # import errors surface here, not inside a lease
+        if not ready.get("ready"):
+            self.close()
+            raise PrebuildError(f"{python} cannot import datasets ({ready.get('error')}); repair it there: "
+                                f"{python} -m pip install --force-reinstall 'datasets>=2.16'")
+        self.datasets = ready.get("datasets")
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()
@@ -335,12 +425,16 @@ class _Worker:
             self.proc.wait()
             self._log.seek(0)
             tail = [s for s in self._log.read().strip().splitlines() if s.strip()][-1:] or ["no output"]
-            raise PrebuildError(f"the build process exited with code {self.proc.returncode} ({tail[0]}); "
-                                "check that `datasets` is installed in this Python")
+            raise PrebuildError(f"the build process ({self.python}) exited with code {self.proc.returncode} "
+                                f"({tail[0]}); check that `datasets` is installed in this Python")
         return json.loads(line)
 
-    def load(self, build: Build) -> dict:
-        self.proc.stdin.write(json.dumps({"path": build.path, "kwargs": build.kwargs}, default=str) + "\n")
+    def load(self, build: Build, *, offline: bool = False) -> dict:
+        """Online: the build's call as given. Offline (the proof): the call as a job makes it, without the
+        pinned `revision` (offline, datasets looks the build up by config, not by commit)."""
+        kwargs = {k: v for k, v in build.kwargs.items() if not (offline and k == "revision")}
+        self.proc.stdin.write(json.dumps({"path": build.path, "kwargs": kwargs, "offline": offline},
+                                         default=str) + "\n")
         self.proc.stdin.flush()
         return self._answer()
 
@@ -364,21 +458,32 @@ def prebuild(
     datasets_cache_dir: Path | None = None,
     cache_dir: Path | None = None,
     manifest: Manifest | None = None,
+    python: str | os.PathLike | None = None,
     on_event: Callable[[str, str], None] | None = None,
     lease_ttl: float = LEASE_TTL,
     base_env: dict[str, str] | None = None,
+    force: bool = False,
+    isolation: str = "auto",
 ) -> PrebuildSummary:
-    """Build each call once into the datasets cache (manifest's, else HF_DATASETS_CACHE rules).
+    """Build each call once into the datasets cache (manifest's, else HF_DATASETS_CACHE rules), in the job's
+    interpreter (`python`, else the manifest's `python:`, else HPCSTAGE_PYTHON, else this one), and prove
+    each build by loading it as a job will: offline flags, the network off (`isolation`), that interpreter.
 
-    `on_event(kind, text)` is told of progress: kind is "start" (text: the count), "built", "skipped",
-    "missing", "failed" (text: label, or label and error). Builds held by another process are waited
-    for while this one builds the rest."""
+    `on_event(kind, text)` is told of progress: kind is "start" (text: the count), "stack" (the job's
+    interpreter and versions), "built", "skipped", "missing", "failed" (text: label, or label and error).
+    Builds held by another process are waited for while this one builds the rest. `force` rebuilds and
+    proves again even where a marker holds."""
     started = time.monotonic()
+    stack = offline.job_stack(manifest, python)
     env = offline.online_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir, base=base_env)
+    proof_env = offline.job_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir, base=base_env)
+    if isolation == "auto":
+        isolation = "netns" if offline.netns_available() else "guard"
     ds_dir = Path(env["HF_DATASETS_CACHE"])
-    summary = PrebuildSummary(ds_dir)
+    summary = PrebuildSummary(ds_dir, stack=stack)
     tell = on_event or (lambda kind, text: None)
     tell("start", str(len(builds)))
+    tell("stack", stack.describe())
     results: dict[str, BuildResult] = {}
     pending: list[Build] = []
     for b in builds:
@@ -387,17 +492,24 @@ def prebuild(
             tell("missing", b.label)
         else:
             pending.append(b)
-    worker: _Worker | None = None
+    workers: dict[str, _Worker] = {}
+
+    def worker(kind: str) -> _Worker:  # started once there is something to build: importing datasets costs ~1 s
+        if kind not in workers:
+            workers[kind] = (_Worker(env, stack.python) if kind == "build" else
+                             _Worker(proof_env, stack.python, isolation=isolation))
+        return workers[kind]
+
     try:
         while pending:
             progressed = False
             for b in list(pending):
                 t0 = time.perf_counter()
-                marker = read_marker(ds_dir, b)
+                marker = None if force else read_marker(ds_dir, b, stack.datasets)
                 if marker is not None:
                     make_newest(marker["cache_dir"])
                     results[b.key] = BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0,
-                                                 marker["cache_dir"])
+                                                 marker["cache_dir"], alias=marker.get("alias"))
                     pending.remove(b)
                     progressed = True
                     tell("skipped", b.label)
@@ -406,9 +518,7 @@ def prebuild(
                 if not lease.try_acquire():
                     continue  # another process builds it; look again next round
                 try:
-                    if worker is None:  # only once there is something to build: importing datasets costs ~1 s
-                        worker = _Worker(env)
-                    results[b.key] = _build_one(worker, ds_dir, b, lease, t0)
+                    results[b.key] = _build_one(worker, ds_dir, b, lease, t0, stack.datasets, force)
                 finally:
                     lease.release()
                 pending.remove(b)
@@ -418,26 +528,57 @@ def prebuild(
             if pending and not progressed:
                 time.sleep(POLL)
     finally:
-        if worker is not None:
-            worker.close()
+        for w in workers.values():
+            w.close()
     summary.results = [results[b.key] for b in builds]
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _build_one(worker: _Worker, ds_dir: Path, b: Build, lease: Lease, t0: float) -> BuildResult:
-    marker = read_marker(ds_dir, b)  # built by the lease's previous holder while we looked elsewhere
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: Lease, t0: float,
+               version: str, force: bool) -> BuildResult:
+    """Build online, then prove offline; on datasets 4760 (the offline lookup wants another config id than
+    the one built) alias that id to the build and prove again. Only a proven build gets a marker."""
+    marker = None if force else read_marker(ds_dir, b, version)  # built by the lease's previous holder meanwhile
     if marker is not None:
-        return BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0, marker["cache_dir"])
-    answer = worker.load(b)
-    seconds = time.perf_counter() - t0
+        return BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0, marker["cache_dir"],
+                           alias=marker.get("alias"))
+
+    def failed(error: str) -> BuildResult:
+        return BuildResult(b.label, b.key, b.call, "failed", time.perf_counter() - t0, error=error)
+
+    answer = worker("build").load(b)
     if not answer["ok"]:
-        return BuildResult(b.label, b.key, b.call, "failed", seconds, error=answer["error"])
-    if lease.lost:  # we stalled past the ttl: someone else may have built alongside; do not vouch for it
-        return BuildResult(b.label, b.key, b.call, "failed", seconds,
-                           error=f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
+        return failed(answer["error"])
     cache_dir = os.path.dirname(answer["files"][0])
     make_newest(cache_dir)
-    _write_marker(ds_dir, b, cache_dir, seconds)
-    return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir)
+    proof = worker("proof").load(b, offline=True)
+    alias = None
+    if not (proof["ok"] and _same_folder(os.path.dirname(proof["files"][0]), cache_dir)) and proof.get("config_id"):
+        alias = alias_config(ds_dir, cache_dir, proof["config_id"])
+        if alias is not None:
+            proof = worker("proof").load(b, offline=True)
+    def unproven(error: str) -> BuildResult:  # recorded, so that `check` can say why instead of "run prebuild"
+        safefs.write_atomic(ds_dir, failure_path(ds_dir, b, version), json.dumps(
+            {"error": error, "fingerprint": b.fingerprint(), "at": time.time()}, default=str).encode())
+        return failed(error)
 
+    if not proof["ok"]:
+        return unproven(f"built into {cache_dir}, but the same call offline fails in the job's Python: "
+                        f"{proof['error']}")
+    got = os.path.dirname(proof["files"][0])
+    if not _same_folder(got, cache_dir):
+        return unproven(f"built into {cache_dir}, but the same call offline reads {got}")
+    if alias is None and os.path.normpath(got) != os.path.normpath(cache_dir):  # through a link made before
+        alias = Path(got).parent.parent
+    if lease.lost:  # we stalled past the ttl: someone else may have built alongside; do not vouch for it
+        return failed(f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
+    seconds = time.perf_counter() - t0
+    _write_marker(ds_dir, b, cache_dir, seconds, version, str(alias) if alias else None)
+    folder, name = safefs.parent_of(ds_dir, failure_path(ds_dir, b, version))
+    folder.unlink(name)
+    return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir, alias=str(alias) if alias else None)

@@ -460,8 +460,25 @@ def _job_manifest(artifacts: list[Artifact], manifest, cache_dir: Path):
                                        "datasets": [*manifest.datasets, *datasets]})
 
 
-def _prebuild_and_check(artifacts: list[Artifact], manifest, cache_dir: Path) -> None:
-    """Build the Arrow caches the job's manifest names, then refuse unless everything loads offline."""
+def _job_python(request: LaunchRequest, manifest, cluster: Cluster) -> tuple[str, str | None]:
+    """(the interpreter the job script runs Python with, the one prebuild and check are told to use): --python,
+    else the manifest's `python:`, else HPCSTAGE_PYTHON, else the registry's `python`, else this interpreter.
+    The job is checked in the interpreter it runs in."""
+    from hpcstage import offline as offline_env
+
+    if request.python:
+        return request.python, request.python
+    path, origin = offline_env.job_python(manifest)
+    if origin != offline_env.OWN_PYTHON:
+        return path, None  # prebuild and check find the same one themselves (and name where it came from)
+    if cluster.python:
+        return cluster.python, cluster.python
+    return sys.executable, None
+
+
+def _prebuild_and_check(artifacts: list[Artifact], manifest, cache_dir: Path, python: str | None = None) -> None:
+    """Build the Arrow caches the job's manifest names in the job's interpreter, then refuse unless everything
+    loads offline there."""
     from hpcstage import offline, prebuild
 
     if not any(a.repo_type for a in artifacts) and (manifest is None or not manifest.prebuild):
@@ -470,11 +487,11 @@ def _prebuild_and_check(artifacts: list[Artifact], manifest, cache_dir: Path) ->
     try:
         builds = prebuild.builds_from_manifest(combined)
         if builds:
-            summary = prebuild.prebuild(builds, manifest=combined, cache_dir=cache_dir)
+            summary = prebuild.prebuild(builds, manifest=combined, cache_dir=cache_dir, python=python)
             failed = [f"{r.label}: {r.error}" for r in summary.results if r.status == "failed"]
             if failed:
                 raise LaunchError(f"prebuild failed, nothing submitted: {'; '.join(failed)}")
-        report = offline.check(combined, cache_dir=cache_dir)
+        report = offline.check(combined, cache_dir=cache_dir, python=python)
     except LaunchError:
         raise
     except HpcstageError as e:
@@ -776,12 +793,12 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
     env = _job_env(artifacts, offline, manifest, request)
+    python, check_python = _job_python(request, manifest, cluster)
     if offline and not request.dry_run:
-        _prebuild_and_check(artifacts, manifest, cache_dir)
+        _prebuild_and_check(artifacts, manifest, cache_dir, check_python)
 
     jobs[0].after = ["?".join(group) for group in after]
     jobs[0].restarts = request.max_restarts
-    python = request.python or cluster.python or sys.executable
     for job in jobs:
         name = f"{exp.name}-{job.key}"
         output = str(exp / "logs" / ("%x-%A_%a.out" if job.array else "%x-%j.out"))

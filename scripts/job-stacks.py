@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Build the job stacks the tests run prebuild, check and offline jobs in: real virtualenvs with the
+datasets / huggingface_hub / transformers versions that training frameworks pin, not hpcstage's own.
+
+    python scripts/job-stacks.py build [NAME...]     # build what is missing (all stacks by default)
+    python scripts/job-stacks.py list                # name, state, interpreter, pins
+    python scripts/job-stacks.py path NAME           # the stack's interpreter (builds it if missing)
+
+Stacks live outside the repo, in $HPCSTAGE_STACKS_DIR, else /var/cache/hpcstage-stacks when writable, else
+~/.cache/hpcstage-stacks, one folder per stack named by a hash of its pinned requirements and the Python
+version: a cached stack is reused as long as its pins do not change; a changed pin builds a new folder.
+A stack is built in `<folder>.partial` and renamed into place only after its imports answered, under a
+lock file, so two test runs never build the same stack at once and a killed build leaves no half stack.
+No torch: tokenizers and configs load without it (transformers only warns).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FORMAT = 1  # bump to rebuild every stack (a change in how stacks are made, not in what they pin)
+
+# name -> pinned requirements. Each pins the three clients exactly; the rest is what pip resolves for them.
+STACKS: dict[str, list[str]] = {
+    # llamafactory 0.9.5's range: datasets<=4.0.0, transformers>=4.55,<=5.6 (so huggingface_hub 0.36)
+    "ds4.0": ["datasets==4.0.0", "huggingface_hub==0.36.0", "transformers==4.57.6"],
+    # an older stack: datasets 2.21 with huggingface_hub 0.24 and the transformers of that summer
+    "ds2.21": ["datasets==2.21.0", "huggingface_hub==0.24.7", "transformers==4.44.2",
+               "numpy==1.26.4", "pyarrow==17.0.0", "pandas==2.2.3"],
+    # the current releases (as of this pin)
+    "current": ["datasets==5.2.0", "huggingface_hub==2.4.0", "transformers==5.24.0"],
+}
+
+PROBE = ("import json, datasets, huggingface_hub, transformers; print(json.dumps({m.__name__: m.__version__ "
+         "for m in (datasets, huggingface_hub, transformers)}))")
+
+
+def stacks_dir() -> Path:
+    if os.environ.get("HPCSTAGE_STACKS_DIR"):
+        return Path(os.environ["HPCSTAGE_STACKS_DIR"])
+    system = Path("/var/cache/hpcstage-stacks")
+    try:
+        system.mkdir(parents=True, exist_ok=True)
+        if os.access(system, os.W_OK):
+            return system
+    except OSError:
+        pass
+    return Path.home() / ".cache" / "hpcstage-stacks"
+
+
+def stack_key(name: str) -> str:
+    text = json.dumps({"format": FORMAT, "python": list(sys.version_info[:2]), "pins": sorted(STACKS[name])})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def stack_folder(name: str) -> Path:
+    return stacks_dir() / f"{name}-{stack_key(name)}"
+
+
+def python_of(name: str) -> Path:
+    return stack_folder(name) / "bin" / "python"
+
+
+def info(name: str) -> dict | None:
+    """The stack's record (versions, build seconds) if it is built, else None."""
+    try:
+        return json.loads((stack_folder(name) / "hpcstage-stack.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build(name: str, log=print) -> dict:
+    """Build the stack unless it is there; returns its record (with `cached`: whether it was)."""
+    if name not in STACKS:
+        raise SystemExit(f"job-stacks: unknown stack {name!r}; known: {', '.join(STACKS)}")
+    folder = stack_folder(name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # local disk: flock is fine here
+        record = info(name)
+        if record is not None:
+            return {**record, "cached": True}
+        started = time.monotonic()
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        log(f"job-stacks: building {name} ({' '.join(STACKS[name])}) in {folder}")
+        # the venv is made where it will live (its scripts name their folder): build in place of
+        # `partial`, then move, and rewrite nothing (bin/python is a symlink to the base interpreter)
+        subprocess.run([sys.executable, "-m", "venv", str(folder) + ".partial"], check=True)
+        py = partial / "bin" / "python"
+        pip = [str(py), "-m", "pip", "--disable-pip-version-check", "install", "-q"]
+        subprocess.run(pip + list(STACKS[name]), check=True)
+        out = subprocess.run([str(py), "-c", PROBE], check=True, capture_output=True, text=True).stdout
+        versions = json.loads(out.strip().splitlines()[-1])
+        record = {"name": name, "pins": STACKS[name], "versions": versions, "key": stack_key(name),
+                  "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+                  "build_seconds": round(time.monotonic() - started, 1), "built_at": time.time()}
+        (partial / "hpcstage-stack.json").write_text(json.dumps(record, indent=1))
+        os.rename(partial, folder)
+        # pip wrote `partial` into the console scripts' shebangs; jobs call bin/python, which needs none
+        log(f"job-stacks: built {name} in {record['build_seconds']:.0f}s: {versions}")
+        return {**record, "cached": False}
+
+
+def main(argv: list[str]) -> int:
+    cmd, names = (argv[0], argv[1:]) if argv else ("build", [])
+    names = names or list(STACKS)
+    unknown = [n for n in names if n not in STACKS]
+    if unknown:
+        print(f"job-stacks: unknown stack {unknown[0]!r}; known: {', '.join(STACKS)}", file=sys.stderr)
+        return 2
+    if cmd == "build":
+        started = time.monotonic()
+        for n in names:
+            r = build(n)
+            print(f"{n}\t{'cached' if r['cached'] else 'built'}\t{python_of(n)}\t{json.dumps(r['versions'])}")
+        print(f"job-stacks: {len(names)} stacks ready in {time.monotonic() - started:.1f}s")
+        return 0
+    if cmd == "list":
+        for n in names:
+            r = info(n)
+            print(f"{n}\t{'built' if r else 'missing'}\t{python_of(n)}\t{' '.join(STACKS[n])}")
+        return 0
+    if cmd == "path" and len(names) == 1:
+        build(names[0], log=lambda s: print(s, file=sys.stderr))
+        print(python_of(names[0]))
+        return 0
+    print("usage: job-stacks.py build [NAME...] | list [NAME...] | path NAME", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
