@@ -68,7 +68,8 @@ def hpcstage(*args: str, capsys=None) -> tuple[int, str, str]:
 
 
 def normalise(text: str, tmp_path: Path) -> str:
-    return text.replace(str(tmp_path), "<TMP>").replace(sys.executable, "<PYTHON>")
+    return (text.replace(str(tmp_path), "<TMP>").replace(sys.executable, "<PYTHON>")
+            .replace(str(Path(sys.executable).parent), "<PYTHON_DIR>"))
 
 
 def compare_golden(case: str, exp: Path, tmp_path: Path, names: list[str]) -> None:
@@ -440,7 +441,8 @@ def test_train_config_paths_are_resolved_against_its_folder_and_its_repo_id_is_s
             f"output_dir={folder / 'out' / 'run1'}") in train
     assert "HPCSTAGE_MODEL=\"$HF_HUB_CACHE/models--demo-org--tiny-model/snapshots/" in train
     assert f"export HPCSTAGE_EVAL_MODEL={folder / 'out' / 'run1'}\n" in (exp / "eval.sbatch").read_text()
-    warnings = [line for line in err.splitlines() if line.startswith("hpcstage: warning:")]
+    warnings = [line for line in err.splitlines() if line.startswith("hpcstage: warning:")
+                and "install them into the job's environment" not in line]  # this venv has no llamafactory
     assert warnings == [
         "hpcstage: warning: --train-config sft.yaml: tokenized_path: cache/tok exists neither beside the config "
         f"({folder}) nor here ({elsewhere}); the job will look for it in {elsewhere}",
@@ -490,3 +492,35 @@ def test_dataset_without_a_load_entry_gets_a_warning_naming_what_the_job_should_
     code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "-f", manifest,
                             "--dataset", "demo-org/tiny-dataset", "--name", "ds2", "--dry-run", capsys=capsys)
     assert code == 0 and err == "", err
+
+
+def test_a_tool_missing_from_the_jobs_environment_is_refused_before_any_sbatch(tmp_path, capsys, monkeypatch):
+    """`exec: llamafactory-cli: not found` a day later in the queue becomes one line at submit time."""
+    from hpcstage.slurm import launch as launch_module
+
+    monkeypatch.setattr(launch_module, "submit", lambda *a, **k: pytest.fail("sbatch was called"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # nothing of the login node's environments on PATH
+    env = tmp_path / "trainenv" / "bin"
+    env.mkdir(parents=True)
+    (env / "python").symlink_to(sys.executable)
+    train = ["launch", "--job-type", "train", "--cluster", "jureca", "--train-config", train_config(tmp_path),
+             "--python", env / "python"]
+    code, _, err = hpcstage(*train, "--name", "tools", capsys=capsys)
+    assert code == 2, err
+    assert f"the train job runs `llamafactory-cli`, which is neither in {env} nor on PATH" in err
+    assert "pass --python of the environment that has them" in err
+    assert not (tmp_path / "experiments" / "tools").exists()
+    code, _, err = hpcstage("launch", "--job-type", "eval", "--cluster", "jureca", "--model", MODEL, "--eval-tasks",
+                            "hellaswag", "--python", env / "python", "--name", "tools", capsys=capsys)
+    assert code == 2 and f"the eval job runs `{env / 'python'} -m lm_eval`, which that interpreter cannot import" in err
+    # a dry run says the same as a warning and renders everything
+    code, _, err = hpcstage(*train, "--name", "dry", "--dry-run", capsys=capsys)
+    assert code == 0 and "llamafactory-cli" in err
+    # with the tool in the job's environment: no word about it, and the job finds it first on its PATH
+    tool = env / "llamafactory-cli"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    code, _, err = hpcstage(*train, "--name", "ok", "--dry-run", capsys=capsys)
+    assert code == 0 and "llamafactory-cli" not in err, err
+    script = check_script(tmp_path / "experiments" / "ok" / "train.sbatch")
+    assert f'export PATH={env}:"$PATH"' in script

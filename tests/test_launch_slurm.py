@@ -135,7 +135,7 @@ def test_failing_train_leaves_its_chained_eval_never_running(cluster, tmp_path, 
     (tmp_path / "sft.yaml").write_text("stage: sft\nmodel_name_or_path: /models/tiny-model\n")
     records = launch(tmp_path, env, "--job-type", "train", "--name", "crash", "--train-config", tmp_path / "sft.yaml",
                      "--train-command", f"{PY} {tmp_path / 'fake_train.py'}", "--gpus-per-node", "2",
-                     "--eval-tasks", "hellaswag", "--time-limit", "10:00")
+                     "--eval-tasks", "hellaswag", "--eval-command", f"{PY} -c pass", "--time-limit", "10:00")
     train, evaluation = ids(records, "train")[0], ids(records, "eval")[0]
     try:
         states = wait([train, evaluation], timeout=60, poll=POLL)

@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -161,6 +162,8 @@ class Job:
     restarts: int = 0
     partition: str | None = None  # default: the cluster's
     script: Path | None = None
+    tools: tuple[str, ...] = ()  # programs the job runs from its environment (the interpreter's folder, PATH)
+    modules: tuple[str, ...] = ()  # modules it runs with `$HPCSTAGE_PYTHON -m`
     ids: list[str] = field(default_factory=list)  # one per attempt, once submitted
     sbatch: list[list[str]] = field(default_factory=list)
 
@@ -555,7 +558,8 @@ def _eval_job(request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, a
                            time_limit=request.eval_time_limit, time_option="--eval-time-limit",
                            time_default=EVAL_TIME_LIMIT, live=live)
     return Job("eval", f"eval: lm_eval tasks {tasks}", 1, **resources,
-               context={"eval_model": model, "eval_argv": argv}, after_job=after_job)
+               context={"eval_model": model, "eval_argv": argv}, after_job=after_job,
+               modules=() if request.eval_command else ("lm_eval",))
 
 
 def _config_overrides(source: Path, config: dict[str, Any], exp: Path, warnings: list[str]) -> dict[str, str]:
@@ -606,7 +610,8 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         jobs = [Job("train", f"train: {source.name} on {nodes} node(s)", nodes,
                     **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
                                  **own),
-                    context={"train_argv": argv, "master_port": MASTER_PORT})]
+                    context={"train_argv": argv, "master_port": MASTER_PORT},
+                    tools=() if request.train_command else DEFAULT_TRAIN_COMMAND[:1])]
         if request.eval_tasks:
             jobs.append(_eval_job(request, cluster, exp, output_dir, "train", live))
         return jobs
@@ -790,10 +795,17 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
                         f"checked: offline, load_dataset({request.dataset!r}, ...) fails in the job; load "
                         "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with "
                         "`load: {split: ...}` (-f)")
+    python, check_python = _job_python(request, manifest, cluster)
+    problems = missing_tools(jobs, python)
+    if problems:
+        text = (f"{'; '.join(problems)}: install them into the job's environment or pass --python of the "
+                "environment that has them")
+        if not request.dry_run:
+            raise BadInput(text)  # before anything is staged or submitted
+        warnings.append(text)
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
     env = _job_env(artifacts, offline, manifest, request)
-    python, check_python = _job_python(request, manifest, cluster)
     if offline and not request.dry_run:
         _prebuild_and_check(artifacts, manifest, cache_dir, check_python)
 
@@ -836,6 +848,33 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
         _submit_all(jobs, by_key, offline, exp)
     _write_records(result, request)
     return result
+
+
+_FIND_MODULES = ("import importlib.util, sys\n"
+                 "print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))")
+
+
+def missing_tools(jobs: list[Job], python: str) -> list[str]:
+    """What the jobs run that their environment lacks, checked here before submitting rather than found a day
+    later in the queue: programs in the interpreter's folder (the job script puts it first on PATH) or on
+    PATH, modules importable by that interpreter."""
+    folder = Path(python).parent
+    path = os.pathsep.join([str(folder), os.environ.get("PATH", "")])
+    problems = []
+    for job in jobs:
+        for tool in job.tools:
+            if shutil.which(tool, path=path) is None:
+                problems.append(f"the {job.key} job runs `{tool}`, which is neither in {folder} nor on PATH")
+        if job.modules:
+            try:
+                r = subprocess.run([python, "-c", _FIND_MODULES, *job.modules], capture_output=True, text=True,
+                                   timeout=120)
+                missing = r.stdout.split() if r.returncode == 0 else list(job.modules)
+            except (OSError, subprocess.TimeoutExpired):
+                missing = list(job.modules)
+            problems += [f"the {job.key} job runs `{python} -m {m}`, which that interpreter cannot import"
+                         for m in missing]
+    return problems
 
 
 def _submit_all(jobs: list[Job], by_key: dict[str, Job], offline: bool, exp: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import jinja2
@@ -53,6 +53,7 @@ def environment(templates: str | os.PathLike[str] | None = None) -> jinja2.Envir
         keep_trailing_newline=True,
     )
     env.filters["sh"] = sh
+    env.filters["parent"] = lambda path: str(PurePath(path).parent)
     env.filters["argv"] = lambda words: " ".join(sh(word) for word in words)
     return env
 
