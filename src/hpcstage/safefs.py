@@ -55,8 +55,9 @@ class UnsafeLink(HpcstageError):
         if uid is None:  # re-raised with a longer message (`type(e)(f"{e} ...")`)
             super().__init__(str(path))
             return
-        self.path, self.uid = Path(path), uid
-        super().__init__(f"{path} is a link owned by {_user(uid)}: not following it; remove it or ask its owner")
+        self.uid = uid
+        super().__init__(f"{path} is a link owned by {_user(uid)}: not following it; remove it or ask its owner",
+                         path=str(path), hint="remove the link, or ask its owner to")
 
 
 class NotAFolder(HpcstageError):
