@@ -34,3 +34,31 @@ def test_an_empty_allowlist_allows_nothing_and_says_so(monkeypatch):
     policy.Allowlist(None).check("org/name")  # absent: everything
     with pytest.raises(PolicyError, match=r"\(org/\*\)"):
         policy.Allowlist(["org/*"]).check("other/name")
+
+
+def test_the_fix_names_who_can_change_the_allowlist(tmp_path, monkeypatch):
+    site = tmp_path / "policy.yaml"
+    site.write_text("allow: ['org/*']\n")
+    monkeypatch.setenv(policy.POLICY_ENV, str(site))
+    with pytest.raises(PolicyError, match=r"add a matching pattern to `allow:` or remove the entry"):
+        policy.Allowlist(["mine/*"]).check("other/name")  # the manifest's list: the user can edit it
+    with pytest.raises(PolicyError, match=r"ask the site's admins to allow it"):
+        policy.Allowlist(["other/*"]).check("other/name")  # passes the manifest, not the site
+
+
+def test_an_empty_site_policy_allows_everything_and_an_odd_one_is_refused(tmp_path, monkeypatch):
+    site = tmp_path / "policy.yaml"
+    monkeypatch.setenv(policy.POLICY_ENV, str(site))
+    for empty in ("", "{}\n", "allow:\n"):
+        site.write_text(empty)
+        policy.Allowlist(None).check("any/name")
+    site.write_text("deny: ['x/*']\n")
+    with pytest.raises(PolicyError, match="must be a mapping with the one key"):
+        policy.Allowlist(None)
+
+
+def test_an_invalid_repo_id_names_the_rule_it_breaks():
+    with pytest.raises(PolicyError) as err:
+        policy.check_repo_id("a/b/c")
+    assert str(err.value).startswith("invalid repo id 'a/b/c': ") and "\n" not in str(err.value)
+    assert len(str(err.value)) > len("invalid repo id 'a/b/c': ") + 10
