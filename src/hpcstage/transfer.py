@@ -101,7 +101,7 @@ class _Attempts:
         """A 429: the wait (the server's hint, else backoff that does not use up tries), or TransferError
         when it would end past the budget. The caller's next request waits in the origin's pacer."""
         if delay is None:
-            delay = min(self.policy.cap, self.policy.base * 2**self.limited) * random.uniform(0.5, 1.0)
+            delay = self.policy.delay(self.limited, None)
         self.limited += 1
         spent = time.monotonic() - self.started
         if spent + delay > self.policy.budget:
