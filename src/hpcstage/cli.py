@@ -32,18 +32,6 @@ def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    try:
-        return _pull(args)
-    except HpcstageError as e:
-        if args.json:  # a machine reader gets the summary and every failure on stdout, the line on stderr
-            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code,
-                              "failures": getattr(e, "failures", []),
-                              **(e.summary.as_dict() if hasattr(e, "summary") else {})}, indent=1))
-            e.json_printed = True  # type: ignore[attr-defined]
-        raise
-
-
-def _pull(args: argparse.Namespace) -> int:
     from hpcstage.manifest import load_manifest
     from hpcstage.staging import Options, pull, pull_manifest
     from hpcstage.transfer import RetryPolicy
@@ -77,8 +65,9 @@ def _pull(args: argparse.Namespace) -> int:
         if not manifest.entries and not manifest.data_entries:
             raise BadInput(f"{args.manifest} lists no models: or datasets: entries, so there is nothing to pull; "
                            "add entries (see the Manifest section of the README)")
-        known = {n for e in [*manifest.entries, *manifest.data_entries]
-                 for n in (e.key, getattr(e, "repo", None), getattr(e, "dest", None), getattr(e, "source", None)) if n}
+        from hpcstage.staging import entry_names
+
+        known = {n for e in [*manifest.entries, *manifest.data_entries] for n in entry_names(e)}
         unknown = [u for u in updates if u != "*" and u not in known]
         if unknown:
             names = sorted({getattr(e, "repo", None) or e.dest for e in [*manifest.entries, *manifest.data_entries]})
@@ -576,6 +565,15 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _failure_json(e: HpcstageError, pull: bool) -> dict:
+    out = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+    if pull:
+        out["failures"] = getattr(e, "failures", [])
+        if hasattr(e, "summary"):
+            out.update(e.summary.as_dict())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = build_parser().parse_args(argv)
@@ -584,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except HpcstageError as e:
-        if getattr(args, "json", False) and not getattr(e, "json_printed", False):
-            print(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}, indent=1))  # stdout stays JSON
+        if getattr(args, "json", False):  # stdout stays JSON: the error, and for a pull every failure and
+            print(json.dumps(_failure_json(e, pull=args.func is _cmd_pull), indent=1))  # what did get staged
         print(f"hpcstage: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:

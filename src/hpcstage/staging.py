@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import ledger, policy
-from hpcstage.errors import BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoRefused, TransferError
+from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoNotFound, RepoRefused,
+                             RevisionNotFound, TransferError)
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -148,10 +149,14 @@ class _Run:
         if resp.status >= 400:
             error = hub.error_for(resp, url)
             if isinstance(error, RepoRefused):
-                self.refused.setdefault("*" if isinstance(error, InvalidToken) else repo, error)
+                self._refuse(repo, error)
         event = self._first_answer.get(repo)
         if event is not None:
             event.set()
+
+    def _refuse(self, repo: str, error: RepoRefused) -> None:
+        """The Hub refused `repo` ("type:repo") as a whole, or the token itself: its other files are not asked for."""
+        self.refused.setdefault("*" if isinstance(error, InvalidToken) else repo, error)
 
     def _first_of(self, repo: str) -> threading.Event | None:
         """The event to set when this thread's request is the repo's first (None: the first answer is in)."""
@@ -377,7 +382,7 @@ class _Run:
         try:
             return self._fetch_file(plan, f, progress, lease, url, label)
         except RepoRefused as e:
-            self.refused.setdefault("*" if isinstance(e, InvalidToken) else key, e)
+            self._refuse(key, e)
             raise
         finally:
             if first is not None:  # also when the request never got an answer
@@ -438,8 +443,6 @@ def describe_failures(failures: list[tuple[str, str]]) -> str:
 def refuse_offline() -> None:
     """huggingface_hub refuses to use the network with HF_HUB_OFFLINE=1 set; so does pull (a warm pull,
     which needs no request, still works)."""
-    import os
-
     value = os.environ.get("HF_HUB_OFFLINE", "")
     if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
         raise BadInput(f"HF_HUB_OFFLINE={value} is set, so pull does not use the network (as huggingface_hub); "
@@ -594,26 +597,34 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool)
     for e in entries:
         try:
             plans.append(run.plan(e, None if wants_update(update, e) else lock.entries.get(e.key)))
-        except HubError as err:
-            if opts.manifest_path is not None and str(err).endswith("; check --revision"):  # no such flag with -f
-                raise HubError(f"{str(err).removesuffix('; check --revision')}; check `revision:` of the entry in "
-                               f"{opts.manifest_path}") from None
-            if opts.manifest_path is None or f"repo {e.repo} not found" not in str(err):
+        except (RevisionNotFound, RepoNotFound) as err:
+            if opts.manifest_path is None:  # the hint names the command's flags: right as it is
                 raise
+            # from a manifest: the hint names its keys (there are no such flags with -f)
+            fields = {"repo": err.repo, "path": err.path, "status": err.status}
+            if isinstance(err, RevisionNotFound):
+                hint = f"check `revision:` of the entry in {opts.manifest_path}"
+                raise RevisionNotFound(f"revision {e.revision!r} not found in {e.repo_type} repo {e.repo}; {hint}",
+                                       hint=hint, **fields) from None
             other = "dataset" if e.repo_type == "model" else "model"
-            raise HubError(f"{e.repo_type} repo {e.repo} not found at {hub.endpoint()}; if it is a {other}, list it "
-                           f"under `{other}s:` in {opts.manifest_path} (a file entry: `repo_type: {other}`), else "
-                           "check the id (private or gated repos need HF_TOKEN)") from None
+            hint = (f"if it is a {other}, list it under `{other}s:` in {opts.manifest_path} (a file entry: "
+                    f"`repo_type: {other}`), else check the id (private or gated repos need HF_TOKEN)")
+            raise RepoNotFound(f"{e.repo_type} repo {e.repo} not found at {hub.endpoint()}; {hint}", hint=hint,
+                               **fields) from None
     return run, plans
 
 
+def entry_names(entry) -> set[str]:
+    """What `--update NAME` may call an entry: its repo id, its lockfile key, a data entry's dest or source."""
+    names = {entry.key, getattr(entry, "repo", None), getattr(entry, "dest", None), getattr(entry, "source", None)}
+    return {n for n in names if n}
+
+
 def wants_update(update, entry) -> bool:
-    """`update` is True/False (every entry or none) or the names given to `--update NAME`: an entry's repo
-    id, its lockfile key, or a data entry's dest or source."""
+    """`update` is True/False (every entry or none) or the names given to `--update NAME`."""
     if isinstance(update, bool) or update is None:
         return bool(update)
-    names = {entry.key, getattr(entry, "repo", None), getattr(entry, "dest", None), getattr(entry, "source", None)}
-    return bool(names & set(update))
+    return bool(entry_names(entry) & set(update))
 
 
 def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
