@@ -20,6 +20,7 @@ import fnmatch
 import glob
 import os
 import secrets
+import shlex
 import shutil
 import stat
 from contextlib import contextmanager
@@ -106,7 +107,7 @@ def building(data_dir: Path, dest: Path) -> Iterator[safefs.Dir]:
     try:
         yield tmp
         st = os.fstat(tmp.fd)
-        os.fchmod(tmp.fd, (0o777 & ~_umask()) | (st.st_mode & stat.S_ISGID))
+        os.fchmod(tmp.fd, (0o777 & ~safefs.umask()) | (st.st_mode & stat.S_ISGID))
     except BaseException:
         shutil.rmtree(parent.proc_path / name, ignore_errors=True)
         raise
@@ -117,12 +118,6 @@ def building(data_dir: Path, dest: Path) -> Iterator[safefs.Dir]:
         shutil.rmtree(parent.proc_path / old, ignore_errors=True)
     else:
         parent.rename(name, dest.name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _remove_leftovers(data_dir: Path, dest: Path) -> None:
@@ -149,11 +144,14 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 class Stager:
     """Stages data entries for one pull; `opts` is staging.Options (workers, timeout, retry, quiet)."""
 
-    def __init__(self, data_dir: Path, opts, update=False):
+    def __init__(self, data_dir: Path, opts, update=False, *, rebuild: bool = False,
+                 manifest_path: Path | None = None, cache_flag: Path | None = None):
         self.data_dir = Path(data_dir)
         self.opts = opts
         self.updates = update  # True/False, or the names given to `--update NAME` (staging.wants_update)
         self.update = bool(update)  # for the entry being staged
+        self.rebuild = rebuild  # `verify --repair`: build again even when the source is unchanged (the copy is bad)
+        self.manifest_path, self.cache_flag = manifest_path, cache_flag  # for the commands that fix a failure
         self._http = None
 
     @property
@@ -212,13 +210,7 @@ class Stager:
         finally:
             lease.release()
 
-    rebuild = False  # `verify --repair`: build again even when the source is unchanged (the copy is bad)
-    manifest_path: Path | None = None  # for the commands that fix a failure
-    cache_flag: Path | None = None
-
     def fix_command(self, extra: str = "") -> str:
-        import shlex
-
         m = shlex.quote(str(self.manifest_path)) if self.manifest_path else "MANIFEST"
         cache = f" --cache-dir {shlex.quote(str(self.cache_flag))}" if self.cache_flag else ""
         return f"hpcstage pull -f {m}{cache}" + (f" {extra}" if extra else "")
@@ -410,10 +402,9 @@ def stage_all(manifest: Manifest, opts, lock: Lockfile, update: bool = False
               ) -> tuple[dict[str, LockedData], list[DataResult], list[HpcstageError]]:
     """Stage every data entry of `manifest`: (lock records of the staged ones, results, failures). One
     failing entry does not stop the others; the caller reports the failures."""
-    stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update)
-    stager.manifest_path = manifest.path
-    if opts.cache_dir and opts.cache_dir != manifest.cache_dir:  # given with --cache-dir: the fix names it too
-        stager.cache_flag = opts.cache_dir
+    # given with --cache-dir: the fix names it too
+    flag = opts.cache_dir if opts.cache_dir and opts.cache_dir != manifest.cache_dir else None
+    stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update, manifest_path=manifest.path, cache_flag=flag)
     records: dict[str, LockedData] = {}
     results: list[DataResult] = []
     failures: list[HpcstageError] = []
@@ -516,8 +507,7 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
 
 def restage(manifest: Manifest, entries: list[DataEntry], opts) -> None:
     """`verify --repair`: build these entries again from their sources (network for url/hub-file)."""
-    stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update=True)
-    stager.rebuild = True
+    stager = Stager(data_dir_of(manifest, opts.cache_dir), opts, update=True, rebuild=True)
     for entry in entries:
         stager.stage(entry, None)
 
@@ -526,8 +516,7 @@ def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
     """`status -f` rows for data entries: staged when its record exists and every file is in place
     (sizes only; `verify` hashes); partial or locked like Hub repos while a download or build is under way
     (a URL's partial file and its pieces, the download and builder leases)."""
-    from hpcstage.ledger import ArtifactStatus, partial_progress
-    from hpcstage.locks import read_lease
+    from hpcstage.ledger import ArtifactStatus
 
     data_dir = data_dir_of(manifest, cache_dir)
     rows = []
@@ -535,7 +524,7 @@ def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
         record = lock.data.get(entry.key) or read_record(data_dir, entry.dest)
         root = data_dir / entry.dest
         leases = [builder_lease(data_dir, entry.dest)]
-        progress: list[tuple[int, int]] = []
+        partials: list[Path] = []
         if isinstance(entry, UrlEntry):
             from hpcstage.hfcache import PARTIAL_SUFFIX
             from hpcstage.sources import url
@@ -543,26 +532,18 @@ def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
             folder = url.downloads_dir(data_dir)
             key = url._key(entry.url)
             leases.append(folder / f"{key}{LEASE_SUFFIX}")
-            progress = [partial_progress(p) for p in folder.glob(f"{key}-*{PARTIAL_SUFFIX}")]
-        locked_by = []
-        for path in leases:
-            info = read_lease(path)
-            if info is not None and not info.expired:
-                locked_by.append(f"{info.host}:{info.pid} (age {info.age:.0f}s)")
+            partials = list(folder.glob(f"{key}-*{PARTIAL_SUFFIX}"))
         if record is None:
             files = present = 0
         else:
             files = len(record.files)
             present = sum(1 for f in record.files if (root / f["path"]).is_file()
                           and (root / f["path"]).stat().st_size == f["size"])
-        st = ArtifactStatus("data", entry.dest, "", None, "missing", files, present, locked_by=locked_by,
-                            reason=entry.source)
-        if progress:
-            done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
-            st.partial_percent = round(100.0 * done / total, 1) if total else 0.0
+        st = ArtifactStatus("data", entry.dest, "", None, "missing", files, present, reason=entry.source)
+        progress = st.look_at(partials, leases)
         if record is not None and present == files:
             st.state = "staged"
-        elif locked_by:
+        elif st.locked_by:
             st.state = "locked"
         elif progress or present or root.exists():
             st.state = "partial"

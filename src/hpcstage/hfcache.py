@@ -82,12 +82,6 @@ def default_datasets_cache_dir() -> Path:
     return _env_path("HF_DATASETS_CACHE") or hf_home() / "datasets"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @dataclass(frozen=True)
 class Sharing:
     """A group-shared cache: folders setgid and group-writable, files and trees group-readable, all owned
@@ -301,7 +295,7 @@ class RepoCache:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, f"{partial} is not a regular file")
             try:
-                os.fchmod(fd, 0o644 & ~_umask())
+                os.fchmod(fd, 0o644 & ~safefs.umask())
                 if self.sharing is not None:
                     self.sharing.file_fd(fd)
             except PermissionError:

@@ -12,6 +12,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import quote
 
 from hpcstage import safefs
@@ -40,6 +41,15 @@ class Record:
     # {include, exclude} of the pull (None in records written before they were kept): with the commit's
     # trees/<commit>.json they name every file the pull selected, so status and verify see a missing one.
     patterns: dict | None = None
+
+
+    def selected(self, listing: list[CachedFile]) -> list[CachedFile] | None:
+        """The files this pull selected from the commit's full listing (None: the record kept no patterns)."""
+        if self.patterns is None:
+            return None
+        from hpcstage.sources.hub import select
+
+        return select(listing, self.patterns.get("include"), self.patterns.get("exclude"))
 
 
 def _path(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Path:
@@ -108,6 +118,19 @@ class ArtifactStatus:
     reason: str = ""
     updated: float | None = None
 
+    def look_at(self, partials: Iterable[Path], leases: Iterable[Path]) -> bool:
+        """Fill in what is under way from the disk: bytes done across `partials` (from their pieces records)
+        and who holds a live lease among `leases`. True when any partial file exists."""
+        progress = [partial_progress(p) for p in partials]
+        if progress:
+            done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
+            self.partial_percent = round(100.0 * done / total, 1) if total else 0.0
+        for path in leases:
+            lease = read_lease(path)
+            if lease is not None and not lease.expired:
+                self.locked_by.append(f"{lease.host}:{lease.pid} (age {lease.age:.0f}s)")
+        return bool(progress)
+
 
 def partial_progress(partial: Path) -> tuple[int, int]:
     """(bytes done, size) of a partial file, from its pieces record; (0, 0) when there is none."""
@@ -130,9 +153,7 @@ def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
     if files is None and commit and rec is not None and rec.patterns is not None and rec.commit == commit:
         listing = cache.read_tree(commit)  # the pull's selection, from the listing and its patterns
         if listing is not None:
-            from hpcstage.sources.hub import select
-
-            files = select(listing, rec.patterns.get("include"), rec.patterns.get("exclude"))
+            files = rec.selected(listing)
     if files is not None and commit:
         expected, staged = len(files), sum(cache.is_linked(commit, f) for f in files)
     elif rec is not None:
@@ -142,14 +163,7 @@ def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
     st = ArtifactStatus(repo_type, repo, revision, commit, "missing", expected, staged,
                         reason=rec.reason if rec else "", updated=rec.updated if rec else None)
     blobs = cache.root / "blobs"
-    progress = [partial_progress(p) for p in blobs.glob(f"*{PARTIAL_SUFFIX}")]
-    if progress:
-        done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
-        st.partial_percent = round(100.0 * done / total, 1) if total else 0.0
-    for lease_path in blobs.glob(f"*{LEASE_SUFFIX}"):
-        lease = read_lease(lease_path)
-        if lease is not None and not lease.expired:
-            st.locked_by.append(f"{lease.host}:{lease.pid} (age {lease.age:.0f}s)")
+    progress = st.look_at(blobs.glob(f"*{PARTIAL_SUFFIX}"), blobs.glob(f"*{LEASE_SUFFIX}"))
     if expected and staged >= expected:
         st.state = "staged"
     elif st.locked_by:

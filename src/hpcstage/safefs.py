@@ -268,6 +268,14 @@ class Dir:
         raise HpcstageError(f"cannot create a build folder in {self.path}")
 
 
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call): the mode a new file or
+    folder would get is `mode & ~umask()`."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _open_root(root: Path, create: bool) -> int:
     try:
         return os.open(root, _DIR_FLAGS)

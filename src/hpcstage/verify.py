@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import stat
 import time
 from collections import defaultdict
@@ -161,20 +162,19 @@ class _Hints:
         self.manifest = manifest
         self.cache = f" --cache-dir {_q(cache_flag)}" if cache_flag is not None else ""
 
-    def repair(self, cache: RepoCache) -> str:
+    def repair(self, cache: RepoCache | None = None) -> str:
+        """(`cache`: the repo, needed without a manifest.)"""
         if self.manifest is not None:
             return f"hpcstage verify -f {_q(self.manifest.path)} --repair{self.cache}"
         return f"hpcstage verify {cache.repo_id}{_type_flag(cache.repo_type)} --repair{self.cache}"
 
-    def pull(self, cache: RepoCache, revision: str) -> str:
+    def pull(self, cache: RepoCache | None = None, revision: str = "main") -> str:
         if self.manifest is not None:
             return f"hpcstage pull -f {_q(self.manifest.path)}{self.cache}"
         return f"hpcstage pull {cache.repo_id}{_type_flag(cache.repo_type)} --revision {revision}{self.cache}"
 
 
 def _q(path) -> str:
-    import shlex
-
     return shlex.quote(str(path))
 
 
@@ -322,7 +322,6 @@ def _add_pulled(plan: _Plan) -> None:
     be in the snapshot, so a deleted file is missing, not silently absent. Snapshots made by other tools
     (no record) are checked file by file against their listing only."""
     from hpcstage import ledger
-    from hpcstage.sources.hub import select
 
     records = ledger.read_all(plan.cache_dir)
     for snap in plan.snapshots.values():
@@ -331,11 +330,8 @@ def _add_pulled(plan: _Plan) -> None:
         for rec in records:
             if (rec.repo_type, rec.repo, rec.commit) != (snap.cache.repo_type, snap.cache.repo_id, snap.commit):
                 continue
-            if rec.patterns is None:  # a record written before patterns were kept
-                continue
-            listing = list(snap.expected.values())
-            snap.required.update(f.path for f in select(listing, rec.patterns.get("include"),
-                                                        rec.patterns.get("exclude")))
+            selected = rec.selected(list(snap.expected.values()))  # None: a record from before patterns were kept
+            snap.required.update(f.path for f in selected or [])
 
 
 # -- checking
@@ -594,10 +590,8 @@ def verify(
         from hpcstage import datadir
 
         found = datadir.verify_entries(manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers())
-        repair = f"hpcstage verify -f {_q(manifest.path)} --repair" + hints.cache
-        pull = f"hpcstage pull -f {_q(manifest.path)}" + hints.cache
         return [Problem(kind, "data", entry.dest, None, path, str(where),
-                        f"{detail}; run `{pull if kind == NOT_STAGED else repair}`")
+                        f"{detail}; run `{hints.pull() if kind == NOT_STAGED else hints.repair()}`")
                 for entry, kind, path, where, detail in found]
 
     try:
