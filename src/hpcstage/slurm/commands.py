@@ -127,7 +127,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _follow(result, poll: float, quiet: bool) -> int:
     """--wait: print each job's state (and why it waits) as it changes; 0 once all completed."""
-    from hpcstage.slurm.jobs import wait
+    from hpcstage.slurm.jobs import belongs, wait
 
     ids = [i for job in result.jobs for i in job.ids]
     seen: dict[str, str] = {}
@@ -146,8 +146,8 @@ def _follow(result, poll: float, quiet: bool) -> int:
         return 1
     bad = []
     for job in result.jobs:  # a job succeeded when one attempt completed (every task, for an array)
-        mine = [s for s in states.values() if any(s.job_id == i or s.job_id.startswith(f"{i}_") for i in job.ids)]
-        attempts = {i: [s for s in mine if s.job_id == i or s.job_id.startswith(f"{i}_")] for i in job.ids}
+        attempts = {i: [s for s in states.values() if belongs(s, i)] for i in job.ids}
+        mine = [s for found in attempts.values() for s in found]
         if not any(found and all(s.state == "COMPLETED" for s in found) for found in attempts.values()):
             bad.append(f"{job.key} ({', '.join(f'{s.job_id} {s.state}' for s in mine)})")
     if bad:

@@ -165,7 +165,7 @@ def query_sacct(job_ids: Iterable[str]) -> dict[str, JobState]:
     return parse_sacct(proc.stdout)
 
 
-def _belongs(state: JobState, job_id: str) -> bool:
+def belongs(state: JobState, job_id: str) -> bool:
     """Whether a reported job is the one asked for, or one of its array tasks."""
     return job_id in (state.job_id, state.raw_id) or state.job_id.startswith(f"{job_id}_")
 
@@ -177,7 +177,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     """
     ids = [str(job_id) for job_id in job_ids]
     states = query_squeue(ids)
-    forgotten = [i for i in ids if not any(_belongs(s, i) for s in states.values())]
+    forgotten = [i for i in ids if not any(belongs(s, i) for s in states.values())]
     if forgotten:
         known_raw = {s.raw_id for s in states.values()}
         for job_id, state in query_sacct(forgotten).items():
@@ -200,7 +200,7 @@ def wait(job_ids: Iterable[str], timeout: float, poll: float = 1.0,
     deadline = time.monotonic() + timeout
     while True:
         states = job_states(ids)
-        unknown = [i for i in ids if not any(_belongs(s, i) for s in states.values())]
+        unknown = [i for i in ids if not any(belongs(s, i) for s in states.values())]
         if unknown:
             raise SlurmError(f"unknown to squeue and sacct: job {', '.join(unknown)}")
         if on_poll is not None:

@@ -289,7 +289,7 @@ def resolve_after(values: list[str]) -> list[list[str]]:
 
 def check_after(values: list[str], groups: list[list[str]]) -> None:
     """Each --after names jobs Slurm knows, and not all of a group have failed (afterok would never be met)."""
-    from hpcstage.slurm.jobs import _belongs, job_states
+    from hpcstage.slurm.jobs import belongs, job_states
 
     ids = [i for g in groups for i in g]
     if not ids:
@@ -299,7 +299,7 @@ def check_after(values: list[str], groups: list[list[str]]) -> None:
     except SlurmError as e:
         raise LaunchError(f"cannot check --after: {e}") from None
     for value, group in zip(values, groups):
-        mine = {i: [s for s in states.values() if _belongs(s, i)] for i in group}
+        mine = {i: [s for s in states.values() if belongs(s, i)] for i in group}
         unknown = [i for i, found in mine.items() if not found]
         if len(unknown) == len(group):
             raise BadInput(f"--after {value}: job {', '.join(unknown)} is unknown to squeue and sacct (a typo?); "
@@ -351,11 +351,13 @@ def read_train_config(request: LaunchRequest) -> tuple[Path, dict[str, Any]] | N
 
 
 def config_model(request: LaunchRequest) -> str | None:
-    """The Hub repo id the train config's model_name_or_path names (staged like --model), or None."""
-    found = read_train_config(request)
-    if found is None or request.model:
-        return None
-    source, config = found
+    """The Hub repo id the train config's model_name_or_path names (staged like --model), or None. Read once
+    per launch (`launch`), then passed on."""
+    found = None if request.model else read_train_config(request)
+    return _config_repo(*found) if found is not None else None
+
+
+def _config_repo(source: Path, config: dict[str, Any]) -> str | None:
     value = config.get("model_name_or_path")
     if not isinstance(value, str) or _is_local(value) or (source.parent / value).exists():
         return None
@@ -366,13 +368,15 @@ def config_model(request: LaunchRequest) -> str | None:
     return value
 
 
-def _artifacts(request: LaunchRequest, manifest) -> list[Artifact]:
+def _artifacts(request: LaunchRequest, manifest, model: str | None) -> list[Artifact]:
+    """What the job names: the manifest's entries, then `model` (--model, else the train config's repo id)
+    and --dataset."""
     out = []
     if manifest is not None:
         for e in manifest.entries:
             out.append(Artifact("model" if e.repo_type == "model" else "dataset", e.repo, e.repo_type, e.revision,
                                 e.include, e.exclude))
-    for role, value in (("model", request.model or config_model(request)), ("dataset", request.dataset)):
+    for role, value in (("model", model), ("dataset", request.dataset)):
         if not value:
             continue
         if _is_local(value):
@@ -599,7 +603,7 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         output_dir = paths.get("output_dir", config.get("output_dir"))
         overrides: list[Any] = [f"{key}={value}" for key, value in paths.items()
                                 if not (key == "model_name_or_path" and request.model)]
-        if request.model or config_model(request):
+        if request.model or _config_repo(source, config):
             overrides.insert(0, Shell('"model_name_or_path=$HPCSTAGE_MODEL"'))
         if request.max_restarts and config.get("overwrite_output_dir") is True:
             warnings.append(f"--max-restarts {request.max_restarts} with overwrite_output_dir: true in "
@@ -714,7 +718,8 @@ def _experiment_dir(request: LaunchRequest) -> tuple[Path, bool]:
     return exp, fresh
 
 
-def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: LaunchRequest) -> dict[str, str]:
+def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: LaunchRequest,
+             model: str | None) -> dict[str, str]:
     from huggingface_hub.file_download import repo_folder_name
 
     from hpcstage import offline as offline_env
@@ -726,7 +731,7 @@ def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: Launch
     elif request.cache_dir or (manifest is not None and manifest.cache_dir):
         env["HF_HUB_CACHE"] = hf["HF_HUB_CACHE"]
     for role in ("model", "dataset"):
-        chosen = getattr(request, role) or (config_model(request) if role == "model" else None)
+        chosen = model if role == "model" else request.dataset
         candidates = [a for a in artifacts if a.role == role and (chosen is None or a.source == chosen)]
         if chosen or len(candidates) == 1:
             a = candidates[0]
@@ -773,10 +778,11 @@ def launch(request: LaunchRequest) -> Launch:
         check_after(request.after, after)
     offline = (not cluster.internet) if request.offline is None else request.offline
     manifest = load_manifest(request.manifest) if request.manifest else None
-    artifacts = _artifacts(request, manifest)
+    model = request.model or config_model(request)
+    artifacts = _artifacts(request, manifest, model)
     exp, fresh = _experiment_dir(request)
     try:
-        return _launch_into(request, cluster, offline, manifest, artifacts, exp, after, live)
+        return _launch_into(request, cluster, offline, manifest, artifacts, model, exp, after, live)
     except BadInput:
         if fresh:  # refused: leave nothing behind
             shutil.rmtree(exp, ignore_errors=True)
@@ -784,7 +790,7 @@ def launch(request: LaunchRequest) -> Launch:
 
 
 def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manifest, artifacts: list[Artifact],
-                 exp: Path, after: list[list[str]], live: bool) -> Launch:
+                 model: str | None, exp: Path, after: list[list[str]], live: bool) -> Launch:
     from hpcstage import offline as offline_env
 
     warnings: list[str] = []
@@ -805,7 +811,7 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
         warnings.append(text)
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
-    env = _job_env(artifacts, offline, manifest, request)
+    env = _job_env(artifacts, offline, manifest, request, model)
     if offline and not request.dry_run:
         _prebuild_and_check(artifacts, manifest, cache_dir, check_python)
 
