@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -487,8 +488,6 @@ def load_lock(path: Path, manifest: Path | None = None) -> Lockfile:
     """An absent lockfile is empty; a corrupt one is an error (never silently re-resolved); one that is
     another user's link is refused (safefs). `manifest`, the file it belongs to, goes into the command the
     error proposes."""
-    import shlex
-
     safefs.refuse_foreign_link(path)
     try:
         raw = path.read_bytes()

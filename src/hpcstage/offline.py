@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -188,16 +189,30 @@ _s.socket.connect, _s.socket.connect_ex = connect, connect_ex
 """
 
 # Reads the task list (JSON) on stdin, does each task as a job would, prints one JSON list on stdout.
-_CHECK = r"""
+# Functions both children (check's below, prebuild's worker) define: they run in the JOB's interpreter, so
+# Python 3.8+ and public datasets APIs only, never hpcstage.
+CHILD_HELPERS = r"""
+def first_line(e):
+    text = str(e).strip().splitlines()
+    return "%s: %s" % (type(e).__name__, text[0] if text else "")
+
+def misnamed_argument(load_dataset, kwargs):
+    # (key, the load_dataset argument it misspells) or None: a typo would reach the builder config as a key
+    import difflib, inspect
+    named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
+    for k in kwargs:
+        near = difflib.get_close_matches(k, named, n=1, cutoff=0.75) if k not in named else []
+        if near:
+            return k, near[0]
+    return None
+"""
+
+_CHECK = CHILD_HELPERS + r"""
 import json, os, sys
 tasks = json.load(sys.stdin)
 real_stdout = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 sys.stdout = sys.stderr
-
-def first_line(e):
-    text = str(e).strip().splitlines()
-    return "%s: %s" % (type(e).__name__, text[0] if text else "")
 
 out = []
 for t in tasks:
@@ -208,14 +223,11 @@ for t in tasks:
             snapshot_download(t["repo"], repo_type=t["kind"], revision=t["revision"], allow_patterns=t["include"],
                               ignore_patterns=t["exclude"], local_files_only=True)
         else:
-            import difflib, inspect
             from datasets import load_dataset
-            named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
-            for k in t["kwargs"]:  # a typo of a named argument would reach the builder config as a key
-                near = difflib.get_close_matches(k, named, n=1, cutoff=0.75) if k not in named else []
-                if near:
-                    r["bad_arg"] = [k, near[0]]
-                    raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}?")
+            bad = misnamed_argument(load_dataset, t["kwargs"])
+            if bad:
+                r["bad_arg"] = list(bad)
+                raise TypeError("load_dataset has no argument %r; did you mean %r?" % bad)
             ds = load_dataset(t["path"], **t["kwargs"])
             parts = list(ds.values()) if isinstance(ds, dict) else [ds]
             r["files"] = sorted({f["filename"] for d in parts for f in getattr(d, "cache_files", None) or []})
@@ -317,8 +329,6 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
     child_env = job_env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir)
     hub_cache, ds_cache = Path(child_env["HF_HUB_CACHE"]), Path(child_env["HF_DATASETS_CACHE"])
     lock = load_lock(manifest.lock_path) if manifest.path else None
-    import shlex
-
     m = shlex.quote(str(manifest.path)) if manifest.path else "hpcstage.yaml"
     flags = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""  # the fix works on the same caches
     pull_fix = f"hpcstage pull -f {m}{flags}"

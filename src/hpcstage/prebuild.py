@@ -344,7 +344,7 @@ def make_newest(cache_dir: str | Path) -> None:
 # own output goes to stderr). Dies with its parent (PR_SET_PDEATHSIG) so a killed prebuild does not
 # leave a build running without the lease. Runs in the JOB's interpreter: Python 3.8+, public APIs of
 # datasets >= 2.16 only, never imports hpcstage (it is not installed there).
-_WORKER = r"""
+_WORKER = offline.CHILD_HELPERS + r"""
 import ctypes, json, os, sys, time
 try:
     ctypes.CDLL(None, use_errno=True).prctl(1, 9)
@@ -355,10 +355,6 @@ if os.getppid() != int(sys.argv[1]):
 proto = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(2, 1)
 sys.stdout = sys.stderr
-
-def first_line(e):
-    text = str(e).strip().splitlines()
-    return "%s: %s" % (type(e).__name__, text[0] if text else "")
 
 try:
     import datasets
@@ -371,17 +367,14 @@ except Exception as e:
 NOT_CONFIG = {"path", "name", "split", "cache_dir", "features", "download_config", "download_mode",
               "verification_mode", "keep_in_memory", "save_infos", "revision", "token", "streaming", "num_proc",
               "storage_options", "trust_remote_code", "ignore_verifications", "use_auth_token", "task"}
-import difflib, inspect
-named = [n for n, p in inspect.signature(load_dataset).parameters.items() if p.kind != p.VAR_KEYWORD]
 proto.write(json.dumps({"ready": True, "datasets": datasets.__version__}) + "\n")
 for line in sys.stdin:
     req = json.loads(line)
     started = time.perf_counter()
     try:
-        for k in req["kwargs"]:  # a typo of a named argument would reach the builder config as a key
-            near = difflib.get_close_matches(k, named, n=1, cutoff=0.75) if k not in named else []
-            if near:
-                raise TypeError(f"load_dataset has no argument {k!r}; did you mean {near[0]!r}? (fix `load:`)")
+        bad = misnamed_argument(load_dataset, req["kwargs"])
+        if bad:
+            raise TypeError("load_dataset has no argument %r; did you mean %r? (fix `load:`)" % bad)
         ds = load_dataset(req["path"], **req["kwargs"])
         parts = list(ds.values()) if isinstance(ds, dict) else [ds]
         files = sorted({f["filename"] for d in parts for f in getattr(d, "cache_files", None) or []})
