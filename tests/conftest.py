@@ -45,47 +45,32 @@ def _one_lfs_file_repo(root: Path, repo_id: str, size: int, seed: int) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def big_root(tmp_path_factory):
-    """A repo with one 100 MiB LFS file (large-file path: lease, parallel ranges, resume record)."""
-    return _one_lfs_file_repo(tmp_path_factory.mktemp("big"), BIG_MODEL, BIG_SIZE, seed=7)
+def _one_lfs_file_hub(name: str, repo_id: str, size: int, seed: int, why: str):
+    """Two fixtures: `<name>_root` (the repo, written once per session) and `<name>_hub` (a server on it)."""
 
+    @pytest.fixture(scope="session", name=f"{name}_root")
+    def root(tmp_path_factory):
+        return _one_lfs_file_repo(tmp_path_factory.mktemp(name), repo_id, size, seed)
 
-@pytest.fixture
-def big_hub(big_root):
-    with HubServer(big_root) as server:
-        yield server
+    @pytest.fixture(name=f"{name}_hub")
+    def hub(request):
+        with HubServer(request.getfixturevalue(f"{name}_root")) as server:
+            yield server
+
+    root.__doc__ = f"A repo with one {size >> 20} MiB LFS file: {why}."
+    return root, hub
 
 
 MID_MODEL = "demo-org/mid-model"
 MID_SIZE = 20 * 2**20 + 123  # 3 pieces: a large file (partial, ranges record, lease) that still arrives in a blink
-
-
-@pytest.fixture(scope="session")
-def mid_root(tmp_path_factory):
-    return _one_lfs_file_repo(tmp_path_factory.mktemp("mid"), MID_MODEL, MID_SIZE, seed=3)
-
-
-@pytest.fixture
-def mid_hub(mid_root):
-    with HubServer(mid_root) as server:
-        yield server
-
-
 GIB_MODEL = "demo-org/gib-model"
 GIB = 2**30
 
-
-@pytest.fixture(scope="session")
-def gib_root(tmp_path_factory):
-    """A repo with one 1 GiB LFS file, for kill/concurrency tests that the issue states at that size."""
-    return _one_lfs_file_repo(tmp_path_factory.mktemp("gib"), GIB_MODEL, GIB, seed=11)
-
-
-@pytest.fixture
-def gib_hub(gib_root):
-    with HubServer(gib_root) as server:
-        yield server
+big_root, big_hub = _one_lfs_file_hub("big", BIG_MODEL, BIG_SIZE, 7,
+                                      "the large-file path: lease, parallel ranges, resume record")
+mid_root, mid_hub = _one_lfs_file_hub("mid", MID_MODEL, MID_SIZE, 3, "a large file in a blink")
+gib_root, gib_hub = _one_lfs_file_hub("gib", GIB_MODEL, GIB, 11,
+                                      "kill/concurrency tests that the issue states at that size")
 
 
 SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm-test-cluster.sh"

@@ -35,6 +35,12 @@ def client_env(server, cache_dir: Path, **extra: str) -> dict:
     return env
 
 
+def hpcstage(*args, env: dict, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh interpreter, as a user runs it; stdout/stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "hpcstage", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
 def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter; stdout/stderr captured as text."""
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)

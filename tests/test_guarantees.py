@@ -16,18 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import MID_MODEL
-from helpers import client_env, sha256, wait_for
+from helpers import client_env, hpcstage, sha256, wait_for
 from hpcstage import staging
 from hpcstage.errors import HpcstageError
 from hpcstage.serve import FaultRule, HubServer
 
 REPO = MID_MODEL
 REPO_DIR = "models--demo-org--mid-model"
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_a_lease_lost_after_the_download_stops_the_commit(mid_hub, tmp_path, monkeypatch):

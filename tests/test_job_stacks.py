@@ -17,17 +17,12 @@ import pytest
 from hpcstage import offline
 from hpcstage.manifest import load_manifest
 from hpcstage.samples import MODEL_TAG
-from helpers import client_env, job_stack, job_stack_names
+from helpers import client_env, hpcstage, job_stack, job_stack_names
 
 DATASET = "demo-org/tiny-dataset"
 MODEL = "demo-org/tiny-model"
 TRAIN_ROWS = 300
 EVAL_ROWS = 7
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def files_state(folder: Path) -> dict[str, tuple]:

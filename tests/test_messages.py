@@ -19,18 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import BIG_MODEL
-from helpers import client_env, pieces_done, sha256
+from helpers import client_env, hpcstage, pieces_done, sha256
 from hpcstage.serve import FaultRule, HubServer
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MODEL_DIR, DATASET_DIR = "models--demo-org--tiny-model", "datasets--demo-org--tiny-dataset"
 MODEL_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
                "tokenizer.json", "tokenizer_config.json"}
-
-
-def hpcstage(*args: str, env: dict, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *map(str, args)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def hint(text: str) -> list[str]:

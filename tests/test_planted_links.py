@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MID_MODEL, MID_SIZE
-from helpers import client_env, python_for, sha256
+from helpers import client_env, hpcstage, python_for, sha256
 from hpcstage.serve import HubServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="planting links owned by another uid needs root")
@@ -30,11 +29,6 @@ REPO = MID_MODEL
 REPO_DIR = "models--demo-org--mid-model"
 SIZE = MID_SIZE
 PRECIOUS = b"precious: must never change\n"
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
 
 
 def plant(link: Path, target: Path, uid: int = OTHER) -> None:

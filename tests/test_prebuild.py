@@ -12,16 +12,11 @@ from pathlib import Path
 
 from hpcstage import offline
 from hpcstage.manifest import load_manifest
-from helpers import client_env, run_python
+from helpers import client_env, hpcstage, run_python
 
 DATASET = "demo-org/tiny-dataset"
 EVAL_ROWS = 50
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]"
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def write_eval(path: Path, rows: int = EVAL_ROWS) -> Path:

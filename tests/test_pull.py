@@ -13,14 +13,9 @@ import pytest
 from conftest import BIG_MODEL
 from hpcstage.serve import FaultRule
 from hpcstage.transfer import PIECE
-from helpers import client_env, run_python, sha256
+from helpers import client_env, hpcstage, run_python, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def write_manifest(folder: Path, text: str) -> Path:
@@ -49,7 +44,6 @@ def offline_env(tmp_path: Path, cache: Path) -> dict:
         HF_DATASETS_CACHE=str(tmp_path / "ds-cache"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1",
     )
     return env
-
 
 
 def test_pulled_manifest_loads_offline_byte_exact_after_server_stops(hub, tmp_path):

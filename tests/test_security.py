@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,17 +17,11 @@ import pytest
 
 from hpcstage import policy
 from hpcstage.errors import PolicyError
-from helpers import client_env, python_for as _python_for, sha256
+from helpers import client_env, hpcstage, python_for as _python_for, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MODEL_DIR = "models--demo-org--tiny-model"
 MANIFEST = "cache_dir: cache\nmodels:\n  - repo: demo-org/tiny-model\ndatasets:\n  - repo: demo-org/tiny-dataset\n"
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

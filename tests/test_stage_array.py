@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import client_env, wait_for
+from helpers import client_env, hpcstage, wait_for
 from hpcstage.serve import FaultRule, HubServer
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
@@ -63,11 +61,6 @@ def online_nodes(tmp_path: Path, env: dict) -> dict:
     site = tmp_path / "site-clusters.toml"
     site.write_text("[local]\ninternet = true\n")
     return {**env, "HPCSTAGE_CLUSTERS": str(site), "XDG_CONFIG_HOME": str(tmp_path / "config")}
-
-
-def hpcstage(*argv: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_four_workers_stage_each_file_once_and_verify_clean(cluster, array_hub, tmp_path):

@@ -10,17 +10,11 @@ from pathlib import Path
 
 from hpcstage import verify as verify_mod
 from hpcstage.hfcache import HASH_BUF
-from helpers import client_env, sha256
+from helpers import client_env, hpcstage, sha256
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MANIFEST = "cache_dir: cache\nmodels:\n  - repo: demo-org/tiny-model\ndatasets:\n  - repo: demo-org/tiny-dataset\n"
 MODEL_DIR, DATASET_DIR = "models--demo-org--tiny-model", "datasets--demo-org--tiny-dataset"
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
 
 
 def flip_byte(path: Path, offset: int) -> None:
