@@ -524,3 +524,21 @@ def test_a_tool_missing_from_the_jobs_environment_is_refused_before_any_sbatch(t
     assert code == 0 and "llamafactory-cli" not in err, err
     script = check_script(tmp_path / "experiments" / "ok" / "train.sbatch")
     assert f'export PATH={env}:"$PATH"' in script
+
+
+def test_a_real_job_stack_without_the_jobs_tools_is_refused_before_any_sbatch(tmp_path, capsys, monkeypatch):
+    """The check runs in a job stack that is not hpcstage's (datasets 4.0, no llamafactory, no lm_eval)."""
+    from helpers import job_stack, job_stack_names
+
+    from hpcstage.slurm import launch as launch_module
+
+    python = job_stack(next(n for n in job_stack_names() if n.startswith("ds4")))["python"]
+    monkeypatch.setattr(launch_module, "submit", lambda *a, **k: pytest.fail("sbatch was called"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "jureca", "--train-config",
+                            train_config(tmp_path), "--eval-tasks", "hellaswag", "--python", python,
+                            "--name", "stack", capsys=capsys)
+    assert code == 2, err
+    assert f"the train job runs `llamafactory-cli`, which is neither in {Path(python).parent} nor on PATH" in err
+    assert f"the eval job runs `{python} -m lm_eval`, which that interpreter cannot import" in err
+    assert not (tmp_path / "experiments" / "stack").exists()

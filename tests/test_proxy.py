@@ -8,12 +8,11 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import client_env, run_python, sha256
+from helpers import client_env, hpcstage, run_python, sha256
 from hpcstage.serve import HubServer
 from proxy import ForwardProxy
 
@@ -48,11 +47,6 @@ def tls_hub(sample_root, site_ca):
     ctx.load_cert_chain(site_ca / "cert.pem", site_ca / "key.pem")
     with HubServer(sample_root, tls={"hub": ctx, "cdn": ctx}) as server:
         yield server
-
-
-def hpcstage(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcstage", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def proxied_env(server: HubServer, cache: Path, proxy_url: str, site_ca: Path, **extra: str) -> dict:
@@ -207,12 +201,19 @@ def test_the_progress_line_says_the_run_is_waiting():
         assert "rate-limited" not in progress.line()
 
 
-def test_a_url_source_goes_through_the_proxy_too(tls_hub, site_ca, tmp_path):
-    port = tls_hub.url.rsplit(":", 1)[1]
+def _url_manifest(server: HubServer, folder: Path) -> tuple[Path, str]:
+    """A manifest with one `url:` entry on the Hub's host name (reachable through the proxy only)."""
+    port = server.url.rsplit(":", 1)[1]
     name = "data/test-00000-of-00001.parquet"
-    manifest = tmp_path / "hpcstage.yaml"
+    manifest = folder / "hpcstage.yaml"
     manifest.write_text(f"cache_dir: cache\ndata_dir: data\ndatasets:\n"
                         f"  - url: https://{HOST}:{port}/datasets/{DATASET}/resolve/main/{name}\n    dest: parquet\n")
+    return manifest, name
+
+
+def test_a_url_source_goes_through_the_proxy_too(tls_hub, site_ca, tmp_path):
+    port = tls_hub.url.rsplit(":", 1)[1]
+    manifest, name = _url_manifest(tls_hub, tmp_path)
     with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
         env = proxied_env(tls_hub, tmp_path / "cache", proxy.url(USER, QUOTED), site_ca)
         r = hpcstage("pull", "-f", str(manifest), "-q", env=env)
@@ -221,3 +222,21 @@ def test_a_url_source_goes_through_the_proxy_too(tls_hub, site_ca, tmp_path):
     assert f"{HOST}:{port}" in tunnels
     got = next((tmp_path / "data" / "parquet").rglob("*.parquet"))
     assert sha256(got) == sha256(tls_hub.files_of("dataset", DATASET)[name].local)
+
+
+def test_update_asks_an_unchanged_url_source_conditionally_through_the_proxy(tls_hub, site_ca, tmp_path):
+    manifest, _ = _url_manifest(tls_hub, tmp_path)
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        env = proxied_env(tls_hub, tmp_path / "cache", proxy.url(USER, QUOTED), site_ca)
+        assert hpcstage("pull", "-f", str(manifest), "-q", env=env).returncode == 0
+        lock = (tmp_path / "hpcstage.lock").read_bytes()
+        tls_hub.clear_log()
+        before = len(proxy.log)
+        r = hpcstage("pull", "-f", str(manifest), "-q", "--update", env=env)
+        tunnels = [rec for rec in proxy.log[before:] if rec.method == "CONNECT"]
+    assert r.returncode == 0, r.stderr
+    seen = tls_hub.log
+    assert seen and tunnels and all(rec.status == 200 for rec in tunnels)  # it went through the proxy
+    assert all(rec.method == "HEAD" and rec.bytes_sent == 0 for rec in seen), seen  # conditional, no body
+    assert 304 in {rec.status for rec in seen}
+    assert (tmp_path / "hpcstage.lock").read_bytes() == lock
