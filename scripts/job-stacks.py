@@ -9,9 +9,12 @@ datasets / huggingface_hub / transformers versions that training frameworks pin,
 Stacks live outside the repo, in $HPCSTAGE_STACKS_DIR, else /var/cache/hpcstage-stacks when writable, else
 ~/.cache/hpcstage-stacks, one folder per stack named by a hash of its pinned requirements and the Python
 version: a cached stack is reused as long as its pins do not change; a changed pin builds a new folder.
-A stack is built in `<folder>.partial` and renamed into place only after its imports answered, under a
-lock file, so two test runs never build the same stack at once and a killed build leaves no half stack.
-No torch: tokenizers and configs load without it (transformers only warns).
+A stack is built in its folder under a lock file, so two test runs never build the same stack at once,
+and counts as built only once its record (hpcstage-stack.json, written last, after its imports answered)
+is there: a killed build's folder is removed and built again.
+No torch in the data stacks: tokenizers and configs load without it (transformers only warns). The
+`llamafactory` stack is the training one: CPU torch, llamafactory and lm-eval, whose console scripts
+(llamafactory-cli, torchrun, lm_eval) jobs run from its bin/.
 """
 from __future__ import annotations
 
@@ -36,7 +39,20 @@ STACKS: dict[str, list[str]] = {
                "numpy==1.26.4", "pyarrow==17.0.0", "pandas==2.2.3"],
     # the current releases (as of this pin)
     "current": ["datasets==5.2.0", "huggingface_hub==2.4.0", "transformers==5.24.0"],
+    # the training stack of the train and eval jobs: llamafactory 0.9.5 with the newest versions its pins
+    # allow, on the CPU torch wheel (PyPI's default torch is a CUDA build of several GB); lm-eval for the
+    # eval job; deepspeed built without its C++/CUDA ops (DS_BUILD_OPS=0) for the consolidate job
+    "llamafactory": ["llamafactory==0.9.5", "torch==2.13.0", "lm-eval==0.4.13", "deepspeed==0.19.8",
+                     "datasets==4.0.0", "huggingface_hub==1.33.0", "transformers==5.6.0", "peft==0.18.1",
+                     "trl==0.24.0", "accelerate==1.11.0"],
 }
+
+# Packages pip installs for a stack's requirements that must go again. llamafactory 0.9.5 requires torchvision
+# and torchaudio (image/audio plugins, unused for text), but PyPI has no build of them for the CPU torch 2.13:
+# beside it torchvision fails on import ("operator torchvision::nms does not exist") and takes transformers'
+# model imports down with it, and torchaudio's library does not load. Without them llamafactory trains text.
+REMOVE: dict[str, list[str]] = {"llamafactory": ["torchvision", "torchaudio"]}
+BUILD_ENV: dict[str, dict[str, str]] = {"llamafactory": {"DS_BUILD_OPS": "0"}}  # deepspeed: no compiled ops
 
 PROBE = ("import json, datasets, huggingface_hub, transformers; print(json.dumps({m.__name__: m.__version__ "
          "for m in (datasets, huggingface_hub, transformers)}))")
@@ -88,24 +104,27 @@ def build(name: str, log=print) -> dict:
         if record is not None:
             return {**record, "cached": True}
         started = time.monotonic()
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        # Built where it will live: pip writes the folder into the console scripts' shebangs, and jobs run
+        # those (llamafactory-cli, torchrun, lm_eval). The record is written last: a folder without it is a
+        # killed build, removed and built again.
+        shutil.rmtree(folder, ignore_errors=True)
         log(f"job-stacks: building {name} ({' '.join(STACKS[name])}) in {folder}")
-        # the venv is made where it will live (its scripts name their folder): build in place of
-        # `partial`, then move, and rewrite nothing (bin/python is a symlink to the base interpreter)
-        subprocess.run([sys.executable, "-m", "venv", str(folder) + ".partial"], check=True)
-        py = partial / "bin" / "python"
-        pip = [str(py), "-m", "pip", "--disable-pip-version-check", "install", "-q"]
-        subprocess.run(pip + list(STACKS[name]), check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+        py = folder / "bin" / "python"
+        pip = [str(py), "-m", "pip", "--disable-pip-version-check"]
+        subprocess.run(pip + ["install", "-q", *STACKS[name]], check=True, env={**os.environ, **BUILD_ENV.get(name, {})})
+        if REMOVE.get(name):
+            subprocess.run(pip + ["uninstall", "-q", "-y", *REMOVE[name]], check=True)
         out = subprocess.run([str(py), "-c", PROBE], check=True, capture_output=True, text=True).stdout
         versions = json.loads(out.strip().splitlines()[-1])
         record = {"name": name, "pins": STACKS[name], "versions": versions, "key": stack_key(name),
                   "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-                  "build_seconds": round(time.monotonic() - started, 1), "built_at": time.time()}
-        (partial / "hpcstage-stack.json").write_text(json.dumps(record, indent=1))
-        os.rename(partial, folder)
-        # pip wrote `partial` into the console scripts' shebangs; jobs call bin/python, which needs none
-        log(f"job-stacks: built {name} in {record['build_seconds']:.0f}s: {versions}")
+                  "build_seconds": round(time.monotonic() - started, 1), "built_at": time.time(),
+                  "disk_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())}
+        (folder / ".hpcstage-stack.json.tmp").write_text(json.dumps(record, indent=1))
+        os.rename(folder / ".hpcstage-stack.json.tmp", folder / "hpcstage-stack.json")
+        log(f"job-stacks: built {name} in {record['build_seconds']:.0f}s, {record['disk_bytes'] / 2**30:.1f} GiB: "
+            f"{versions}")
         return {**record, "cached": False}
 
 

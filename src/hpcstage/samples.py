@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 MODEL_ID = "demo-org/tiny-model"
 DATASET_ID = "demo-org/tiny-dataset"
+EVAL_DATASET_ID = "demo-org/tiny-boolq"  # shaped like lm_eval's boolq (super_glue): examples/lm_eval/tiny_boolq.yaml
 MODEL_TAG = "v1.0"
 
 _SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -45,7 +46,10 @@ def make_samples(root: Path) -> dict:
     dataset = root / "datasets" / DATASET_ID
     for name, content in _dataset_files().items():
         _write_if_changed(dataset / name, content)
-    return {"model": MODEL_ID, "dataset": DATASET_ID, "model_revisions": ["main", MODEL_TAG]}
+    for name, content in _boolq_files().items():
+        _write_if_changed(root / "datasets" / EVAL_DATASET_ID / name, content)
+    return {"model": MODEL_ID, "dataset": DATASET_ID, "eval_dataset": EVAL_DATASET_ID,
+            "model_revisions": ["main", MODEL_TAG]}
 
 
 def _write_if_changed(path: Path, content: bytes) -> None:
@@ -199,8 +203,39 @@ def _dataset_files() -> dict[str, bytes]:
     }
 
 
-def _parquet(rows: list[dict]) -> bytes:
-    schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("label", pa.int64())])
+_BOOLQ_README = """---
+license: cc0-1.0
+task_categories:
+- question-answering
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+---
+
+# tiny-boolq
+
+Yes/no questions about a passage, in the columns of super_glue's boolq (passage, question, idx, label:
+0 no, 1 yes), for running a real lm_eval task definition offline. Splits: train (8 rows), validation (12 rows).
+"""
+
+
+def _boolq_files() -> dict[str, bytes]:
+    rng = random.Random(11)
+    rows = [{"passage": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14))),
+             "question": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 6))),
+             "idx": n % 8 if n < 8 else n - 8, "label": rng.randint(0, 1)} for n in range(20)]
+    schema = pa.schema([("passage", pa.string()), ("question", pa.string()), ("idx", pa.int32()),
+                        ("label", pa.int64())])
+    return {"README.md": _BOOLQ_README.encode(), "data/train-00000-of-00001.parquet": _parquet(rows[:8], schema),
+            "data/validation-00000-of-00001.parquet": _parquet(rows[8:], schema)}
+
+
+def _parquet(rows: list[dict], schema: pa.Schema | None = None) -> bytes:
+    schema = schema or pa.schema([("id", pa.int64()), ("text", pa.string()), ("label", pa.int64())])
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
     return sink.getvalue().to_pybytes()

@@ -126,7 +126,7 @@ _OWN_OPTIONS = {
 class Artifact:
     """A model or dataset a job names, and where the job finds it."""
 
-    role: str  # model | dataset
+    role: str  # model | dataset | eval (a dataset an --eval-tasks task loads)
     source: str  # repo id or local path, as given
     repo_type: str | None = None  # None: a local path
     revision: str | None = None
@@ -135,6 +135,8 @@ class Artifact:
     state: str = ""  # local | online | staged | fetched | would fetch
     commit: str | None = None
     path: str | None = None  # the local snapshot (or folder) the job reads
+    loads: list[dict] | None = None  # eval: the load_dataset calls its tasks make (prebuilt and checked)
+    tasks: list[str] | None = None  # eval: the tasks that load it
 
     def env_value(self, cache_folder: str) -> str:
         if self.path:
@@ -413,6 +415,12 @@ def _stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline:
         return
     if not request.stage:
         missing = [a for a in hub if a.state != "staged"]
+        for a in (a for a in missing if a.role == "eval"):
+            revision = f" --revision {shlex.quote(a.revision)}" if a.revision != "main" else ""
+            raise LaunchError(f"eval task {', '.join(a.tasks or [])} loads dataset {a.source}@{a.revision}, which is not "
+                              f"staged in {cache_dir}: run `hpcstage pull --cache-dir {shlex.quote(str(cache_dir))} "
+                              f"--repo-type dataset {shlex.quote(a.source)}{revision}` (launch prebuilds it) or drop "
+                              "--no-stage; nothing submitted")
         if missing:
             names = ", ".join(f"{a.repo_type} {a.source}@{a.revision}" for a in missing)
             raise LaunchError(f"not staged in {cache_dir}: {names}; run `hpcstage pull` first or drop --no-stage")
@@ -457,8 +465,8 @@ def _job_manifest(artifacts: list[Artifact], manifest, cache_dir: Path):
     """The manifest plus the Hub repos named by --model/--dataset: what prebuild and check look at."""
     from hpcstage.manifest import Manifest, hub_entry
 
-    extra = [hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision)
-             for a in artifacts if a.repo_type and not _in_manifest(a, manifest)]
+    extra = [hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision, load=load)
+             for a in artifacts if a.repo_type and not _in_manifest(a, manifest) for load in (a.loads or [None])]
     models = [e for e in extra if e.repo_type == "model"]
     datasets = [e for e in extra if e.repo_type == "dataset"]
     if manifest is None:
@@ -550,7 +558,9 @@ def _existing_file(path: Path | None, option: str) -> Path:
 def _eval_job(request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, after_job: str | None,
               live: bool) -> Job:
     """lm_eval on its own resources: --eval-gpus (default 1) and --eval-time-limit, not the train job's."""
-    tasks = ",".join(request.eval_tasks)
+    from hpcstage.evaltasks import task_spec
+
+    tasks = ",".join(task_spec(t) for t in request.eval_tasks)
     gpus = request.eval_gpus
     if gpus is None:
         gpus = request.gpus_per_node if request.job_type == "eval" and request.gpus_per_node is not None else 1
@@ -809,6 +819,8 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
         if not request.dry_run:
             raise BadInput(text)  # before anything is staged or submitted
         warnings.append(text)
+    elif offline and any(j.key == "eval" for j in jobs) and not request.eval_command:
+        artifacts = [*artifacts, *eval_artifacts(request.eval_tasks, python)]
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
     env = _job_env(artifacts, offline, manifest, request, model)
@@ -858,6 +870,15 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
 
 _FIND_MODULES = ("import importlib.util, sys\n"
                  "print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))")
+
+
+def eval_artifacts(specs: list[str], python: str) -> list[Artifact]:
+    """The Hub datasets lm_eval's tasks load (asked of lm_eval in the job's interpreter): offline, they are
+    staged, prebuilt and checked like the job's own."""
+    from hpcstage import evaltasks
+
+    return [Artifact("eval", d.repo, "dataset", d.revision, loads=d.loads, tasks=d.tasks)
+            for d in evaltasks.resolve(specs, python)]
 
 
 def missing_tools(jobs: list[Job], python: str) -> list[str]:
