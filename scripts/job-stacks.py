@@ -47,15 +47,21 @@ STACKS: dict[str, list[str]] = {
                      "trl==0.24.0", "accelerate==1.11.0"],
 }
 
-# Packages pip installs for a stack's requirements that must go again. llamafactory 0.9.5 requires torchvision
-# and torchaudio (image/audio plugins, unused for text), but PyPI has no build of them for the CPU torch 2.13:
-# beside it torchvision fails on import ("operator torchvision::nms does not exist") and takes transformers'
-# model imports down with it, and torchaudio's library does not load. Without them llamafactory trains text.
-REMOVE: dict[str, list[str]] = {"llamafactory": ["torchvision", "torchaudio"]}
+# llamafactory 0.9.5 requires torchvision and torchaudio, but PyPI's builds of both link against the CUDA torch
+# (several GB), not the CPU wheel. Beside CPU torch 2.13, torchvision fails on import ("operator torchvision::nms
+# does not exist") and takes transformers' model imports down with it: it goes (llamafactory does not import it
+# for text). torchaudio's C++ libraries fail to load (libc10_cuda.so), yet llamafactory imports torchaudio in every
+# run (data/mm_plugin.py): its compiled libraries go, and torchaudio then imports as it does when built without
+# its extension (audio inputs would fail; text training never calls it).
+REMOVE: dict[str, list[str]] = {"llamafactory": ["torchvision"]}
+COMPILED_LIBS_OFF: dict[str, list[str]] = {"llamafactory": ["torchaudio"]}
 BUILD_ENV: dict[str, dict[str, str]] = {"llamafactory": {"DS_BUILD_OPS": "0"}}  # deepspeed: no compiled ops
 
 PROBE = ("import json, datasets, huggingface_hub, transformers; print(json.dumps({m.__name__: m.__version__ "
          "for m in (datasets, huggingface_hub, transformers)}))")
+# the training stack must also import what its jobs run (llamafactory imports torchaudio on every run)
+PROBES = {"llamafactory": "import torch, torchaudio, transformers.models.llama, llamafactory.train.tuner, lm_eval, "
+                          "deepspeed"}
 
 
 def stacks_dir() -> Path:
@@ -115,6 +121,14 @@ def build(name: str, log=print) -> dict:
         subprocess.run(pip + ["install", "-q", *STACKS[name]], check=True, env={**os.environ, **BUILD_ENV.get(name, {})})
         if REMOVE.get(name):
             subprocess.run(pip + ["uninstall", "-q", "-y", *REMOVE[name]], check=True)
+        for package in COMPILED_LIBS_OFF.get(name, []):
+            where = subprocess.run([str(py), "-c", f"import importlib.util; print(importlib.util.find_spec("
+                                    f"{package!r}).submodule_search_locations[0])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+            for lib in Path(where, "lib").glob("*.so"):
+                lib.unlink()
+        if name in PROBES:
+            subprocess.run([str(py), "-c", PROBES[name]], check=True)
         out = subprocess.run([str(py), "-c", PROBE], check=True, capture_output=True, text=True).stdout
         versions = json.loads(out.strip().splitlines()[-1])
         record = {"name": name, "pins": STACKS[name], "versions": versions, "key": stack_key(name),
