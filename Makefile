@@ -17,7 +17,8 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 # As root, the suite starts the one-node Slurm test cluster first (scripts/slurm-test-cluster.sh).
-# The job stacks (datasets 4.0 / 2.21 / current venvs, outside the repo) are built once and then reused.
+# The job stacks (datasets 4.0 / 2.21 / current venvs and the llamafactory training one, outside the repo) are
+# built once and then reused.
 test: install
 	@if [ "$$(id -u)" = 0 ] && [ -x scripts/slurm-test-cluster.sh ]; then scripts/slurm-test-cluster.sh start; fi
 	$(BIN)/python scripts/job-stacks.py build

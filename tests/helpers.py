@@ -108,7 +108,7 @@ def _job_stacks():
 
 
 def job_stack_names() -> list[str]:
-    """The job stacks scripts/job-stacks.py builds (datasets 4.0 / 2.21 / current releases)."""
+    """The job stacks scripts/job-stacks.py builds (datasets 4.0 / 2.21 / current releases, the llamafactory one)."""
     return list(_job_stacks().STACKS)
 
 

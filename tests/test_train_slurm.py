@@ -10,6 +10,7 @@ cached (scripts/job-stacks.py: minutes, once).
 from __future__ import annotations
 
 import json
+import subprocess
 import re
 import shlex
 import time
@@ -38,12 +39,14 @@ def env(tmp_path, hub):
     return client_env(hub, tmp_path, XDG_CONFIG_HOME=str(tmp_path / "config"), HF_TOKEN=CANARY)
 
 
-def launch_train(tmp_path: Path, env: dict, stack: dict, name: str, *extra) -> "subprocess.CompletedProcess":
+def launch_train(tmp_path: Path, env: dict, stack: dict, name: str, *extra,
+                 evaluate: bool = True) -> subprocess.CompletedProcess:
+    """The train job on 2 (fake) GPUs with 2 CPUs: torchrun starts 2 processes; with `evaluate`, lm_eval after it."""
+    chained = ["--eval-tasks", TASK, "--eval-time-limit", "30:00"] if evaluate else []
     return hpcstage("launch", "--job-type", "train", "--cluster", "local", "--offline", "--name", name,
                     "--experiments-dir", tmp_path / "experiments", "--json", "--model", MODEL,
                     "--train-config", TRAIN_CONFIG, "--python", stack["python"], "--gpus-per-node", "2",
-                    "--cpus-per-task", "2", "--time-limit", "30:00", "--eval-tasks", TASK,
-                    "--eval-time-limit", "30:00", *extra, env=env, timeout=900)
+                    "--cpus-per-task", "2", "--time-limit", "30:00", *chained, *extra, env=env, timeout=900)
 
 
 @pytest.mark.timeout(3600)
@@ -111,3 +114,43 @@ def test_eval_task_data_not_staged_or_unknown_task_is_refused_before_submitting(
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("hpcstage: error: --eval-tasks no_such_task: lm_eval does not know it"), proc.stderr
     assert not (tmp_path / "experiments" / "unknown").exists()  # refused: nothing left behind
+
+
+COMPARE = """\
+import json, sys
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+print(json.dumps({"keys": sorted(a) == sorted(b), "equal": all(bool((a[k] == b[k]).all()) for k in a), "n": len(a)}))
+"""
+
+
+@pytest.mark.timeout(3600)
+def test_zero_checkpoint_is_consolidated_by_the_consolidate_job_with_its_own_script(cluster, hub, stack, tmp_path,
+                                                                                     env):
+    """A ZeRO-2 run (deepspeed on CPU, 2 ranks) writes a sharded checkpoint; the consolidate job, afterok, merges
+    it with the zero_to_fp32.py DeepSpeed wrote into that checkpoint, into the weights the trainer saved."""
+    proc = launch_train(tmp_path, env, stack, "zero", "--train-extra-args",
+                        f"deepspeed={EXAMPLES / 'llamafactory' / 'ds_z2.json'}", evaluate=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    hub.stop()
+    records = json.loads(proc.stdout)["jobs"]
+    train = next(r["job_id"] for r in records if r["key"] == "train")
+    checkpoint = tmp_path / "experiments" / "zero" / "checkpoints" / "checkpoint-2"
+    proc = hpcstage("launch", "--job-type", "consolidate", "--cluster", "local", "--name", "merge", "--json",
+                    "--experiments-dir", tmp_path / "experiments", "--checkpoint-dir", checkpoint, "--after", train,
+                    "--python", stack["python"], "--cpus-per-task", "1", "--time-limit", "30:00", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merge = json.loads(proc.stdout)["jobs"][0]["job_id"]
+
+    t0 = time.monotonic()
+    states = wait([train, merge], timeout=3000, poll=1)
+    logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (tmp_path / "experiments").rglob("logs/*.out")}
+    assert {s.state for s in states.values()} == {"COMPLETED"}, (states, logs)
+    shards = sorted(p.name for p in (checkpoint / "global_step2").iterdir())
+    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # ZeRO partitions of two ranks
+    merged = checkpoint / "fp32" / "model.safetensors"
+    out = subprocess.run([stack["python"], "-c", COMPARE, str(merged), str(checkpoint / "model.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"keys": True, "equal": True, "n": 12}, out.stderr
+    print(f"\nZeRO-2 train + consolidate on slurm: all done {time.monotonic() - t0:.0f}s after submission")
