@@ -28,6 +28,13 @@ MODEL, EVAL_DATASET = "demo-org/tiny-model", "demo-org/tiny-boolq"
 CANARY = "hf_CANARYcanaryCANARYcanary0123456789"
 
 
+def elapsed(*job_ids: str) -> str:
+    """Each job's run time as Slurm's job completion log has it (for the printed summary, not asserted)."""
+    out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "JobID,JobName,Elapsed", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True).stdout
+    return ", ".join(" ".join(line.split("|")[1:]) for line in out.splitlines() if line.strip())
+
+
 @pytest.fixture
 def stack():
     return job_stack("llamafactory")
@@ -87,12 +94,13 @@ def test_train_with_torchrun_then_eval_the_checkpoint_offline_on_slurm(cluster, 
     metric = results[0]["results"]["tiny_boolq"]["acc,none"]
     assert 0.0 <= metric <= 1.0
     assert results[0]["n-samples"]["tiny_boolq"] == {"original": 12, "effective": 12}  # the validation split
-    assert results[0]["config"]["model_args"] == f"pretrained={checkpoints}"
+    assert results[0]["config"]["model_args"] == {"pretrained": str(checkpoints)}
     for path in exp.rglob("*"):
         if path.is_file() and path.suffix in (".out", ".sbatch", ".json"):
             assert CANARY not in path.read_text(errors="replace"), path
     print(f"\ntrain+eval on slurm: launch (stage, resolve task data, prebuild, check) {t_launch:.0f}s, "
-          f"both jobs done {t_done:.0f}s after launch; losses {losses}, tiny_boolq acc {metric}")
+          f"both jobs done {t_done:.0f}s after launch ({elapsed(train, evaluation['job_id'])}); losses {losses}, "
+          f"tiny_boolq acc {metric}")
 
 
 @pytest.mark.timeout(1800)
@@ -153,4 +161,5 @@ def test_zero_checkpoint_is_consolidated_by_the_consolidate_job_with_its_own_scr
     out = subprocess.run([stack["python"], "-c", COMPARE, str(merged), str(checkpoint / "model.safetensors")],
                          capture_output=True, text=True, timeout=300)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"keys": True, "equal": True, "n": 12}, out.stderr
-    print(f"\nZeRO-2 train + consolidate on slurm: all done {time.monotonic() - t0:.0f}s after submission")
+    print(f"\nZeRO-2 train + consolidate on slurm: all done {time.monotonic() - t0:.0f}s after submission "
+          f"({elapsed(train, merge)})")
