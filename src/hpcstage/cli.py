@@ -70,7 +70,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         known = {n for e in [*manifest.entries, *manifest.data_entries] for n in entry_names(e)}
         unknown = [u for u in updates if u != "*" and u not in known]
         if unknown:
-            names = sorted({getattr(e, "repo", None) or e.dest for e in [*manifest.entries, *manifest.data_entries]})
+            names = sorted({getattr(e, "repo", "") or getattr(e, "dest", "") for e in [*manifest.entries, *manifest.data_entries]})
             raise BadInput(f"--update {unknown[0]}: no such entry in {args.manifest}; name one of {', '.join(names)}")
     if args.slurm_array is not None:
         return _pull_array(args, manifest, opts, update)
@@ -330,16 +330,16 @@ def _staging_status(args: argparse.Namespace) -> int:
             rows.append(artifact_status(cache_dir, r.repo_type, r.repo, r.revision, record=r))
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
-    for r in [] if args.json else rows:
-        extra = [f"{r.staged_files}/{r.files} files"]
-        if r.partial_percent is not None:
-            extra.append(f"partial {r.partial_percent:.0f}%")
-        if r.locked_by:
-            extra.append("locked by " + ", ".join(r.locked_by))
-        if r.reason:
-            extra.append(r.reason)
-        name = f"{r.repo}@{r.revision}" if r.revision else r.repo  # data entries have no revision
-        print(f"{r.repo_type} {name}\t{r.state}\t" + "; ".join(extra))
+    for row in [] if args.json else rows:
+        extra = [f"{row.staged_files}/{row.files} files"]
+        if row.partial_percent is not None:
+            extra.append(f"partial {row.partial_percent:.0f}%")
+        if row.locked_by:
+            extra.append("locked by " + ", ".join(row.locked_by))
+        if row.reason:
+            extra.append(row.reason)
+        name = f"{row.repo}@{row.revision}" if row.revision else row.repo  # data entries have no revision
+        print(f"{row.repo_type} {name}\t{row.state}\t" + "; ".join(extra))
     return 0 if all(r.state == "staged" for r in rows) else 1
 
 

@@ -40,9 +40,9 @@ import stat
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from hpcstage.errors import HpcstageError
 from hpcstage.hfcache import RepoCache, default_cache_dir, default_datasets_cache_dir, hf_home
@@ -246,7 +246,7 @@ class Plan:
     bytes: int = 0  # still to fetch
     files: int = 0  # blobs still to fetch
     inodes: int = 0  # blobs + links + folders still to create
-    unknown: list[str] | None = None
+    unknown: list[str] = field(default_factory=list)
     problem: str = ""
 
 
@@ -485,8 +485,9 @@ def _site_home_quota() -> tuple[str, int] | None:
         cluster = detect()
     except RegistryError:
         return None
-    quota = cluster.home_quota_bytes if cluster is not None else None
-    return (cluster.name, quota) if quota else None
+    if cluster is None or not cluster.home_quota_bytes:
+        return None
+    return cluster.name, cluster.home_quota_bytes
 
 
 def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
@@ -654,7 +655,8 @@ class _Background:
     (the thread is abandoned: a hung DNS lookup must not hold the report)."""
 
     def __init__(self, fn: Callable, late: Callable):
-        self._value, self._late, self._done = None, late, threading.Event()
+        self._value: Any = None
+        self._late, self._done = late, threading.Event()
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
         self._thread.start()
 

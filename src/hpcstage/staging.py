@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hpcstage import ledger, policy
 from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoNotFound, RepoRefused,
@@ -30,7 +31,7 @@ from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, In
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
-from hpcstage.manifest import HubEntry, Lockfile, Manifest, entry_lock, load_lock, save_lock
+from hpcstage.manifest import HubEntry, Lockfile, Manifest, Update, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, human_bytes
 from hpcstage.sources import hub
 from hpcstage.transfer import CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
@@ -265,11 +266,11 @@ class _Run:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[Future, tuple] = {}
         later: deque = deque()  # (not before, job): units another process holds
-        failures: list[HpcstageError] = []
+        failures: list[tuple[str, HpcstageError]] = []
         pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
 
-        def start(job: tuple) -> None:
-            fut = pool.submit(self._stage_unit, *job, progress)
+        def start(job: tuple[Any, ...]) -> None:
+            fut = pool.submit(self._stage_unit, job[0], job[1], progress)
             running[fut] = job
             fut.add_done_callback(finished.put)
 
@@ -550,6 +551,7 @@ class InFlight:
                         self._decide()
 
     def _decide(self) -> None:
+        assert self.samples is not None  # _decide runs only while probing
         wait = statistics.median(w for w, _ in self.samples)
         work = statistics.median(w for _, w in self.samples)
         self.limit = max(self.limit, min(self.most, math.ceil(1 + wait / max(work, 1e-5))))
@@ -581,7 +583,7 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
             ledger.write(cache_dir, new)
 
 
-def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool) -> tuple[_Run, list[_RepoPlan]]:
+def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update) -> tuple[_Run, list[_RepoPlan]]:
     """Refuse what the allowlist forbids (before any request), then plan every entry."""
     allow = policy.Allowlist(opts.allow)
     for e in entries:
@@ -601,7 +603,7 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool)
             if opts.manifest_path is None:  # the hint names the command's flags: right as it is
                 raise
             # from a manifest: the hint names its keys (there are no such flags with -f)
-            fields = {"repo": err.repo, "path": err.path, "status": err.status}
+            fields: dict[str, Any] = {"repo": err.repo, "path": err.path, "status": err.status}
             if isinstance(err, RevisionNotFound):
                 hint = f"check `revision:` of the entry in {opts.manifest_path}"
                 raise RevisionNotFound(f"revision {e.revision!r} not found in {e.repo_type} repo {e.repo}; {hint}",
@@ -620,7 +622,7 @@ def entry_names(entry) -> set[str]:
     return {n for n in names if n}
 
 
-def wants_update(update, entry) -> bool:
+def wants_update(update: Update, entry) -> bool:
     """`update` is True/False (every entry or none) or the names given to `--update NAME`."""
     if isinstance(update, bool) or update is None:
         return bool(update)
@@ -635,7 +637,7 @@ def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
 
 
 def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
-         update: bool = False) -> tuple[PullSummary, Lockfile]:
+         update: Update = False) -> tuple[PullSummary, Lockfile]:
     """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged."""
     opts = opts or Options()
     started = time.monotonic()
@@ -682,7 +684,7 @@ def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
         save_lock(manifest.lock_path, new)
 
 
-def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
+def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False) -> PullSummary:
     """Pull every entry of a manifest and write `hpcstage.lock` beside it: the Hub repos first (their
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
@@ -715,7 +717,7 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     return summary
 
 
-def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
+def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False) -> PullSummary:
     """Resolve every entry's commit and file list once and write them to the lockfile (and each commit's
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""

@@ -166,11 +166,13 @@ class _Hints:
         """(`cache`: the repo, needed without a manifest.)"""
         if self.manifest is not None:
             return f"hpcstage verify -f {_q(self.manifest.path)} --repair{self.cache}"
+        assert cache is not None
         return f"hpcstage verify {cache.repo_id}{_type_flag(cache.repo_type)} --repair{self.cache}"
 
     def pull(self, cache: RepoCache | None = None, revision: str = "main") -> str:
         if self.manifest is not None:
             return f"hpcstage pull -f {_q(self.manifest.path)}{self.cache}"
+        assert cache is not None
         return f"hpcstage pull {cache.repo_id}{_type_flag(cache.repo_type)} --revision {revision}{self.cache}"
 
 
@@ -609,6 +611,7 @@ def verify(
         _repair_refs(plan, before)
         bad_data = {p.repo_id for p in before if p.repo_type == "data"}
         if bad_data:
+            assert manifest is not None  # data entries come only from a manifest
             from hpcstage import datadir
             from hpcstage.staging import Options
 

@@ -50,12 +50,13 @@ def slurm_time_seconds(text: str) -> int:
     match = _TIME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"not a Slurm time limit: {text!r} (e.g. 48:00:00 or 2-00:00:00)")
-    days, first, second, third = (int(g) if g else None for g in match.groups())
-    if days is not None:  # D-H[:M[:S]]
-        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
-    if third is not None:  # H:M:S
+    given = match.groups()
+    days, first, second, third = (int(g) if g else 0 for g in given)
+    if given[0]:  # D-H[:M[:S]]
+        return ((days * 24 + first) * 60 + second) * 60 + third
+    if given[3]:  # H:M:S
         return (first * 60 + second) * 60 + third
-    return first * 60 + (second or 0)  # M[:S]
+    return first * 60 + second  # M[:S]
 
 
 class Partition(BaseModel):

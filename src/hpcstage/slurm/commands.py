@@ -110,7 +110,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         where = f" -> {a.path}" if a.path else ""
         print(f"  {a.role} {a.source}{'@' + a.revision if a.revision else ''}: {a.state}{where}")
     for job in result.jobs:
-        if result.dry_run:
+        if result.dry_run and job.script is not None:
             print(f"\n--- {job.script}")
             print(job.script.read_text(), end="")
         for argv in job.sbatch:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from hpcstage import __version__, policy
@@ -114,7 +115,7 @@ def error_for(resp: Response, url: str) -> HpcstageError | None:
         return None
     ref, revision, path = where
     status, message = resp.status, (resp.headers.get("X-Error-Message") or "").strip()
-    fields = {"repo": ref.repo_id, "path": path, "status": status}
+    fields: dict[str, Any] = {"repo": ref.repo_id, "path": path, "status": status}
     if status == 401 and message == "Invalid credentials in Authorization header":  # huggingface_hub's test too
         hint = (f"create a read token at {ref.endpoint}/settings/tokens, then `hf auth login` (or export "
                 "HF_TOKEN=...); for public repos, unset HF_TOKEN")
