@@ -77,10 +77,14 @@ def read_env_file(path: str | os.PathLike[str], origin: str) -> dict[str, str]:
                            f"scripts and config.json; move it to your secrets file (${SECRETS_ENV}, chmod 600)")
         if name.startswith("HPCSTAGE_") or name == "PATH":
             raise BadInput(f"{path}:{number}: {name} is set by hpcstage itself; remove it (PATH: use `activate`)")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
+        if value[:1] in ("'", '"'):  # quoted: up to the same quote; after it, only a comment
+            end = value.find(value[0], 1)
+            rest = value[end + 1:].strip() if end > 0 else "?"
+            if rest and not rest.startswith("#"):
+                raise BadInput(f"{path}:{number}: {name}: unbalanced quotes; write {name}=\"a value\"")
+            value = value[1:end]
         else:
-            value = re.split(r"\s+#", value, maxsplit=1)[0]
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
         values[name] = value
     return values
 

@@ -866,8 +866,8 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
                         f"named by ${environment.SECRETS_ENV}")
     problems = missing_tools(jobs, python or sys.executable)
     if problems:
-        text = (f"{'; '.join(problems)}: install them into the job's environment or pass --python of the "
-                "environment that has them")
+        text = (f"{'; '.join(problems)}: install what is missing into the job's environment (or fix its "
+                "activation), or pass --python of the environment that has them")
         if not request.dry_run:
             raise BadInput(text)  # before anything is staged or submitted
         warnings.append(text)
@@ -924,12 +924,15 @@ _FIND_MODULES = ("import importlib.util, sys\n"
 _FIND_TOOLS = "import shutil, sys\nprint(' '.join(t for t in sys.argv[1:] if shutil.which(t) is None))"
 
 
-def _missing(python: str, code: str, names: tuple[str, ...]) -> list[str]:
+def _missing(python: str, code: str, names: tuple[str, ...]) -> tuple[list[str], str]:
+    """(the names `code` run by `python` reports missing, else all of them; the child's last error line)."""
     try:
         r = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=120)
-        return r.stdout.split() if r.returncode == 0 else list(names)
-    except (OSError, subprocess.TimeoutExpired):
-        return list(names)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return list(names), str(e)
+    if r.returncode == 0:
+        return r.stdout.split(), ""
+    return list(names), (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
 
 
 def missing_tools(jobs: list[Job], python: str) -> list[str]:
@@ -942,7 +945,10 @@ def missing_tools(jobs: list[Job], python: str) -> list[str]:
     problems = []
     for job in jobs:
         if job.shim:
-            absent = _missing(str(job.shim), _FIND_TOOLS, job.tools) if job.tools else []
+            absent, error = _missing(str(job.shim), _FIND_TOOLS, job.tools or ("true",))
+            if error:  # the activation itself fails here: say so rather than blame each tool
+                problems.append(f"the {job.key} job's activation ({job.env.activate_from}) fails on this node: {error}")
+                continue
             where = "is not on the PATH of its activated environment"
         else:
             absent = [tool for tool in job.tools if shutil.which(tool, path=path) is None]
@@ -952,10 +958,10 @@ def missing_tools(jobs: list[Job], python: str) -> list[str]:
         shown = f"{job.python or 'python'} (after its activation)" if job.shim else python
         if job.modules:
             problems += [f"the {job.key} job runs `{shown} -m {m}`, which that interpreter cannot import"
-                         for m in _missing(runner, _FIND_MODULES, job.modules)]
+                         for m in _missing(runner, _FIND_MODULES, job.modules)[0]]
         if job.imports:
             problems += [f"the {job.key} job imports {m} in `{shown}`, which cannot import it"
-                         for m in _missing(runner, _FIND_MODULES, job.imports)]
+                         for m in _missing(runner, _FIND_MODULES, job.imports)[0]]
     return problems
 
 
