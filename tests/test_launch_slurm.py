@@ -357,3 +357,115 @@ prebuild:
     assert {p: p.stat().st_mtime_ns for p in datasets_cache.rglob("*.arrow")} == arrow_before
     script = (tmp_path / "experiments" / "stack" / "run.sbatch").read_text()
     assert f"export HPCSTAGE_PYTHON={stack['python']}" in script
+
+
+# -- environments and secrets
+
+
+SHOW_PYTHON = """\
+import json, os, sys
+json.dump({"executable": sys.executable, "prefix": sys.prefix, "HPCSTAGE_PYTHON": os.environ["HPCSTAGE_PYTHON"]},
+          open(sys.argv[1], "w"))
+"""
+
+
+def private_file(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def gate(tmp_path: Path, env: dict, name: str) -> tuple[str, Path]:
+    """A job that runs until the returned file exists: a later job launched --after it starts when the test says."""
+    release = tmp_path / f"{name}.release"
+    records = launch(tmp_path, env, "--job-type", "run", "--name", name, "--command",
+                     f"for i in $(seq 600); do [[ -e {release} ]] && exit 0; sleep 0.1; done; exit 1")
+    return ids(records)[0], release
+
+
+def test_activate_enters_a_separate_venv_and_a_failing_activation_stops_the_job_with_its_message(cluster, tmp_path,
+                                                                                                env):
+    venv = tmp_path / "jobvenv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (tmp_path / "show.py").write_text(SHOW_PYTHON)
+    out = tmp_path / "python.json"
+    ok = launch(tmp_path, env, "--job-type", "run", "--name", "venv", "--activate", f"source {venv}/bin/activate",
+                "--command", f"python {tmp_path / 'show.py'} {out}")
+    # an activation that works at launch and is broken when the job starts (an environment deleted meanwhile)
+    activate, marker = tmp_path / "activate.sh", tmp_path / "command-ran"
+    activate.write_text("export FROM_ACTIVATION=1\n")
+    first, release = gate(tmp_path, env, "gate")
+    bad = launch(tmp_path, env, "--job-type", "run", "--name", "broken", "--after", first,
+                 "--activate", f"source {activate}", "--command", f"touch {marker}")
+    activate.write_text('echo "activate: environment /p/project/x/envs/train not found" >&2\nreturn 3\n')
+    release.touch()
+    states = wait(ids(ok) + [first] + ids(bad), timeout=60, poll=POLL)
+    assert states[ids(ok)[0]].state == "COMPLETED", states
+    assert json.loads(out.read_text()) == {"executable": str(venv / "bin" / "python"), "prefix": str(venv),
+                                           "HPCSTAGE_PYTHON": str(venv / "bin" / "python")}
+    assert (states[ids(bad)[0]].state, states[ids(bad)[0]].exit_code) == ("FAILED", 3)
+    assert not marker.exists()  # stopped at the activation: the command never ran
+    log = next((tmp_path / "experiments" / "broken" / "logs").glob("*.out")).read_text()
+    assert log == ("activate: environment /p/project/x/envs/train not found\n"
+                   "hpcstage: the activate line failed (exit 3); fix it (--activate) and launch again\n")
+
+
+def _state_files(job_id: str) -> list[Path]:
+    """slurmctld's saved copy of a job's environment (readable here: the test cluster runs as this user)."""
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
+    location = next(line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
+                    if line.startswith("StateSaveLocation"))
+    return sorted(Path(location).glob(f"hash.*/job.{job_id}/environment"))
+
+
+SECRET_HASHES = """\
+import hashlib, json, os, sys
+names = ("WANDB_API_KEY", "HF_TOKEN", "MY_SERVICE_TOKEN", "JOBENV_MARKER")
+json.dump({n: os.environ[n] and hashlib.sha256(os.environ[n].encode()).hexdigest() if n in os.environ else None
+           for n in names}, open(sys.argv[1], "w"))
+"""
+
+
+def test_a_canary_in_the_secrets_file_reaches_the_job_and_no_script_record_log_or_slurm_state(cluster, tmp_path,
+                                                                                              env):
+    import hashlib
+
+    wandb, token, shell_only = (f"{kind}_CANARY{os.urandom(8).hex()}" for kind in ("wandb", "hf", "svc"))
+    secrets = private_file(tmp_path / "secrets.env", f"WANDB_API_KEY={wandb}\nexport HF_TOKEN={token}\n")
+    env = {**env, "HPCSTAGE_SECRETS_FILE": str(secrets), "MY_SERVICE_TOKEN": shell_only, "WANDB_API_KEY": shell_only,
+           "JOBENV_MARKER": "exported-by-the-list"}
+    (tmp_path / "hashes.py").write_text(SECRET_HASHES)
+    out, release = tmp_path / "hashes.json", tmp_path / "release"
+    proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--name", "sec",
+                    "--job-type", "run", "--activate", "set -x",  # the job traces every line: not the secrets'
+                    "--command", f"{PY} {tmp_path / 'hashes.py'} {out}; "
+                                 f"for i in $(seq 600); do [[ -e {release} ]] && break; sleep 0.1; done",
+                    env=env)
+    job = json.loads((tmp_path / "experiments" / "sec" / "jobs.json").read_text())["jobs"][0]["job_id"]
+    try:
+        wait_for_file = time.monotonic() + 60
+        while not out.exists():
+            assert time.monotonic() < wait_for_file, "the job never wrote its hashes"
+            time.sleep(POLL)
+        shown = subprocess.run(["scontrol", "show", "job", "-dd", job], capture_output=True, text=True, check=True)
+        script = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True)
+        saved = _state_files(job)
+        assert saved, "slurmctld's copy of the job's environment was not found"
+        saved_env = saved[0].read_bytes()
+    finally:
+        release.touch()
+    states = wait([job], timeout=60, poll=POLL)
+    assert states[job].state == "COMPLETED", states
+
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    assert json.loads(out.read_text()) == {"WANDB_API_KEY": sha(wandb), "HF_TOKEN": sha(token),
+                                           "MY_SERVICE_TOKEN": None, "JOBENV_MARKER": sha("exported-by-the-list")}
+    assert b"JOBENV_MARKER=exported-by-the-list" in saved_env  # the right file: it holds what sbatch exported
+    log = next((tmp_path / "experiments" / "sec" / "logs").glob("*.out")).read_text()
+    assert "+ export HPCSTAGE_EXPERIMENT=" in log and "+ source" not in log  # traced, except the secrets
+    texts = {"launch output": proc.stdout + proc.stderr, "scontrol show job -dd": shown.stdout,
+             "batch script": script.stdout, "slurmctld state": saved_env.decode(errors="replace")}
+    texts.update({str(p): p.read_text(errors="replace") for p in (tmp_path / "experiments").rglob("*") if p.is_file()})
+    for canary in (wandb, token, shell_only, CANARY):
+        assert [where for where, text in texts.items() if canary in text] == []
