@@ -469,3 +469,70 @@ def test_a_canary_in_the_secrets_file_reaches_the_job_and_no_script_record_log_o
     texts.update({str(p): p.read_text(errors="replace") for p in (tmp_path / "experiments").rglob("*") if p.is_file()})
     for canary in (wandb, token, shell_only, CANARY):
         assert [where for where, text in texts.items() if canary in text] == []
+
+
+GENERATE = """\
+import json, os
+folders = open(os.environ["HPCSTAGE_CHUNK_LIST"]).read().split()
+with open(os.path.join(os.environ["HPCSTAGE_OUTPUT_DIR"], "rows.jsonl"), "w") as f:
+    for folder in folders:
+        f.write(json.dumps({"task": os.path.basename(folder), "chunk": int(os.environ["HPCSTAGE_CHUNK_INDEX"])}) + "\\n")
+"""
+
+NET_LOCAL = """\
+[netlocal]
+description = "the local test cluster declared with internet: its jobs reach the emulator on 127.0.0.1"
+internet = true
+gpus_per_node = 4
+gpu_type = "fake (character devices)"
+cpus_per_node = 8
+mem = "4G"
+partition = "debug"
+gpu_directive = "gres"
+max_time = "1-00:00:00"
+secrets_file = "{secrets}"
+"""
+
+
+def test_datagen_array_of_3_chunks_uploads_each_chunk_to_its_own_repo_that_a_later_pull_reads(cluster, tmp_path,
+                                                                                              env):
+    from hpcstage.serve import HubServer
+
+    token = f"hf_CANARY{os.urandom(8).hex()}"
+    secrets = private_file(tmp_path / "secrets.env", f"HF_TOKEN={token}\n")
+    (tmp_path / "config" / "hpcstage").mkdir(parents=True)
+    (tmp_path / "config" / "hpcstage" / "clusters.toml").write_text(NET_LOCAL.format(secrets=secrets))
+    tasks = tmp_path / "traces"
+    for n in range(6):
+        (tasks / f"task-{n}").mkdir(parents=True)
+    (tmp_path / "generate.py").write_text(GENERATE)
+    root = tmp_path / "hubroot"
+    (root / "datasets").mkdir(parents=True)
+    with HubServer(root) as hub:
+        hub.tokens = {token}  # the shell's HF_TOKEN (CANARY) would be refused: only the secrets file's is good
+        net_env = {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "NO_PROXY": "127.0.0.1",
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        proc = hpcstage("launch", "--cluster", "netlocal", "--experiments-dir", tmp_path / "experiments", "--json",
+                        "--name", "up", "--job-type", "datagen", "--datagen-script", tmp_path / "generate.py",
+                        "--trace-input-path", tasks, "--chunk-size", "2", "--gpus-per-node", "0",
+                        "--datagen-target-repo", "gen-org/traces", env=net_env)
+        array = ids(json.loads(proc.stdout)["jobs"])[0]
+        states = wait([array], timeout=120, poll=POLL)
+        assert sorted(states) == [f"{array}_{i}" for i in range(3)]
+        assert {s.state for s in states.values()} == {"COMPLETED"}, states
+        commits = [r for r in hub.log if r.method == "POST" and r.path.endswith("/commit/main")]
+        assert sorted(r.path for r in commits) == [f"/api/datasets/gen-org/traces-chunk-{i}/commit/main"
+                                                   for i in range(3)]
+        assert all(r.status == 200 and r.has_auth for r in commits)
+        for i in range(3):
+            r = hpcstage("pull", "--repo-type", "dataset", f"gen-org/traces-chunk-{i}", "--cache-dir",
+                         tmp_path / "pulled", env={**net_env, "HF_TOKEN": token})
+            assert r.returncode == 0, r.stderr
+            snapshot = (tmp_path / "pulled" / f"datasets--gen-org--traces-chunk-{i}" / "snapshots" /
+                        hub.commit_of("dataset", f"gen-org/traces-chunk-{i}"))
+            rows = [json.loads(line) for line in (snapshot / "rows.jsonl").read_text().splitlines()]
+            assert rows == [{"task": f"task-{n}", "chunk": i} for n in (2 * i, 2 * i + 1)]
+    logs = sorted((tmp_path / "experiments" / "up" / "logs").glob("*.out"))
+    assert all("hpcstage: uploaded " in p.read_text() for p in logs) and len(logs) == 3
+    texts = [p.read_text(errors="replace") for p in (tmp_path / "experiments").rglob("*") if p.is_file()]
+    assert not [t for t in texts if token in t or CANARY in t]
