@@ -317,13 +317,20 @@ json.dump(out, open(sys.argv[1], "w"))
 
 
 @pytest.mark.timeout(1800)  # the job stack is built first when it is not cached (minutes, once)
-def test_launch_with_python_of_a_job_stack_prebuilds_checks_and_runs_in_it(cluster, hub, tmp_path, env):
-    """launch --python <datasets 4.0 stack>: prebuild and check run in that interpreter (their records are
-    for datasets 4.0 only, and the launch passes the check), and the job runs in it and loads offline every
-    form the manifest names, `data_files` on a Hub dataset included, without building anything."""
+@pytest.mark.parametrize("how", ["--python", "--activate"])
+def test_launch_with_python_of_a_job_stack_prebuilds_checks_and_runs_in_it(how, cluster, hub, tmp_path, env):
+    """launch --python <datasets 4.0 stack> (or --activate 'source <stack>/bin/activate'): prebuild and check run
+    in that interpreter (their records are for datasets 4.0 only, and the launch passes the check), and the job
+    runs in it and loads offline every form the manifest names, `data_files` on a Hub dataset included, without
+    building anything."""
     from helpers import job_stack
 
     stack = job_stack("ds4.0")
+    # What `activate` does, spelled out: the cached stacks are built in a .partial folder and renamed, so their own
+    # bin/activate names a folder that no longer exists.
+    folder = Path(stack["python"]).parent
+    activation = f'export VIRTUAL_ENV={folder.parent} PATH={folder}:"$PATH"'
+    chosen = [how, stack["python"] if how == "--python" else activation]
     eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps({"test": [{"q": i} for i in range(5)]}))
     manifest = tmp_path / "hpcstage.yaml"
@@ -342,7 +349,7 @@ prebuild:
     env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_UPDATE_DOWNLOAD_COUNTS": "0", "NO_PROXY": "127.0.0.1"}
     jobs = launch(tmp_path, env, "--job-type", "run", "--offline", "--name", "stack", "-f", manifest,
-                  "--python", stack["python"], "--command", f'"$HPCSTAGE_PYTHON" {tmp_path / "job.py"} {out} {eval_file}')
+                  *chosen, "--command", f'"$HPCSTAGE_PYTHON" {tmp_path / "job.py"} {out} {eval_file}')
     hub.stop()  # staged, built and checked: the job needs no server
     datasets_cache = tmp_path / "datasets"
     markers = sorted(p.name.split(".", 1)[1] for p in (datasets_cache / ".hpcstage-prebuild").iterdir())
@@ -356,7 +363,11 @@ prebuild:
                       "json_field": 5}
     assert {p: p.stat().st_mtime_ns for p in datasets_cache.rglob("*.arrow")} == arrow_before
     script = (tmp_path / "experiments" / "stack" / "run.sbatch").read_text()
-    assert f"export HPCSTAGE_PYTHON={stack['python']}" in script
+    if how == "--python":
+        assert f"export HPCSTAGE_PYTHON={stack['python']}" in script
+    else:  # the activated environment's `python`, found by the job itself
+        assert f"\n{activation}\n" in script
+        assert "HPCSTAGE_PYTHON=$(command -v python)" in script
 
 
 # -- environments and secrets
