@@ -570,8 +570,8 @@ eval = "source /p/project/x/envs/eval/bin/activate"
 [juwels.env_file]
 train = "%s"
 """ % (tmp_path / "train.env"))
-    (tmp_path / "train.env").write_text("# paths of my project\nexport DCFT=/p/project/x/dcft\nWANDB_PROJECT='sft runs' # a comment\n"
-                                        "WANDB_MODE=offline\n")
+    (tmp_path / "train.env").write_text("# paths of my project\nexport DCFT=/p/project/x/dcft\n"
+                                        "WANDB_PROJECT='sft runs' # a comment\nWANDB_MODE=offline\n")
     (tmp_path / "more.env").write_text("WANDB_MODE=online\n")
     code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "juwels", "--train-config",
                             train_config(tmp_path), "--eval-tasks", "hellaswag", "--env-file", tmp_path / "more.env",

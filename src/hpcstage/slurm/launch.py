@@ -649,7 +649,8 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         return [Job("datagen", f"datagen: {script.name}", nodes,
                     **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
                                  **own),
-                    context=context, array=array, imports=("huggingface_hub",) if request.datagen_target_repo else ())]
+                    context=context, array=array,
+                    imports=("huggingface_hub",) if request.datagen_target_repo else ())]
     if kind == "consolidate":
         if request.checkpoint_dir is None:
             raise BadInput("--job-type consolidate needs --checkpoint-dir")
@@ -821,7 +822,7 @@ def _check_upload(request: LaunchRequest, cluster: Cluster, offline: bool, secre
                        f"or upload the experiment's output/ folder from the login node afterwards "
                        f"(`hf upload --repo-type dataset {repo} EXPERIMENT/output`)")
     if not secrets or not set(names) & set(TOKEN_VARIABLES):
-        where = f"{secrets[0]} names no HF_TOKEN" if secrets else f"no secrets file is set"
+        where = f"{secrets[0]} names no HF_TOKEN" if secrets else "no secrets file is set"
         raise BadInput(f"--datagen-target-repo: the job uploads with HF_TOKEN from your secrets file, and {where}; "
                        f"add a line HF_TOKEN=hf_... to a private file (chmod 600) named by ${environment.SECRETS_ENV} "
                        "or by secrets_file in ~/.config/hpcstage/clusters.toml")
