@@ -695,3 +695,12 @@ def test_checks_of_the_jobs_environment_run_through_its_activation(tmp_path, cap
     assert ("the datagen job imports huggingface_hub in `python (after its activation)`, which cannot import it"
             in err), err
     assert not (tmp_path / "experiments" / "bare").exists()
+
+
+def test_an_activate_table_naming_an_unknown_job_type_is_refused(tmp_path, capsys):
+    user_clusters(tmp_path, '[jureca.activate]\ntrian = "source /p/x/bin/activate"\n')
+    code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "jureca", "--train-config",
+                            train_config(tmp_path), "--name", "typo", "--dry-run", capsys=capsys)
+    assert code == 2 and not (tmp_path / "experiments" / "typo").exists()
+    assert err.strip().endswith("activate: Value error, unknown job type trian; use train, datagen, consolidate, "
+                                "eval, run or default")
