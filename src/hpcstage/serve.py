@@ -15,7 +15,7 @@ the second origin that expire and then answer 403 (`signed_ttl`); gated repos (`
 401/403 ``GatedRepo`` on resolve), tokens (`tokens`: any other token gets 401 "Invalid credentials"),
 disabled repos (`disabled`), renamed repos (`renamed`: 307 on API and resolve), the resolver rate limit
 in fixed windows with ``RateLimit``/``RateLimit-Policy`` (`rate_limit`), and a mirror that ignores Range
-(`ignore_range`).
+(`ignore_range`). Uploads (`create_repo`, `upload_folder`) write into the served folder: serve_uploads.py.
 """
 
 from __future__ import annotations
@@ -547,6 +547,10 @@ class _Handler(BaseHTTPRequestHandler):
               and method in ("GET", "HEAD")):
             return self._resolve_cache(segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}",
                                        unquote(segments[5]), segments[6:])
+        elif segments == ["api", "repos", "create"] and method == "POST":
+            from hpcstage import serve_uploads  # the write API (create_repo, upload_folder), in its own module
+
+            return serve_uploads.create_repo(self.server.owner, self.headers, body)
         elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
             return self._api(method, segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}",
                              segments[4:], parse_qs(query, keep_blank_values=True), body)
@@ -571,6 +575,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and len(rest) == 2 and rest[0] == "paths-info":
             revision = repos.revision(kind, repo_id, unquote(rest[1]))
             return self._paths_info(revision, body)
+        if method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit"):
+            from hpcstage import serve_uploads
+
+            write = serve_uploads.preupload if rest[0] == "preupload" else serve_uploads.commit
+            return write(self.server.owner, kind, repo_id, unquote(rest[1]), self.headers, body)
         raise _HubError(404, None, f"Not found: {method} {self.path}")
 
     def _tree(self, revision: _Revision, folder: str, query: dict) -> _Response:
