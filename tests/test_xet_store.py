@@ -1,0 +1,226 @@
+"""The cache-wide Xet blob store (huggingface_hub 2.4's layout): one copy per content across repos.
+
+A base model and its fine-tune share a 64 MiB file. The emulator lists real `xetHash` values (hf_xet); the
+checks are huggingface_hub's own store functions and cache tools, and its offline loads, in fresh processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcstage.serve import FaultRule, HubServer
+from helpers import client_env, hpcstage, run_python, sha256
+
+BASE, TUNED = "demo-org/base-model", "demo-org/base-model-tuned"
+SHARED_SIZE = 64 << 20
+FOLDER = {BASE: "models--demo-org--base-model", TUNED: "models--demo-org--base-model-tuned"}
+
+
+@pytest.fixture(scope="session")
+def twins_root(tmp_path_factory):
+    """A base model and a fine-tune: the same 64 MiB weights file (a link in the served folder, one copy
+    on disk here), different configs, and a small LFS adapter only the fine-tune has."""
+    root = tmp_path_factory.mktemp("twins")
+    base, tuned = root / "models" / BASE, root / "models" / TUNED
+    base.mkdir(parents=True)
+    tuned.mkdir(parents=True)
+    (base / "config.json").write_text('{"model_type": "llama"}\n')
+    (tuned / "config.json").write_text('{"model_type": "llama", "tuned": true}\n')
+    with open(base / "model.safetensors", "wb") as f:
+        f.write(random.Random(5).randbytes(SHARED_SIZE))
+    (tuned / "model.safetensors").symlink_to(base / "model.safetensors")
+    (tuned / "adapter.safetensors").write_bytes(random.Random(6).randbytes(3000))
+    return root
+
+
+@pytest.fixture
+def twins(twins_root):
+    with HubServer(twins_root) as server:
+        server.xet = True
+        yield server
+
+
+def weights(server, repo: str = BASE):
+    return server.files_of("model", repo)["model.safetensors"]
+
+
+def store_files(cache: Path) -> list[Path]:
+    """The content files in the store (not the marker, the `.refs` manifests or prefix folders)."""
+    top = cache / "blobs"
+    return sorted(p for p in top.glob("??/*") if len(p.name) == 64) if top.is_dir() else []
+
+
+def hf_env(server, cache: Path, **extra) -> dict:
+    """huggingface_hub in a child, shared blobs on (HF_HUB_DISABLE_XET unset: its store functions need it),
+    offline: nothing here may talk to a Hub."""
+    env = client_env(server, cache.parent / "hf-client", HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", **extra)
+    env.pop("HF_HUB_DISABLE_XET")
+    return env
+
+
+def hf(server, cache: Path, code: str) -> dict:
+    r = run_python("import json, sys, pathlib\n" + code, hf_env(server, cache))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+STORE_VIEW = """
+from huggingface_hub.utils import _shared_blobs as sb
+cache = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else {cache!r})
+links = {links!r}
+print(json.dumps({{
+    "marked": sb.is_shared_blobs_dir(cache / "blobs"),
+    "has": sb.has_shared_blob(xet_hash={h!r}, cache_dir=cache, expected_size={size}),
+    "targets": [str(sb.shared_blob_target(cache / l, cache)) for l in links],
+    "unreferenced": [str(p) for p in sb.unreferenced_shared_blobs(cache)],
+}}))
+"""
+
+
+def test_base_and_finetune_share_one_stored_copy_that_huggingface_hub_accepts_and_deletes(twins, tmp_path):
+    cache = tmp_path / "cache"
+    r = hpcstage("pull", BASE, TUNED, "--cache-dir", str(cache), "-q", env=client_env(twins, tmp_path))
+    assert r.returncode == 0, r.stderr
+    w = weights(twins)
+    # moved once: one GET of the weights from the CDN, whole
+    gets = [rec for rec in twins.log if rec.server == "cdn" and rec.method == "GET" and w.sha256 in rec.path]
+    assert sum(rec.bytes_sent for rec in gets) == SHARED_SIZE
+    # stored once: one content file, both repos' blobs are links to it (one inode)
+    import hf_xet
+
+    adapter = twins.files_of("model", TUNED)["adapter.safetensors"]
+    h, ha = (x.hash for x in hf_xet.hash_files([str(w.local), str(adapter.local)]))
+    assert store_files(cache) == sorted([cache / "blobs" / h[:2] / h, cache / "blobs" / ha[:2] / ha])
+    links = [f"{FOLDER[repo]}/blobs/{w.sha256}" for repo in (BASE, TUNED)]
+    for link in links:
+        assert os.readlink(cache / link) == f"../../blobs/{h[:2]}/{h}"
+    inodes = {os.stat(cache / FOLDER[repo] / "snapshots" / twins.commit_of("model", repo) / "model.safetensors").st_ino
+              for repo in (BASE, TUNED)}
+    assert inodes == {os.stat(cache / "blobs" / h[:2] / h).st_ino}
+    assert sha256(cache / "blobs" / h[:2] / h) == w.sha256
+    # the small LFS adapter went to the store too, the configs (not LFS, no xetHash) stay per-repo blobs
+    assert os.readlink(cache / FOLDER[TUNED] / "blobs" / adapter.sha256) == f"../../blobs/{ha[:2]}/{ha}"
+    assert not os.path.islink(cache / FOLDER[BASE] / "blobs" / twins.files_of("model", BASE)["config.json"].oid)
+    # trees/<commit>.json carries xet_hash as huggingface_hub writes it, and huggingface_hub reads it back
+    commit = twins.commit_of("model", BASE)
+    tree = json.loads((cache / FOLDER[BASE] / "trees" / f"{commit}.json").read_text())
+    assert tree["files"]["model.safetensors"]["xet_hash"] == h and "xet_hash" not in tree["files"]["config.json"]
+
+    # huggingface_hub's own store functions accept the layout
+    view = hf(twins, cache, STORE_VIEW.format(cache=str(cache), links=links, h=h, size=SHARED_SIZE))
+    assert view == {"marked": True, "has": True, "targets": [str(cache / "blobs" / h[:2] / h)] * 2, "unreferenced": []}
+    r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), env=client_env(twins, tmp_path))
+    assert r.returncode == 0 and r.stdout.startswith("ok: "), r.stdout + r.stderr
+
+    # deleting the base with huggingface_hub's cache tools leaves the fine-tune loadable offline
+    deleted = hf(twins, cache, f"""
+from huggingface_hub import scan_cache_dir
+info = scan_cache_dir(pathlib.Path({str(cache)!r}))
+assert not info.warnings, info.warnings
+base = next(r for r in info.repos if r.repo_id == {BASE!r})
+strategy = info.delete_revisions(*[rev.commit_hash for rev in base.revisions])
+strategy.execute()
+print(json.dumps({{"freed": strategy.expected_freed_size}}))
+""")
+    assert not (cache / FOLDER[BASE]).exists() and (cache / "blobs" / h[:2] / h).is_file()
+    loaded = hf(twins, cache, f"""
+import hashlib
+from huggingface_hub import snapshot_download
+root = pathlib.Path(snapshot_download({TUNED!r}))
+print(json.dumps({{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}}))
+""")
+    assert loaded == {name: sha256(f.local) for name, f in twins.files_of("model", TUNED).items()}
+    assert deleted["freed"] < SHARED_SIZE  # the shared weights were not counted as freed: the fine-tune holds them
+    # and deleting the fine-tune too collects the entry: the `.refs` manifest named its links right
+    hf(twins, cache, f"""
+from huggingface_hub import scan_cache_dir
+info = scan_cache_dir(pathlib.Path({str(cache)!r}))
+info.delete_revisions(*[rev.commit_hash for r in info.repos for rev in r.revisions]).execute()
+print("{{}}")
+""")
+    assert store_files(cache) == []
+
+
+def test_listing_whose_xet_hash_does_not_match_the_content_publishes_nothing(twins, tmp_path):
+    cache = tmp_path / "cache"
+    w = weights(twins)
+    twins.listed_xet[w.sha256] = "0" * 64
+    r = hpcstage("pull", BASE, "--cache-dir", str(cache), "-q", env=client_env(twins, tmp_path))
+    assert r.returncode == 1 and "xetHash" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert store_files(cache) == []
+    blobs = cache / FOLDER[BASE] / "blobs"
+    assert sorted(p.name for p in blobs.iterdir()) == [twins.files_of("model", BASE)["config.json"].oid]
+    assert not (cache / FOLDER[BASE] / "snapshots" / twins.commit_of("model", BASE) / "model.safetensors").exists()
+    # the wrong hash was the listing's fault: the content itself arrived intact once, and was dropped
+    assert any(rec.server == "cdn" and w.sha256 in rec.path for rec in twins.log)
+
+
+def test_masked_xet_hash_keeps_the_file_a_per_repo_blob(twins, tmp_path):
+    cache = tmp_path / "cache"
+    w = weights(twins)
+    twins.listed_xet[w.sha256] = "*" * 64
+    r = hpcstage("pull", BASE, "--cache-dir", str(cache), "-q", env=client_env(twins, tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert store_files(cache) == []
+    blob = cache / FOLDER[BASE] / "blobs" / w.sha256
+    assert blob.is_file() and not blob.is_symlink() and sha256(blob) == w.sha256
+    commit = twins.commit_of("model", BASE)
+    tree = json.loads((cache / FOLDER[BASE] / "trees" / f"{commit}.json").read_text())
+    assert "xet_hash" not in tree["files"]["model.safetensors"]  # huggingface_hub would reject the whole tree
+    ok = hf(twins, cache, f"""
+from huggingface_hub._tree_cache import read_tree_cache
+print(json.dumps(read_tree_cache({str(cache / FOLDER[BASE])!r}, {commit!r}) is not None))
+""")
+    assert ok is True
+
+
+def test_shared_blobs_disabled_by_env_keeps_per_repo_blobs(twins, tmp_path):
+    cache = tmp_path / "cache"
+    r = hpcstage("pull", BASE, TUNED, "--cache-dir", str(cache), "-q",
+                 env=client_env(twins, tmp_path, HF_HUB_DISABLE_SHARED_BLOBS="1"))
+    assert r.returncode == 0, r.stderr
+    assert not (cache / "blobs").exists()
+    for repo in (BASE, TUNED):
+        blob = cache / FOLDER[repo] / "blobs" / weights(twins).sha256
+        assert blob.is_file() and not blob.is_symlink()
+
+
+ANOTHER_NODE = (
+    "import sys, hpcstage.locks as locks\n"
+    "locks._HOST, locks._BOOT = 'node-elsewhere-42', 'another-boot'  # its leases look like another node's\n"
+    "from hpcstage.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_two_nodes_publishing_the_same_content_at_once_leave_one_entry_and_two_links(twins, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(twins, tmp_path)
+    w = weights(twins)
+    twins.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=40_000_000))  # ~1.6 s: both are at it at once
+    argv = ["pull", "--cache-dir", str(cache), "-q"]
+    procs = [subprocess.Popen([sys.executable, "-m", "hpcstage", *argv, BASE], env=env, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-c", ANOTHER_NODE, *argv, TUNED], env=env, stderr=subprocess.PIPE,
+                              text=True)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    import hf_xet
+
+    adapter = twins.files_of("model", TUNED)["adapter.safetensors"]
+    h, ha = (x.hash for x in hf_xet.hash_files([str(w.local), str(adapter.local)]))
+    assert store_files(cache) == sorted([cache / "blobs" / h[:2] / h, cache / "blobs" / ha[:2] / ha])
+    links = [f"{FOLDER[repo]}/blobs/{w.sha256}" for repo in (BASE, TUNED)]
+    refs = (cache / "blobs" / h[:2] / f"{h}.refs").read_text().splitlines()
+    assert sorted(refs) == sorted(links)
+    view = hf(twins, cache, STORE_VIEW.format(cache=str(cache), links=links, h=h, size=SHARED_SIZE))
+    assert view["targets"] == [str(cache / "blobs" / h[:2] / h)] * 2 and view["unreferenced"] == []
+    gets = [rec for rec in twins.log if rec.server == "cdn" and rec.method == "GET" and w.sha256 in rec.path]
+    assert sum(rec.bytes_sent for rec in gets) == SHARED_SIZE  # the second waited on the lease, then linked
+    r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
