@@ -224,3 +224,134 @@ def test_two_nodes_publishing_the_same_content_at_once_leave_one_entry_and_two_l
     assert sum(rec.bytes_sent for rec in gets) == SHARED_SIZE  # the second waited on the lease, then linked
     r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def pulled(twins, tmp_path, *repos: str, **env) -> Path:
+    cache = tmp_path / "cache"
+    r = hpcstage("pull", *(repos or (BASE, TUNED)), "--cache-dir", str(cache), "-q", env=client_env(twins, tmp_path, **env))
+    assert r.returncode == 0, r.stderr
+    return cache
+
+
+def store_entry(twins, cache: Path) -> Path:
+    import hf_xet
+
+    h = hf_xet.hash_files([str(weights(twins).local)])[0].hash
+    return cache / "blobs" / h[:2] / h
+
+
+def test_verify_finds_and_repair_refetches_wrong_bytes_in_the_store_for_both_repos(twins, tmp_path):
+    cache = pulled(twins, tmp_path)
+    entry = store_entry(twins, cache)
+    entry.chmod(0o600)
+    with open(entry, "r+b") as f:
+        f.seek(12345)
+        f.write(b"\0wrong\0")
+    env = client_env(twins, tmp_path)
+    r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), env=env)
+    assert r.returncode == 1 and r.stdout.count("corrupt:") == 2 and str(entry) in r.stdout, r.stdout + r.stderr
+    twins.clear_log()
+    r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), "--repair", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sha256(entry) == weights(twins).sha256 and store_files(cache).count(entry) == 1
+    gets = [rec for rec in twins.log if rec.server == "cdn" and weights(twins).sha256 in rec.path]
+    assert sum(rec.bytes_sent for rec in gets) == SHARED_SIZE  # fetched again once, for both repos
+    view = hf(twins, cache, STORE_VIEW.format(cache=str(cache), h=entry.name, size=SHARED_SIZE,
+                                              links=[f"{FOLDER[r]}/blobs/{weights(twins).sha256}" for r in (BASE, TUNED)]))
+    assert view["targets"] == [str(entry)] * 2 and view["unreferenced"] == []
+
+
+def test_a_store_link_missing_from_the_refs_manifest_is_reported_and_named_again_offline(twins, tmp_path):
+    cache = pulled(twins, tmp_path)
+    entry = store_entry(twins, cache)
+    refs = entry.with_name(entry.name + ".refs")
+    refs.write_text(f"{FOLDER[BASE]}/blobs/{weights(twins).sha256}\n")  # the fine-tune's line lost
+    env = client_env(twins, tmp_path, HF_HUB_OFFLINE="1")
+    r = hpcstage("verify", TUNED, "--cache-dir", str(cache), env=env)
+    assert r.returncode == 1 and "unlisted_in_store:" in r.stdout and "model.safetensors" in r.stdout, r.stdout
+    r = hpcstage("verify", TUNED, "--cache-dir", str(cache), "--repair", env=env)  # offline: only a line to add
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(refs.read_text().splitlines()) == sorted(f"{FOLDER[x]}/blobs/{weights(twins).sha256}" for x in (BASE, TUNED))
+
+
+def test_status_shows_the_bytes_the_store_saved_and_cleanup_removes_content_no_repo_links_to(twins, tmp_path):
+    cache = pulled(twins, tmp_path)
+    env = client_env(twins, tmp_path)
+    r = hpcstage("status", "--cache-dir", str(cache), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "xet store\t2 contents, 67.1 MB stored, 67.1 MB saved (3 links)" in r.stdout, r.stdout
+    import shutil
+
+    shutil.rmtree(cache / FOLDER[TUNED])  # removed by hand (not through huggingface_hub): its links are gone
+    r = hpcstage("status", "--cache-dir", str(cache), env=env)
+    assert "0 B saved (1 links); 1 unreferenced: `hpcstage cleanup` removes them" in r.stdout, r.stdout
+    adapter = twins.files_of("model", TUNED)["adapter.safetensors"]
+    r = hpcstage("cleanup", "--cache-dir", str(cache), env=env)
+    assert r.returncode == 0 and "shared Xet blob no repo links to" in r.stdout, r.stdout + r.stderr
+    assert store_files(cache) == [store_entry(twins, cache)]  # the base's weights stay, linked
+    r = hpcstage("verify", BASE, "--cache-dir", str(cache), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert adapter.sha256 not in " ".join(str(p) for p in cache.rglob("*"))
+
+
+def test_doctor_reports_whether_the_store_is_on_and_usable(twins, tmp_path):
+    cache = tmp_path / "cache"
+    env = client_env(twins, tmp_path)
+
+    def check(**extra) -> dict:
+        r = hpcstage("doctor", "--cache-dir", str(cache), "--json", env={**env, **extra})
+        return next(c for c in json.loads(r.stdout) if c["name"] == "xet_store")
+
+    assert check()["status"] == "ok" and "created by the first pull" in check()["detail"]
+    pulled(twins, tmp_path)
+    c = check()
+    assert c["status"] == "ok" and c["detail"].startswith("on: 2 contents") and "67.1 MB saved" in c["detail"], c
+    c = check(HF_HUB_DISABLE_SHARED_BLOBS="1")
+    assert c["status"] == "ok" and c["detail"].startswith("off: HF_HUB_DISABLE_SHARED_BLOBS"), c
+    other = tmp_path / "other"
+    (other / "blobs").mkdir(parents=True)
+    (other / "blobs" / "notes.txt").write_text("someone's files\n")
+    r = hpcstage("doctor", "--cache-dir", str(other), "--json", env=env)
+    c = next(c for c in json.loads(r.stdout) if c["name"] == "xet_store")
+    assert c["status"] == "warn" and "without huggingface_hub's marker" in c["detail"], c
+    # and a pull there leaves that folder alone: per-repo blobs
+    r = hpcstage("pull", BASE, "--cache-dir", str(other), "-q", env=env)
+    assert r.returncode == 0 and "not used" in r.stderr, r.stderr
+    assert sorted(p.name for p in (other / "blobs").iterdir()) == ["notes.txt"]
+    assert not (other / FOLDER[BASE] / "blobs" / weights(twins).sha256).is_symlink()
+
+
+def test_huggingface_hub_and_hpcstage_reuse_each_others_store_entries(twins, tmp_path):
+    cache = tmp_path / "cache"
+    w = weights(twins)
+    h = store_entry(twins, cache).name
+    # huggingface_hub publishes the weights for the base (as after its own Xet download) ...
+    hf(twins, cache, f"""
+import shutil
+from huggingface_hub.utils import _shared_blobs as sb
+cache = pathlib.Path({str(cache)!r})
+blob = cache / {FOLDER[BASE]!r} / "blobs" / {w.sha256!r}
+blob.parent.mkdir(parents=True)
+shutil.copyfile({str(w.local)!r}, blob)
+print(json.dumps(sb.publish_blob_to_shared_store(blob_path=str(blob), xet_hash={h!r}, cache_dir=cache,
+                                                 expected_size={SHARED_SIZE})))
+""")
+    assert store_files(cache) == [store_entry(twins, cache)]
+    # ... hpcstage pulls the fine-tune: the weights come from that entry, not from the network
+    twins.clear_log()
+    pulled(twins, tmp_path, TUNED)
+    assert not [rec for rec in twins.log if rec.server == "cdn" and w.sha256 in rec.path]
+    assert os.readlink(cache / FOLDER[TUNED] / "blobs" / w.sha256) == f"../../blobs/{h[:2]}/{h}"
+    # and huggingface_hub links a third repo to what is there, through its own reuse call
+    reused = hf(twins, cache, f"""
+from huggingface_hub.utils import _shared_blobs as sb
+cache = pathlib.Path({str(cache)!r})
+blob = cache / "models--demo-org--third" / "blobs" / {w.sha256!r}
+blob.parent.mkdir(parents=True)
+print(json.dumps(sb.try_link_from_shared_store(blob_path=str(blob), xet_hash={h!r}, cache_dir=cache,
+                                               expected_size={SHARED_SIZE})))
+""")
+    assert reused is True
+    refs = (cache / "blobs" / h[:2] / f"{h}.refs").read_text().splitlines()
+    assert sorted(refs) == sorted(f"{folder}/blobs/{w.sha256}" for folder in
+                                  (FOLDER[BASE], FOLDER[TUNED], "models--demo-org--third"))

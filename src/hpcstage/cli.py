@@ -340,6 +340,16 @@ def _staging_status(args: argparse.Namespace) -> int:
             extra.append(r.reason)
         name = f"{r.repo}@{r.revision}" if r.revision else r.repo  # data entries have no revision
         print(f"{r.repo_type} {name}\t{r.state}\t" + "; ".join(extra))
+    if not args.json:
+        from hpcstage.progress import human_bytes
+        from hpcstage.xetstore import XetStore
+
+        store = XetStore(Path(cache_dir))
+        if store.is_marked():
+            s = store.saved()
+            print(f"xet store\t{s.contents} contents, {human_bytes(s.stored)} stored, {human_bytes(s.saved)} saved "
+                  f"({s.links} links)" + (f"; {s.unreferenced} unreferenced: `hpcstage cleanup` removes them"
+                                           if s.unreferenced else ""))
     return 0 if all(r.state == "staged" for r in rows) else 1
 
 

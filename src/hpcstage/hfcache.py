@@ -182,13 +182,14 @@ def fix_permissions(path: Path | str, group: str | int | Sharing) -> int:
 
 def share_cache(cache_dir: Path | str, group: str | int | Sharing, repos: list[Path] | None = None) -> int:
     """`fix_permissions` for a hub cache: the folder itself, its `.locks/` (huggingface_hub's locks and the
-    hpcstage ledger, which every member writes) and the repo folders in `repos` (default: all of them)."""
+    hpcstage ledger, which every member writes), the shared Xet blob store `blobs/` (xetstore) and the repo
+    folders in `repos` (default: all of them)."""
     sharing = group if isinstance(group, Sharing) else Sharing.for_group(group)
     cache_dir = Path(cache_dir)
     sharing.dir_fd(safefs.opendir(cache_dir, create=False).fd)
     if repos is None:
         repos = [p for p in cache_dir.iterdir() if "--" in p.name and p.is_dir() and not p.is_symlink()]
-    folders = [p for p in (cache_dir / ".locks", *repos) if p.is_dir() and not p.is_symlink()]
+    folders = [p for p in (cache_dir / ".locks", cache_dir / "blobs", *repos) if p.is_dir() and not p.is_symlink()]
     return 1 + sum(fix_permissions(p, sharing) for p in folders)
 
 

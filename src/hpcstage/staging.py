@@ -841,7 +841,8 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     """Remove what dead runs left in the hub cache and the data folder: leases whose owner is dead or
     expired, and partial downloads, temporary files and half-built data folders that no live lease
     protects and that have not changed for `older_than` seconds (a partial younger than that may still be
-    continued). Never a live lease or what it guards."""
+    continued), and shared Xet blobs no repo links to any more (under their lease, by huggingface_hub's rule:
+    one whose `.refs` manifest is missing is kept). Never a live lease or what it guards."""
     from hpcstage.datadir import BUILD_SUFFIX, OLD_SUFFIX, STATE, builder_lease, default_data_dir
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -866,7 +867,8 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
 
     # Links below the roots are not followed: what cleanup removes is always inside the cache or data_dir.
     blob_dirs = sorted(p for p in cache_dir.glob("*/blobs") if not p.parent.is_symlink() and not p.is_symlink())
-    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, downloads, data_dir / STATE / "locks"]
+    store = XetStore(cache_dir)
+    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.lease("0" * 64).parent, downloads, data_dir / STATE / "locks"]
     for folder in lease_dirs:
         for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
             info = read_lease(lease_path, root_of(lease_path))
@@ -891,6 +893,20 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
                 partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
             finally:
                 lease.release()
+    for entry in store.entries():  # content no repo links to any more (its repos were deleted)
+        if not entry.unreferenced:
+            continue
+        if dry_run:
+            found.append(Leftover(store.path(entry.xet_hash), "shared Xet blob no repo links to"))
+            continue
+        lease = Lease(store.lease(entry.xet_hash), ttl=LEASE_TTL, root=cache_dir)
+        if not lease.try_acquire():
+            continue  # someone is adding a link to it right now
+        try:
+            if store.sweep(entry.xet_hash):
+                found.append(Leftover(store.path(entry.xet_hash), "shared Xet blob no repo links to"))
+        finally:
+            lease.release()
     for tmp in _walk(cache_dir, ".*.hpcstage-tmp", min_depth=1):
         if (age := old(tmp)) is not None:
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))

@@ -80,6 +80,20 @@ class Entry:
     xet_hash: str
     size: int
     links: tuple[Path, ...]
+    has_manifest: bool  # without its `.refs` manifest an entry is never collected (huggingface_hub's rule)
+
+    @property
+    def unreferenced(self) -> bool:
+        return self.has_manifest and not self.links
+
+
+@dataclass
+class Saved:
+    contents: int = 0
+    stored: int = 0  # bytes in the store
+    links: int = 0  # repo blobs pointing into it
+    saved: int = 0  # bytes each extra link would have cost as a copy
+    unreferenced: int = 0  # contents no link points at (`hpcstage cleanup` removes them)
 
 
 class XetStore:
@@ -158,7 +172,19 @@ class XetStore:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    yield Entry(item.name, st.st_size, tuple(self.links_of(item.name)))
+                    yield Entry(item.name, st.st_size, tuple(self.links_of(item.name)),
+                                os.path.lexists(self.refs_path(item.name)))
+
+    def saved(self) -> Saved:
+        """What the store holds and what it saves (bytes that would be stored again without it)."""
+        out = Saved()
+        for e in self.entries():
+            out.contents += 1
+            out.stored += e.size
+            out.links += len(e.links)
+            out.saved += e.size * max(0, len(e.links) - 1)
+            out.unreferenced += e.unreferenced
+        return out
 
     # -- writes (the caller holds `lease(xet_hash)`)
 
@@ -234,7 +260,7 @@ class XetStore:
         except OSError:
             return False
         try:
-            self._add_ref(h, cache, f.etag)
+            self.add_ref(h, cache, f.etag)
             blobs.replace(tmp, f.etag)
             self._share_link(blobs, f.etag)
         finally:
@@ -279,14 +305,14 @@ class XetStore:
                 finally:
                     os.close(fd)
                 blobs.replace(partial, h, prefix)
-            self._add_ref(h, cache, f.etag)
+            self.add_ref(h, cache, f.etag)
             blobs.replace(tmp, f.etag)
             self._share_link(blobs, f.etag)
         finally:
             blobs.unlink(tmp)
         return True
 
-    def _add_ref(self, h: str, cache: RepoCache, etag: str) -> None:
+    def add_ref(self, h: str, cache: RepoCache, etag: str) -> None:
         """Append `<repo>/blobs/<etag>` to the entry's manifest and flush it, before the link appears."""
         line = f"{cache.folder_name}/blobs/{etag}\n".encode()
         if line.decode().rstrip("\n") in {str(p.relative_to(self.cache_dir)) for p in self.links_of(h)}:
