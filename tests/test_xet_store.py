@@ -355,3 +355,58 @@ print(json.dumps(sb.try_link_from_shared_store(blob_path=str(blob), xet_hash={h!
     refs = (cache / "blobs" / h[:2] / f"{h}.refs").read_text().splitlines()
     assert sorted(refs) == sorted(f"{folder}/blobs/{w.sha256}" for folder in
                                   (FOLDER[BASE], FOLDER[TUNED], "models--demo-org--third"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a second user and a group")
+def test_two_users_of_a_shared_group_cache_share_one_copy(twins, tmp_path):
+    import grp
+    import secrets
+    import shutil
+    import tempfile
+
+    from helpers import python_for
+
+    suffix = secrets.token_hex(3)
+    group, user = f"hpcxg{suffix}", f"hpcxu{suffix}"
+    base = Path(tempfile.mkdtemp(prefix="hpcstage-xet-", dir="/tmp"))  # pytest's tmp is 0700: others can't enter
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-G", group, "-d", str(base / "home"), "-s", "/bin/sh", user], check=True)
+        os.chmod(base, 0o755)
+        gid = grp.getgrnam(group).gr_gid
+        cache = base / "shared"
+        r = hpcstage("pull", BASE, "--cache-dir", str(cache), "-q", "--shared-group", group,
+                     env=client_env(twins, base / "root"), umask=0o077)
+        assert r.returncode == 0, r.stderr
+        entry = store_entry(twins, cache)
+        # the store follows shared_group like the rest: folders setgid and group-writable, content group-readable
+        for folder in (cache / "blobs", entry.parent, cache / ".locks" / "hpcstage" / "xet"):
+            st = folder.stat()
+            assert st.st_gid == gid and st.st_mode & 0o2070 == 0o2070, (folder, oct(st.st_mode))
+        for f in (entry, cache / "blobs" / ".huggingface-shared-blobs"):
+            st = f.stat()
+            assert st.st_gid == gid and st.st_mode & 0o040, (f, oct(st.st_mode))
+
+        home = base / "home"
+        home.mkdir()
+        shutil.chown(home, user)
+        python, pythonpath = python_for(user)
+        user_env = {**client_env(twins, home), "PATH": os.environ["PATH"], "HOME": str(home), **pythonpath}
+        twins.clear_log()
+        cmd = ["runuser", "-u", user, "--", "env", "-i", *[f"{k}={v}" for k, v in user_env.items()], python, "-m",
+               "hpcstage", "pull", TUNED, "--cache-dir", str(cache), "-q", "--shared-group", group]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=home)
+        assert r.returncode == 0, r.stderr
+        w = weights(twins)
+        assert not [rec for rec in twins.log if rec.server == "cdn" and w.sha256 in rec.path]  # not fetched again
+        link = cache / FOLDER[TUNED] / "blobs" / w.sha256
+        assert link.lstat().st_uid != 0 and os.readlink(link) == f"../../blobs/{entry.parent.name}/{entry.name}"
+        assert [p for p in store_files(cache) if p.name == entry.name] == [entry]
+        assert sorted(entry.with_name(entry.name + ".refs").read_text().splitlines()) == sorted(
+            f"{FOLDER[x]}/blobs/{w.sha256}" for x in (BASE, TUNED))
+        r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), env=client_env(twins, base / "root"))
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
