@@ -447,6 +447,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if limit:
             server.limit_resolvers(*limit)
         server.ignore_range = args.ignore_range
+        server.xet = args.xet
 
     serve_forever(args.root, args.host, args.port, log_file=args.log_file, setup=setup)
     return 0
@@ -563,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a valid token, with access to the gated repos; any other token gets 401 Invalid credentials")
     p.add_argument("--rate-limit", metavar="Q/W", help="resolver requests per fixed window of W seconds, e.g. 3000/300")
     p.add_argument("--ignore-range", action="store_true", help="answer 200 with the whole body to ranged requests")
+    p.add_argument("--xet", action="store_true",
+                   help="list xetHash for LFS files (hf_xet) and answer X-Xet-Hash; huggingface_hub clients then "
+                        "need HF_HUB_DISABLE_XET=1 (this server does not speak the Xet protocol)")
     p.set_defaults(func=_cmd_serve)
     return parser
 
