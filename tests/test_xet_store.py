@@ -410,3 +410,53 @@ def test_two_users_of_a_shared_group_cache_share_one_copy(twins, tmp_path):
         subprocess.run(["userdel", user], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_emulator_lists_real_xet_hashes_and_answers_x_xet_hash_only_when_asked(twins_root):
+    import hf_xet
+    import urllib.request
+
+    with HubServer(twins_root) as server:
+        w = weights(server)
+        url = f"{server.url}/api/models/{BASE}/tree/main?recursive=true"
+        entries = lambda: {e["path"]: e for e in json.load(urllib.request.urlopen(url))}  # noqa: E731
+        assert "xetHash" not in entries()["model.safetensors"]  # off by default: clients would switch to Xet
+        server.xet = True
+        listed = entries()
+        assert listed["model.safetensors"]["xetHash"] == hf_xet.hash_files([str(w.local)])[0].hash
+        assert "xetHash" not in listed["config.json"]  # not LFS: no Xet hash, as on the Hub
+        head = urllib.request.Request(f"{server.url}/{BASE}/resolve/main/model.safetensors", method="HEAD")
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        try:
+            urllib.request.build_opener(NoRedirect).open(head)
+        except urllib.error.HTTPError as e:
+            assert e.code == 302 and e.headers["X-Xet-Hash"] == listed["model.safetensors"]["xetHash"]
+        else:
+            raise AssertionError("resolve did not redirect")
+        server.listed_xet[w.sha256] = "*" * 64
+        assert entries()["model.safetensors"]["xetHash"] == "*" * 64
+
+
+def test_a_pull_from_the_lockfile_links_from_the_store_without_a_download(twins, tmp_path):
+    m = tmp_path / "hpcstage.yaml"
+    m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {BASE}\n  - repo: {TUNED}\n")
+    env = client_env(twins, tmp_path)
+    r = hpcstage("pull", "-f", str(m), "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    w = weights(twins)
+    locked = json.loads((tmp_path / "hpcstage.lock").read_text())["entries"]
+    xet = {f["path"]: f.get("xet_hash") for e in locked.values() for f in e["files"] if e["repo"] == TUNED}
+    entry = store_entry(twins, tmp_path / "cache")
+    assert xet["model.safetensors"] == entry.name and xet["config.json"] is None
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / FOLDER[TUNED])
+    twins.clear_log()
+    r = hpcstage("pull", "-f", str(m), "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not [rec for rec in twins.log if w.sha256 in rec.path]  # the weights came from the store
+    assert os.readlink(tmp_path / "cache" / FOLDER[TUNED] / "blobs" / w.sha256).endswith(entry.name)
