@@ -284,9 +284,13 @@ def test_status_shows_the_bytes_the_store_saved_and_cleanup_removes_content_no_r
 
     shutil.rmtree(cache / FOLDER[TUNED])  # removed by hand (not through huggingface_hub): its links are gone
     r = hpcstage("status", "--cache-dir", str(cache), env=env)
-    assert "0 B saved (1 links); 1 unreferenced: `hpcstage cleanup` removes them" in r.stdout, r.stdout
+    assert "0 B saved (1 links); 1 unreferenced: `hpcstage cleanup --cache-dir" in r.stdout, r.stdout
     adapter = twins.files_of("model", TUNED)["adapter.safetensors"]
-    r = hpcstage("cleanup", "--cache-dir", str(cache), env=env)
+    import re
+    import shlex
+
+    fix = shlex.split(re.search(r"`hpcstage ([^`]+)`", r.stdout)[1])  # the command status proposes, as given
+    r = hpcstage(*fix, env=env)
     assert r.returncode == 0 and "shared Xet blob no repo links to" in r.stdout, r.stdout + r.stderr
     assert store_files(cache) == [store_entry(twins, cache)]  # the base's weights stay, linked
     r = hpcstage("verify", BASE, "--cache-dir", str(cache), env=env)

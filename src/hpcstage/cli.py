@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -347,8 +348,9 @@ def _staging_status(args: argparse.Namespace) -> int:
         store = XetStore(Path(cache_dir))
         if store.is_marked():
             s = store.saved()
+            cleanup = "hpcstage cleanup" + (f" --cache-dir {shlex.quote(str(cache_dir))}" if args.cache_dir else "")
             print(f"xet store\t{s.contents} contents, {human_bytes(s.stored)} stored, {human_bytes(s.saved)} saved "
-                  f"({s.links} links)" + (f"; {s.unreferenced} unreferenced: `hpcstage cleanup` removes them"
+                  f"({s.links} links)" + (f"; {s.unreferenced} unreferenced: `{cleanup}` removes them"
                                            if s.unreferenced else ""))
     return 0 if all(r.state == "staged" for r in rows) else 1
 

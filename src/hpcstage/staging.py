@@ -131,8 +131,9 @@ class _Run:
             return None
         if self._store_usable is None:
             why = self.store.usable()
-            if why is not None:
-                logger.warning("the shared Xet blob store is not used (%s): files go to each repo's blobs/", why)
+            if why is not None:  # said once per pull; quietly when the user switched it off
+                log = logger.info if why.startswith("HF_HUB_DISABLE_SHARED_BLOBS") else logger.warning
+                log("the shared Xet blob store is not used (%s): files go to each repo's blobs/", why)
             self._store_usable = why is None
         return self.store if self._store_usable else None
 
