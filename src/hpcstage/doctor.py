@@ -492,7 +492,7 @@ def _xet_store(ctx: _Context) -> Check:
     if not store.root.exists():
         return Check("xet_store", "ok", f"on: {store.root} is created by the first pull of a Xet file")
     try:
-        marked = store.root.is_dir() and not store.root.is_symlink() and (store.root / MARKER).read_bytes() == LAYOUT_VERSION
+        marked = (store.root / MARKER).read_bytes() == LAYOUT_VERSION and not store.root.is_symlink()
     except OSError:
         marked = False
     if not marked:
@@ -765,7 +765,8 @@ def run_checks(manifest: Manifest | None = None, cache_dir: Path | None = None, 
     flock, write = _probe(ctx)
     sharing, offline, cpu = _sharing(ctx), _offline(ctx), _cpu_limit(ctx)
     found = quota_job.result(deadline)
-    checks = [space, inodes, _quota(ctx, found), memory, fs, flock, write, sharing, _xet_store(ctx), _hf_home(ctx, found[1]),
+    checks = [space, inodes, _quota(ctx, found), memory, fs, flock, write, sharing, _xet_store(ctx),
+              _hf_home(ctx, found[1]),
               token_job.result(deadline), proxy_job.result(deadline), endpoint_job.result(deadline), offline, cpu]
     assert tuple(c.name for c in checks) == CHECK_NAMES
     return checks

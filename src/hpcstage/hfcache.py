@@ -7,6 +7,8 @@ the commit sha with no trailing newline; `trees/<commit>.json` holds the full li
 
 Every write here is atomic: a blob, symlink, ref or tree appears under its final name only complete.
 Our partial data and leases live beside the blob under names no other tool uses (`.hpcstage-*`).
+A repo's `blobs/<etag>` may instead be a link into the cache-wide Xet blob store (`<cache>/blobs/`), whose
+names and writes are xetstore.py's; everything here reads such a blob through its link.
 """
 from __future__ import annotations
 

@@ -126,8 +126,10 @@ class XetStore:
     def is_marked(self) -> bool:
         """A folder with huggingface_hub's marker, version 1 (what `is_shared_blobs_dir` accepts)."""
         try:
-            d = safefs.opendir(self.cache_dir, create=False)
-            return stat.S_ISDIR(d.lstat("blobs").st_mode) and d.child("blobs", create=False).read(MARKER, 16) == LAYOUT_VERSION
+            top = safefs.opendir(self.cache_dir, create=False)
+            if not stat.S_ISDIR(top.lstat("blobs").st_mode):
+                return False
+            return top.child("blobs", create=False).read(MARKER, 16) == LAYOUT_VERSION
         except OSError:
             return False
 
