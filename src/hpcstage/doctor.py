@@ -474,7 +474,7 @@ def _sharing(ctx: _Context) -> Check:
 
 def _xet_store(ctx: _Context) -> Check:
     """The shared Xet blob store: on or off, and if on, whether a pull here can use it (nothing created)."""
-    from hpcstage.xetstore import MARKER, LAYOUT_VERSION, XetStore, disabled_by_env, hf_xet_available
+    from hpcstage.xetstore import MARKER, XetStore, disabled_by_env, hf_xet_available
 
     if disabled_by_env():
         return Check("xet_store", "ok", "off: HF_HUB_DISABLE_SHARED_BLOBS is set, so every repo keeps its own copy")
@@ -491,11 +491,7 @@ def _xet_store(ctx: _Context) -> Check:
                      "keeps its own copy", "put the cache on a filesystem with symlinks (huggingface_hub needs them too)")
     if not store.root.exists():
         return Check("xet_store", "ok", f"on: {store.root} is created by the first pull of a Xet file")
-    try:
-        marked = (store.root / MARKER).read_bytes() == LAYOUT_VERSION and not store.root.is_symlink()
-    except OSError:
-        marked = False
-    if not marked:
+    if not store.is_marked():
         return Check("xet_store", "warn", f"off: {store.root} exists without huggingface_hub's marker {MARKER}, so "
                      "neither tool uses it", f"move {store.root} out of the cache if it is not a store")
     if not os.access(store.root, os.W_OK | os.X_OK):
