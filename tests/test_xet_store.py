@@ -118,16 +118,19 @@ def test_base_and_finetune_share_one_stored_copy_that_huggingface_hub_accepts_an
     r = hpcstage("verify", BASE, TUNED, "--cache-dir", str(cache), env=client_env(twins, tmp_path))
     assert r.returncode == 0 and r.stdout.startswith("ok: "), r.stdout + r.stderr
 
-    # deleting the base with huggingface_hub's cache tools leaves the fine-tune loadable offline
-    deleted = hf(twins, cache, f"""
+    # huggingface_hub's cache tools: scan_cache_dir counts the shared file once for the whole cache ...
+    sizes = hf(twins, cache, f"""
 from huggingface_hub import scan_cache_dir
 info = scan_cache_dir(pathlib.Path({str(cache)!r}))
 assert not info.warnings, info.warnings
-base = next(r for r in info.repos if r.repo_id == {BASE!r})
-strategy = info.delete_revisions(*[rev.commit_hash for rev in base.revisions])
-strategy.execute()
-print(json.dumps({{"freed": strategy.expected_freed_size}}))
+print(json.dumps({{"total": info.size_on_disk, "repos": sorted(r.size_on_disk for r in info.repos)}}))
 """)
+    assert SHARED_SIZE <= sizes["total"] < 2 * SHARED_SIZE and min(sizes["repos"]) >= SHARED_SIZE
+    # ... and `hf cache rm` of the base leaves the fine-tune loadable offline, its weights kept
+    hf_cli = [str(Path(sys.executable).with_name("hf")), "cache", "rm", f"model/{BASE}", "--cache-dir", str(cache), "-y"]
+    r = subprocess.run(hf_cli, env={**hf_env(twins, cache), "HF_HUB_DISABLE_UPDATE_CHECK": "1"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert not (cache / FOLDER[BASE]).exists() and (cache / "blobs" / h[:2] / h).is_file()
     loaded = hf(twins, cache, f"""
 import hashlib
@@ -136,7 +139,6 @@ root = pathlib.Path(snapshot_download({TUNED!r}))
 print(json.dumps({{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}}))
 """)
     assert loaded == {name: sha256(f.local) for name, f in twins.files_of("model", TUNED).items()}
-    assert deleted["freed"] < SHARED_SIZE  # the shared weights were not counted as freed: the fine-tune holds them
     # and deleting the fine-tune too collects the entry: the `.refs` manifest named its links right
     hf(twins, cache, f"""
 from huggingface_hub import scan_cache_dir

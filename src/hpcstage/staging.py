@@ -869,7 +869,7 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     # Links below the roots are not followed: what cleanup removes is always inside the cache or data_dir.
     blob_dirs = sorted(p for p in cache_dir.glob("*/blobs") if not p.parent.is_symlink() and not p.is_symlink())
     store = XetStore(cache_dir)
-    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.lease("0" * 64).parent, downloads, data_dir / STATE / "locks"]
+    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.leases, downloads, data_dir / STATE / "locks"]
     for folder in lease_dirs:
         for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
             info = read_lease(lease_path, root_of(lease_path))

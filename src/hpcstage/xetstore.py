@@ -35,7 +35,7 @@ from typing import Iterator
 
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch
-from hpcstage.hfcache import CachedFile, RepoCache, Sharing
+from hpcstage.hfcache import LEASE_SUFFIX, CachedFile, RepoCache, Sharing
 
 MARKER = ".huggingface-shared-blobs"
 LAYOUT_VERSION = b"1\n"
@@ -112,9 +112,13 @@ class XetStore:
     def refs_path(self, xet_hash: str) -> Path:
         return self.root / xet_hash[:2] / f"{xet_hash}{REFS_SUFFIX}"
 
+    @property
+    def leases(self) -> Path:
+        return self.cache_dir / LEASES
+
     def lease(self, xet_hash: str) -> Path:
         """The lease whoever adds to or removes this entry holds (hpcstage's, instead of flock)."""
-        return self.cache_dir / LEASES / f"{xet_hash}.hpcstage-lease"
+        return self.leases / f"{xet_hash}{LEASE_SUFFIX}"
 
     @staticmethod
     def link_target(xet_hash: str) -> str:
