@@ -435,7 +435,7 @@ class LockedEntry(_Strict):
     commit: str
     include: list[str] | None = None
     exclude: list[str] | None = None
-    files: list[dict[str, Any]]  # {path, size, blob_id, sha256?}
+    files: list[dict[str, Any]]  # {path, size, blob_id, sha256?, xet_hash?}
 
     @field_validator("files")
     @classmethod
@@ -444,13 +444,13 @@ class LockedEntry(_Strict):
         for f in files:
             try:
                 policy.check_relative_path(f["path"], "path in the lockfile")
-                CachedFile(f["path"], int(f["size"]), f["blob_id"], f.get("sha256"))
+                CachedFile(f["path"], int(f["size"]), f["blob_id"], f.get("sha256"), f.get("xet_hash"))
             except (KeyError, TypeError, ValueError, PolicyError) as e:
                 raise ValueError(f"bad file record {f!r} ({e})") from None
         return files
 
     def cached_files(self) -> list[CachedFile]:
-        return [CachedFile(f["path"], f["size"], f["blob_id"], f.get("sha256")) for f in self.files]
+        return [CachedFile(f["path"], f["size"], f["blob_id"], f.get("sha256"), f.get("xet_hash")) for f in self.files]
 
     def matches(self, entry: HubEntry) -> bool:
         """Same repo, revision and patterns: the locked file list is the one this entry wants."""
@@ -517,7 +517,8 @@ def entry_lock(entry: HubEntry, commit: str, files: list[CachedFile]) -> LockedE
         include=entry.include,
         exclude=entry.exclude,
         files=[
-            {"path": f.path, "size": f.size, "blob_id": f.blob_id, **({"sha256": f.sha256} if f.sha256 else {})}
+            {"path": f.path, "size": f.size, "blob_id": f.blob_id, **({"sha256": f.sha256} if f.sha256 else {}),
+             **({"xet_hash": f.xet_hash} if f.xet_hash else {})}
             for f in sorted(files, key=lambda f: f.path)
         ],
     )

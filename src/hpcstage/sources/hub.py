@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote, urlsplit
 from hpcstage import __version__, policy
 from hpcstage.errors import (BadInput, DisabledRepo, EntryNotFound, GatedRepo, HpcstageError, HubError, InvalidToken,
                              RepoNotFound, RevisionNotFound, TransferError)
-from hpcstage.hfcache import CachedFile
+from hpcstage.hfcache import CachedFile, listed_xet_hash
 from hpcstage.transfer import Http, Response
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ def list_files(http: Http, ref: RepoRef, commit: str) -> list[CachedFile]:
             path = policy.check_relative_path(item.get("path", ""), f"path from the {ref.repo_id} listing")
             try:
                 lfs = item.get("lfs")
-                files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None))
+                files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None,
+                                        listed_xet_hash(item.get("xetHash")) if lfs else None))
             except (KeyError, TypeError, ValueError) as e:
                 raise HubError(f"list {ref.repo_id}@{commit[:12]}: malformed entry for {path!r} ({e}); "
                                "nothing was written") from None
