@@ -1,6 +1,6 @@
 """prebuild and check in the JOB's own Python stack, not hpcstage's: real virtualenvs (scripts/job-stacks.py)
 with datasets 4.0 + huggingface_hub 0.36 + transformers 4.57 (llamafactory 0.9.5's range), datasets 2.21 +
-huggingface_hub 0.24, and the current releases. For each: pull, prebuild, check ready, then eight offline
+huggingface_hub 0.24, the current releases, and the llamafactory training stack. For each: pull, prebuild, check ready, then eight offline
 jobs started together in that interpreter load every form a job uses, the Hub dataset with `data_files`
 included (datasets issue 4760), and no Arrow file is added or changed while they run."""
 from __future__ import annotations
