@@ -142,6 +142,7 @@ class _Run:
     def _store_lease(self, f: CachedFile, held: Lease | None):
         """The lease on `f`'s store entry: the unit's own when it is that one, else taken here (waiting while
         another process adds the same content)."""
+        assert f.xet_hash is not None  # a store file
         path = self.store.lease(f.xet_hash)
         if held is not None and held.path == path.absolute():
             yield held
@@ -239,7 +240,7 @@ class _Run:
 
     def execute(self, plans: list[_RepoPlan]) -> None:
         jobs = []  # (plan, file, is_duplicate): a blob wanted by two entries is fetched once
-        seen: set[Path] = set()
+        seen: set[object] = set()  # blob paths, or ("xet", hash)
         for p in plans:
             for f in p.files:
                 if p.cache.is_linked(p.commit, f):  # the link resolves to a blob of the right size
@@ -363,7 +364,7 @@ class _Run:
         worker names the same batches."""
         large = sorted((x for x in todo if x[1].size >= SMALL), key=lambda x: -x[1].size)
         units: list[tuple[Path | None, list]] = [
-            (store.lease(f.xet_hash) if (store := self.store_for(f)) else p.cache.lease(f.etag), [(p, f)])
+            (store.lease(f.xet_hash) if (store := self.store_for(f)) and f.xet_hash else p.cache.lease(f.etag), [(p, f)])
             for p, f in large]
         if not self.opts.worker:
             small = [x for x in todo if x[1].size < SMALL]

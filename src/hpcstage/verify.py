@@ -565,6 +565,8 @@ def _repair_store_refs(plan: _Plan, problems: list[Problem]) -> None:
 
     store = XetStore(plan.cache_dir)
     for p in problems:
+        if p.commit is None:
+            continue
         snap = plan.snapshots.get((RepoCache(plan.cache_dir, p.repo_type, p.repo_id).root, p.commit))
         if p.kind != UNLISTED or snap is None or p.path not in snap.expected:
             continue

@@ -319,7 +319,7 @@ def check_after(values: list[str], groups: list[list[str]]) -> None:
         failed = {i: next((s for s in found if s.never_runs or (s.done and s.state != "COMPLETED")), None)
                   for i, found in mine.items() if found}
         if failed and all(failed.values()):
-            s = next(iter(failed.values()))
+            s = next(s for s in failed.values() if s is not None)
             how = f"is PENDING ({s.reason}) and will never start" if s.never_runs else f"ended {s.state}"
             raise BadInput(f"--after {value}: job {s.job_id} {how}, so a job after it would never start; "
                            "launch after a job that can still succeed, or without --after")
@@ -414,6 +414,7 @@ def _stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline:
         return
     lock = _lock(manifest)
     for a in hub:
+        assert a.repo_type is not None and a.revision is not None  # Hub artifacts have both
         locked = lock.entries.get(f"{a.repo_type}:{a.source}@{a.revision}") if lock else None
         revision = locked.commit if locked else a.revision  # the lockfile pins what a pull would stage
         found = staged_snapshot(cache_dir, a.repo_type, a.source, revision, a.include, a.exclude)
@@ -426,7 +427,7 @@ def _stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline:
     if not request.stage:
         missing = [a for a in hub if a.state != "staged"]
         for a in (a for a in missing if a.role == "eval"):
-            revision = f" --revision {shlex.quote(a.revision)}" if a.revision != "main" else ""
+            revision = f" --revision {shlex.quote(a.revision)}" if a.revision and a.revision != "main" else ""
             raise LaunchError(f"eval task {', '.join(a.tasks or [])} loads dataset {a.source}@{a.revision}, which is not "
                               f"staged in {cache_dir}: run `hpcstage pull --cache-dir {shlex.quote(str(cache_dir))} "
                               f"--repo-type dataset {shlex.quote(a.source)}{revision}` (launch prebuilds it) or drop "
@@ -476,7 +477,7 @@ def _job_manifest(artifacts: list[Artifact], manifest, cache_dir: Path):
     from hpcstage.manifest import Manifest, hub_entry
 
     extra = [hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision, load=load)
-             for a in artifacts if a.repo_type and not _in_manifest(a, manifest) for load in (a.loads or [None])]
+             for a in artifacts if a.repo_type and not _in_manifest(a, manifest) for load in (a.loads or (None,))]
     models = [e for e in extra if e.repo_type == "model"]
     datasets = [e for e in extra if e.repo_type == "dataset"]
     if manifest is None:
@@ -614,9 +615,11 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
     kind = request.job_type
     nodes = request.num_nodes
     warnings = [] if warnings is None else warnings
-    own = {"time_limit": request.time_limit, "live": live}
+    own: dict[str, Any] = {"time_limit": request.time_limit, "live": live}
     if kind == "train":
-        source, config = read_train_config(request)
+        read = read_train_config(request)
+        assert read is not None  # a train job has one
+        source, config = read
         shutil.copyfile(source, exp / "train_config.yaml")  # the job reads the copy: later edits don't leak in
         paths = _config_overrides(source, config, exp, warnings)
         if not config.get("output_dir"):
@@ -680,6 +683,7 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
 
 def _chunk_map(request: LaunchRequest, exp: Path) -> tuple[str, str]:
     """Split the task folders into chunks listed in chunk_map.json (folders are never copied or moved)."""
+    assert request.trace_input_path is not None and request.chunk_size is not None  # checked by the caller
     root = Path(request.trace_input_path).expanduser().resolve()
     if not root.is_dir():
         raise BadInput(f"--trace-input-path {root}: no such folder")
