@@ -4,8 +4,10 @@ What is expected comes from the lockfile beside a manifest (`hpcstage.lock`: the
 and from `trees/<commit>.json` (the full listing hpcstage, `hf download` and `snapshot_download` write).
 LFS files are checked by sha256, the others by their git blob sha1 (`sha1(b"blob <size>\\0" + content)`).
 
-Hashing runs in a thread pool with 8 MiB reads: hashlib releases the GIL on large updates, so each core
-hashes at about `sha256sum` speed. A blob is hashed once however many snapshots point at it.
+Hashing runs in a thread pool: each large file (1 MiB and up) is one task read in 8 MiB pieces (hashlib
+releases the GIL on large updates, so each core hashes at about `sha256sum` speed); small files go in
+batches of up to 256, each file read with one call, so 20,000 small files cost a few hundred tasks, not
+20,000 futures. A blob is hashed once however many snapshots point at it.
 
 Nothing here touches the network except `--repair`, which removes only the bad files (never anything
 outside the repo's own folders) and fetches exactly those again through `staging.pull`.
