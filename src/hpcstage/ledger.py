@@ -47,6 +47,8 @@ class Record:
         """The files this pull selected from the commit's full listing (None: the record kept no patterns)."""
         if self.patterns is None:
             return None
+        if self.patterns.get("include") is None and self.patterns.get("exclude") is None:
+            return list(listing)  # everything: no need to match 20,000 paths against no pattern
         from hpcstage.sources.hub import select
 
         return select(listing, self.patterns.get("include"), self.patterns.get("exclude"))

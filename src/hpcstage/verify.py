@@ -28,13 +28,15 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
 from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher,
                               share_cache)
-from hpcstage.manifest import HubEntry, Manifest, load_lock
+
+if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used
+    from hpcstage.manifest import HubEntry, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +324,8 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     plan = _Plan(cache_dir, hints)
     if manifest is not None:
         lock_path = manifest.lock_path
+        from hpcstage.manifest import load_lock
+
         lock = load_lock(lock_path, manifest.path)
         for entry in manifest.entries:
             cache = plan.repo(entry.repo_type, entry.repo)
@@ -571,6 +575,8 @@ def _blob_in_repo(cache: RepoCache, path: str) -> bool:
 def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[HubEntry]:
     """Delete the bad snapshot entries and bad blobs (only inside the repo's own folders) and return one
     pull entry per (repo, commit) naming exactly the bad paths."""
+    from hpcstage.manifest import HubEntry
+
     wanted: dict[tuple, set[str]] = defaultdict(set)
     for p in problems:
         if p.kind not in REPAIRABLE or not p.commit:
@@ -674,6 +680,8 @@ def verify(
         if manifest is None or not manifest.data_entries:
             return []
         from hpcstage import datadir
+
+        from hpcstage.manifest import load_lock
 
         found = datadir.verify_entries(manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers())
         return [Problem(kind, "data", entry.dest, None, path, str(where),
