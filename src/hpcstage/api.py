@@ -79,7 +79,8 @@ def stage(
 
     Raises:
         BadInput: a malformed repo id, revision or pattern, `workers` < 1, a cache path that is a file,
-            `HF_HUB_OFFLINE=1` with something left to fetch; before any request.
+            `HF_HUB_OFFLINE=1` (a branch or tag is resolved on the Hub each time, and files are fetched; a
+            manifest's lockfile lets `stage_manifest` run warm offline); before any request.
         RepoNotFound, RevisionNotFound, GatedRepo, InvalidToken, DisabledRepo: the Hub refused the repo
             (`err.repo`, `err.status`, `err.hint` say which and what to do).
         TransferError: files failed after retries (`HashMismatch`: wrong bytes, discarded; `ProxyError`);
