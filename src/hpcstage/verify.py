@@ -25,7 +25,7 @@ import shlex
 import stat
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -124,50 +124,76 @@ def hash_files(items: Iterable[tuple[str, str]], workers: int | None = None) -> 
         except OSError:
             return 0
 
-    return _hash_sized([(path, algo, size((path, algo))) for path, algo in keys], workers or default_workers())
+    hasher = _Hasher(workers or default_workers())
+    try:
+        for path, algo in keys:
+            hasher.add(path, algo, size((path, algo)))
+        return hasher.results()
+    finally:
+        hasher.close()
 
 
-def _hash_sized(jobs: list[tuple[str, str, int]], workers: int) -> dict[tuple[str, str], str | OSError]:
-    """`hash_files` for callers that know each size. Large files are one task each (hashlib releases the GIL
-    on their 8 MiB updates, so they hash in parallel); small ones go in batches of BATCH_FILES, each read
-    with one `read`: a future, a wake-up and an 8 MiB buffer per 1 kB file cost 25x `sha1sum` at 20,000
-    files. Batches still run in parallel, which is what hides a shared filesystem's per-open round trips."""
-    jobs = sorted(dict.fromkeys(jobs), key=lambda j: -j[2])
-    tasks: list[list[tuple[str, str, int]]] = [[j] for j in jobs if j[2] >= SMALL_HASH]
-    batch: list[tuple[str, str, int]] = []
-    held = 0
-    for job in jobs[len(tasks):]:
-        if batch and (len(batch) >= BATCH_FILES or held + job[2] > BATCH_BYTES):
-            tasks.append(batch)
-            batch, held = [], 0
-        batch.append(job)
-        held += job[2]
-    if batch:
-        tasks.append(batch)
+class _Hasher:
+    """Hashes while the caller is still finding files: each batch of small files goes to the pool as soon as
+    it is full, so hashing overlaps the walk over the snapshots; large files are queued at the end, biggest
+    first. Each `(path, algo)` is hashed once.
 
-    def run(task: list[tuple[str, str, int]]) -> list[str | OSError]:
-        out: list[str | OSError] = []
-        for path, algo, n in task:
-            try:
-                out.append(_digest_small(path, algo) if n < SMALL_HASH else digest_file(path, algo))
-            except OSError as e:
-                out.append(e)
+    Large files (SMALL_HASH and up) are one task each: hashlib releases the GIL on their 8 MiB updates, so
+    they hash in parallel. Small ones go in batches of BATCH_FILES, each file read with one `read`: a future,
+    a wake-up and an 8 MiB buffer per 1 kB file cost 25x `sha1sum` at 20,000 files. Batches still run in
+    parallel, which hides a shared filesystem's round trip per open."""
+
+    def __init__(self, workers: int):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1 else None
+        self._seen: set[tuple[str, str]] = set()
+        self._batch: list[tuple[str, str, int]] = []
+        self._held = 0
+        self._large: list[tuple[str, str, int]] = []
+        self._tasks: list[tuple[list[tuple[str, str, int]], Future | list[str | OSError]]] = []
+
+    def add(self, path: str, algo: str, size: int) -> None:
+        if (path, algo) in self._seen:
+            return
+        self._seen.add((path, algo))
+        if size >= SMALL_HASH:
+            self._large.append((path, algo, size))
+            return
+        if self._batch and (len(self._batch) >= BATCH_FILES or self._held + size > BATCH_BYTES):
+            self._start(self._batch)
+            self._batch, self._held = [], 0
+        self._batch.append((path, algo, size))
+        self._held += size
+
+    def _start(self, task: list[tuple[str, str, int]]) -> None:
+        self._tasks.append((task, self._pool.submit(_hash_task, task) if self._pool else _hash_task(task)))
+
+    def results(self) -> dict[tuple[str, str], str | OSError]:
+        """Every digest (or the OSError that stopped the read), once all tasks are done."""
+        if self._batch:
+            self._start(self._batch)
+            self._batch = []
+        for job in sorted(self._large, key=lambda j: -j[2]):
+            self._start([job])
+        self._large = []
+        out: dict[tuple[str, str], str | OSError] = {}
+        for task, done in self._tasks:
+            for (path, algo, _), digest in zip(task, done.result() if isinstance(done, Future) else done):
+                out[(path, algo)] = digest
         return out
 
-    results: dict[tuple[str, str], str | OSError] = {}
-    if len(tasks) <= 1 or workers == 1:
-        done: Iterable[list[str | OSError]] = map(run, tasks)
-    else:
-        pool = ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix="hpcstage-hash")
-        done = pool.map(run, tasks)
-    try:
-        for task, digests in zip(tasks, done):
-            for (path, algo, _), digest in zip(task, digests):
-                results[(path, algo)] = digest
-    finally:
-        if len(tasks) > 1 and workers != 1:
-            pool.shutdown()
-    return results
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def _hash_task(task: list[tuple[str, str, int]]) -> list[str | OSError]:
+    out: list[str | OSError] = []
+    for path, algo, n in task:
+        try:
+            out.append(_digest_small(path, algo) if n < SMALL_HASH else digest_file(path, algo))
+        except OSError as e:
+            out.append(e)
+    return out
 
 
 def _digest_small(path: str, algo: str) -> str:
@@ -466,7 +492,7 @@ def _walk_snapshot(folder: Path | str) -> dict[str, bool]:
     return found
 
 
-def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending: list[_Pending],
+def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending: list[_Pending], hasher: _Hasher,
                 is_link: bool, folder: str, blobs: str, blobs_real: str) -> None:
     """One snapshot entry: a link into the repo's blobs (or a plain file) of the right size, queued for its
     hash. Strings, not pathlib, and one system call besides readlink for the usual link: this runs once
@@ -516,37 +542,20 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
         return
     algo, digest = ("sha256", f.sha256) if f.sha256 else ("git", f.blob_id)
     pending.append(_Pending(snap, f, real, algo, digest))
+    hasher.add(real, algo, size)
 
 
 def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
     """Run every check; returns the blobs (real paths) whose bytes were proven right."""
     _check_refs(plan)
     pending: list[_Pending] = []
-    for snap in plan.snapshots.values():
-        cache, commit = snap.cache, snap.commit
-        report.snapshots += 1
-        folder = cache.snapshot(commit)
-        if not snap.locked and not snap.listed:
-            plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
-                         f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
-                         "to record one, or verify with -f MANIFEST")
-            continue
-        present = _walk_snapshot(folder) if folder.is_dir() else {}
-        blobs = os.path.normpath(cache.root / "blobs")
-        where = (str(folder), blobs, os.path.realpath(blobs))
-        for path in sorted(snap.required.difference(present)):
-            source = "the lockfile" if snap.locked else f"trees/{commit}.json and was pulled"
-            plan.problem(MISSING, cache, commit, path, folder / path,
-                         f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`")
-        for path in sorted(present):
-            f = snap.expected.get(path)
-            if f is None:
-                plan.problem(EXTRA, cache, commit, path, folder / path,
-                             "not in the listing or the lockfile; delete it if nothing needs it")
-                continue
-            report.files += 1
-            _check_file(plan, snap, path, f, pending, present[path], *where)
-    results = _hash_sized([(p.data, p.algo, p.file.size) for p in pending], workers)
+    hasher = _Hasher(workers)  # hashes while the snapshots are walked
+    try:
+        for snap in plan.snapshots.values():
+            _check_snapshot(plan, snap, report, pending, hasher)
+        results = hasher.results()
+    finally:
+        hasher.close()
     report.blobs_hashed = len(results)
     report.bytes_hashed = sum(p.file.size for p in {(p.data, p.algo): p for p in pending}.values())
     good: set[str] = set()
@@ -562,6 +571,33 @@ def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
         else:
             good.add(p.data)
     return good
+
+
+def _check_snapshot(plan: _Plan, snap: _Snapshot, report: VerifyReport, pending: list[_Pending],
+                    hasher: _Hasher) -> None:
+    cache, commit = snap.cache, snap.commit
+    report.snapshots += 1
+    folder = cache.snapshot(commit)
+    if not snap.locked and not snap.listed:
+        plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
+                     f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
+                     "to record one, or verify with -f MANIFEST")
+        return
+    present = _walk_snapshot(folder) if folder.is_dir() else {}
+    blobs = os.path.normpath(cache.root / "blobs")
+    where = (str(folder), blobs, os.path.realpath(blobs))
+    for path in sorted(snap.required.difference(present)):
+        source = "the lockfile" if snap.locked else f"trees/{commit}.json and was pulled"
+        plan.problem(MISSING, cache, commit, path, folder / path,
+                     f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`")
+    for path in sorted(present):
+        f = snap.expected.get(path)
+        if f is None:
+            plan.problem(EXTRA, cache, commit, path, folder / path,
+                         "not in the listing or the lockfile; delete it if nothing needs it")
+            continue
+        report.files += 1
+        _check_file(plan, snap, path, f, pending, hasher, present[path], *where)
 
 
 # -- repair
