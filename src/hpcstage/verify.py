@@ -367,7 +367,12 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     if repo_ids:
         kind = repo_type or "model"
         for repo_id in repo_ids:
-            policy.check_repo_id(repo_id)
+            # A staged repo's folder is proof enough, and safe whatever the id (its `/` becomes `--`, so the
+            # name stays one folder in the cache); the Hub's rules (huggingface_hub's validator, ~0.15 s to
+            # import) are asked only for an id not found, to say which rule it breaks.
+            cache = RepoCache(plan.cache_dir, kind, repo_id)
+            if not cache.root.is_dir():
+                policy.check_repo_id(repo_id)
             cache = plan.repo(kind, repo_id)
             if not cache.root.is_dir():
                 other = [] if repo_type else [k for k in ("dataset", "space")
