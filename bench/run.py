@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BENCH, HUB, MANY_FILES, MANY_SIZE, SMALL_FILES, SMALL_SIZE, VENV_BIN, WORK, Run, Server, big_repo, clean_env,
+    BENCH, HUB, MANY_FILES, SMALL_FILES, SMALL_SIZE, VENV_BIN, WORK, Run, Server, big_repo, clean_env,
     make_big, make_many, make_mixed, make_small, many_repo, mixed_repo, python, rmtree, run_timed, small_repo,
 )
 

@@ -23,10 +23,25 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy and
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` imports on first use
+    # ruff: noqa: F401  (re-exported: __all__ is built from _API below)
     from hpcstage.api import check_offline, job_env, launch, prebuild, stage, stage_manifest, verify
-    from hpcstage.errors import (BadInput, DisabledRepo, EntryNotFound, GatedRepo, HashMismatch, HpcstageError,
-                                 HubError, InvalidToken, ManifestError, PolicyError, ProxyError, RepoNotFound,
-                                 RepoRefused, RevisionNotFound, TransferError)
+    from hpcstage.errors import (
+        BadInput,
+        DisabledRepo,
+        EntryNotFound,
+        GatedRepo,
+        HashMismatch,
+        HpcstageError,
+        HubError,
+        InvalidToken,
+        ManifestError,
+        PolicyError,
+        ProxyError,
+        RepoNotFound,
+        RepoRefused,
+        RevisionNotFound,
+        TransferError,
+    )
     from hpcstage.offline import CheckReport
     from hpcstage.prebuild import PrebuildSummary
     from hpcstage.slurm import SlurmError

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hpcstage.errors import BadInput
 
@@ -30,7 +31,7 @@ PathLike = str | os.PathLike
 def _manifest(manifest: PathLike | Manifest) -> Manifest:
     from hpcstage.manifest import Manifest, load_manifest
 
-    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    return manifest if isinstance(manifest, Manifest) else load_manifest(Path(manifest))
 
 
 def _patterns(value: str | Sequence[str] | None, name: str) -> list[str] | None:
@@ -186,7 +187,8 @@ def verify(
     from hpcstage.verify import verify as run
 
     return run([repo_id] if repo_id is not None else None, manifest=_manifest(manifest) if manifest else None,
-               repo_type=repo_type, revision=revision, cache_dir=cache_dir, workers=workers, repair=repair,
+               repo_type=repo_type, revision=revision, cache_dir=Path(cache_dir) if cache_dir else None,
+               workers=workers, repair=repair,
                quiet=True)
 
 
@@ -218,13 +220,13 @@ def prebuild(
     Raises:
         BadInput: a malformed manifest; an interpreter that does not run or has no `datasets`.
     """
-    from hpcstage import prebuild as builds
+    from hpcstage.prebuild import builds_from_manifest
+    from hpcstage.prebuild import prebuild as run
 
     m = _manifest(manifest)
-    return builds.prebuild(builds.builds_from_manifest(m), manifest=m, python=python,
-                           cache_dir=Path(cache_dir) if cache_dir else None,
-                           datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None,
-                           on_event=on_event, force=force)
+    return run(builds_from_manifest(m), manifest=m, python=python, cache_dir=Path(cache_dir) if cache_dir else None,
+               datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None, on_event=on_event,
+               force=force)
 
 
 def check_offline(
@@ -306,7 +308,8 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
         SlurmError: `sbatch` refused a job (nothing of this launch is left queued).
         HpcstageError: staging or the offline check failed.
     """
-    from hpcstage.slurm.launch import LaunchRequest, launch as run
+    from hpcstage.slurm.launch import LaunchRequest
+    from hpcstage.slurm.launch import launch as run
 
     valid = {f.name for f in fields(LaunchRequest)} - {"job_type", "dry_run", "quiet"}
     for name in options:

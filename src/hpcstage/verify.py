@@ -148,7 +148,8 @@ class _Hasher:
     parallel, which hides a shared filesystem's round trip per open."""
 
     def __init__(self, workers: int):
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1 else None
+        self._pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1
+                      else None)
         self._seen: set[tuple[str, str]] = set()
         self._batch: list[tuple[str, str, int]] = []
         self._held = 0
@@ -181,7 +182,8 @@ class _Hasher:
         self._large = []
         out: dict[tuple[str, str], str | OSError] = {}
         for task, done in self._tasks:
-            for (path, algo, _), digest in zip(task, done.result() if isinstance(done, Future) else done):
+            digests = done.result() if isinstance(done, Future) else done
+            for (path, algo, _), digest in zip(task, digests, strict=True):
                 out[(path, algo)] = digest
         return out
 
