@@ -22,6 +22,7 @@ ORG = "bench"
 
 SMALL_FILES, SMALL_SIZE = 2000, 20 * 1024
 MIXED_SHARDS = 4  # plus 16 small files: 20 in all
+MANY_FILES, MANY_SIZE = (2000, 20000), 1024  # the scale scenario: the same 1 KiB files, 10x as many
 
 
 def big_repo(size_mb: int) -> str:
@@ -30,6 +31,22 @@ def big_repo(size_mb: int) -> str:
 
 def small_repo() -> str:
     return f"{ORG}/small-{SMALL_FILES}x{SMALL_SIZE // 1024}kb"
+
+
+def many_repo(files: int) -> str:
+    return f"{ORG}/many-{files}x{MANY_SIZE // 1024}kb"
+
+
+def make_many(files: int) -> Path:
+    """`files` regular files of 1 KiB (random hex), 100 per folder: the scale scenario's repos."""
+    root = HUB / "models" / many_repo(files)
+    marker = WORK / f".{many_repo(files).replace('/', '--')}.complete"  # outside the served root
+    if marker.exists():
+        return root
+    for i in range(files):
+        _write_once(root / f"part-{i // 100:03d}/row-{i:05d}.txt", os.urandom(MANY_SIZE // 2).hex().encode())
+    marker.write_bytes(b"ok")
+    return root
 
 
 def mixed_repo(size_mb: int) -> str:

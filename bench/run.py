@@ -24,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BENCH, HUB, SMALL_FILES, SMALL_SIZE, VENV_BIN, WORK, Run, Server, big_repo, clean_env, make_big, make_mixed,
-    make_small, mixed_repo, python, rmtree, run_timed, small_repo,
+    BENCH, HUB, MANY_FILES, SMALL_FILES, SMALL_SIZE, VENV_BIN, WORK, Run, Server, big_repo, clean_env,
+    make_big, make_many, make_mixed, make_small, many_repo, mixed_repo, python, rmtree, run_timed, small_repo,
 )
 
-SCENARIOS = ("big", "small", "mixed", "warm", "verify")
+SCENARIOS = ("big", "small", "mixed", "warm", "verify", "many")  # many last: it leaves 100,000s of freed inodes
 RUNS = WORK / "runs"
 HPCSTAGE = str(VENV_BIN / "hpcstage")
 HF = str(VENV_BIN / "hf")
@@ -278,6 +278,54 @@ class Bench:
         self.results.extend(results.values())
         rmtree(folder)
 
+    def many(self) -> None:
+        """Scale: 2,000 and 20,000 files of 1 KiB. Per repo: pulls into fresh folders (kept until the end, as
+        for `small`), then on one staged copy the warm pull from the lockfile, `verify`, `status -f`, and
+        `find | xargs sha1sum` over the repo's blobs (the floor verify is held to)."""
+        settled = wait_for_settled_inodes(self.args.runs_dir)
+        if settled:
+            self.notes.append(settled.replace("small-file scenario", "scale scenario"))
+        for files in MANY_FILES:
+            repo = many_repo(files)
+            scenario = f"many-{files}"
+            check = _snapshot_check(repo, _repo_files(HUB / "models" / repo))
+            pulls = self.measure(scenario, [Tool("hpcstage pull", [HPCSTAGE, "pull", repo, "--cache-dir", "{dest}", "-q"],
+                                                 check)], self.args.rounds, keep=True)
+            folder = self.args.runs_dir / f"{scenario}-staged"
+            rmtree(folder)
+            folder.mkdir(parents=True)
+            manifest, cache = folder / "hpcstage.yaml", folder / "cache"
+            manifest.write_text(f"cache_dir: cache\nmodels:\n  - repo: {repo}\n")
+            r = run_timed([HPCSTAGE, "pull", "-f", str(manifest), "-q"], env=self.env, cwd=folder)
+            if r.rc:
+                raise SystemExit(f"{scenario} set-up failed: {r.output[-500:]}")
+            blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
+            cmds = {
+                "hpcstage -f (lock)": [HPCSTAGE, "pull", "-f", str(manifest), "-q"],
+                "hpcstage verify": [HPCSTAGE, "verify", repo, "--cache-dir", str(cache), "-q"],
+                "hpcstage status -f": [HPCSTAGE, "status", "-f", str(manifest)],
+                "find | xargs sha1sum": ["sh", "-c", f"find '{blobs}' -type f -print0 | xargs -0 sha1sum >/dev/null"],
+            }
+            results = {n: Result(scenario, n) for n in cmds}
+            names = list(cmds)
+            for rnd in range(self.args.rounds):
+                k = rnd % len(names)
+                for name in names[k:] + names[:k]:
+                    offset = self.server.log_offset()
+                    run = run_timed(cmds[name], env=self.env, cwd=folder)
+                    reqs = len(self.server.requests_since(offset, settle=0.15)) if name.startswith("hpcstage -f") else 0
+                    if run.rc:
+                        results[name].failures.append(f"exit {run.rc}: {run.output.strip()[-300:]}")
+                        log(f"{scenario} {name}: FAILED {results[name].failures[-1]}")
+                        continue
+                    results[name].runs.append(run)
+                    results[name].requests.append(reqs)
+                    results[name].server_cpu.append(0.0)
+                    log(f"{scenario} round {rnd + 1} {name}: {run.seconds:.3f}s cpu {run.cpu:.2f}s rss {run.rss_mb:.0f}MB")
+            self.results.extend(results.values())  # after the pulls `measure` recorded
+            if pulls[0].ok:
+                log(f"{scenario}: pull {pulls[0].seconds / files * 1e3:.3f} ms per file")
+
 
 # -- report ------------------------------------------------------------------------------------------------
 
@@ -314,6 +362,21 @@ def targets(results: list[Result], size_mb: int) -> list[tuple[str, str, str]]:
     if ver and ref and ver.ok and ref.ok:  # issue #5: per core used, close to sha256sum
         x = ref.cpu / max(ver.cpu, 1e-9)  # the same bytes hashed: CPU seconds compare throughput per core
         out.append(("verify: hash throughput per CPU second >= 0.8x sha256sum's", f"{x:.2f}x", "PASS" if x >= 0.8 else "FAIL"))
+    small_pull, many_pull = (_find(results, f"many-{n}", "hpcstage pull") for n in MANY_FILES)
+    if small_pull and many_pull:  # per file, each at its median
+        x = (many_pull.seconds / MANY_FILES[1]) / (small_pull.seconds / MANY_FILES[0])
+        out.append((f"{MANY_FILES[1]:,} x 1 KB: pull per file <= 1.3x per file at {MANY_FILES[0]:,}", f"{x:.2f}x",
+                    "PASS" if x <= 1.3 else "FAIL"))
+    ver, floor = (_find(results, f"many-{MANY_FILES[1]}", t) for t in ("hpcstage verify", "find | xargs sha1sum"))
+    if ver and floor:
+        x = ver.seconds / floor.seconds
+        out.append((f"{MANY_FILES[1]:,} x 1 KB: verify <= 4x a `find | xargs sha1sum` pass", f"{x:.2f}x",
+                    "PASS" if x <= 4 else "FAIL"))
+    warm = _find(results, f"many-{MANY_FILES[1]}", "hpcstage -f (lock)")
+    if warm:
+        n = max(warm.requests)
+        out.append((f"{MANY_FILES[1]:,} x 1 KB: warm re-pull (lockfile): 0 requests", f"{n} (worst round)",
+                    "PASS" if n == 0 else "FAIL"))
     for r in results:
         if r.failures and r.tool.startswith("hpcstage"):
             out.append((f"{r.scenario}: hpcstage completes", r.failures[0][:80], "FAIL"))
@@ -327,6 +390,9 @@ def _rate(r: Result, size_mb: int) -> str:
         return f"{total[r.scenario] / 1e6 / r.seconds:,.0f} MB/s"
     if r.scenario in ("small", "warm") and r.tool != "python import floor":
         return f"{SMALL_FILES / r.seconds:,.0f} files/s"
+    if r.scenario.startswith("many-"):
+        files = int(r.scenario.split("-")[1])
+        return f"{files / r.seconds:,.0f} files/s, {r.seconds / files * 1e3:.3f} ms/file"
     return ""
 
 
@@ -484,12 +550,16 @@ def main() -> int:
         make_small()
     if "mixed" in only:
         make_mixed(args.size_mb)
+    if "many" in only:
+        for files in MANY_FILES:
+            make_many(files)
     rmtree(args.runs_dir)
 
     with Server(HUB, WORK / "server.jsonl", latency_ms=args.latency_ms) as server:
         log(f"serving {HUB} at {server.url}; warming the hash memo")
         for scenario, repo in (("big", big_repo(args.size_mb)), ("small", small_repo()), ("warm", small_repo()),
-                               ("mixed", mixed_repo(args.size_mb)), ("verify", big_repo(args.size_mb))):
+                               ("mixed", mixed_repo(args.size_mb)), ("verify", big_repo(args.size_mb)),
+                               *(("many", many_repo(n)) for n in MANY_FILES)):
             if scenario in only:
                 server.warm(repo)
         bench = Bench(args, server)
@@ -533,11 +603,13 @@ def main() -> int:
         f"Big file: {args.size_mb} MiB `model.safetensors` (LFS, 302 to the CDN listener). Small: "
         f"{SMALL_FILES:,} regular files of {SMALL_SIZE // 1024} KiB (served by the hub listener). Mixed: 4 LFS "
         f"shards of {args.size_mb // 8} MiB + 16 small files (one 4 MiB tokenizer.json). Warm: re-pull of the "
-        "staged small repo (hpcstage from `hpcstage.lock`, hf from its cache). CPU s: user+system of the client "
+        "staged small repo (hpcstage from `hpcstage.lock`, hf from its cache). Many-N: N regular files of 1 KiB "
+        "(pull into a fresh folder; on one staged copy the warm pull, verify, status -f, and `find | xargs sha1sum` "
+        "over its blobs). CPU s: user+system of the client "
         "process (wait4); server CPU s: what `hpcstage serve` used meanwhile (it shares the same cores). Peak RSS: VmHWM of the client, polled every 20 ms. Requests: lines the server logged "
         "during the run.", "",
         tbl, "",
-        "## Targets (issue #3)", "", tgt, "",
+        "## Targets (issues #3, #5, #15)", "", tgt, "",
         *[f"- {n}" for n in bench.notes],
     ]
     args.results.write_text("\n".join(md).rstrip() + "\n")

@@ -327,3 +327,24 @@ def test_hf_home_under_home_warns_where_the_registry_knows_a_small_home_quota(hu
     site.write_text("[local]\n")  # no quota known: a big filesystem is fine
     r, _ = doctor_cli("--json", env=env)
     assert by_name(r.stdout)["hf_home"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("mountinfo, says", [
+    ("22 1 0:1 / / rw - ext4 /dev/vda rw\n", "flock works on this node (ext4); whether it excludes other nodes "
+                                              "depends on the mount, which one node cannot test"),
+    ("22 1 0:1 / / rw - nfs4 srv:/x rw\n", "flock works on this node; whether it excludes other nodes depends on how "
+                                            "NFS is mounted, which one node cannot test"),
+    ("22 1 0:1 / / rw - lustre 10.0.0.1@o2ib:/scratch rw,localflock\n", "mounted with `localflock`: it excludes "
+                                                                         "nobody on other nodes"),
+])
+def test_flock_line_says_what_one_node_can_know(tmp_path, monkeypatch, mountinfo, says):
+    """flock is really taken on the probe file; the line says only what this node can tell, and that hpcstage's
+    leases do not rely on flock."""
+    taken = []
+    real_flock = doctor.fcntl.flock
+    monkeypatch.setattr(doctor.fcntl, "flock", lambda fd, op: (taken.append(op), real_flock(fd, op)))
+    monkeypatch.setattr(doctor, "_mounts", lambda: doctor.parse_mountinfo(mountinfo))
+    checks = {c.name: c for c in doctor.run_checks(None, tmp_path / "cache", endpoint=DEAD, token="", timeout=1)}
+    assert checks["flock"].status == "ok" and says in checks["flock"].detail
+    assert "hpcstage's leases do not rely on flock" in checks["flock"].detail
+    assert doctor.fcntl.LOCK_EX | doctor.fcntl.LOCK_NB in taken

@@ -199,3 +199,25 @@ def test_a_dataset_named_without_repo_type_is_pointed_to_it(hub, tmp_path):
     r = hpcstage("verify", DATASET, "--repo-type", "dataset", "--revision", "v9", "--cache-dir", str(cache), env=env)
     assert r.returncode == 1 and f"hpcstage pull {DATASET} --repo-type dataset --revision v9" in r.stdout, r.stdout
     assert hpcstage("verify", DATASET, "--repo-type", "dataset", "--cache-dir", str(cache), env=env).returncode == 0
+
+
+def test_batched_hashing_gives_each_file_its_own_digest(tmp_path):
+    """Small files are hashed in batches and large ones alone: every digest lands on its own file, an empty
+    and an unreadable file included, across batch boundaries."""
+    files = []
+    for i in range(700):  # three batches of small files, sizes all different
+        p = tmp_path / f"small-{i}"
+        p.write_bytes(os.urandom(i * 3))
+        files.append(p)
+    for i in range(2):
+        p = tmp_path / f"large-{i}"
+        p.write_bytes(os.urandom(verify_mod.SMALL_HASH + i * 4099))
+        files.append(p)
+    gone = str(tmp_path / "gone")
+    items = [(str(p), algo) for p in files for algo in ("git", "sha256")] + [(gone, "git")]
+    got = verify_mod.hash_files(items, workers=3)
+    for p in files:
+        raw = p.read_bytes()
+        assert got[(str(p), "git")] == hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest(), p
+        assert got[(str(p), "sha256")] == hashlib.sha256(raw).hexdigest(), p
+    assert isinstance(got[(gone, "git")], FileNotFoundError) and len(got) == len(items)

@@ -10,7 +10,8 @@ that cannot apply here says so with status "ok" and a "skipped: ..." detail). Th
   quota       `lfs quota -u USER MOUNT` on Lustre, `quota -s` elsewhere; warns above 90% of a limit
   memory      available memory (psutil); warns under 2 GiB
   filesystem  the cache's filesystem type from /proc/self/mountinfo (longest mount point that contains it)
-  flock       whether fcntl.flock works there (huggingface_hub's locks need it; hpcstage's leases do not)
+  flock       whether fcntl.flock works on this node (huggingface_hub's locks need it, and whether it excludes
+              other nodes depends on the mount; hpcstage's leases do not rely on it)
   write       create and delete a probe file in the cache folder (or the parent that would hold it)
   sharing     a group-shared cache (manifest `shared_group`, or a folder owned by a non-primary group)
               needs setgid and group-writable folders
@@ -433,16 +434,20 @@ def _flock_check(ctx: _Context, fd: int) -> Check:
                          f"stage with `hpcstage pull -f {ctx.m}` (not `hf download`); ask admins to mount with `flock`")
         return Check("flock", "warn", f"flock failed on {fs}: {e.strerror}",
                      f"stage with `hpcstage pull -f {ctx.m}`; its leases do not use flock")
+    # One node can only see that flock works here; whether it also excludes processes on other nodes depends
+    # on the mount (Lustre `flock` vs `localflock`, the NFS lock manager, GPFS), which it cannot test alone.
     opts = ctx.mount.options.split(",") if ctx.mount else []
     if fs == "lustre" and "localflock" in opts:
-        return Check("flock", "ok", "flock works but Lustre is mounted with `localflock`: node-local, "
-                     "huggingface_hub's locks exclude nobody on other nodes; hpcstage's leases do not need it",
+        return Check("flock", "ok", "flock works on this node, but Lustre is mounted with `localflock`: it excludes "
+                     "nobody on other nodes, so huggingface_hub's locks do not either; hpcstage's leases do not rely on "
+                     "flock", f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs")
+    if fs in SHARED_FS:
+        return Check("flock", "ok", f"flock works on this node; whether it excludes other nodes depends on how "
+                     f"{SHARED_FS[fs]} is mounted, which one node cannot test (huggingface_hub's locks rely on it); "
+                     "hpcstage's leases do not rely on flock",
                      f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs")
-    if fs in ("nfs", "nfs4", "gpfs", "fuse.gpfs"):
-        return Check("flock", "ok", f"flock works, but on {SHARED_FS[fs]} it may be node-local: huggingface_hub's "
-                     "locks may exclude nobody on other nodes; hpcstage's leases do not need it",
-                     f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs")
-    return Check("flock", "ok", f"flock works on {fs}")
+    return Check("flock", "ok", f"flock works on this node ({fs}); whether it excludes other nodes depends on the "
+                 "mount, which one node cannot test; hpcstage's leases do not rely on flock")
 
 
 def _sharing(ctx: _Context) -> Check:

@@ -18,7 +18,6 @@ from urllib.parse import quote
 from hpcstage import safefs
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache
 from hpcstage.locks import read_lease
-from hpcstage.transfer import RANGES_SUFFIX
 
 # Inside huggingface_hub's own `.locks/` folder, which `scan_cache_dir` skips: any other extra folder in
 # the hub cache is reported as a corrupted repo.
@@ -47,6 +46,8 @@ class Record:
         """The files this pull selected from the commit's full listing (None: the record kept no patterns)."""
         if self.patterns is None:
             return None
+        if self.patterns.get("include") is None and self.patterns.get("exclude") is None:
+            return list(listing)  # everything: no need to match 20,000 paths against no pattern
         from hpcstage.sources.hub import select
 
         return select(listing, self.patterns.get("include"), self.patterns.get("exclude"))
@@ -134,6 +135,8 @@ class ArtifactStatus:
 
 def partial_progress(partial: Path) -> tuple[int, int]:
     """(bytes done, size) of a partial file, from its pieces record; (0, 0) when there is none."""
+    from hpcstage.transfer import RANGES_SUFFIX  # here: the transfer engine's imports cost verify and status ~50 ms
+
     try:
         data = json.loads(partial.with_name(partial.name + RANGES_SUFFIX).read_text())
         size, segment = int(data["size"]), int(data["segment"])

@@ -9,7 +9,10 @@ import sys
 import threading
 import time
 from datetime import datetime
-from typing import TextIO
+from typing import Callable, TextIO
+
+# The library's progress callback: (bytes done, bytes in all, files done, files in all), from worker threads.
+ProgressCallback = Callable[[int, int, int, int], None]
 
 
 def human_bytes(n: float) -> str:
@@ -25,7 +28,8 @@ def stamp() -> str:
 
 
 class Progress:
-    """Thread-safe counters of bytes and files; workers call `add` and `file_done`."""
+    """Thread-safe counters of bytes and files; workers call `add` and `file_done`. `callback` (the library's
+    `progress=`) is told the counts after each change and once more on close, drawn or not."""
 
     def __init__(
         self,
@@ -36,6 +40,7 @@ class Progress:
         quiet: bool = False,
         stream: TextIO | None = None,
         interval: float = 10.0,
+        callback: ProgressCallback | None = None,
     ):
         self.total_bytes, self.total_files, self.label = total_bytes, total_files, label
         self.bytes = self.files = 0
@@ -45,6 +50,7 @@ class Progress:
         self._stream = stream or sys.stderr
         self._stop = threading.Event()
         self._bar = self._thread = None
+        self._callback = callback
         if quiet:
             return
         if self._stream.isatty():
@@ -69,14 +75,20 @@ class Progress:
     def add(self, n: int) -> None:
         with self._lock:
             self.bytes += n
+        self._tell()
         if self._bar is not None:
             self._bar.update(self._task, advance=n)
 
     def file_done(self) -> None:
         with self._lock:
             self.files += 1
+        self._tell()
         if self._bar is not None:
             self._bar.update(self._task, files=self._files_text())
+
+    def _tell(self) -> None:
+        if self._callback is not None:
+            self._callback(self.bytes, self.total_bytes, self.files, self.total_files)
 
     def relabel(self, label: str) -> None:
         """Change what the bar (or log line) is called: e.g. what the work is waiting for."""
@@ -105,6 +117,7 @@ class Progress:
             print(self.line(), file=self._stream, flush=True)
 
     def close(self) -> None:
+        self._tell()
         self._stop.set()
         if self._bar is not None:
             self._bar.stop()

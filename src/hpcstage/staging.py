@@ -32,7 +32,7 @@ from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCach
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, Update, entry_lock, load_lock, save_lock
-from hpcstage.progress import Progress, human_bytes
+from hpcstage.progress import Progress, ProgressCallback, human_bytes
 from hpcstage.sources import hub
 from hpcstage.transfer import CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
 from hpcstage.xetstore import XetStore
@@ -101,6 +101,7 @@ class Options:
     worker: bool = False  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
     files: dict[str, list[str]] = field(default_factory=dict)  # entry key -> files named on the command line
     manifest_path: Path | None = None  # entries come from this manifest: hints name its keys, not flags
+    progress: ProgressCallback | None = None  # the library's callback (bytes, total bytes, files, total files)
 
 
 class _Run:
@@ -258,7 +259,8 @@ class _Run:
             if p.all_files is not None:
                 p.cache.write_tree(p.commit, p.all_files)
                 p.all_files = None
-        with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs) as progress:
+        with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs,
+                      callback=self.opts.progress) as progress:
             self.progress = progress
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):

@@ -4,11 +4,15 @@ What is expected comes from the lockfile beside a manifest (`hpcstage.lock`: the
 and from `trees/<commit>.json` (the full listing hpcstage, `hf download` and `snapshot_download` write).
 LFS files are checked by sha256, the others by their git blob sha1 (`sha1(b"blob <size>\\0" + content)`).
 
-Hashing runs in a thread pool with 8 MiB reads: hashlib releases the GIL on large updates, so each core
-hashes at about `sha256sum` speed. A blob is hashed once however many snapshots point at it.
+Hashing runs in a thread pool: each large file (1 MiB and up) is one task read in 8 MiB pieces (hashlib
+releases the GIL on large updates, so each core hashes at about `sha256sum` speed); small files go in
+batches of up to 256, each file read with one call, so 20,000 small files cost a few hundred tasks, not
+20,000 futures. A blob is hashed once however many snapshots point at it.
 
 Nothing here touches the network except `--repair`, which removes only the bad files (never anything
 outside the repo's own folders) and fetches exactly those again through `staging.pull`.
+
+The module is also the library call: `hpcstage.verify(...)` runs `hpcstage.api.verify` (see CallableModule).
 """
 from __future__ import annotations
 
@@ -21,16 +25,19 @@ import shlex
 import stat
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
-from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache
-from hpcstage.manifest import HubEntry, Manifest, load_lock
+from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher,
+                              share_cache)
 from hpcstage.xetstore import XetStore
+
+if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used
+    from hpcstage.manifest import HubEntry, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,11 @@ class VerifyReport:
 # -- hashing
 
 
+SMALL_HASH = 1 << 20  # files below this are hashed in batches, each read in one call
+BATCH_FILES = 256  # at most this many small files per task
+BATCH_BYTES = 64 << 20  # ... and at most this many of their bytes
+
+
 def hash_files(items: Iterable[tuple[str, str]], workers: int | None = None) -> dict[tuple[str, str], str | OSError]:
     """Hash each distinct `(path, algo)` once, in parallel, biggest first. Values are hex digests, or the
     OSError that stopped the read. Benchmarks can time this directly against `sha256sum`."""
@@ -116,16 +128,91 @@ def hash_files(items: Iterable[tuple[str, str]], workers: int | None = None) -> 
         except OSError:
             return 0
 
-    keys.sort(key=size, reverse=True)
+    hasher = _Hasher(workers or default_workers())
+    try:
+        for path, algo in keys:
+            hasher.add(path, algo, size((path, algo)))
+        return hasher.results()
+    finally:
+        hasher.close()
 
-    def one(key):
+
+class _Hasher:
+    """Hashes while the caller is still finding files: each batch of small files goes to the pool as soon as
+    it is full, so hashing overlaps the walk over the snapshots; large files are queued at the end, biggest
+    first. Each `(path, algo)` is hashed once.
+
+    Large files (SMALL_HASH and up) are one task each: hashlib releases the GIL on their 8 MiB updates, so
+    they hash in parallel. Small ones go in batches of BATCH_FILES, each file read with one `read`: a future,
+    a wake-up and an 8 MiB buffer per 1 kB file cost 25x `sha1sum` at 20,000 files. Batches still run in
+    parallel, which hides a shared filesystem's round trip per open."""
+
+    def __init__(self, workers: int):
+        self._pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1
+                      else None)
+        self._seen: set[tuple[str, str]] = set()
+        self._batch: list[tuple[str, str, int]] = []
+        self._held = 0
+        self._large: list[tuple[str, str, int]] = []
+        self._tasks: list[tuple[list[tuple[str, str, int]], Future | list[str | OSError]]] = []
+
+    def add(self, path: str, algo: str, size: int) -> None:
+        if (path, algo) in self._seen:
+            return
+        self._seen.add((path, algo))
+        if size >= SMALL_HASH:
+            self._large.append((path, algo, size))
+            return
+        if self._batch and (len(self._batch) >= BATCH_FILES or self._held + size > BATCH_BYTES):
+            self._start(self._batch)
+            self._batch, self._held = [], 0
+        self._batch.append((path, algo, size))
+        self._held += size
+
+    def _start(self, task: list[tuple[str, str, int]]) -> None:
+        self._tasks.append((task, self._pool.submit(_hash_task, task) if self._pool else _hash_task(task)))
+
+    def results(self) -> dict[tuple[str, str], str | OSError]:
+        """Every digest (or the OSError that stopped the read), once all tasks are done."""
+        if self._batch:
+            self._start(self._batch)
+            self._batch = []
+        for job in sorted(self._large, key=lambda j: -j[2]):
+            self._start([job])
+        self._large = []
+        out: dict[tuple[str, str], str | OSError] = {}
+        for task, done in self._tasks:
+            digests = done.result() if isinstance(done, Future) else done
+            for (path, algo, _), digest in zip(task, digests, strict=True):
+                out[(path, algo)] = digest
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def _hash_task(task: list[tuple[str, str, int]]) -> list[str | OSError]:
+    out: list[str | OSError] = []
+    for path, algo, n in task:
         try:
-            return digest_file(*key)
+            out.append(_digest_small(path, algo) if n < SMALL_HASH else digest_file(path, algo))
         except OSError as e:
-            return e
+            out.append(e)
+    return out
 
-    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="hpcstage-hash") as pool:
-        return dict(zip(keys, pool.map(one, keys)))
+
+def _digest_small(path: str, algo: str) -> str:
+    """`digest_file` for a small file: one open, one fstat, reads into no preallocated buffer."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        h = new_hasher(algo == "sha256", size)
+        while chunk := os.read(fd, max(size, 1 << 16)):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
 
 
 def default_workers() -> int:
@@ -271,6 +358,8 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     plan = _Plan(cache_dir, hints)
     if manifest is not None:
         lock_path = manifest.lock_path
+        from hpcstage.manifest import load_lock
+
         lock = load_lock(lock_path, manifest.path)
         for entry in manifest.entries:
             cache = plan.repo(entry.repo_type, entry.repo)
@@ -286,7 +375,12 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     if repo_ids:
         kind = repo_type or "model"
         for repo_id in repo_ids:
-            policy.check_repo_id(repo_id)
+            # A staged repo's folder is proof enough, and safe whatever the id (its `/` becomes `--`, so the
+            # name stays one folder in the cache); the Hub's rules (huggingface_hub's validator, ~0.15 s to
+            # import) are asked only for an id not found, to say which rule it breaks.
+            cache = RepoCache(plan.cache_dir, kind, repo_id)
+            if not cache.root.is_dir():
+                policy.check_repo_id(repo_id)
             cache = plan.repo(kind, repo_id)
             if not cache.root.is_dir():
                 other = [] if repo_type else [k for k in ("dataset", "space")
@@ -391,43 +485,70 @@ def _check_refs(plan: _Plan) -> None:
                              f"get other files; pass the commit as revision or run `{plan.hints.pull(cache, name)}`")
 
 
-def _walk_snapshot(folder: Path) -> list[str]:
-    found = []
-    for here, dirs, files in os.walk(folder):
-        rel = os.path.relpath(here, folder)
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
-            found.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+def _walk_snapshot(folder: Path | str) -> dict[str, bool]:
+    """Every non-folder below `folder` (links to folders included, never followed): path -> is a symlink.
+    scandir's file types, so no stat per entry (os.walk stats each link to learn whether it is a folder)."""
+    found: dict[str, bool] = {}
+    todo = [(str(folder), "")]
+    while todo:
+        here, rel = todo.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:  # as os.walk: an unreadable folder is skipped (its files are then missing)
+            continue
+        for e in entries:
+            name = f"{rel}{e.name}"
+            if e.is_dir(follow_symlinks=False):
+                todo.append((e.path, f"{name}/"))
+            else:
+                found[name] = e.is_symlink()
     return found
 
 
-def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending: list[_Pending]) -> None:
+def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending: list[_Pending], hasher: _Hasher,
+                is_link: bool, folder: str, blobs: str, blobs_real: str) -> None:
+    """One snapshot entry: a link into the repo's blobs (or a plain file) of the right size, queued for its
+    hash. Strings, not pathlib, and one system call besides readlink for the usual link: this runs once
+    per file (20,000+ in a large repo)."""
     cache, commit = snap.cache, snap.commit
-    entry = snap.cache.snapshot(commit) / path
+    entry = f"{folder}/{path}"
     try:
-        st = os.lstat(entry)
+        target = os.readlink(entry) if is_link else None
+        st = None if is_link else os.lstat(entry)
     except OSError as e:
         plan.problem(UNREADABLE, cache, commit, path, entry, f"cannot stat ({e.strerror})")
         return
-    if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(entry)
-        data = os.path.normpath(os.path.join(entry.parent, target))
-        if os.path.isabs(target) or os.path.dirname(data) != os.path.normpath(cache.root / "blobs"):
-            plan.problem(BAD_LINK, cache, commit, path, entry,
-                         f"symlink points outside the repo's blobs folder ({target}); run `{plan.hints.repair(cache)}`")
-            return
-        if not _store_link_ok(plan, cache, commit, path, data):
-            return
+    if target is not None:
+        # What pulls write: `../` once per folder level up to the repo, then blobs/<name>; else the general way.
+        up = "../" * (path.count("/") + 2) + "blobs/"
+        name = target[len(up):] if target.startswith(up) else ""
+        if name and "/" not in name and name not in (".", ".."):
+            data = f"{blobs}/{name}"
+        else:
+            data = os.path.normpath(os.path.join(os.path.dirname(entry), target))
+            name = os.path.basename(data)
+            if os.path.isabs(target) or os.path.dirname(data) != blobs:
+                plan.problem(BAD_LINK, cache, commit, path, entry,
+                             f"symlink points outside the repo's blobs folder ({target}); run `{plan.hints.repair(cache)}`")
+                return
         try:
-            size = os.stat(data).st_size
+            blob = os.lstat(data)
+            real = f"{blobs_real}/{name}"
+            if stat.S_ISLNK(blob.st_mode):  # the shared Xet blob store: the blob links on
+                if not _store_link_ok(plan, cache, commit, path, data):
+                    return
+                blob, real = os.stat(data), os.path.realpath(data)
         except FileNotFoundError:
             plan.problem(BROKEN_LINK, cache, commit, path, entry,
-                         f"its blob {os.path.basename(data)} is missing; run `{plan.hints.repair(cache)}`")
+                         f"its blob {name} is missing; run `{plan.hints.repair(cache)}`")
             return
         except OSError as e:
             plan.problem(UNREADABLE, cache, commit, path, data, f"cannot stat the blob ({e.strerror})")
             return
-    elif stat.S_ISREG(st.st_mode):
-        data, size = str(entry), st.st_size
+        size = blob.st_size
+    elif st is not None and stat.S_ISREG(st.st_mode):
+        data, size = entry, st.st_size
+        real = os.path.realpath(entry)
     else:
         plan.problem(CORRUPT, cache, commit, path, entry, "not a file or a symlink to a blob")
         return
@@ -435,7 +556,8 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
         plan.problem(CORRUPT, cache, commit, path, data, f"size {size}, expected {f.size}; run `{plan.hints.repair(cache)}`")
         return
     algo, digest = ("sha256", f.sha256) if f.sha256 else ("git", f.blob_id)
-    pending.append(_Pending(snap, f, os.path.realpath(data), algo, digest))
+    pending.append(_Pending(snap, f, real, algo, digest))
+    hasher.add(real, algo, size)
 
 
 def _store_link_ok(plan: _Plan, cache: RepoCache, commit: str, path: str, blob: str) -> bool:
@@ -462,29 +584,13 @@ def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
     """Run every check; returns the blobs (real paths) whose bytes were proven right."""
     _check_refs(plan)
     pending: list[_Pending] = []
-    for snap in plan.snapshots.values():
-        cache, commit = snap.cache, snap.commit
-        report.snapshots += 1
-        folder = cache.snapshot(commit)
-        if not snap.locked and not snap.listed:
-            plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
-                         f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
-                         "to record one, or verify with -f MANIFEST")
-            continue
-        present = set(_walk_snapshot(folder)) if folder.is_dir() else set()
-        for path in sorted(snap.required - present):
-            source = "the lockfile" if snap.locked else f"trees/{commit}.json and was pulled"
-            plan.problem(MISSING, cache, commit, path, folder / path,
-                         f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`")
-        for path in sorted(present):
-            f = snap.expected.get(path)
-            if f is None:
-                plan.problem(EXTRA, cache, commit, path, folder / path,
-                             "not in the listing or the lockfile; delete it if nothing needs it")
-                continue
-            report.files += 1
-            _check_file(plan, snap, path, f, pending)
-    results = hash_files(((p.data, p.algo) for p in pending), workers)
+    hasher = _Hasher(workers)  # hashes while the snapshots are walked
+    try:
+        for snap in plan.snapshots.values():
+            _check_snapshot(plan, snap, report, pending, hasher)
+        results = hasher.results()
+    finally:
+        hasher.close()
     report.blobs_hashed = len(results)
     report.bytes_hashed = sum(p.file.size for p in {(p.data, p.algo): p for p in pending}.values())
     good: set[str] = set()
@@ -502,6 +608,33 @@ def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
     return good
 
 
+def _check_snapshot(plan: _Plan, snap: _Snapshot, report: VerifyReport, pending: list[_Pending],
+                    hasher: _Hasher) -> None:
+    cache, commit = snap.cache, snap.commit
+    report.snapshots += 1
+    folder = cache.snapshot(commit)
+    if not snap.locked and not snap.listed:
+        plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
+                     f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
+                     "to record one, or verify with -f MANIFEST")
+        return
+    present = _walk_snapshot(folder) if folder.is_dir() else {}
+    blobs = os.path.normpath(cache.root / "blobs")
+    where = (str(folder), blobs, os.path.realpath(blobs))
+    for path in sorted(snap.required.difference(present)):
+        source = "the lockfile" if snap.locked else f"trees/{commit}.json and was pulled"
+        plan.problem(MISSING, cache, commit, path, folder / path,
+                     f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`")
+    for path in sorted(present):
+        f = snap.expected.get(path)
+        if f is None:
+            plan.problem(EXTRA, cache, commit, path, folder / path,
+                         "not in the listing or the lockfile; delete it if nothing needs it")
+            continue
+        report.files += 1
+        _check_file(plan, snap, path, f, pending, hasher, present[path], *where)
+
+
 # -- repair
 
 
@@ -513,6 +646,8 @@ def _blob_in_repo(cache: RepoCache, path: str) -> bool:
 def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[HubEntry]:
     """Delete the bad snapshot entries and bad blobs (only inside the repo's own folders) and return one
     pull entry per (repo, commit) naming exactly the bad paths."""
+    from hpcstage.manifest import HubEntry
+
     wanted: dict[tuple, set[str]] = defaultdict(set)
     for p in problems:
         if p.kind not in REPAIRABLE or not p.commit:
@@ -657,6 +792,8 @@ def verify(
             return []
         from hpcstage import datadir
 
+        from hpcstage.manifest import load_lock
+
         found = datadir.verify_entries(manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers())
         return [Problem(kind, "data", entry.dest, None, path, str(where),
                         f"{detail}; run `{hints.pull() if kind == NOT_STAGED else hints.repair()}`")
@@ -696,3 +833,10 @@ def verify(
         report.repaired = [p for p in before if p.key not in still]
     report.seconds = time.monotonic() - started
     return report
+
+
+import sys as _sys  # noqa: E402
+
+from hpcstage import CallableModule as _CallableModule  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule  # `hpcstage.verify(...)` is the library call (hpcstage.api)
