@@ -84,7 +84,7 @@ def python_for(user: str) -> tuple[str, dict]:
 
     def works(python: str, env: dict) -> bool:
         cmd = ["runuser", "-u", user, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()], python, "-c",
-               "import huggingface_hub, hpcstage.verify"]
+               "import huggingface_hub, hpcstage.verification"]
         return subprocess.run(cmd, capture_output=True, cwd="/").returncode == 0
 
     if works(sys.executable, {}):

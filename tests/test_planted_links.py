@@ -226,7 +226,7 @@ def test_a_build_folder_is_private_until_it_is_published(tmp_path):
 
 @pytest.mark.parametrize("where", ["marker", "marker folder", "lease"])
 def test_prebuild_records_are_never_written_through_a_planted_link(tmp_path, outside, where):
-    from hpcstage import prebuild
+    from hpcstage import arrowcache
 
     from hpcstage.manifest import load_manifest
 
@@ -235,12 +235,12 @@ def test_prebuild_records_are_never_written_through_a_planted_link(tmp_path, out
     m = tmp_path / "hpcstage.yaml"
     m.write_text(f"datasets_cache_dir: {ds}\nprebuild:\n  - {{path: json, data_files: {tmp_path / 'eval.json'}, "
                  "field: test, split: train}\n")
-    [build] = prebuild.builds_from_manifest(load_manifest(m))
+    [build] = arrowcache.builds_from_manifest(load_manifest(m))
     from importlib.metadata import version
 
     # markers are per datasets version of the job's interpreter (here hpcstage's own: no python:)
-    link = {"marker": prebuild.marker_path(ds, build, version("datasets")), "marker folder": ds / prebuild.MARKER_DIR,
-            "lease": prebuild.lease_path(ds, build)}[where]
+    link = {"marker": arrowcache.marker_path(ds, build, version("datasets")), "marker folder": ds / arrowcache.MARKER_DIR,
+            "lease": arrowcache.lease_path(ds, build)}[where]
     plant(link, outside / ("folder" if where == "marker folder" else "precious"))
     r = hpcstage("prebuild", "-f", str(m), env=client_env(_NoHub(), tmp_path / "h"))
     if where == "marker folder":

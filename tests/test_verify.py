@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpcstage import verify as verify_mod
+from hpcstage import verification as verify_mod
 from hpcstage.hfcache import HASH_BUF
 from helpers import client_env, hpcstage, sha256
 

@@ -15,7 +15,6 @@ imported on first use, so `import hpcstage` stays cheap (no huggingface_hub, pyd
 """
 from __future__ import annotations
 
-import types
 from importlib import import_module
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy and pyright read this name as True)
@@ -43,20 +42,20 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
         TransferError,
     )
     from hpcstage.offline import CheckReport
-    from hpcstage.prebuild import PrebuildSummary
+    from hpcstage.arrowcache import PrebuildSummary
     from hpcstage.slurm import SlurmError
     from hpcstage.slurm.clusters import RegistryError
     from hpcstage.slurm.launch import Launch
     from hpcstage.staging import PullSummary
-    from hpcstage.verify import VerifyReport
+    from hpcstage.verification import VerifyReport
 
 _API = {
     **{name: "hpcstage.api" for name in (
         "stage", "stage_manifest", "verify", "prebuild", "check_offline", "job_env", "launch")},
     # what the calls return
     "PullSummary": "hpcstage.staging",
-    "VerifyReport": "hpcstage.verify",
-    "PrebuildSummary": "hpcstage.prebuild",
+    "VerifyReport": "hpcstage.verification",
+    "PrebuildSummary": "hpcstage.arrowcache",
     "CheckReport": "hpcstage.offline",
     "Launch": "hpcstage.slurm.launch",
     # the error family (hpcstage.errors): fields repo, path, status, hint
@@ -68,12 +67,9 @@ _API = {
     "RegistryError": "hpcstage.slurm.clusters",
 }
 __all__ = sorted(_API)
-_BOTH = ("verify", "prebuild")  # a library call and a module of the same name
 
 
 def __getattr__(name: str):
-    if name in _BOTH:  # the module itself, which is callable as the library call (CallableModule)
-        return import_module(f"hpcstage.{name}")
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'hpcstage' has no attribute {name!r}")
@@ -81,12 +77,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
-
-
-class CallableModule(types.ModuleType):
-    """`verify` and `prebuild` are both a module (hpcstage/verify.py, prebuild.py) and a library call. Importing
-    a submodule makes it an attribute of the package, replacing the call, so `hpcstage.verify(...)` would stop
-    working once anything imported the module: these two modules are callable instead, as the call."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(import_module("hpcstage.api"), self.__name__.rpartition(".")[2])(*args, **kwargs)

@@ -19,11 +19,11 @@ from hpcstage.errors import BadInput
 if TYPE_CHECKING:
     from hpcstage.manifest import Manifest
     from hpcstage.offline import CheckReport
-    from hpcstage.prebuild import PrebuildSummary
+    from hpcstage.arrowcache import PrebuildSummary
     from hpcstage.progress import ProgressCallback
     from hpcstage.slurm.launch import Launch
     from hpcstage.staging import PullSummary
-    from hpcstage.verify import VerifyReport
+    from hpcstage.verification import VerifyReport
 
 PathLike = str | os.PathLike
 
@@ -184,7 +184,7 @@ def verify(
             revision, no hub cache at `cache_dir`, a malformed manifest.
         HpcstageError: the cache cannot be read (permission denied), or a repair's pull failed.
     """
-    from hpcstage.verify import verify as run
+    from hpcstage.verification import verify as run
 
     return run([repo_id] if repo_id is not None else None, manifest=_manifest(manifest) if manifest else None,
                repo_type=repo_type, revision=revision, cache_dir=Path(cache_dir) if cache_dir else None,
@@ -220,8 +220,8 @@ def prebuild(
     Raises:
         BadInput: a malformed manifest; an interpreter that does not run or has no `datasets`.
     """
-    from hpcstage.prebuild import builds_from_manifest
-    from hpcstage.prebuild import prebuild as run
+    from hpcstage.arrowcache import builds_from_manifest
+    from hpcstage.arrowcache import prebuild as run
 
     m = _manifest(manifest)
     return run(builds_from_manifest(m), manifest=m, python=python, cache_dir=Path(cache_dir) if cache_dir else None,

@@ -162,7 +162,7 @@ def _pull_array(args: argparse.Namespace, manifest, opts, update=False) -> int:
 
 def _cmd_prebuild(args: argparse.Namespace) -> int:
     from hpcstage.manifest import load_manifest
-    from hpcstage.prebuild import builds_from_experiment, builds_from_manifest, prebuild
+    from hpcstage.arrowcache import builds_from_experiment, builds_from_manifest, prebuild
     from hpcstage.progress import stamp
 
     if not args.manifest and not args.from_experiment:
@@ -237,7 +237,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from hpcstage.verify import verify
+    from hpcstage.verification import verify
 
     manifest = None
     if args.manifest:  # pydantic and yaml only when there is a manifest (~0.1 s of a 20,000-file verify)

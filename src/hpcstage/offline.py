@@ -317,7 +317,7 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
 
     isolation: "netns" (`unshare -n`), "guard" (socket connect patched in the child) or "auto" (netns
     where it works, else guard)."""
-    from hpcstage import prebuild
+    from hpcstage import arrowcache
     from hpcstage.manifest import load_lock
 
     started = time.monotonic()
@@ -347,7 +347,7 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         if entry.repo_type == "dataset" and entry.load is not None:
             label = f"dataset {entry.repo} load({', '.join(f'{k}={v!r}' for k, v in entry.load.items())})"
             tasks.append({"kind": "load", "path": entry.repo, "kwargs": entry.load})
-            explain.append((label, "load", prebuild.read_marker(ds_cache, prebuild.hub_build(entry, lock),
+            explain.append((label, "load", arrowcache.read_marker(ds_cache, arrowcache.hub_build(entry, lock),
                                                                  stack.datasets)))
             continue
         task, extra = _model_task(manifest, entry, hub_cache, lock)
@@ -361,14 +361,14 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
             fix: str | None = (f"inspect the data, then fix the source or the entry's `expect:` in {m}" if staged else pull_fix)
             explain.append(EntryCheck(label, not problems, problems, fix if problems else None))
     for i, spec in enumerate(manifest.prebuild):
-        build = prebuild.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),
+        build = arrowcache.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),
                                      where=f"{m}: prebuild[{i}]")
         label = f"prebuild {build.label}"
         if build.missing:
             explain.append(EntryCheck(label, False, [f"data file not found: {', '.join(build.missing)}"],
                                       f"restore the file, or fix prebuild[{i}] in {m}"))
-        elif (marker := prebuild.read_marker(ds_cache, build, stack.datasets)) is None:
-            reason = prebuild.read_failure(ds_cache, build, stack.datasets)
+        elif (marker := arrowcache.read_marker(ds_cache, build, stack.datasets)) is None:
+            reason = arrowcache.read_failure(ds_cache, build, stack.datasets)
             if reason:  # prebuild built it but could not make it load offline: rerunning it changes nothing
                 explain.append(EntryCheck(label, False, [f"prebuild cannot make {build.call} load offline "
                                                          f"(datasets {stack.datasets}): {reason}"],

@@ -506,15 +506,15 @@ def _job_python(request: LaunchRequest, manifest, cluster: Cluster) -> tuple[str
 def _prebuild_and_check(artifacts: list[Artifact], manifest, cache_dir: Path, python: str | None = None) -> None:
     """Build the Arrow caches the job's manifest names in the job's interpreter, then refuse unless everything
     loads offline there."""
-    from hpcstage import offline, prebuild
+    from hpcstage import arrowcache, offline
 
     if not any(a.repo_type for a in artifacts) and (manifest is None or not manifest.prebuild):
         return
     combined = _job_manifest(artifacts, manifest, cache_dir)
     try:
-        builds = prebuild.builds_from_manifest(combined)
+        builds = arrowcache.builds_from_manifest(combined)
         if builds:
-            summary = prebuild.prebuild(builds, manifest=combined, cache_dir=cache_dir, python=python)
+            summary = arrowcache.prebuild(builds, manifest=combined, cache_dir=cache_dir, python=python)
             failed = [f"{r.label}: {r.error}" for r in summary.results if r.status == "failed"]
             if failed:
                 raise LaunchError(f"prebuild failed, nothing submitted: {'; '.join(failed)}")

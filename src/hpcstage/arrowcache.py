@@ -24,7 +24,7 @@ call once, before any job starts:
   on; while that marker holds for the job stack's datasets version, the build is skipped without
   importing `datasets` (the version comes from the installed distribution's metadata).
 
-The module is also the library call: `hpcstage.prebuild(...)` runs `hpcstage.api.prebuild` (see CallableModule).
+The library call is `hpcstage.prebuild(...)` (hpcstage.api); the CLI's is `hpcstage prebuild`.
 """
 from __future__ import annotations
 
@@ -579,10 +579,3 @@ def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: 
     folder, name = safefs.parent_of(ds_dir, failure_path(ds_dir, b, version))
     folder.unlink(name)
     return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir, alias=str(alias) if alias else None)
-
-
-import sys as _sys  # noqa: E402
-
-from hpcstage import CallableModule as _CallableModule  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule  # `hpcstage.prebuild(...)` is the library call (hpcstage.api)

@@ -12,7 +12,7 @@ batches of up to 256, each file read with one call, so 20,000 small files cost a
 Nothing here touches the network except `--repair`, which removes only the bad files (never anything
 outside the repo's own folders) and fetches exactly those again through `staging.pull`.
 
-The module is also the library call: `hpcstage.verify(...)` runs `hpcstage.api.verify` (see CallableModule).
+The library call is `hpcstage.verify(...)` (hpcstage.api); the CLI's is `hpcstage verify`.
 """
 from __future__ import annotations
 
@@ -833,10 +833,3 @@ def verify(
         report.repaired = [p for p in before if p.key not in still]
     report.seconds = time.monotonic() - started
     return report
-
-
-import sys as _sys  # noqa: E402
-
-from hpcstage import CallableModule as _CallableModule  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule  # `hpcstage.verify(...)` is the library call (hpcstage.api)
