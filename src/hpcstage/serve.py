@@ -15,7 +15,9 @@ the second origin that expire and then answer 403 (`signed_ttl`); gated repos (`
 401/403 ``GatedRepo`` on resolve), tokens (`tokens`: any other token gets 401 "Invalid credentials"),
 disabled repos (`disabled`), renamed repos (`renamed`: 307 on API and resolve), the resolver rate limit
 in fixed windows with ``RateLimit``/``RateLimit-Policy`` (`rate_limit`), and a mirror that ignores Range
-(`ignore_range`).
+(`ignore_range`). A real link's per-connection rate (a CDN's cap, one TCP stream over a long path) is
+`conn_rate`; `peak_connections` says how many connections each listener held open at once (on the CDN,
+a ranged download's stream count).
 """
 
 from __future__ import annotations
@@ -669,6 +671,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault and fault.alters_body:
             self._send_altered(body, length, fault)
+        elif self.server.owner.conn_rate:
+            self._send_paced(body, length, self.server.owner.conn_rate)
         elif isinstance(body, bytes):
             self.wfile.write(body)
             self._sent = length
@@ -688,6 +692,26 @@ class _Handler(BaseHTTPRequestHandler):
         with open(body.path, "rb") as f:  # os.sendfile on plain sockets, send() over TLS
             self._sent = self.connection.sendfile(f, body.offset, body.length)
         if self._sent < body.length:  # file shrank under us: the promised length cannot be met
+            self.close_connection = True
+
+    def _send_paced(self, body: bytes | _FileSlice, length: int, rate: float) -> None:
+        """The body at `rate` bytes/s: slices of 1/50 s each, sent by the kernel (sendfile) for files."""
+        self.wfile.flush()  # the head first
+        step = max(16 * 1024, int(rate / 50))
+        stopping, started = self.server.owner._stopping, time.monotonic()
+        with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
+            while self._sent < length and not stopping.is_set():
+                n = min(step, length - self._sent)
+                if f:
+                    sent = self.connection.sendfile(f, body.offset + self._sent, n)
+                else:
+                    self.connection.sendall(body[self._sent:self._sent + n])
+                    sent = n
+                if not sent:
+                    break
+                self._sent += sent
+                stopping.wait(max(0.0, started + self._sent / rate - time.monotonic()))
+        if self._sent < length:
             self.close_connection = True
 
     def _send_altered(self, body: bytes | _FileSlice, length: int, fault: FaultRule) -> None:
@@ -742,6 +766,7 @@ class _Listener(ThreadingHTTPServer):
         self.owner, self.role = owner, role
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
+        self.peak = 0  # the most connections open at once
         super().__init__(address, _Handler)
         self.scheme = "https" if tls else "http"
         if tls:  # the handshake happens in accept(): fine for a test server
@@ -752,6 +777,7 @@ class _Listener(ThreadingHTTPServer):
                                   name=f"hpcstage-serve-{self.role}-conn", daemon=self.daemon_threads)
         with self._connections_lock:
             self._connections[request] = thread
+            self.peak = max(self.peak, len(self._connections))
         thread.start()
 
     def shutdown_request(self, request):
@@ -796,6 +822,7 @@ class HubServer:
         self.rate_limit_reset: int | None = None  # say this t on every answer instead of the real one
         self.rate_limit_on_success = True  # RateLimit headers on every resolver answer (the Hub's way), not only 429s
         self.ignore_range = False
+        self.conn_rate: float | None = None  # bytes/s each connection's answers are sent at; None: as fast as it goes
         self._secret = os.urandom(16)
         self._window = (0.0, -1, 0)  # (start, index, requests counted in it)
         self.rate_window_started = 0.0
@@ -965,6 +992,11 @@ class HubServer:
         """Requests received so far, answered or not (tests wait on this instead of sleeping)."""
         with self._lock:
             return self._received
+
+    @property
+    def peak_connections(self) -> dict[str, int]:
+        """Per listener ('hub', 'cdn'): the most connections open at once (keep-alive ones count while idle)."""
+        return {listener.role: listener.peak for listener in self._listeners}
 
     def clear_log(self) -> None:
         with self._lock:
