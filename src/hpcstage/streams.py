@@ -28,7 +28,9 @@ import time
 from typing import Callable
 
 START = 4  # streams before anything is measured (the fixed count of earlier versions: right on loopback)
-GAIN = 0.5  # a step up must add at least this fraction of its proportional gain
+# A step up must add at least this fraction of its proportional gain: each new stream a quarter of what an
+# old one carries. Low, because too few streams on a slow link cost far more than a few too many on a fast one.
+GAIN = 0.25
 MIN_WINDOW = 0.2  # seconds: shortest measurement window (shorter ones measure the neighbours' load)
 SETTLE = 0.05  # seconds at least between a change and its window: new streams connect and ask
 PROBE_EVERY = 8  # windows held before one step up is tried again
