@@ -876,6 +876,10 @@ def fetch(
                     # wait for our hasher to free one; while we hold none, also look at the budget again
                     cond.wait(timeout=None if owned[0] else 0.05)
                 running[0] -= 1
+                while free and owned[0] > streams.share(me) + 2:  # fewer streams: spare buffers to the others
+                    free.pop()
+                    owned[0] -= 1
+                    _BUFFERS.release()
                 return None
 
         def grow() -> None:
