@@ -11,8 +11,9 @@ aggregate byte rate of all large files of the client:
   time, so that every stream is counted over a whole request and its wait);
 - while each step up raises the rate by at least GAIN of what the new streams would add if each carried
   what the old ones did, double (growing); when a step does not, go back to the count that proved itself
-  and hold it;
-- while holding, try one step of a quarter more every PROBE_EVERY windows (the link may have freed up);
+  and, one window later, try a quarter more (the count that fills the pipe may lie between);
+- after a step of a quarter more that paid off, take the next one; after one that did not, hold, and try
+  again every PROBE_EVERY windows (the link may have freed up);
 - on trouble (a dropped connection, a retried 5xx, a 429) halve at once, at most once per window, and
   grow again only by probing.
 
@@ -28,9 +29,7 @@ import time
 from typing import Callable
 
 START = 4  # streams before anything is measured (the fixed count of earlier versions: right on loopback)
-# A step up must add at least this fraction of its proportional gain: each new stream a quarter of what an
-# old one carries. Low, because too few streams on a slow link cost far more than a few too many on a fast one.
-GAIN = 0.25
+GAIN = 0.5  # a step up must add at least this fraction of its proportional gain (noise on a busy machine: 20%)
 MIN_WINDOW = 0.2  # seconds: shortest measurement window (shorter ones measure the neighbours' load)
 SETTLE = 0.05  # seconds at least between a change and its window: new streams connect and ask
 PROBE_EVERY = 8  # windows held before one step up is tried again
@@ -47,7 +46,6 @@ class Streams:
         self.buffers = buffers
         self.clock = clock
         self.limit = min(START, self.most)  # streams wanted now, all files together
-        self.peak = self.limit
         self.growing = True  # doubling until a step does not pay off
         self.proven: tuple[int, float] | None = None  # (count, bytes/s) of the last count that proved itself
         self.piece_time = 0.0  # seconds a piece takes, smoothed: the measurement window follows it
@@ -126,7 +124,6 @@ class Streams:
         if count == self.limit:
             return
         self.limit = count
-        self.peak = max(self.peak, count)
         self._settle_until = now + max(SETTLE, self.piece_time / 2)
         self._mark = None
 
@@ -159,8 +156,10 @@ class Streams:
         elif n > self.proven[0] and rate >= self.proven[1] * (1 + GAIN * (n / self.proven[0] - 1)):
             self.proven, self._held = (n, rate), 0  # the new streams paid off
             self._set(n * 2 if self.growing else n + max(1, n // 4), now)
-        else:  # no better (or worse): back to what proved itself
-            self.growing, self._held = False, 0
+        else:  # no better (or worse): back to what proved itself; at the end of the doubling, try a
+            # quarter more after one window there (between n/2 and n may lie the count that fills the pipe)
+            self._held = PROBE_EVERY - 1 if self.growing else 0
+            self.growing = False
             self._set(self.proven[0], now)
         logger.log(logging.INFO if self.limit != n else logging.DEBUG, "range streams: %d at %.0f MB/s -> %d",
                    n, rate / 1e6, self.limit)
