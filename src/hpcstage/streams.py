@@ -7,8 +7,9 @@ huggingface_hub or the standard library decides this for plain HTTP ranges (hf_x
 protocol's fetches), hence this small controller, in the manner of TCP's slow start and AIMD but on the
 aggregate byte rate of all large files of the client:
 
-- start at START streams; measure the rate over a window (at least MIN_WINDOW, and at least one piece's
-  time, so that every stream is counted over a whole request and its wait);
+- start at START streams; after a change, let a piece's time pass (new streams connect and ask), then
+  measure the rate over a window (at least MIN_WINDOW, and at least one piece's time, so that every
+  stream is counted over a whole request and its wait);
 - while each step up raises the rate by at least GAIN of what the new streams would add if each carried
   what the old ones did, double (growing); when a step does not, go back to the count that proved itself
   and, one window later, try a quarter more (the count that fills the pipe may lie between);
@@ -29,7 +30,10 @@ import time
 from typing import Callable
 
 START = 4  # streams before anything is measured (the fixed count of earlier versions: right on loopback)
-GAIN = 0.5  # a step up must add at least this fraction of its proportional gain (noise on a busy machine: 20%)
+# A step up must add at least this fraction of its proportional gain: each new stream a quarter of what an old
+# one carries. Low, because too few streams on a capped link cost far more than a few too many on a fast one,
+# and a busy machine's noise (+-50% between windows here) fools any threshold now and then.
+GAIN = 0.25
 MIN_WINDOW = 0.2  # seconds: shortest measurement window (shorter ones measure the neighbours' load)
 SETTLE = 0.05  # seconds at least between a change and its window: new streams connect and ask
 PROBE_EVERY = 8  # windows held before one step up is tried again
@@ -124,7 +128,7 @@ class Streams:
         if count == self.limit:
             return
         self.limit = count
-        self._settle_until = now + max(SETTLE, self.piece_time / 2)
+        self._settle_until = now + max(SETTLE, self.piece_time)  # every stream is on a piece of the new count
         self._mark = None
 
     def _tick(self, now: float) -> bool:
