@@ -214,9 +214,9 @@ class Bench:
             finally:
                 self.server, self.env = main, clean_env(HF_ENDPOINT=main.url)
         self.notes.append(f"wan: every connection capped at {WAN_RATE_MB:.0f} MB/s and every answer (hub and CDN) "
-                          f"{WAN_LATENCY_MS:.0f} ms late (`hpcstage serve --conn-rate-mb {WAN_RATE_MB:.0f} --latency-ms "
-                          f"{WAN_LATENCY_MS:.0f}`): not a network emulation, loopback's bandwidth and the same 2 cores "
-                          "carry every stream.")
+                          f"{WAN_LATENCY_MS:.0f} ms late (`hpcstage serve --conn-rate-mb {WAN_RATE_MB:.0f} "
+                          f"--latency-ms {WAN_LATENCY_MS:.0f}`): not a network emulation, loopback's bandwidth and "
+                          "the same 2 cores carry every stream.")
 
     def small(self) -> None:
         repo = small_repo()

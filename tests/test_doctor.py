@@ -19,7 +19,7 @@ from hpcstage import doctor
 from hpcstage.hfcache import CachedFile
 from hpcstage.manifest import Lockfile, entry_lock, load_manifest, save_lock
 
-NAMES = ["space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "hf_home",
+NAMES = ["space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "xet_store", "hf_home",
          "token", "proxy", "endpoint", "offline", "cpu_limit"]
 DEAD = "http://127.0.0.1:9"  # discard port: nothing listens, connection refused
 MiB = 2**20

@@ -442,7 +442,7 @@ def test_train_config_paths_are_resolved_against_its_folder_and_its_repo_id_is_s
     assert "HPCSTAGE_MODEL=\"$HF_HUB_CACHE/models--demo-org--tiny-model/snapshots/" in train
     assert f"export HPCSTAGE_EVAL_MODEL={folder / 'out' / 'run1'}\n" in (exp / "eval.sbatch").read_text()
     warnings = [line for line in err.splitlines() if line.startswith("hpcstage: warning:")
-                and "install them into the job's environment" not in line]  # this venv has no llamafactory
+                and "install what is missing into the job's environment" not in line]  # this venv has no llamafactory
     assert warnings == [
         "hpcstage: warning: --train-config sft.yaml: tokenized_path: cache/tok exists neither beside the config "
         f"({folder}) nor here ({elsewhere}); the job will look for it in {elsewhere}",
@@ -542,3 +542,165 @@ def test_a_real_job_stack_without_the_jobs_tools_is_refused_before_any_sbatch(tm
     assert f"the train job runs `llamafactory-cli`, which is neither in {Path(python).parent} nor on PATH" in err
     assert f"the eval job runs `{python} -m lm_eval`, which that interpreter cannot import" in err
     assert not (tmp_path / "experiments" / "stack").exists()
+
+
+# -- environments and secrets (slurm/environment.py)
+
+
+def private_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def user_clusters(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config" / "hpcstage" / "clusters.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_activate_lines_per_job_type_run_after_the_module_loads_and_env_files_are_exported(tmp_path, capsys):
+    user_clusters(tmp_path, """
+[juwels.activate]
+default = "source /p/project/x/miniconda3/bin/activate /p/project/x/envs/train"
+eval = "source /p/project/x/envs/eval/bin/activate"
+[juwels.env_file]
+train = "%s"
+""" % (tmp_path / "train.env"))
+    (tmp_path / "train.env").write_text("# paths of my project\nexport DCFT=/p/project/x/dcft\n"
+                                        "WANDB_PROJECT='sft runs' # a comment\nWANDB_MODE=offline\n")
+    (tmp_path / "more.env").write_text("WANDB_MODE=online\n")
+    code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "juwels", "--train-config",
+                            train_config(tmp_path), "--eval-tasks", "hellaswag", "--env-file", tmp_path / "more.env",
+                            "--name", "act", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "act"
+    train, evaluation = (check_script(exp / f"{k}.sbatch") for k in ("train", "eval"))
+    line = "source /p/project/x/miniconda3/bin/activate /p/project/x/envs/train\n"
+    # no interpreter named: the job runs the one its activation provides
+    assert train.index("module load CUDA\n") < train.index(line) < train.index("HPCSTAGE_PYTHON=$(command -v python)")
+    assert train.index("set -euo pipefail") < train.index(line)
+    assert "source /p/project/x/envs/eval/bin/activate\n" in evaluation and line not in evaluation
+    assert "export DCFT=/p/project/x/dcft\nexport WANDB_PROJECT='sft runs'\nexport WANDB_MODE=online\n" in train
+    assert "DCFT" not in evaluation and "export WANDB_MODE=online\n" in evaluation  # the table: train only
+    config = json.loads((exp / "config.json").read_text())
+    assert config["jobs"]["train"]["env"] == {"DCFT": "/p/project/x/dcft", "WANDB_PROJECT": "sft runs",
+                                              "WANDB_MODE": "online"}
+    assert config["jobs"]["train"]["env_files"] == [str(tmp_path / "train.env"), str(tmp_path / "more.env")]
+    assert config["jobs"]["eval"]["activate"] == "source /p/project/x/envs/eval/bin/activate"
+    # --activate replaces the registry's line for every job of the launch
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "juwels", "--command", "true",
+                            "--activate", "conda activate mine", "--name", "cli", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    script = check_script(tmp_path / "experiments" / "cli" / "run.sbatch")
+    assert "\nconda activate mine\n" in script and "miniconda3" not in script
+
+
+@pytest.mark.parametrize("text, message", [
+    ("WANDB_API_KEY=abc\n", "{f}:1: WANDB_API_KEY looks like a credential, and env files are copied into job scripts "
+                            "and config.json; move it to your secrets file ($HPCSTAGE_SECRETS_FILE, chmod 600)"),
+    ("OK=1\nnot a pair\n", "{f}:2: not a KEY=value line; write NAME=value (NAME of letters, digits, _)"),
+])
+def test_a_bad_env_file_is_refused_naming_its_line(text, message, tmp_path, capsys):
+    (tmp_path / "bad.env").write_text(text)
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "--env-file",
+                            tmp_path / "bad.env", "--name", "bad", "--dry-run", capsys=capsys)
+    assert code == 2
+    assert err.strip() == "hpcstage: error: " + message.format(f=tmp_path / "bad.env")
+    assert not (tmp_path / "experiments" / "bad").exists()
+
+
+def test_secrets_file_is_sourced_at_run_time_and_refused_when_others_can_read_it(tmp_path, capsys, monkeypatch):
+    secret = "wandb_CANARY" + "7" * 24
+    secrets = private_file(tmp_path / "private" / "secrets.env", f"WANDB_API_KEY={secret}\nexport HF_TOKEN={CANARY}\n")
+    user_clusters(tmp_path, f'[jureca]\nsecrets_file = "{secrets}"\n')
+    args = ["launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "--dry-run"]
+    code, out, err = hpcstage(*args, "--name", "ok", capsys=capsys)
+    assert code == 0, err
+    exp = tmp_path / "experiments" / "ok"
+    script = check_script(exp / "run.sbatch")
+    assert f"hpcstage_secrets={secrets}\n" in script and 'source "$hpcstage_secrets"' in script
+    assert script.index("{ set +x; } 2>/dev/null") < script.index('source "$hpcstage_secrets"')
+    assert secret not in out + err and CANARY not in out + err
+    no_canary(exp)
+    assert [p for p in exp.rglob("*") if p.is_file() and secret in p.read_text()] == []
+    assert json.loads((exp / "config.json").read_text())["jobs"]["run"]["secrets_file"] == str(secrets)
+
+    secrets.chmod(0o640)
+    code, _, err = hpcstage(*args, "--name", "open", capsys=capsys)
+    assert code == 2 and not (tmp_path / "experiments" / "open").exists()
+    assert err.strip() == (f"hpcstage: error: secrets file {secrets} (from secrets_file of [jureca] in clusters.toml) "
+                           f"is open to others (mode 0640); make it private: chmod 600 {secrets}")
+    # $HPCSTAGE_SECRETS_FILE wins over the registry, and must exist
+    monkeypatch.setenv("HPCSTAGE_SECRETS_FILE", str(tmp_path / "missing.env"))
+    code, _, err = hpcstage(*args, "--name", "missing", capsys=capsys)
+    assert code == 2 and err.startswith(f"hpcstage: error: secrets file {tmp_path / 'missing.env'} "
+                                        "(from $HPCSTAGE_SECRETS_FILE) does not exist; create it with `install -m 600")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_a_secrets_file_owned_by_someone_else_is_refused(tmp_path, capsys, monkeypatch):
+    secrets = private_file(tmp_path / "theirs.env", "HF_TOKEN=x\n")
+    os.chown(secrets, 65534, 65534)
+    monkeypatch.setenv("HPCSTAGE_SECRETS_FILE", str(secrets))
+    code, _, err = hpcstage("launch", "--job-type", "run", "--cluster", "jureca", "--command", "true", "--dry-run",
+                            capsys=capsys)
+    assert code == 2
+    assert err.strip() == (f"hpcstage: error: secrets file {secrets} (from $HPCSTAGE_SECRETS_FILE) belongs to uid "
+                           "65534, not to you: whoever owns it can change what your jobs run; use a file of your own "
+                           "(chmod 600)")
+
+
+def test_datagen_target_repo_is_refused_offline_and_without_a_token_and_rendered_per_chunk(tmp_path, capsys,
+                                                                                          monkeypatch):
+    tasks = tmp_path / "traces"
+    for n in range(5):
+        (tasks / f"task-{n}").mkdir(parents=True)
+    (tmp_path / "gen.py").write_text("pass\n")
+    args = ["launch", "--job-type", "datagen", "--datagen-script", tmp_path / "gen.py", "--trace-input-path", tasks,
+            "--chunk-size", "2", "--datagen-target-repo", "gen-org/traces", "--dry-run"]
+    code, _, err = hpcstage(*args, "--cluster", "jureca", "--name", "off", capsys=capsys)
+    assert code == 2 and not (tmp_path / "experiments" / "off").exists()
+    assert err.strip() == ("hpcstage: error: --datagen-target-repo: jureca's compute nodes have no internet, so the job "
+                           "cannot upload; launch on a cluster with internet, or upload the experiment's output/ folder "
+                           "from the login node afterwards (`hf upload --repo-type dataset gen-org/traces "
+                           "EXPERIMENT/output`)")
+    code, _, err = hpcstage(*args, "--cluster", "alpha", "--name", "notoken", capsys=capsys)
+    assert code == 2 and "no secrets file is set; add a line HF_TOKEN=hf_... to a private file" in err
+    monkeypatch.setenv("HPCSTAGE_SECRETS_FILE", str(private_file(tmp_path / "s.env", f"HF_TOKEN={CANARY}\n")))
+    code, _, err = hpcstage(*args, "--cluster", "alpha", "--name", "up", capsys=capsys)
+    assert code == 0, err
+    script = check_script(tmp_path / "experiments" / "up" / "datagen.sbatch")
+    assert "' gen-org/traces\"-chunk-$HPCSTAGE_CHUNK_INDEX\" \"$HPCSTAGE_OUTPUT_DIR\" up-datagen\n" in script
+    assert 'export HPCSTAGE_OUTPUT_DIR="$HPCSTAGE_EXPERIMENT/output/chunk-$HPCSTAGE_CHUNK_INDEX"' in script
+    assert CANARY not in script
+
+
+def test_checks_of_the_jobs_environment_run_through_its_activation(tmp_path, capsys, monkeypatch):
+    """An activated venv without huggingface_hub is found out on the login node, before any sbatch."""
+    from hpcstage.slurm import launch as launch_module
+
+    monkeypatch.setattr(launch_module, "submit", lambda *a, **k: pytest.fail("sbatch was called"))
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    monkeypatch.setenv("HPCSTAGE_SECRETS_FILE", str(private_file(tmp_path / "s.env", "HF_TOKEN=x\n")))
+    (tmp_path / "gen.py").write_text("pass\n")
+    code, _, err = hpcstage("launch", "--job-type", "datagen", "--cluster", "alpha", "--datagen-script",
+                            tmp_path / "gen.py", "--datagen-target-repo", "gen-org/x", "--gpus-per-node", "0",
+                            "--activate", f"source {venv}/bin/activate", "--name", "bare", capsys=capsys)
+    assert code == 2
+    assert ("the datagen job imports huggingface_hub in `python (after its activation)`, which cannot import it"
+            in err), err
+    assert not (tmp_path / "experiments" / "bare").exists()
+
+
+def test_an_activate_table_naming_an_unknown_job_type_is_refused(tmp_path, capsys):
+    user_clusters(tmp_path, '[jureca.activate]\ntrian = "source /p/x/bin/activate"\n')
+    code, _, err = hpcstage("launch", "--job-type", "train", "--cluster", "jureca", "--train-config",
+                            train_config(tmp_path), "--name", "typo", "--dry-run", capsys=capsys)
+    assert code == 2 and not (tmp_path / "experiments" / "typo").exists()
+    assert err.strip().endswith("activate: Value error, unknown job type trian; use train, datagen, consolidate, "
+                                "eval, run or default")

@@ -317,13 +317,20 @@ json.dump(out, open(sys.argv[1], "w"))
 
 
 @pytest.mark.timeout(1800)  # the job stack is built first when it is not cached (minutes, once)
-def test_launch_with_python_of_a_job_stack_prebuilds_checks_and_runs_in_it(cluster, hub, tmp_path, env):
-    """launch --python <datasets 4.0 stack>: prebuild and check run in that interpreter (their records are
-    for datasets 4.0 only, and the launch passes the check), and the job runs in it and loads offline every
-    form the manifest names, `data_files` on a Hub dataset included, without building anything."""
+@pytest.mark.parametrize("how", ["--python", "--activate"])
+def test_launch_with_python_of_a_job_stack_prebuilds_checks_and_runs_in_it(how, cluster, hub, tmp_path, env):
+    """launch --python <datasets 4.0 stack> (or --activate 'source <stack>/bin/activate'): prebuild and check run
+    in that interpreter (their records are for datasets 4.0 only, and the launch passes the check), and the job
+    runs in it and loads offline every form the manifest names, `data_files` on a Hub dataset included, without
+    building anything."""
     from helpers import job_stack
 
     stack = job_stack("ds4.0")
+    # What `activate` does, spelled out: the cached stacks are built in a .partial folder and renamed, so their own
+    # bin/activate names a folder that no longer exists.
+    folder = Path(stack["python"]).parent
+    activation = f'export VIRTUAL_ENV={folder.parent} PATH={folder}:"$PATH"'
+    chosen = [how, stack["python"] if how == "--python" else activation]
     eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps({"test": [{"q": i} for i in range(5)]}))
     manifest = tmp_path / "hpcstage.yaml"
@@ -342,7 +349,7 @@ prebuild:
     env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_UPDATE_DOWNLOAD_COUNTS": "0", "NO_PROXY": "127.0.0.1"}
     jobs = launch(tmp_path, env, "--job-type", "run", "--offline", "--name", "stack", "-f", manifest,
-                  "--python", stack["python"], "--command", f'"$HPCSTAGE_PYTHON" {tmp_path / "job.py"} {out} {eval_file}')
+                  *chosen, "--command", f'"$HPCSTAGE_PYTHON" {tmp_path / "job.py"} {out} {eval_file}')
     hub.stop()  # staged, built and checked: the job needs no server
     datasets_cache = tmp_path / "datasets"
     markers = sorted(p.name.split(".", 1)[1] for p in (datasets_cache / ".hpcstage-prebuild").iterdir())
@@ -356,4 +363,187 @@ prebuild:
                       "json_field": 5}
     assert {p: p.stat().st_mtime_ns for p in datasets_cache.rglob("*.arrow")} == arrow_before
     script = (tmp_path / "experiments" / "stack" / "run.sbatch").read_text()
-    assert f"export HPCSTAGE_PYTHON={stack['python']}" in script
+    if how == "--python":
+        assert f"export HPCSTAGE_PYTHON={stack['python']}" in script
+    else:  # the activated environment's `python`, found by the job itself
+        assert f"\n{activation}\n" in script
+        assert "HPCSTAGE_PYTHON=$(command -v python)" in script
+
+
+# -- environments and secrets
+
+
+SHOW_PYTHON = """\
+import json, os, sys
+json.dump({"executable": sys.executable, "prefix": sys.prefix, "HPCSTAGE_PYTHON": os.environ["HPCSTAGE_PYTHON"]},
+          open(sys.argv[1], "w"))
+"""
+
+
+def private_file(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def gate(tmp_path: Path, env: dict, name: str) -> tuple[str, Path]:
+    """A job that runs until the returned file exists: a later job launched --after it starts when the test says."""
+    release = tmp_path / f"{name}.release"
+    records = launch(tmp_path, env, "--job-type", "run", "--name", name, "--command",
+                     f"for i in $(seq 600); do [[ -e {release} ]] && exit 0; sleep 0.1; done; exit 1")
+    return ids(records)[0], release
+
+
+def test_activate_enters_a_separate_venv_and_a_failing_activation_stops_the_job_with_its_message(cluster, tmp_path,
+                                                                                                env):
+    venv = tmp_path / "jobvenv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (tmp_path / "show.py").write_text(SHOW_PYTHON)
+    out = tmp_path / "python.json"
+    ok = launch(tmp_path, env, "--job-type", "run", "--name", "venv", "--activate", f"source {venv}/bin/activate",
+                "--command", f"python {tmp_path / 'show.py'} {out}")
+    # an activation that works at launch and is broken when the job starts (an environment deleted meanwhile)
+    activate, marker = tmp_path / "activate.sh", tmp_path / "command-ran"
+    activate.write_text("export FROM_ACTIVATION=1\n")
+    first, release = gate(tmp_path, env, "gate")
+    bad = launch(tmp_path, env, "--job-type", "run", "--name", "broken", "--after", first,
+                 "--activate", f"source {activate}", "--command", f"touch {marker}")
+    activate.write_text('echo "activate: environment /p/project/x/envs/train not found" >&2\nreturn 3\n')
+    release.touch()
+    states = wait(ids(ok) + [first] + ids(bad), timeout=60, poll=POLL)
+    assert states[ids(ok)[0]].state == "COMPLETED", states
+    assert json.loads(out.read_text()) == {"executable": str(venv / "bin" / "python"), "prefix": str(venv),
+                                           "HPCSTAGE_PYTHON": str(venv / "bin" / "python")}
+    assert (states[ids(bad)[0]].state, states[ids(bad)[0]].exit_code) == ("FAILED", 3)
+    assert not marker.exists()  # stopped at the activation: the command never ran
+    log = next((tmp_path / "experiments" / "broken" / "logs").glob("*.out")).read_text()
+    assert log == ("activate: environment /p/project/x/envs/train not found\n"
+                   "hpcstage: the activate line failed (exit 3); fix it (--activate) and launch again\n")
+
+
+def _state_files(job_id: str) -> list[Path]:
+    """slurmctld's saved copy of a job's environment (readable here: the test cluster runs as this user)."""
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
+    location = next(line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
+                    if line.startswith("StateSaveLocation"))
+    return sorted(Path(location).glob(f"hash.*/job.{job_id}/environment"))
+
+
+SECRET_HASHES = """\
+import hashlib, json, os, sys
+names = ("WANDB_API_KEY", "HF_TOKEN", "MY_SERVICE_TOKEN", "JOBENV_MARKER")
+json.dump({n: os.environ[n] and hashlib.sha256(os.environ[n].encode()).hexdigest() if n in os.environ else None
+           for n in names}, open(sys.argv[1], "w"))
+"""
+
+
+def test_a_canary_in_the_secrets_file_reaches_the_job_and_no_script_record_log_or_slurm_state(cluster, tmp_path,
+                                                                                              env):
+    import hashlib
+
+    wandb, token, shell_only = (f"{kind}_CANARY{os.urandom(8).hex()}" for kind in ("wandb", "hf", "svc"))
+    secrets = private_file(tmp_path / "secrets.env", f"WANDB_API_KEY={wandb}\nexport HF_TOKEN={token}\n")
+    env = {**env, "HPCSTAGE_SECRETS_FILE": str(secrets), "MY_SERVICE_TOKEN": shell_only, "WANDB_API_KEY": shell_only,
+           "JOBENV_MARKER": "exported-by-the-list"}
+    (tmp_path / "hashes.py").write_text(SECRET_HASHES)
+    out, release = tmp_path / "hashes.json", tmp_path / "release"
+    proc = hpcstage("launch", "--cluster", "local", "--experiments-dir", tmp_path / "experiments", "--name", "sec",
+                    "--job-type", "run", "--activate", "set -x",  # the job traces every line: not the secrets'
+                    "--command", f"{PY} {tmp_path / 'hashes.py'} {out}; "
+                                 f"for i in $(seq 600); do [[ -e {release} ]] && break; sleep 0.1; done",
+                    env=env)
+    job = json.loads((tmp_path / "experiments" / "sec" / "jobs.json").read_text())["jobs"][0]["job_id"]
+    try:
+        wait_for_file = time.monotonic() + 60
+        while not out.exists():
+            assert time.monotonic() < wait_for_file, "the job never wrote its hashes"
+            time.sleep(POLL)
+        shown = subprocess.run(["scontrol", "show", "job", "-dd", job], capture_output=True, text=True, check=True)
+        script = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True)
+        saved = _state_files(job)
+        assert saved, "slurmctld's copy of the job's environment was not found"
+        saved_env = saved[0].read_bytes()
+    finally:
+        release.touch()
+    states = wait([job], timeout=60, poll=POLL)
+    assert states[job].state == "COMPLETED", states
+
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    assert json.loads(out.read_text()) == {"WANDB_API_KEY": sha(wandb), "HF_TOKEN": sha(token),
+                                           "MY_SERVICE_TOKEN": None, "JOBENV_MARKER": sha("exported-by-the-list")}
+    assert b"JOBENV_MARKER=exported-by-the-list" in saved_env  # the right file: it holds what sbatch exported
+    log = next((tmp_path / "experiments" / "sec" / "logs").glob("*.out")).read_text()
+    assert "+ export HPCSTAGE_EXPERIMENT=" in log and "+ source" not in log  # traced, except the secrets
+    texts = {"launch output": proc.stdout + proc.stderr, "scontrol show job -dd": shown.stdout,
+             "batch script": script.stdout, "slurmctld state": saved_env.decode(errors="replace")}
+    texts.update({str(p): p.read_text(errors="replace") for p in (tmp_path / "experiments").rglob("*") if p.is_file()})
+    for canary in (wandb, token, shell_only, CANARY):
+        assert [where for where, text in texts.items() if canary in text] == []
+
+
+GENERATE = """\
+import json, os
+folders = open(os.environ["HPCSTAGE_CHUNK_LIST"]).read().split()
+with open(os.path.join(os.environ["HPCSTAGE_OUTPUT_DIR"], "rows.jsonl"), "w") as f:
+    for folder in folders:
+        f.write(json.dumps({"task": os.path.basename(folder), "chunk": int(os.environ["HPCSTAGE_CHUNK_INDEX"])}) + "\\n")
+"""
+
+NET_LOCAL = """\
+[netlocal]
+description = "the local test cluster declared with internet: its jobs reach the emulator on 127.0.0.1"
+internet = true
+gpus_per_node = 4
+gpu_type = "fake (character devices)"
+cpus_per_node = 8
+mem = "4G"
+partition = "debug"
+gpu_directive = "gres"
+max_time = "1-00:00:00"
+secrets_file = "{secrets}"
+"""
+
+
+def test_datagen_array_of_3_chunks_uploads_each_chunk_to_its_own_repo_that_a_later_pull_reads(cluster, tmp_path,
+                                                                                              env):
+    from hpcstage.serve import HubServer
+
+    token = f"hf_CANARY{os.urandom(8).hex()}"
+    secrets = private_file(tmp_path / "secrets.env", f"HF_TOKEN={token}\n")
+    (tmp_path / "config" / "hpcstage").mkdir(parents=True)
+    (tmp_path / "config" / "hpcstage" / "clusters.toml").write_text(NET_LOCAL.format(secrets=secrets))
+    tasks = tmp_path / "traces"
+    for n in range(6):
+        (tasks / f"task-{n}").mkdir(parents=True)
+    (tmp_path / "generate.py").write_text(GENERATE)
+    root = tmp_path / "hubroot"
+    (root / "datasets").mkdir(parents=True)
+    with HubServer(root) as hub:
+        hub.tokens = {token}  # the shell's HF_TOKEN (CANARY) would be refused: only the secrets file's is good
+        net_env = {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "NO_PROXY": "127.0.0.1",
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        proc = hpcstage("launch", "--cluster", "netlocal", "--experiments-dir", tmp_path / "experiments", "--json",
+                        "--name", "up", "--job-type", "datagen", "--datagen-script", tmp_path / "generate.py",
+                        "--trace-input-path", tasks, "--chunk-size", "2", "--gpus-per-node", "0",
+                        "--datagen-target-repo", "gen-org/traces", env=net_env)
+        array = ids(json.loads(proc.stdout)["jobs"])[0]
+        states = wait([array], timeout=120, poll=POLL)
+        assert sorted(states) == [f"{array}_{i}" for i in range(3)]
+        assert {s.state for s in states.values()} == {"COMPLETED"}, states
+        commits = [r for r in hub.log if r.method == "POST" and r.path.endswith("/commit/main")]
+        assert sorted(r.path for r in commits) == [f"/api/datasets/gen-org/traces-chunk-{i}/commit/main"
+                                                   for i in range(3)]
+        assert all(r.status == 200 and r.has_auth for r in commits)
+        for i in range(3):
+            r = hpcstage("pull", "--repo-type", "dataset", f"gen-org/traces-chunk-{i}", "--cache-dir",
+                         tmp_path / "pulled", env={**net_env, "HF_TOKEN": token})
+            assert r.returncode == 0, r.stderr
+            snapshot = (tmp_path / "pulled" / f"datasets--gen-org--traces-chunk-{i}" / "snapshots" /
+                        hub.commit_of("dataset", f"gen-org/traces-chunk-{i}"))
+            rows = [json.loads(line) for line in (snapshot / "rows.jsonl").read_text().splitlines()]
+            assert rows == [{"task": f"task-{n}", "chunk": i} for n in (2 * i, 2 * i + 1)]
+    logs = sorted((tmp_path / "experiments" / "up" / "logs").glob("*.out"))
+    assert all("hpcstage: uploaded " in p.read_text() for p in logs) and len(logs) == 3
+    texts = [p.read_text(errors="replace") for p in (tmp_path / "experiments").rglob("*") if p.is_file()]
+    assert not [t for t in texts if token in t or CANARY in t]

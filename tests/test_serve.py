@@ -19,7 +19,7 @@ import pytest
 import hpcstage.serve as serve
 from hpcstage.samples import DATASET_ID, DATASET_SPLITS, MODEL_ID, MODEL_TAG, make_samples
 from hpcstage.serve import FaultRule, HubServer
-from helpers import client_env, run_python, wait_for
+from helpers import client_env, hpcstage, run_python, wait_for
 
 TOKEN = "hf_testtoken_never_leaves_the_hub"
 
@@ -441,3 +441,50 @@ def test_lfs_is_decided_by_gitattributes_when_the_repo_has_lfs_rules(tmp_path):
         lfs = {p for p, f in hub.files_of("model", "demo-org/attrs").items() if f.sha256}
         assert lfs == {"config.json", "weights/a.pt"}
         assert hub.files_of("model", "demo-org/plain")["model.safetensors"].sha256  # no rules: by suffix
+
+
+UPLOAD = """\
+import json, sys
+from huggingface_hub import HfApi
+api = HfApi()
+url = api.create_repo("gen-org/out", repo_type="dataset", private=True, exist_ok=True)
+again = api.create_repo("gen-org/out", repo_type="dataset", private=True, exist_ok=True)  # a 409, accepted
+first = api.upload_folder(repo_id="gen-org/out", repo_type="dataset", folder_path=sys.argv[1])
+second = api.upload_folder(repo_id="gen-org/out", repo_type="dataset", folder_path=sys.argv[1])  # unchanged
+print(json.dumps([str(url), str(again), first.oid, second.oid]))
+"""
+
+
+def test_upload_folder_creates_the_repo_and_commits_what_a_later_pull_downloads(tmp_path):
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "datasets").mkdir(parents=True)
+    (out / "part").mkdir(parents=True)
+    files = {"rows.jsonl": b'{"q": "1+1", "a": "2"}\n', "part/meta.json": b'{"n": 1}', "blob.bin": bytes(range(256))}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    with HubServer(root) as hub:
+        hub.tokens = {TOKEN}
+        env = client_env(hub, tmp_path / "c", HF_TOKEN=TOKEN)
+        del env["HF_HUB_DISABLE_XET"]  # the pipelined upload a job runs by default (hf_xet installed)
+        url, again, first, second = client(UPLOAD.replace("sys.argv[1]", repr(str(out))), env)
+        assert url == again == f"{hub.url}/datasets/gen-org/out"
+        assert first == second == hub.commit_of("dataset", "gen-org/out")
+        posts = [(r.method, r.path, r.status) for r in hub.log if r.method == "POST"]
+        assert posts == [("POST", "/api/repos/create", 200), ("POST", "/api/repos/create", 409),
+                         ("POST", "/api/datasets/gen-org/out/preupload/main", 200),
+                         ("POST", "/api/datasets/gen-org/out/commit/main", 200),
+                         ("POST", "/api/datasets/gen-org/out/preupload/main", 200)]  # nothing changed: no commit
+        assert all(r.has_auth for r in hub.log)
+        r = hpcstage("pull", "--repo-type", "dataset", "gen-org/out", "--cache-dir", tmp_path / "cache", env=env)
+        assert r.returncode == 0, r.stderr
+        snapshot = tmp_path / "cache" / "datasets--gen-org--out" / "snapshots" / first
+        assert {p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()} == files
+        # anonymous and unknown tokens write nothing
+        status, _, body = request(hub.url, "POST", "/api/datasets/gen-org/out/commit/main",
+                                  {"Content-Type": "application/x-ndjson"},
+                                  b'{"key": "header", "value": {"summary": "x"}}\n')
+        assert status == 401
+        status, _, _ = request(hub.url, "POST", "/api/repos/create", {"Authorization": "Bearer hf_other"},
+                               b'{"name": "x", "organization": "gen-org", "type": "dataset"}')
+        assert status == 401 and not (root / "datasets" / "gen-org" / "x").exists()
+        assert hub.commit_of("dataset", "gen-org/out") == first

@@ -36,7 +36,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import IO, Iterable
 
 from hpcstage.errors import HpcstageError
 from hpcstage.progress import Progress, human_bytes
@@ -225,7 +225,7 @@ class _Writer:
         (self.root / name).mkdir(parents=True, exist_ok=True)
         self.dirs.add(name)
 
-    def regular(self, name: str, size: int, mode: int, mtime: float | None, src: BinaryIO) -> None:
+    def regular(self, name: str, size: int, mode: int, mtime: float | None, src: IO[bytes]) -> None:
         self._check_parents(name)
         if name in self.dirs:
             raise _refuse(self.label, f"member {name!r} is both a folder and a file")
@@ -299,7 +299,7 @@ class _Writer:
 
 # -- extraction -----------------------------------------------------------------------------------------
 
-def _decompressed(raw: BinaryIO, kind: str) -> BinaryIO:
+def _decompressed(raw: IO[bytes], kind: str) -> IO[bytes] | io.BufferedIOBase:
     if kind == "tar":
         return raw
     if kind == "tar.gz":
@@ -325,7 +325,7 @@ class _Prefetch(io.RawIOBase):
     """Decompress in a thread (zlib, bz2, lzma and zstd release the GIL) while the caller writes and hashes:
     GNU tar gets the same overlap from its separate gzip process."""
 
-    def __init__(self, stream: BinaryIO, depth: int = 8):
+    def __init__(self, stream: IO[bytes] | io.BufferedIOBase, depth: int = 8):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._buf = memoryview(b"")
         self._done = False
@@ -333,7 +333,7 @@ class _Prefetch(io.RawIOBase):
         self._thread = threading.Thread(target=self._run, args=(stream,), name="decompress", daemon=True)
         self._thread.start()
 
-    def _run(self, stream: BinaryIO) -> None:
+    def _run(self, stream: IO[bytes] | io.BufferedIOBase) -> None:
         try:
             while not self._stop.is_set():
                 chunk = stream.read(CHUNK)
@@ -428,6 +428,7 @@ def _extract_tar(archive: Path, root: Path, kind: str, limits: Limits, strip: in
                         w.hardlink(name, clean_name(m.linkname, label, strip))
                     else:
                         src = tf.extractfile(m)
+                        assert src is not None  # a regular member: the other kinds were refused above
                         w.regular(name, m.size, m.mode, m.mtime, src)
                     pos = raw.tell()
                     prog.add(pos - seen)

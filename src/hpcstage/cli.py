@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         known = {n for e in [*manifest.entries, *manifest.data_entries] for n in entry_names(e)}
         unknown = [u for u in updates if u != "*" and u not in known]
         if unknown:
-            names = sorted({getattr(e, "repo", None) or e.dest for e in [*manifest.entries, *manifest.data_entries]})
+            names = sorted({getattr(e, "repo", "") or getattr(e, "dest", "") for e in [*manifest.entries, *manifest.data_entries]})
             raise BadInput(f"--update {unknown[0]}: no such entry in {args.manifest}; name one of {', '.join(names)}")
     if args.slurm_array is not None:
         return _pull_array(args, manifest, opts, update)
@@ -332,16 +333,27 @@ def _staging_status(args: argparse.Namespace) -> int:
             rows.append(artifact_status(cache_dir, r.repo_type, r.repo, r.revision, record=r))
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
-    for r in [] if args.json else rows:
-        extra = [f"{r.staged_files}/{r.files} files"]
-        if r.partial_percent is not None:
-            extra.append(f"partial {r.partial_percent:.0f}%")
-        if r.locked_by:
-            extra.append("locked by " + ", ".join(r.locked_by))
-        if r.reason:
-            extra.append(r.reason)
-        name = f"{r.repo}@{r.revision}" if r.revision else r.repo  # data entries have no revision
-        print(f"{r.repo_type} {name}\t{r.state}\t" + "; ".join(extra))
+    for row in [] if args.json else rows:
+        extra = [f"{row.staged_files}/{row.files} files"]
+        if row.partial_percent is not None:
+            extra.append(f"partial {row.partial_percent:.0f}%")
+        if row.locked_by:
+            extra.append("locked by " + ", ".join(row.locked_by))
+        if row.reason:
+            extra.append(row.reason)
+        name = f"{row.repo}@{row.revision}" if row.revision else row.repo  # data entries have no revision
+        print(f"{row.repo_type} {name}\t{row.state}\t" + "; ".join(extra))
+    if not args.json:
+        from hpcstage.progress import human_bytes
+        from hpcstage.xetstore import XetStore
+
+        store = XetStore(Path(cache_dir))
+        if store.is_marked():
+            s = store.saved()
+            cleanup = "hpcstage cleanup" + (f" --cache-dir {shlex.quote(str(cache_dir))}" if args.cache_dir else "")
+            print(f"xet store\t{s.contents} contents, {human_bytes(s.stored)} stored, {human_bytes(s.saved)} saved "
+                  f"({s.links} links)" + (f"; {s.unreferenced} unreferenced: `{cleanup}` removes them"
+                                           if s.unreferenced else ""))
     return 0 if all(r.state == "staged" for r in rows) else 1
 
 
@@ -442,6 +454,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if limit:
             server.limit_resolvers(*limit)
         server.ignore_range = args.ignore_range
+        server.xet = args.xet
         if args.conn_rate_mb:
             server.conn_rate = args.conn_rate_mb * 1e6
         if args.latency_ms:
@@ -567,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a valid token, with access to the gated repos; any other token gets 401 Invalid credentials")
     p.add_argument("--rate-limit", metavar="Q/W", help="resolver requests per fixed window of W seconds, e.g. 3000/300")
     p.add_argument("--ignore-range", action="store_true", help="answer 200 with the whole body to ranged requests")
+    p.add_argument("--xet", action="store_true",
+                   help="list xetHash for LFS files (hf_xet) and answer X-Xet-Hash; huggingface_hub clients then "
+                        "need HF_HUB_DISABLE_XET=1 (this server does not speak the Xet protocol)")
     p.add_argument("--conn-rate-mb", type=float, metavar="MB",
                    help="send each connection's answers at this many MB/s (a CDN's per-connection cap, a long path)")
     p.add_argument("--latency-ms", type=float, metavar="MS", help="answer every request (hub and CDN) this late")

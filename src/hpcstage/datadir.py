@@ -35,7 +35,7 @@ from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file
 from hpcstage.locks import Lease
 from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
-                               UrlEntry)
+                               Update, UrlEntry)
 from hpcstage.progress import Progress, human_bytes
 
 LEASE_TTL = 60.0
@@ -144,7 +144,7 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 class Stager:
     """Stages data entries for one pull; `opts` is staging.Options (workers, timeout, retry, quiet)."""
 
-    def __init__(self, data_dir: Path, opts, update=False, *, rebuild: bool = False,
+    def __init__(self, data_dir: Path, opts, update: Update = False, *, rebuild: bool = False,
                  manifest_path: Path | None = None, cache_flag: Path | None = None):
         self.data_dir = Path(data_dir)
         self.opts = opts
@@ -309,7 +309,8 @@ class Stager:
             old = {f["path"]: f for f in known.files} if known is not None else {}
             same_fs = _same_fs(entry.local, self.data_dir)
             _check_space(self.data_dir, 0 if same_fs else sum(f.size for f in files), f"a copy of {entry.local}")
-            records, hows = [], {}
+            records = []
+            hows: dict[str, int] = {}
             with self._progress(sum(f.size for f in files), len(files), f"copy {entry.dest}") as prog, \
                     building(self.data_dir, dest) as build:
                 tmp = build.proc_path
@@ -399,7 +400,7 @@ def _same_stat(current: Path, f) -> bool:
     return st.st_size == f.size and st.st_mtime_ns == f.mtime_ns
 
 
-def stage_all(manifest: Manifest, opts, lock: Lockfile, update: bool = False
+def stage_all(manifest: Manifest, opts, lock: Lockfile, update: Update = False
               ) -> tuple[dict[str, LockedData], list[DataResult], list[HpcstageError]]:
     """Stage every data entry of `manifest`: (lock records of the staged ones, results, failures). One
     failing entry does not stop the others; the caller reports the failures."""

@@ -14,13 +14,15 @@ that cannot apply here says so with status "ok" and a "skipped: ..." detail). Th
   write       create and delete a probe file in the cache folder (or the parent that would hold it)
   sharing     a group-shared cache (manifest `shared_group`, or a folder owned by a non-primary group)
               needs setgid and group-writable folders
+  xet_store   whether the cache-wide Xet blob store (xetstore.py) is on and usable: the switch, hf_xet,
+              symlinks (a probe link made and removed), the store folder's marker and write access
   hf_home     HF_HOME (default ~/.cache/huggingface) under $HOME on a small filesystem or quota
   token       a token (HF_TOKEN or the token file) and whether the endpoint accepts it (whoami-v2)
   endpoint    HF_ENDPOINT answers HTTP within the timeout (any status proves it is reachable)
   offline     HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE set outside a Slurm job
   cpu_limit   a finite per-process CPU time limit (`ulimit -t`) that kills long downloads on login nodes
 
-Nothing here prints, and nothing is written but the probe file. The plan comes from `hpcstage.lock` and the
+Nothing here prints, and nothing is written but the probe file and probe link. The plan comes from `hpcstage.lock` and the
 cache, never from the network; the two network checks run concurrently in daemon threads under one
 deadline, so a hung DNS lookup or a black-holed endpoint cannot hold the whole report past it.
 """
@@ -40,16 +42,16 @@ import stat
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from hpcstage.errors import HpcstageError
 from hpcstage.hfcache import RepoCache, default_cache_dir, default_datasets_cache_dir, hf_home
 from hpcstage.manifest import Manifest, load_lock
 from hpcstage.progress import human_bytes
 
-CHECK_NAMES = ("space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "hf_home",
+CHECK_NAMES = ("space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "xet_store", "hf_home",
                "token", "proxy", "endpoint", "offline", "cpu_limit")
 STATUSES = ("ok", "warn", "fail")
 
@@ -246,7 +248,7 @@ class Plan:
     bytes: int = 0  # still to fetch
     files: int = 0  # blobs still to fetch
     inodes: int = 0  # blobs + links + folders still to create
-    unknown: list[str] | None = None
+    unknown: list[str] = field(default_factory=list)
     problem: str = ""
 
 
@@ -470,6 +472,36 @@ def _sharing(ctx: _Context) -> Check:
     return Check("sharing", "ok", f"{text}: shared with group {group} (setgid, group-writable)")
 
 
+def _xet_store(ctx: _Context) -> Check:
+    """The shared Xet blob store: on or off, and if on, whether a pull here can use it (nothing created)."""
+    from hpcstage.xetstore import MARKER, XetStore, disabled_by_env, hf_xet_available
+
+    if disabled_by_env():
+        return Check("xet_store", "ok", "off: HF_HUB_DISABLE_SHARED_BLOBS is set, so every repo keeps its own copy")
+    if not hf_xet_available():
+        return Check("xet_store", "warn", "off: hf_xet is not installed (it checks each Xet hash), so every repo "
+                     "keeps its own copy of shared files", "`pip install hf_xet` in hpcstage's environment")
+    store = XetStore(ctx.cache_dir)
+    probe = ctx.at / f"{PROBE_PREFIX}{secrets.token_hex(6)}"
+    try:
+        os.symlink(probe.name + "-target", probe)
+        os.unlink(probe)
+    except OSError as e:
+        return Check("xet_store", "warn", f"off: cannot make a symlink in {ctx.at} ({e.strerror}), so every repo "
+                     "keeps its own copy", "put the cache on a filesystem with symlinks (huggingface_hub needs them too)")
+    if not store.root.exists():
+        return Check("xet_store", "ok", f"on: {store.root} is created by the first pull of a Xet file")
+    if not store.is_marked():
+        return Check("xet_store", "warn", f"off: {store.root} exists without huggingface_hub's marker {MARKER}, so "
+                     "neither tool uses it", f"move {store.root} out of the cache if it is not a store")
+    if not os.access(store.root, os.W_OK | os.X_OK):
+        return Check("xet_store", "warn", f"{store.root} is not writable by you: shared files you pull get their "
+                     "own copy per repo", f"ask its owner to share it (`hpcstage pull --shared-group GROUP`)")
+    s = store.saved()
+    return Check("xet_store", "ok", f"on: {s.contents} contents ({human_bytes(s.stored)}) in {store.root}, "
+                 f"{human_bytes(s.saved)} saved")
+
+
 def _group_name(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
@@ -485,8 +517,9 @@ def _site_home_quota() -> tuple[str, int] | None:
         cluster = detect()
     except RegistryError:
         return None
-    quota = cluster.home_quota_bytes if cluster is not None else None
-    return (cluster.name, quota) if quota else None
+    if cluster is None or not cluster.home_quota_bytes:
+        return None
+    return cluster.name, cluster.home_quota_bytes
 
 
 def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
@@ -654,7 +687,8 @@ class _Background:
     (the thread is abandoned: a hung DNS lookup must not hold the report)."""
 
     def __init__(self, fn: Callable, late: Callable):
-        self._value, self._late, self._done = None, late, threading.Event()
+        self._value: Any = None
+        self._late, self._done = late, threading.Event()
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
         self._thread.start()
 
@@ -729,7 +763,8 @@ def run_checks(manifest: Manifest | None = None, cache_dir: Path | None = None, 
     flock, write = _probe(ctx)
     sharing, offline, cpu = _sharing(ctx), _offline(ctx), _cpu_limit(ctx)
     found = quota_job.result(deadline)
-    checks = [space, inodes, _quota(ctx, found), memory, fs, flock, write, sharing, _hf_home(ctx, found[1]),
+    checks = [space, inodes, _quota(ctx, found), memory, fs, flock, write, sharing, _xet_store(ctx),
+              _hf_home(ctx, found[1]),
               token_job.result(deadline), proxy_job.result(deadline), endpoint_job.result(deadline), offline, cpu]
     assert tuple(c.name for c in checks) == CHECK_NAMES
     return checks

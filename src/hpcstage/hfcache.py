@@ -7,6 +7,8 @@ the commit sha with no trailing newline; `trees/<commit>.json` holds the full li
 
 Every write here is atomic: a blob, symlink, ref or tree appears under its final name only complete.
 Our partial data and leases live beside the blob under names no other tool uses (`.hpcstage-*`).
+A repo's `blobs/<etag>` may instead be a link into the cache-wide Xet blob store (`<cache>/blobs/`), whose
+names and writes are xetstore.py's; everything here reads such a blob through its link.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -182,14 +184,20 @@ def fix_permissions(path: Path | str, group: str | int | Sharing) -> int:
 
 def share_cache(cache_dir: Path | str, group: str | int | Sharing, repos: list[Path] | None = None) -> int:
     """`fix_permissions` for a hub cache: the folder itself, its `.locks/` (huggingface_hub's locks and the
-    hpcstage ledger, which every member writes) and the repo folders in `repos` (default: all of them)."""
+    hpcstage ledger, which every member writes), the shared Xet blob store `blobs/` (xetstore) and the repo
+    folders in `repos` (default: all of them)."""
     sharing = group if isinstance(group, Sharing) else Sharing.for_group(group)
     cache_dir = Path(cache_dir)
     sharing.dir_fd(safefs.opendir(cache_dir, create=False).fd)
     if repos is None:
         repos = [p for p in cache_dir.iterdir() if "--" in p.name and p.is_dir() and not p.is_symlink()]
-    folders = [p for p in (cache_dir / ".locks", *repos) if p.is_dir() and not p.is_symlink()]
+    folders = [p for p in (cache_dir / ".locks", cache_dir / "blobs", *repos) if p.is_dir() and not p.is_symlink()]
     return 1 + sum(fix_permissions(p, sharing) for p in folders)
+
+
+def listed_xet_hash(value: object) -> str | None:
+    """A listed `xetHash` when it is a real one; None when absent or masked (the Hub may list asterisks)."""
+    return value if isinstance(value, str) and _SHA256.fullmatch(value) else None
 
 
 @dataclass(frozen=True)
@@ -200,12 +208,16 @@ class CachedFile:
     size: int
     blob_id: str  # git sha1 of the content
     sha256: str | None = None  # set for LFS files
+    # the Hub's `xetHash` (64 hex) when it listed a real one: the file's name in the cache-wide store (xetstore)
+    xet_hash: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # The etag becomes a file name under blobs/: a listing, tree file or lockfile naming `../x` must
         # not write outside the cache.
         if not _GIT_SHA1.fullmatch(self.blob_id) or (self.sha256 is not None and not _SHA256.fullmatch(self.sha256)):
             raise ValueError(f"invalid blob id for {self.path!r}: {self.blob_id!r} / {self.sha256!r}")
+        if self.xet_hash is not None and (not _SHA256.fullmatch(self.xet_hash) or self.sha256 is None):
+            raise ValueError(f"invalid xet hash for {self.path!r}: {self.xet_hash!r}")
 
     @property
     def etag(self) -> str:
@@ -357,6 +369,8 @@ class RepoCache:
             info: dict = {"size": f.size, "blob_id": f.blob_id}
             if f.sha256:
                 info.update(lfs_sha256=f.sha256, lfs_size=f.size)
+            if f.xet_hash:  # as huggingface_hub 2.4 records it (a masked hash is left out: it rejects those)
+                info["xet_hash"] = f.xet_hash
             entries[f.path] = info
         data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
         self.folder(self.tree_path(commit).parent).write_atomic(f"{commit}.json", json.dumps(data, indent=1).encode(),
@@ -372,7 +386,7 @@ class RepoCache:
         try:  # anyone who can write the cache can write this file: distrust it, list the tree again
             return [
                 CachedFile(path=check_relative_path(p, "path in a trees file"), size=int(i["size"]),
-                           blob_id=i["blob_id"], sha256=i.get("lfs_sha256"))
+                           blob_id=i["blob_id"], sha256=i.get("lfs_sha256"), xet_hash=listed_xet_hash(i.get("xet_hash")))
                 for p, i in data["files"].items()
             ]
         except (KeyError, TypeError, ValueError, AttributeError, PolicyError):

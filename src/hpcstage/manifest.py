@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import shlex
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -19,6 +20,9 @@ from hpcstage.errors import BadInput, ManifestError, PolicyError
 from hpcstage import safefs
 from hpcstage.hfcache import CachedFile
 from hpcstage.yamlfile import read_yaml
+
+# `--update`: every entry (True), none (False), or the entries these names pick (staging.entry_names)
+Update = bool | Collection[str]
 
 LOCK_NAME = "hpcstage.lock"
 LOCK_VERSION = 1
@@ -260,7 +264,7 @@ _MANIFEST_KEYS = sorted(k for k in Manifest.model_fields if k not in ("path", "d
 _HUB_KEYS = sorted(k for k in HubEntry.model_fields if k != "repo_type")
 
 
-def _data_model(item: dict) -> type[_DataEntry] | None:
+def _data_model(item: dict) -> type[UrlEntry] | type[LocalEntry] | type[HubFileEntry] | None:
     """Which data entry model a `datasets:` item is, by its keys; None for a Hub repo entry."""
     if "url" in item:
         return UrlEntry
@@ -305,7 +309,7 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def _explain(err: dict, valid: list[str]) -> str:
+def _explain(err: Mapping[str, Any], valid: list[str]) -> str:
     loc = err["loc"]
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
@@ -379,12 +383,12 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{path}: {entry.repo}@{entry.revision} is listed twice; keep one entry")
         seen.add(entry.key)
     dests: dict[str, str] = {}
-    for entry in manifest.data_entries:
+    for data in manifest.data_entries:
         for other, src in dests.items():
-            if entry.dest == other or entry.dest.startswith(other + "/") or other.startswith(entry.dest + "/"):
-                raise ManifestError(f"{path}: dest {entry.dest!r} ({entry.source}) overlaps dest {other!r} ({src}); "
+            if data.dest == other or data.dest.startswith(other + "/") or other.startswith(data.dest + "/"):
+                raise ManifestError(f"{path}: dest {data.dest!r} ({data.source}) overlaps dest {other!r} ({src}); "
                                     "give each data entry its own folder")
-        dests[entry.dest] = entry.source
+        dests[data.dest] = data.source
     return manifest
 
 
@@ -431,7 +435,7 @@ class LockedEntry(_Strict):
     commit: str
     include: list[str] | None = None
     exclude: list[str] | None = None
-    files: list[dict[str, Any]]  # {path, size, blob_id, sha256?}
+    files: list[dict[str, Any]]  # {path, size, blob_id, sha256?, xet_hash?}
 
     @field_validator("files")
     @classmethod
@@ -440,13 +444,13 @@ class LockedEntry(_Strict):
         for f in files:
             try:
                 policy.check_relative_path(f["path"], "path in the lockfile")
-                CachedFile(f["path"], int(f["size"]), f["blob_id"], f.get("sha256"))
+                CachedFile(f["path"], int(f["size"]), f["blob_id"], f.get("sha256"), f.get("xet_hash"))
             except (KeyError, TypeError, ValueError, PolicyError) as e:
                 raise ValueError(f"bad file record {f!r} ({e})") from None
         return files
 
     def cached_files(self) -> list[CachedFile]:
-        return [CachedFile(f["path"], f["size"], f["blob_id"], f.get("sha256")) for f in self.files]
+        return [CachedFile(f["path"], f["size"], f["blob_id"], f.get("sha256"), f.get("xet_hash")) for f in self.files]
 
     def matches(self, entry: HubEntry) -> bool:
         """Same repo, revision and patterns: the locked file list is the one this entry wants."""
@@ -513,7 +517,8 @@ def entry_lock(entry: HubEntry, commit: str, files: list[CachedFile]) -> LockedE
         include=entry.include,
         exclude=entry.exclude,
         files=[
-            {"path": f.path, "size": f.size, "blob_id": f.blob_id, **({"sha256": f.sha256} if f.sha256 else {})}
+            {"path": f.path, "size": f.size, "blob_id": f.blob_id, **({"sha256": f.sha256} if f.sha256 else {}),
+             **({"xet_hash": f.xet_hash} if f.xet_hash else {})}
             for f in sorted(files, key=lambda f: f.path)
         ],
     )

@@ -358,7 +358,7 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
 
         for label, problems, staged in check_entries(manifest, hub_cache, lock):
             # staged and in place but `expect:` fails: pulling again fetches the same data
-            fix = (f"inspect the data, then fix the source or the entry's `expect:` in {m}" if staged else pull_fix)
+            fix: str | None = (f"inspect the data, then fix the source or the entry's `expect:` in {m}" if staged else pull_fix)
             explain.append(EntryCheck(label, not problems, problems, fix if problems else None))
     for i, spec in enumerate(manifest.prebuild):
         build = prebuild.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),

@@ -405,6 +405,8 @@ class _Worker:
                 offline.isolated_command(_WORKER, isolation, python=python)) + [str(os.getpid())]
         self.proc = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
+        self._requests, self._answers = self.proc.stdin, self.proc.stdout
         ready = self._answer()  # import errors surface here, not inside a lease
         if not ready.get("ready"):
             self.close()
@@ -413,7 +415,7 @@ class _Worker:
         self.datasets = ready.get("datasets")
 
     def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self._answers.readline()
         if not line:
             self.proc.wait()
             self._log.seek(0)
@@ -426,14 +428,14 @@ class _Worker:
         """Online: the build's call as given. Offline (the proof): the call as a job makes it, without the
         pinned `revision` (offline, datasets looks the build up by config, not by commit)."""
         kwargs = {k: v for k, v in build.kwargs.items() if not (offline and k == "revision")}
-        self.proc.stdin.write(json.dumps({"path": build.path, "kwargs": kwargs, "offline": offline},
+        self._requests.write(json.dumps({"path": build.path, "kwargs": kwargs, "offline": offline},
                                          default=str) + "\n")
-        self.proc.stdin.flush()
+        self._requests.flush()
         return self._answer()
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self._requests.close()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -14,10 +14,15 @@ Real-Hub behaviours (FACTS.md "The real Hub"), each switchable on a running serv
 the second origin that expire and then answer 403 (`signed_ttl`); gated repos (`gate`: public listing,
 401/403 ``GatedRepo`` on resolve), tokens (`tokens`: any other token gets 401 "Invalid credentials"),
 disabled repos (`disabled`), renamed repos (`renamed`: 307 on API and resolve), the resolver rate limit
-in fixed windows with ``RateLimit``/``RateLimit-Policy`` (`rate_limit`), and a mirror that ignores Range
-(`ignore_range`). A real link's per-connection rate (a CDN's cap, one TCP stream over a long path) is
-`conn_rate`; `peak_connections` says how many connections each listener held open at once (on the CDN,
-a ranged download's stream count).
+in fixed windows with ``RateLimit``/``RateLimit-Policy`` (`rate_limit`), a mirror that ignores Range
+(`ignore_range`), and Xet-backed LFS files (`xet`: tree entries carry `xetHash`, computed with hf_xet so the
+values are real, and resolve answers `X-Xet-Hash`; `listed_xet` lists another value, e.g. a wrong or masked one).
+Off by default: huggingface_hub switches to the Xet protocol, which this server does not speak, when a
+listing carries `xetHash` (clients then need HF_HUB_DISABLE_XET=1, as helpers.client_env sets).
+Uploads (`create_repo`, `upload_folder`) write into the served folder: serve_uploads.py.
+A real link's per-connection rate (a CDN's cap, one TCP stream over a long path) is `conn_rate`;
+`peak_connections` says how many connections each listener held open at once (on the CDN, a ranged
+download's stream count).
 """
 
 from __future__ import annotations
@@ -230,12 +235,14 @@ class _Revision:
                 beneath.setdefault("/".join(parts[:i]), []).append(f"{path}\0{f.oid}\n")
         self.dirs = {d: hashlib.sha1("".join(lines).encode()).hexdigest() for d, lines in sorted(beneath.items())}
 
-    def entry(self, path: str, expand: bool = False) -> dict | None:
+    def entry(self, path: str, expand: bool = False, xet: Callable[[FileInfo], str] | None = None) -> dict | None:
         if path in self.files:
             f = self.files[path]
             entry = {"type": "file", "oid": f.oid, "size": f.size, "path": path}
             if f.sha256:
                 entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(_lfs_pointer(f.sha256, f.size))}
+                if xet is not None:
+                    entry["xetHash"] = xet(f)
         elif path in self.dirs:
             entry = {"type": "directory", "oid": self.dirs[path], "size": 0, "path": path}
         else:
@@ -244,14 +251,14 @@ class _Revision:
             entry["lastCommit"] = {"id": self.commit, "title": f"Revision {self.name}", "date": self.last_modified}
         return entry
 
-    def tree(self, folder: str, recursive: bool, expand: bool) -> list[dict]:
+    def tree(self, folder: str, recursive: bool, expand: bool, xet: Callable[[FileInfo], str] | None = None) -> list[dict]:
         if folder and folder not in self.dirs:
             raise _HubError(404, "EntryNotFound", f"{folder!r} is not a folder at revision {self.name}")
         prefix = f"{folder}/" if folder else ""
         paths = [p for p in (*self.dirs, *self.files) if p.startswith(prefix)]
         if not recursive:
             paths = [p for p in paths if "/" not in p[len(prefix):]]
-        return [self.entry(p, expand) for p in sorted(paths)]
+        return [self.entry(p, expand, xet) for p in sorted(paths)]
 
     def info(self, repo_id: str, kind: str) -> dict:
         siblings = []
@@ -297,6 +304,12 @@ class _Repos:
     def lfs_file(self, sha256: str) -> FileInfo | None:
         with self._lfs_lock:
             return self._lfs.get(sha256)
+
+    def xet_hash(self, f: FileInfo) -> str:
+        """The file's Xet hash, computed once per content (hf_xet: the Hub's own algorithm)."""
+        import hf_xet
+
+        return self._hashes.get(("xet", f.sha256), lambda: hf_xet.hash_files([str(f.local)])[0].hash)
 
     def refresh(self) -> None:
         self._revisions.clear()
@@ -549,6 +562,10 @@ class _Handler(BaseHTTPRequestHandler):
               and method in ("GET", "HEAD")):
             return self._resolve_cache(segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}",
                                        unquote(segments[5]), segments[6:])
+        elif segments == ["api", "repos", "create"] and method == "POST":
+            from hpcstage import serve_uploads  # the write API (create_repo, upload_folder), in its own module
+
+            return serve_uploads.create_repo(self.server.owner, self.headers, body)
         elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
             return self._api(method, segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}",
                              segments[4:], parse_qs(query, keep_blank_values=True), body)
@@ -573,11 +590,16 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and len(rest) == 2 and rest[0] == "paths-info":
             revision = repos.revision(kind, repo_id, unquote(rest[1]))
             return self._paths_info(revision, body)
+        if method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit"):
+            from hpcstage import serve_uploads
+
+            write = serve_uploads.preupload if rest[0] == "preupload" else serve_uploads.commit
+            return write(self.server.owner, kind, repo_id, unquote(rest[1]), self.headers, body)
         raise _HubError(404, None, f"Not found: {method} {self.path}")
 
     def _tree(self, revision: _Revision, folder: str, query: dict) -> _Response:
         flag = lambda name: query.get(name, ["false"])[0].lower() in ("true", "1")  # noqa: E731
-        entries = revision.tree(folder, flag("recursive"), flag("expand"))
+        entries = revision.tree(folder, flag("recursive"), flag("expand"), self.server.owner._xet_of())
         try:
             cursor = int(query.get("cursor", ["0"])[0])
         except ValueError:
@@ -598,7 +620,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             fields = parse_qs(body.decode(), keep_blank_values=True)
             paths, expand = fields.get("paths", []), fields.get("expand", ["false"])[0].lower() in ("true", "1")
-        entries = [revision.entry(p.strip("/"), expand) for p in paths]
+        entries = [revision.entry(p.strip("/"), expand, self.server.owner._xet_of()) for p in paths]
         return _json_response(200, [e for e in entries if e is not None])
 
     def _resolve(self, kind: str, repo_id: str, revision_name: str, path_segments: list[str]) -> _Response:
@@ -620,6 +642,8 @@ class _Handler(BaseHTTPRequestHandler):
         cdn = owner._listeners[1].scheme
         location = f"{cdn}://{host}:{owner.cdn_port}{owner.cdn_path(f.sha256, path.rsplit('/', 1)[-1])}"
         headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size), "Location": location})
+        if (xet := owner._xet_of()) is not None:
+            headers["X-Xet-Hash"] = xet(f)
         return _Response(302, headers, b"")
 
     def _resolve_cache(self, kind: str, repo_id: str, commit: str, path_segments: list[str]) -> _Response:
@@ -822,6 +846,8 @@ class HubServer:
         self.rate_limit_reset: int | None = None  # say this t on every answer instead of the real one
         self.rate_limit_on_success = True  # RateLimit headers on every resolver answer (the Hub's way), not only 429s
         self.ignore_range = False
+        self.xet = False  # list `xetHash` / answer `X-Xet-Hash` for LFS files (module docstring)
+        self.listed_xet: dict[str, str] = {}  # sha256 -> the xetHash to list instead of the real one (faults)
         self.conn_rate: float | None = None  # bytes/s each connection's answers are sent at; None: as fast as it goes
         self._secret = os.urandom(16)
         self._window = (0.0, -1, 0)  # (start, index, requests counted in it)
@@ -945,6 +971,12 @@ class HubServer:
             raise _HubError(429, None, "You have exceeded the rate limit for resolver requests", said)
         if self.rate_limit_on_success:
             headers.update(said)
+
+    def _xet_of(self) -> Callable[[FileInfo], str] | None:
+        """What an LFS file's `xetHash` is listed as; None while `xet` is off."""
+        if not self.xet:
+            return None
+        return lambda f: self.listed_xet.get(f.sha256) or self._repos.xet_hash(f)
 
     def cdn_path(self, sha256: str, filename: str = "") -> str:
         """A signed path on the CDN listener for an LFS object, valid for `signed_ttl` seconds from now."""

@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hpcstage import ledger, policy
 from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoNotFound, RepoRefused,
@@ -30,10 +31,11 @@ from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, In
 from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
                               share_cache)
 from hpcstage.locks import Lease, break_expired, read_lease
-from hpcstage.manifest import HubEntry, Lockfile, Manifest, entry_lock, load_lock, save_lock
+from hpcstage.manifest import HubEntry, Lockfile, Manifest, Update, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, human_bytes
 from hpcstage.sources import hub
 from hpcstage.transfer import MAX_CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
+from hpcstage.xetstore import XetStore
 
 LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
@@ -41,6 +43,8 @@ BATCH_FILES = 64  # small files leased together by array workers
 SMALL_BATCH = 32  # at most this many small files per unit of a single pull (fewer thread hand-offs)
 BATCH_LEASES = Path(".locks") / "hpcstage" / "batches"  # inside .locks: scan_cache_dir skips it
 STOP_GRACE = 5.0  # seconds workers get to stop and release their leases after Ctrl-C/SIGTERM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,6 +124,37 @@ class _Run:
         # so that a repo the Hub refuses costs one refused request, not one per worker thread
         self._first_answer: dict[str, threading.Event] = {}
         self._first_lock = threading.Lock()
+        self.store = XetStore(self.cache_dir, self.sharing)
+        self._store_usable: bool | None = None  # decided when the first file with a xetHash comes along
+
+    def store_for(self, f: CachedFile) -> XetStore | None:
+        """The cache-wide Xet store, when `f` has a real xetHash and the store can be used here."""
+        if f.xet_hash is None:
+            return None
+        if self._store_usable is None:
+            why = self.store.usable()
+            if why is not None:  # said once per pull; quietly when the user switched it off
+                log = logger.info if why.startswith("HF_HUB_DISABLE_SHARED_BLOBS") else logger.warning
+                log("the shared Xet blob store is not used (%s): files go to each repo's blobs/", why)
+            self._store_usable = why is None
+        return self.store if self._store_usable else None
+
+    @contextmanager
+    def _store_lease(self, f: CachedFile, held: Lease | None):
+        """The lease on `f`'s store entry: the unit's own when it is that one, else taken here (waiting while
+        another process adds the same content)."""
+        path = self.store.lease(f.xet_hash)
+        if held is not None and held.path == path.absolute():
+            yield held
+            return
+        lease = Lease(path, ttl=LEASE_TTL, root=self.cache_dir)
+        while not lease.try_acquire():
+            if self.cancel.wait(BUSY_RETRY):
+                raise KeyboardInterrupt
+        try:
+            yield lease
+        finally:
+            lease.release()
 
     @property
     def http(self) -> Http:
@@ -133,7 +168,8 @@ class _Run:
             self.token = token or None
             self._http = Http(hub.hub_headers(token), auth_origin=origin,
                               pool_size=self.opts.workers + self.opts.max_connections,
-                              max_connections=self.opts.max_connections, read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
+                              max_connections=self.opts.max_connections, read_timeout=self.opts.timeout,
+                              retry=self.opts.retry, errors=hub.error_for,
                               share=_array_share() if self.opts.worker else 1.0)
             self._http.on_wait = self._on_wait
             self._http.on_response = self._heard
@@ -211,7 +247,8 @@ class _Run:
             for f in p.files:
                 if p.cache.is_linked(p.commit, f):  # the link resolves to a blob of the right size
                     continue
-                blob = p.cache.blob(f.etag)
+                # one download per content: per blob, or per Xet hash across repos when the store is used
+                blob = ("xet", f.xet_hash) if self.store_for(f) else p.cache.blob(f.etag)
                 jobs.append((p, f, blob in seen))
                 seen.add(blob)
         total = sum(f.size for p in plans for f in p.files)
@@ -231,6 +268,9 @@ class _Run:
             self._run_jobs(self._units(plans, todo), progress)
             for p, f, dup in jobs:  # same blob wanted twice: link the second once the first is in place
                 if dup:
+                    if (store := self.store_for(f)) is not None and not p.cache.has_blob(f):
+                        with self._store_lease(f, None):
+                            store.link_into(p.cache, f)
                     p.cache.link(p.commit, f)
                     progress.file_done()
         for p in plans:
@@ -267,11 +307,11 @@ class _Run:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[Future, tuple] = {}
         later: deque = deque()  # (not before, job): units another process holds
-        failures: list[HpcstageError] = []
+        failures: list[tuple[str, HpcstageError]] = []
         pool = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="hpcstage")
 
-        def start(job: tuple) -> None:
-            fut = pool.submit(self._stage_unit, *job, progress)
+        def start(job: tuple[Any, ...]) -> None:
+            fut = pool.submit(self._stage_unit, job[0], job[1], progress)
             running[fut] = job
             fut.add_done_callback(finished.put)
 
@@ -325,7 +365,9 @@ class _Run:
         Those batches are cut from the whole plan (the lockfile), not from what is missing now, so every
         worker names the same batches."""
         large = sorted((x for x in todo if x[1].size >= SMALL), key=lambda x: -x[1].size)
-        units: list[tuple[Path | None, list]] = [(p.cache.lease(f.etag), [(p, f)]) for p, f in large]
+        units: list[tuple[Path | None, list]] = [
+            (store.lease(f.xet_hash) if (store := self.store_for(f)) else p.cache.lease(f.etag), [(p, f)])
+            for p, f in large]
         if not self.opts.worker:
             small = [x for x in todo if x[1].size < SMALL]
             # Batches cut a future (and a wake-up of this thread) per file, yet stay small enough that
@@ -382,7 +424,15 @@ class _Run:
         url = plan.ref.file_url(plan.commit, f.path)
         label = f"{plan.entry.repo}/{f.path}"
         try:
-            return self._fetch_file(plan, f, progress, lease, url, label)
+            store = self.store_for(f)
+            if store is None:
+                return self._fetch_file(plan, f, progress, lease, url, label)
+            with self._store_lease(f, lease) as held:
+                if store.link_into(cache, f):  # already in the store (another repo, revision, user or tool)
+                    cache.link(plan.commit, f)
+                    progress.add(f.size)
+                    return 0
+                return self._fetch_file(plan, f, progress, held, url, label, store)
         except RepoRefused as e:
             self._refuse(key, e)
             raise
@@ -391,13 +441,19 @@ class _Run:
                 first.set()
 
     def _fetch_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None, url: str,
-                    label: str) -> int:
+                    label: str, store: XetStore | None = None) -> int:
         cache = plan.cache
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
             with self.in_flight.timed():
                 data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
-                cache.write_blob(f.etag, data)
+                if store is None:
+                    cache.write_blob(f.etag, data)
+                else:  # checked against its xetHash from a file, then moved into the store
+                    partial = cache.partial(f.etag)
+                    cache.folder(partial.parent).write_atomic(partial.name, data)
+                    if not store.publish(cache, partial.name, f):
+                        cache.commit_blob(partial, f.etag)
                 cache.link(plan.commit, f)
             progress.add(f.size)
             return f.size
@@ -422,7 +478,8 @@ class _Run:
                     raise
                 progress.add(-f.size)  # fetch reported the whole file before its hash failed
         lease.check()
-        cache.commit_blob(cache.partial(f.etag), f.etag)
+        if store is None or not store.publish(cache, cache.partial(f.etag).name, f):
+            cache.commit_blob(cache.partial(f.etag), f.etag)
         cache.link(plan.commit, f)
         return fetched
 
@@ -552,6 +609,7 @@ class InFlight:
                         self._decide()
 
     def _decide(self) -> None:
+        assert self.samples is not None  # _decide runs only while probing
         wait = statistics.median(w for w, _ in self.samples)
         work = statistics.median(w for _, w in self.samples)
         self.limit = max(self.limit, min(self.most, math.ceil(1 + wait / max(work, 1e-5))))
@@ -583,7 +641,7 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
             ledger.write(cache_dir, new)
 
 
-def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool) -> tuple[_Run, list[_RepoPlan]]:
+def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update) -> tuple[_Run, list[_RepoPlan]]:
     """Refuse what the allowlist forbids (before any request), then plan every entry."""
     allow = policy.Allowlist(opts.allow)
     for e in entries:
@@ -603,7 +661,7 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: bool)
             if opts.manifest_path is None:  # the hint names the command's flags: right as it is
                 raise
             # from a manifest: the hint names its keys (there are no such flags with -f)
-            fields = {"repo": err.repo, "path": err.path, "status": err.status}
+            fields: dict[str, Any] = {"repo": err.repo, "path": err.path, "status": err.status}
             if isinstance(err, RevisionNotFound):
                 hint = f"check `revision:` of the entry in {opts.manifest_path}"
                 raise RevisionNotFound(f"revision {e.revision!r} not found in {e.repo_type} repo {e.repo}; {hint}",
@@ -622,7 +680,7 @@ def entry_names(entry) -> set[str]:
     return {n for n in names if n}
 
 
-def wants_update(update, entry) -> bool:
+def wants_update(update: Update, entry) -> bool:
     """`update` is True/False (every entry or none) or the names given to `--update NAME`."""
     if isinstance(update, bool) or update is None:
         return bool(update)
@@ -637,7 +695,7 @@ def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
 
 
 def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
-         update: bool = False) -> tuple[PullSummary, Lockfile]:
+         update: Update = False) -> tuple[PullSummary, Lockfile]:
     """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged."""
     opts = opts or Options()
     started = time.monotonic()
@@ -684,7 +742,7 @@ def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
         save_lock(manifest.lock_path, new)
 
 
-def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
+def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False) -> PullSummary:
     """Pull every entry of a manifest and write `hpcstage.lock` beside it: the Hub repos first (their
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
@@ -717,7 +775,7 @@ def pull_manifest(manifest: Manifest, opts: Options | None = None, update: bool 
     return summary
 
 
-def plan_manifest(manifest: Manifest, opts: Options | None = None, update: bool = False) -> PullSummary:
+def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False) -> PullSummary:
     """Resolve every entry's commit and file list once and write them to the lockfile (and each commit's
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""
@@ -789,7 +847,8 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     """Remove what dead runs left in the hub cache and the data folder: leases whose owner is dead or
     expired, and partial downloads, temporary files and half-built data folders that no live lease
     protects and that have not changed for `older_than` seconds (a partial younger than that may still be
-    continued). Never a live lease or what it guards."""
+    continued), and shared Xet blobs no repo links to any more (under their lease, by huggingface_hub's rule:
+    one whose `.refs` manifest is missing is kept). Never a live lease or what it guards."""
     from hpcstage.datadir import BUILD_SUFFIX, OLD_SUFFIX, STATE, builder_lease, default_data_dir
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -814,7 +873,8 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
 
     # Links below the roots are not followed: what cleanup removes is always inside the cache or data_dir.
     blob_dirs = sorted(p for p in cache_dir.glob("*/blobs") if not p.parent.is_symlink() and not p.is_symlink())
-    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, downloads, data_dir / STATE / "locks"]
+    store = XetStore(cache_dir)
+    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.leases, downloads, data_dir / STATE / "locks"]
     for folder in lease_dirs:
         for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
             info = read_lease(lease_path, root_of(lease_path))
@@ -839,6 +899,20 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
                 partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
             finally:
                 lease.release()
+    for entry in store.entries():  # content no repo links to any more (its repos were deleted)
+        if not entry.unreferenced:
+            continue
+        if dry_run:
+            found.append(Leftover(store.path(entry.xet_hash), "shared Xet blob no repo links to"))
+            continue
+        lease = Lease(store.lease(entry.xet_hash), ttl=LEASE_TTL, root=cache_dir)
+        if not lease.try_acquire():
+            continue  # someone is adding a link to it right now
+        try:
+            if store.sweep(entry.xet_hash):
+                found.append(Leftover(store.path(entry.xet_hash), "shared Xet blob no repo links to"))
+        finally:
+            lease.release()
     for tmp in _walk(cache_dir, ".*.hpcstage-tmp", min_depth=1):
         if (age := old(tmp)) is not None:
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))

@@ -598,8 +598,8 @@ class Http:
         raise TransferError(f"{method} {url}: too many redirects")
 
     def request(
-        self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None, what: str = "",
-        on_retry: Callable[[], None] = lambda: None,
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
+        what: str = "", on_retry: Callable[[], None] = lambda: None,
     ) -> Response:
         """Send with retries on 408/429/5xx and connection errors (`on_retry` hears each). The caller reads
         (or releases) the body; error statuses other than those come back to the caller to map to a typed

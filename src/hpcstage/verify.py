@@ -30,6 +30,7 @@ from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
 from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, share_cache
 from hpcstage.manifest import HubEntry, Manifest, load_lock
+from hpcstage.xetstore import XetStore
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ BAD_PATH = "bad_path"  # a listing or lockfile path that would escape its folder
 UNVERIFIABLE = "unverifiable"  # a snapshot with neither trees/<commit>.json nor a lockfile entry
 UNREADABLE = "unreadable"  # permission or I/O error
 NOT_STAGED = "not_staged"  # a requested repo, revision or manifest entry is not in the cache at all
+# a repo blob linked into the shared Xet store that the entry's `.refs` manifest does not name: huggingface_hub's
+# cache deletion would take the content from under it (repaired offline: the line is added)
+UNLISTED = "unlisted_in_store"
 REPAIRABLE = frozenset({MISSING, CORRUPT, BROKEN_LINK, BAD_LINK})
 
 
@@ -166,11 +170,13 @@ class _Hints:
         """(`cache`: the repo, needed without a manifest.)"""
         if self.manifest is not None:
             return f"hpcstage verify -f {_q(self.manifest.path)} --repair{self.cache}"
+        assert cache is not None
         return f"hpcstage verify {cache.repo_id}{_type_flag(cache.repo_type)} --repair{self.cache}"
 
     def pull(self, cache: RepoCache | None = None, revision: str = "main") -> str:
         if self.manifest is not None:
             return f"hpcstage pull -f {_q(self.manifest.path)}{self.cache}"
+        assert cache is not None
         return f"hpcstage pull {cache.repo_id}{_type_flag(cache.repo_type)} --revision {revision}{self.cache}"
 
 
@@ -409,6 +415,8 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
             plan.problem(BAD_LINK, cache, commit, path, entry,
                          f"symlink points outside the repo's blobs folder ({target}); run `{plan.hints.repair(cache)}`")
             return
+        if not _store_link_ok(plan, cache, commit, path, data):
+            return
         try:
             size = os.stat(data).st_size
         except FileNotFoundError:
@@ -428,6 +436,26 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
         return
     algo, digest = ("sha256", f.sha256) if f.sha256 else ("git", f.blob_id)
     pending.append(_Pending(snap, f, os.path.realpath(data), algo, digest))
+
+
+def _store_link_ok(plan: _Plan, cache: RepoCache, commit: str, path: str, blob: str) -> bool:
+    """A repo blob that is a link must point into the shared Xet store (`../../blobs/<h[:2]>/<h>`), and the
+    store entry's `.refs` manifest must name it. False when the link is wrong (a problem is recorded)."""
+    try:
+        target = os.readlink(blob)
+    except OSError:
+        return True  # a regular blob (or none: reported as a broken link)
+    store = XetStore(plan.cache_dir)
+    h = os.path.basename(target)
+    if not re.fullmatch(r"[0-9a-f]{64}", h) or target != store.link_target(h):
+        plan.problem(BAD_LINK, cache, commit, path, blob,
+                     f"its blob is a link to {target}, not into the shared Xet store; run `{plan.hints.repair(cache)}`")
+        return False
+    if os.path.lexists(store.path(h)) and Path(blob) not in store.links_of(h):
+        plan.problem(UNLISTED, cache, commit, path, store.refs_path(h),
+                     "its blob links into the shared Xet store but the store's .refs manifest does not name it, so "
+                     f"huggingface_hub's cache deletion could remove the content; run `{plan.hints.repair(cache)}`")
+    return True
 
 
 def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
@@ -500,12 +528,50 @@ def _remove_bad(plan: _Plan, problems: list[Problem], good: set[str]) -> list[Hu
             if _blob_in_repo(cache, blob) and real not in good and os.path.lexists(blob):
                 logger.info("removing bad blob %s", blob)
                 blobs.unlink(os.path.basename(real))
+            elif p.kind == CORRUPT and real not in good and _in_store(plan.cache_dir, real):
+                _remove_from_store(plan.cache_dir, os.path.basename(real))
+        if os.path.islink(cache.blob(f.etag)):  # a link into the store: fetched (and linked) again
+            blobs.unlink(f.etag)
         cache.folder(entry.parent).unlink(entry.name)
         wanted[(p.repo_type, p.repo_id, p.commit)].add(p.path)
     return [
         HubEntry(repo=repo_id, repo_type=repo_type, revision=commit, include=sorted(glob.escape(x) for x in paths))
         for (repo_type, repo_id, commit), paths in sorted(wanted.items())
     ]
+
+
+def _in_store(cache_dir: Path, real: str) -> bool:
+    store = XetStore(cache_dir)
+    name = os.path.basename(real)
+    return bool(re.fullmatch(r"[0-9a-f]{64}", name)) and real == os.path.realpath(store.path(name))
+
+
+def _remove_from_store(cache_dir: Path, xet_hash: str) -> None:
+    """Wrong bytes in the store: removed under the entry's lease, so the repair's pull stores them again (the
+    other repos' links to it point at the same name and are whole again after that)."""
+    from hpcstage.locks import Lease
+    from hpcstage.staging import LEASE_TTL
+
+    store = XetStore(cache_dir)
+    with Lease(store.lease(xet_hash), ttl=LEASE_TTL, root=cache_dir):
+        logger.info("removing bad shared blob %s", store.path(xet_hash))
+        store.path(xet_hash).unlink(missing_ok=True)
+
+
+def _repair_store_refs(plan: _Plan, problems: list[Problem]) -> None:
+    """Name the unlisted links in their store entry's `.refs` manifest (offline, under the entry's lease)."""
+    from hpcstage.locks import Lease
+    from hpcstage.staging import LEASE_TTL
+
+    store = XetStore(plan.cache_dir)
+    for p in problems:
+        snap = plan.snapshots.get((RepoCache(plan.cache_dir, p.repo_type, p.repo_id).root, p.commit))
+        if p.kind != UNLISTED or snap is None or p.path not in snap.expected:
+            continue
+        f = snap.expected[p.path]
+        h = os.path.basename(os.readlink(snap.cache.blob(f.etag)))
+        with Lease(store.lease(h), ttl=LEASE_TTL, root=plan.cache_dir):
+            store.add_ref(h, snap.cache, f.etag)
 
 
 def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
@@ -607,8 +673,10 @@ def verify(
             refuse_offline()  # refetching needs the network: say so before deleting anything
         entries = _remove_bad(plan, before, good)
         _repair_refs(plan, before)
+        _repair_store_refs(plan, before)
         bad_data = {p.repo_id for p in before if p.repo_type == "data"}
         if bad_data:
+            assert manifest is not None  # data entries come only from a manifest
             from hpcstage import datadir
             from hpcstage.staging import Options
 

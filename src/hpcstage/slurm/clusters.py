@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from hpcstage.errors import BadInput
-from hpcstage.slurm import SlurmError, run_command
+from hpcstage.slurm import JOB_TYPES, SlurmError, run_command
 
 SITE_ENV = "HPCSTAGE_CLUSTERS"
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
@@ -34,7 +34,9 @@ _MEM = re.compile(r"\d+[KMGT]?")
 _UNSETTABLE = (
     "hostname", "slurm_cluster", "mem", "partition", "account", "qos", "constraint", "licenses",
     "exclude", "gres_name", "python", "cpu_partition", "rendezvous_suffix", "socket_ifname", "home_quota",
+    "activate", "env_file", "secrets_file",
 )  # fmt: skip
+PerJobType = str | dict[str, str] | None  # one value for every job type, or {train = ..., default = ...}
 
 
 class RegistryError(BadInput, ValueError):
@@ -50,12 +52,13 @@ def slurm_time_seconds(text: str) -> int:
     match = _TIME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"not a Slurm time limit: {text!r} (e.g. 48:00:00 or 2-00:00:00)")
-    days, first, second, third = (int(g) if g else None for g in match.groups())
-    if days is not None:  # D-H[:M[:S]]
-        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
-    if third is not None:  # H:M:S
+    given = match.groups()
+    days, first, second, third = (int(g) if g else 0 for g in given)
+    if given[0]:  # D-H[:M[:S]]
+        return ((days * 24 + first) * 60 + second) * 60 + third
+    if given[3]:  # H:M:S
         return (first * 60 + second) * 60 + third
-    return first * 60 + (second or 0)  # M[:S]
+    return first * 60 + second  # M[:S]
 
 
 class Partition(BaseModel):
@@ -106,6 +109,23 @@ class Cluster(BaseModel):
     rendezvous_suffix: str | None = None
     socket_ifname: str | None = None
     home_quota: str | None = None  # the site's default per-user $HOME quota (doctor warns about caches there)
+    activate: PerJobType = None  # the shell line that enters the job's environment (slurm/environment.py)
+    env_file: PerJobType = None  # KEY=value lines exported into the job
+    secrets_file: str | None = None  # sourced by the job at run time; never read into a script or record
+
+    @field_validator("activate", "env_file")
+    @classmethod
+    def _per_job_type(cls, value: PerJobType) -> PerJobType:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {*JOB_TYPES, "default"})
+            if unknown:
+                raise ValueError(f"unknown job type {', '.join(unknown)}; use {', '.join(JOB_TYPES)} or default")
+        return value
+
+    def for_job(self, key: str, job_type: str) -> str | None:
+        """The value of a per-job-type key (`activate`, `env_file`) for one job type: its own, else `default`."""
+        value = getattr(self, key)
+        return value.get(job_type, value.get("default")) if isinstance(value, dict) else value
 
     @field_validator(*_UNSETTABLE, mode="before")
     @classmethod

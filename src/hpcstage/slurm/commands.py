@@ -33,7 +33,12 @@ def add_launch_parser(sub) -> None:
     g.add_argument("--experiments-dir", type=Path, default=Path("experiments"), help="default ./experiments")
     g.add_argument("--name", help="experiment folder name (default: JOBTYPE-DATE-TIME)")
     g.add_argument("--templates", type=Path, metavar="DIR", help="folder of *.sbatch.j2 overriding the bundled ones")
-    g.add_argument("--python", help="interpreter jobs run Python tools with (default: registry, else this one)")
+    g.add_argument("--python", help="interpreter jobs run Python tools with (default: registry, else the "
+                   "activated environment's python, else this one)")
+    g.add_argument("--activate", metavar="LINE", help="shell line entering the jobs' environment, run after the "
+                   "module loads (replaces the registry's `activate`), e.g. 'source ~/venvs/x/bin/activate'")
+    g.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="KEY=value lines exported into the jobs (not secrets: copied into the script and config.json)")
     g.add_argument("--dry-run", action="store_true", help="write and print everything; stage and submit nothing")
     g = p.add_argument_group("models, data and staging")
     g.add_argument("-f", "--manifest", type=Path, help="stage this manifest's entries for the job")
@@ -64,6 +69,8 @@ def add_launch_parser(sub) -> None:
     g.add_argument("--trace-input-path", type=Path, metavar="DIR", help="folder of task folders to split in chunks")
     g.add_argument("--chunk-size", type=int, metavar="N", help="task folders per array task")
     g.add_argument("--max-parallel", type=int, metavar="M", help="array tasks running at once (%%M)")
+    g.add_argument("--datagen-target-repo", metavar="ORG/NAME", help="upload $HPCSTAGE_OUTPUT_DIR to this dataset "
+                   "repo at the end of the job (arrays: ORG/NAME-chunk-<i>); token: HF_TOKEN of the secrets file")
     g = p.add_argument_group("consolidate and run")
     g.add_argument("--checkpoint-dir", type=Path, help="consolidate: the ZeRO checkpoint folder")
     g.add_argument("--command", help='run: the shell command, e.g. "python eval.py --x 1"')
@@ -92,6 +99,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         datagen_script=args.datagen_script, datagen_extra_args=args.datagen_extra_args,
         datagen_engine=args.datagen_engine, trace_input_path=args.trace_input_path, chunk_size=args.chunk_size,
         max_parallel=args.max_parallel, checkpoint_dir=args.checkpoint_dir, command=args.command,
+        activate=args.activate, env_files=[str(f) for f in args.env_file],
+        datagen_target_repo=args.datagen_target_repo,
     )
     if args.wait and args.dry_run:
         raise BadInput("--wait follows submitted jobs; a --dry-run submits none")
@@ -110,7 +119,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         where = f" -> {a.path}" if a.path else ""
         print(f"  {a.role} {a.source}{'@' + a.revision if a.revision else ''}: {a.state}{where}")
     for job in result.jobs:
-        if result.dry_run:
+        if result.dry_run and job.script is not None:
             print(f"\n--- {job.script}")
             print(job.script.read_text(), end="")
         for argv in job.sbatch:

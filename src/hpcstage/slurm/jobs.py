@@ -75,7 +75,7 @@ class JobState:
 
     def why_never(self) -> str | None:
         """One line: why this job will never start and what to do; None while it may still start."""
-        if not self.never_runs:
+        if not self.never_runs or self.reason is None:
             return None
         return f"job {self.job_id} is PENDING ({self.reason}) and will never start: {NEVER_RUNS[self.reason]}"
 

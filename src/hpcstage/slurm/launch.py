@@ -14,8 +14,9 @@ whole chain is known. An attempt that succeeds cancels the attempts queued after
 ``--kill-on-invalid-dep=yes`` besides (the only mechanism for arrays, whose afternotok waits for every
 task), so no attempt is left PENDING forever.
 
-Secrets stay out: scripts and records hold paths and repo ids only, and on offline clusters the
-token is also removed from the environment sbatch exports into the job (the job has no use for it).
+Secrets stay out: scripts and records hold paths and repo ids only; sbatch exports an explicit list of
+variables without credentials, and a job gets its secrets by sourcing the user's secrets file at run time
+(slurm/environment.py, which also owns activation lines and env files).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 from hpcstage import __version__, policy, safefs
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.slurm import JOB_TYPES, SlurmError
+from hpcstage.slurm import environment
 from hpcstage.slurm.clusters import (
     Cluster,
     RegistryError,
@@ -51,7 +53,7 @@ from hpcstage.yamlfile import read_yaml
 
 DEFAULT_TRAIN_COMMAND = ("llamafactory-cli", "train")  # multi-node through FORCE_TORCHRUN/NNODES/NODE_RANK
 MASTER_PORT = 29500
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+TOKEN_VARIABLES = environment.TOKEN_VARIABLES
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PYTHON = Shell('"$HPCSTAGE_PYTHON"')
 EVAL_TIME_LIMIT = "04:00:00"  # an lm_eval run's default, capped at the partition's limit
@@ -91,6 +93,8 @@ class LaunchRequest:
     gpus_per_node: int | None = None  # default: all for train/eval/datagen, none for run/consolidate
     cpus_per_task: int | None = None  # default: the node's CPUs per GPU asked for
     quiet: bool = False
+    activate: str | None = None  # replaces the registry's activation line of every job
+    env_files: list[str] = field(default_factory=list)  # KEY=value files exported into the jobs
     # train
     train_config: Path | None = None
     train_command: str | None = None  # default: llamafactory-cli train
@@ -106,6 +110,7 @@ class LaunchRequest:
     trace_input_path: Path | None = None
     chunk_size: int | None = None
     max_parallel: int | None = None
+    datagen_target_repo: str | None = None  # dataset repo the job uploads its output folder to (-chunk-<i>)
     # consolidate
     checkpoint_dir: Path | None = None
     # run
@@ -116,7 +121,7 @@ _OWN_OPTIONS = {
     "train": ("train_config", "train_command", "train_extra_args"),
     "eval": ("eval_command", "eval_gpus", "eval_time_limit"),
     "datagen": ("datagen_script", "datagen_extra_args", "datagen_engine", "trace_input_path", "chunk_size",
-                "max_parallel"),
+                "max_parallel", "datagen_target_repo"),
     "consolidate": ("checkpoint_dir",),
     "run": ("command",),
 }
@@ -164,6 +169,10 @@ class Job:
     script: Path | None = None
     tools: tuple[str, ...] = ()  # programs the job runs from its environment (the interpreter's folder, PATH)
     modules: tuple[str, ...] = ()  # modules it runs with `$HPCSTAGE_PYTHON -m`
+    imports: tuple[str, ...] = ()  # modules its script's own Python code imports (the datagen upload)
+    env: environment.JobEnvironment = field(default_factory=environment.JobEnvironment)
+    python: str | None = None  # its interpreter; None: the `python` its activation puts first on PATH
+    shim: Path | None = None  # with an activation: that interpreter as the job starts it, for the login node's checks
     ids: list[str] = field(default_factory=list)  # one per attempt, once submitted
     sbatch: list[list[str]] = field(default_factory=list)
 
@@ -180,6 +189,7 @@ class Launch:
     jobs: list[Job]
     env: dict[str, str]
     warnings: list[str] = field(default_factory=list)  # things that will not stop the job but may hurt it
+    withheld: list[str] = field(default_factory=list)  # names of this shell's variables sbatch does not export
 
     def records(self) -> list[dict[str, Any]]:
         """jobs.json's job list: one record per submitted attempt."""
@@ -467,10 +477,11 @@ def _job_manifest(artifacts: list[Artifact], manifest, cache_dir: Path):
                                        "datasets": [*manifest.datasets, *datasets]})
 
 
-def _job_python(request: LaunchRequest, manifest, cluster: Cluster) -> tuple[str, str | None]:
+def _job_python(request: LaunchRequest, manifest, cluster: Cluster) -> tuple[str | None, str | None]:
     """(the interpreter the job script runs Python with, the one prebuild and check are told to use): --python,
-    else the manifest's `python:`, else HPCSTAGE_PYTHON, else the registry's `python`, else this interpreter.
-    The job is checked in the interpreter it runs in."""
+    else the manifest's `python:`, else HPCSTAGE_PYTHON, else the registry's `python`; else None: a job with an
+    activation runs the `python` it provides, one without runs this interpreter. The job is checked in the
+    interpreter it runs in."""
     from hpcstage import offline as offline_env
 
     if request.python:
@@ -480,7 +491,7 @@ def _job_python(request: LaunchRequest, manifest, cluster: Cluster) -> tuple[str
         return path, None  # prebuild and check find the same one themselves (and name where it came from)
     if cluster.python:
         return cluster.python, cluster.python
-    return sys.executable, None
+    return None, None
 
 
 def _prebuild_and_check(artifacts: list[Artifact], manifest, cache_dir: Path, python: str | None = None) -> None:
@@ -628,7 +639,8 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         argv = [PYTHON, str(script)]
         argv += ["--engine", request.datagen_engine] if request.datagen_engine else []
         argv += _split(request.datagen_extra_args)
-        context: dict[str, Any] = {"datagen_argv": argv, "chunk_map": None}
+        context: dict[str, Any] = {"datagen_argv": argv, "chunk_map": None,
+                                   "target_repo": request.datagen_target_repo}
         array = None
         if (request.trace_input_path is None) != (request.chunk_size is None):
             raise BadInput("--trace-input-path and --chunk-size go together")
@@ -637,7 +649,8 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         return [Job("datagen", f"datagen: {script.name}", nodes,
                     **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
                                  **own),
-                    context=context, array=array)]
+                    context=context, array=array,
+                    imports=("huggingface_hub",) if request.datagen_target_repo else ())]
     if kind == "consolidate":
         if request.checkpoint_dir is None:
             raise BadInput("--job-type consolidate needs --checkpoint-dir")
@@ -777,20 +790,61 @@ def launch(request: LaunchRequest) -> Launch:
     if live:
         check_after(request.after, after)
     offline = (not cluster.internet) if request.offline is None else request.offline
+    secrets = environment.secrets_file(cluster)  # refused here when others can read it
+    names = environment.secret_names(secrets[0]) if secrets else []
+    _check_upload(request, cluster, offline, secrets, names)
     manifest = load_manifest(request.manifest) if request.manifest else None
     model = request.model or config_model(request)
     artifacts = _artifacts(request, manifest, model)
     exp, fresh = _experiment_dir(request)
     try:
-        return _launch_into(request, cluster, offline, manifest, artifacts, model, exp, after, live)
+        return _launch_into(request, cluster, offline, manifest, artifacts, model, exp, after, live,
+                            secrets[0] if secrets else None, names)
     except BadInput:
         if fresh:  # refused: leave nothing behind
             shutil.rmtree(exp, ignore_errors=True)
         raise
 
 
+def _check_upload(request: LaunchRequest, cluster: Cluster, offline: bool, secrets: tuple[Path, str] | None,
+                  names: list[str]) -> None:
+    """--datagen-target-repo needs compute nodes with internet and a token in the secrets file."""
+    repo = request.datagen_target_repo
+    if not repo:
+        return
+    try:
+        policy.check_repo_id(repo)
+    except BadInput as e:
+        raise BadInput(f"--datagen-target-repo: {e}") from None
+    if offline:
+        why = "--offline was given" if request.offline else f"{cluster.name}'s compute nodes have no internet"
+        raise BadInput(f"--datagen-target-repo: {why}, so the job cannot upload; launch on a cluster with internet, "
+                       f"or upload the experiment's output/ folder from the login node afterwards "
+                       f"(`hf upload --repo-type dataset {repo} EXPERIMENT/output`)")
+    if not secrets or not set(names) & set(TOKEN_VARIABLES):
+        where = f"{secrets[0]} names no HF_TOKEN" if secrets else "no secrets file is set"
+        raise BadInput(f"--datagen-target-repo: the job uploads with HF_TOKEN from your secrets file, and {where}; "
+                       f"add a line HF_TOKEN=hf_... to a private file (chmod 600) named by ${environment.SECRETS_ENV} "
+                       "or by secrets_file in ~/.config/hpcstage/clusters.toml")
+
+
+def _job_environments(request: LaunchRequest, cluster: Cluster, jobs: list[Job], exp: Path, python: str | None,
+                      secrets: Path | None) -> None:
+    """Each job's activation, env files and secrets file; with an activation, the job's interpreter is the one the
+    activation provides (unless one was named) and the login node's checks run through `<exp>/<job>.python`."""
+    for job in jobs:
+        job.env = environment.for_job(cluster, job.key, request.activate, [Path(f) for f in request.env_files],
+                                      secrets)
+        job.python = python if python or job.env.activate else sys.executable
+        if job.env.activate:
+            job.shim = exp / f"{job.key}.python"
+            text = environment.interpreter_shim(cluster.modules, job.env, python)
+            safefs.write_atomic(exp, job.shim, text.encode(), mode=0o755)
+
+
 def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manifest, artifacts: list[Artifact],
-                 model: str | None, exp: Path, after: list[list[str]], live: bool) -> Launch:
+                 model: str | None, exp: Path, after: list[list[str]], live: bool, secrets: Path | None = None,
+                 secret_names: list[str] | None = None) -> Launch:
     from hpcstage import offline as offline_env
 
     warnings: list[str] = []
@@ -802,10 +856,19 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
                         "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with "
                         "`load: {split: ...}` (-f)")
     python, check_python = _job_python(request, manifest, cluster)
-    problems = missing_tools(jobs, python)
+    _job_environments(request, cluster, jobs, exp, python, secrets)
+    if jobs[0].shim:  # prebuild and check run in the job's interpreter as its activation sets it up
+        check_python = str(jobs[0].shim)
+    withheld = environment.withheld(os.environ, secret_names or [])
+    if not offline and any(n in withheld for n in TOKEN_VARIABLES) and \
+            not set(TOKEN_VARIABLES) & set(secret_names or []):
+        warnings.append("HF_TOKEN of this shell is not passed to the job (Slurm would store it with the job); "
+                        "a job that needs it gets it from your secrets file: add HF_TOKEN=... to a private file "
+                        f"named by ${environment.SECRETS_ENV}")
+    problems = missing_tools(jobs, python or sys.executable)
     if problems:
-        text = (f"{'; '.join(problems)}: install them into the job's environment or pass --python of the "
-                "environment that has them")
+        text = (f"{'; '.join(problems)}: install what is missing into the job's environment (or fix its "
+                "activation), or pass --python of the environment that has them")
         if not request.dry_run:
             raise BadInput(text)  # before anything is staged or submitted
         warnings.append(text)
@@ -829,7 +892,8 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
                     "directives": directives},
             "cluster": cluster,
             "experiment_dir": str(exp),
-            "python": python,
+            "python": job.python,
+            "jobenv": job.env,
             "env": env,
             # An array's afternotok waits for all its tasks, so one task's success must not cancel the next
             # attempt: arrays rely on --kill-on-invalid-dep alone.
@@ -843,7 +907,7 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
         job.script = exp / f"{job.key}.sbatch"
         safefs.write_atomic(exp, job.script, text.encode(), mode=0o755)
 
-    result = Launch(exp, cluster, offline, request.dry_run, artifacts, jobs, env, warnings)
+    result = Launch(exp, cluster, offline, request.dry_run, artifacts, jobs, env, warnings, withheld)
     by_key = {job.key: job for job in jobs}
     if request.dry_run:
         for job in jobs:
@@ -851,43 +915,59 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
             job.sbatch = [_sbatch_args(job, n, dependency, "{%s#%d}" % (job.key, n - 1))
                           for n in range(job.restarts + 1)]
     else:
-        _submit_all(jobs, by_key, offline, exp)
+        _submit_all(jobs, by_key, withheld, exp)
     _write_records(result, request)
     return result
 
 
 _FIND_MODULES = ("import importlib.util, sys\n"
                  "print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))")
+_FIND_TOOLS = "import shutil, sys\nprint(' '.join(t for t in sys.argv[1:] if shutil.which(t) is None))"
+
+
+def _missing(python: str, code: str, names: tuple[str, ...]) -> tuple[list[str], str]:
+    """(the names `code` run by `python` reports missing, else all of them; the child's last error line)."""
+    try:
+        r = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return list(names), str(e)
+    if r.returncode == 0:
+        return r.stdout.split(), ""
+    return list(names), (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
 
 
 def missing_tools(jobs: list[Job], python: str) -> list[str]:
     """What the jobs run that their environment lacks, checked here before submitting rather than found a day
     later in the queue: programs in the interpreter's folder (the job script puts it first on PATH) or on
-    PATH, modules importable by that interpreter."""
+    PATH, modules importable by that interpreter. A job with an activation is asked through its interpreter
+    shim (module loads and activation first), which sees the PATH the job will see."""
     folder = Path(python).parent
     path = os.pathsep.join([str(folder), os.environ.get("PATH", "")])
     problems = []
     for job in jobs:
-        for tool in job.tools:
-            if shutil.which(tool, path=path) is None:
-                problems.append(f"the {job.key} job runs `{tool}`, which is neither in {folder} nor on PATH")
+        if job.shim:
+            absent, error = _missing(str(job.shim), _FIND_TOOLS, job.tools or ("true",))
+            if error:  # the activation itself fails here: say so rather than blame each tool
+                problems.append(f"the {job.key} job's activation ({job.env.activate_from}) fails on this node: {error}")
+                continue
+            where = "is not on the PATH of its activated environment"
+        else:
+            absent = [tool for tool in job.tools if shutil.which(tool, path=path) is None]
+            where = f"is neither in {folder} nor on PATH"
+        problems += [f"the {job.key} job runs `{tool}`, which {where}" for tool in absent]
+        runner = str(job.shim) if job.shim else python
+        shown = f"{job.python or 'python'} (after its activation)" if job.shim else python
         if job.modules:
-            try:
-                r = subprocess.run([python, "-c", _FIND_MODULES, *job.modules], capture_output=True, text=True,
-                                   timeout=120)
-                missing = r.stdout.split() if r.returncode == 0 else list(job.modules)
-            except (OSError, subprocess.TimeoutExpired):
-                missing = list(job.modules)
-            problems += [f"the {job.key} job runs `{python} -m {m}`, which that interpreter cannot import"
-                         for m in missing]
+            problems += [f"the {job.key} job runs `{shown} -m {m}`, which that interpreter cannot import"
+                         for m in _missing(runner, _FIND_MODULES, job.modules)[0]]
+        if job.imports:
+            problems += [f"the {job.key} job imports {m} in `{shown}`, which cannot import it"
+                         for m in _missing(runner, _FIND_MODULES, job.imports)[0]]
     return problems
 
 
-def _submit_all(jobs: list[Job], by_key: dict[str, Job], offline: bool, exp: Path) -> None:
-    sbatch_env = dict(os.environ)
-    if offline:
-        for name in TOKEN_VARIABLES:
-            sbatch_env.pop(name, None)
+def _submit_all(jobs: list[Job], by_key: dict[str, Job], withheld: list[str], exp: Path) -> None:
+    sbatch_env = environment.sbatch_environment(os.environ, withheld)
     submitted: list[str] = []
     try:
         for job in jobs:
@@ -922,6 +1002,8 @@ def _write_records(result: Launch, request: LaunchRequest) -> None:
         "offline": result.offline,
         "artifacts": [asdict(a) for a in result.artifacts],
         "env": dict(result.env),
+        "jobs": {job.key: {"python": job.python, **asdict(job.env)} for job in result.jobs},
+        "sbatch_withheld": result.withheld,  # names only: sbatch's --export list is the rest of the shell's
     }
     _write_json(exp / "config.json", config)
 

@@ -70,6 +70,7 @@ def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_lim
         raise BadInput("--slurm-array needs at least 1 worker")
     folder = manifest.lock_path.parent / "hpcstage-array" / time.strftime("%Y%m%d-%H%M%S")
     safefs.opendir(manifest.lock_path.parent, folder)  # no link another user planted beside the manifest is followed
+    assert manifest.path is not None  # planned into its lockfile, so read from a file
     m = str(manifest.path.resolve())
     cache = ["--cache-dir", str(cache_dir)] if cache_dir else []
     worker = _script(folder, "worker", cluster, [["pull", "-f", m, "--worker", *cache]], time_limit,

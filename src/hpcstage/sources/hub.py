@@ -11,12 +11,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from hpcstage import __version__, policy
 from hpcstage.errors import (BadInput, DisabledRepo, EntryNotFound, GatedRepo, HpcstageError, HubError, InvalidToken,
                              RepoNotFound, RevisionNotFound, TransferError)
-from hpcstage.hfcache import CachedFile
+from hpcstage.hfcache import CachedFile, listed_xet_hash
 from hpcstage.transfer import Http, Response
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def error_for(resp: Response, url: str) -> HpcstageError | None:
         return None
     ref, revision, path = where
     status, message = resp.status, (resp.headers.get("X-Error-Message") or "").strip()
-    fields = {"repo": ref.repo_id, "path": path, "status": status}
+    fields: dict[str, Any] = {"repo": ref.repo_id, "path": path, "status": status}
     if status == 401 and message == "Invalid credentials in Authorization header":  # huggingface_hub's test too
         hint = (f"create a read token at {ref.endpoint}/settings/tokens, then `hf auth login` (or export "
                 "HF_TOKEN=...); for public repos, unset HF_TOKEN")
@@ -202,7 +203,8 @@ def list_files(http: Http, ref: RepoRef, commit: str) -> list[CachedFile]:
             path = policy.check_relative_path(item.get("path", ""), f"path from the {ref.repo_id} listing")
             try:
                 lfs = item.get("lfs")
-                files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None))
+                files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None,
+                                        listed_xet_hash(item.get("xetHash")) if lfs else None))
             except (KeyError, TypeError, ValueError) as e:
                 raise HubError(f"list {ref.repo_id}@{commit[:12]}: malformed entry for {path!r} ({e}); "
                                "nothing was written") from None
