@@ -25,8 +25,12 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # hpcstage against hf download / curl / aria2c on a local Hub; writes bench/results.md (bench/README.md).
-# Quick run: make bench BENCH_ARGS="--rounds 1 --size-mb 256"
+# Quick run: make bench BENCH_ARGS="--rounds 1 --size-mb 256". The wan scenario needs aria2c: installed
+# here as root (Debian), else the bench says how.
 bench: install
+	@if ! command -v aria2c >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y --no-install-recommends aria2 >/dev/null || { apt-get update >/dev/null && \
+		apt-get install -y --no-install-recommends aria2 >/dev/null; }; fi
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Mutation testing of the critical modules (slow: one test run per mutant); MUTANTS="policy archive" picks.

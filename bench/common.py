@@ -127,10 +127,11 @@ def free_port() -> int:
 
 
 class Server:
-    """`hpcstage serve` in its own process (its own GIL), with a JSON-lines request log."""
+    """`hpcstage serve` in its own process (its own GIL), with a JSON-lines request log; `latency_ms` answers
+    every request that late, `conn_rate_mb` sends each connection's answers at that many MB/s."""
 
-    def __init__(self, root: Path, log_file: Path, latency_ms: float = 0.0):
-        self.root, self.log_file, self.latency_ms = root, log_file, latency_ms
+    def __init__(self, root: Path, log_file: Path, latency_ms: float = 0.0, conn_rate_mb: float = 0.0):
+        self.root, self.log_file, self.latency_ms, self.conn_rate_mb = root, log_file, latency_ms, conn_rate_mb
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -138,11 +139,12 @@ class Server:
     def __enter__(self) -> "Server":
         self.log_file.unlink(missing_ok=True)
         self._out = open(self.log_file.with_suffix(".out"), "w")
-        if self.latency_ms:  # `hpcstage serve` has no fault flags: same server, started here with a delay rule
-            cmd = [python(), __file__, "--serve", str(self.root), str(self.port), str(self.log_file), str(self.latency_ms)]
-        else:
-            cmd = [str(VENV_BIN / "hpcstage"), "serve", str(self.root), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--log-file", str(self.log_file)]
+        cmd = [str(VENV_BIN / "hpcstage"), "serve", str(self.root), "--host", "127.0.0.1", "--port", str(self.port),
+               "--log-file", str(self.log_file)]
+        if self.latency_ms:
+            cmd += ["--latency-ms", str(self.latency_ms)]
+        if self.conn_rate_mb:
+            cmd += ["--conn-rate-mb", str(self.conn_rate_mb)]
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
@@ -298,20 +300,3 @@ def rmtree(path: Path) -> None:
 
 def python() -> str:
     return str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
-
-
-def _serve_with_latency(root: str, port: str, log_file: str, latency_ms: str) -> None:
-    """HubServer with every request (hub and CDN) answered `latency_ms` late: a per-request round trip, as
-    from a distant Hub. Not a network emulation: bandwidth and TCP windows are loopback's."""
-    from hpcstage.serve import FaultRule, HubServer
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with HubServer(root, "127.0.0.1", int(port), log_file=log_file) as server:
-        server.add_fault(FaultRule(path="", delay=float(latency_ms) / 1000))
-        print(f"{server.url} serving {root} with {latency_ms} ms per request", flush=True)
-        stop.wait()
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    _serve_with_latency(*sys.argv[2:6])

@@ -1,11 +1,11 @@
 """`make bench`: hpcstage against its peers on the same served repos, in the same run, on this machine.
 
-    .venv/bin/python bench/run.py [--rounds 3] [--only big,small,mixed,warm] [--size-mb 1024]
+    .venv/bin/python bench/run.py [--rounds 3] [--only big,wan,small,mixed,warm,verify] [--size-mb 1024]
 
 Generates its repos once under bench/work/hub, serves them with `hpcstage serve` in its own process on
 127.0.0.1, warms the server's hash memo, then runs every tool of a scenario once per round, in an order that
 rotates each round (ABC BCA CAB ...), each into a fresh cache folder deleted before and after (outside the
-timed region). Prints the table with the targets of issue #3 marked PASS/FAIL and writes bench/results.md.
+timed region). Prints the table with the targets of issues #3 and #18 marked PASS/FAIL and writes bench/results.md.
 """
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hpcstage.streams import START  # noqa: E402
 from common import (  # noqa: E402
     BENCH, HUB, MANY_FILES, SMALL_FILES, SMALL_SIZE, VENV_BIN, WORK, Run, Server, big_repo, clean_env,
     make_big, make_many, make_mixed, make_small, many_repo, mixed_repo, python, rmtree, run_timed, small_repo,
 )
 
-SCENARIOS = ("big", "small", "mixed", "warm", "verify", "many")  # many last: it leaves 100,000s of freed inodes
+SCENARIOS = ("big", "wan", "small", "mixed", "warm", "verify", "many")  # many last: it leaves 100,000s of freed inodes
+WAN_RATE_MB, WAN_LATENCY_MS = 40.0, 30.0  # the wan scenario's link: each connection capped, each answer late
 RUNS = WORK / "runs"
 HPCSTAGE = str(VENV_BIN / "hpcstage")
 HF = str(VENV_BIN / "hf")
@@ -45,6 +47,8 @@ class Result:
     runs: list[Run] = field(default_factory=list)
     requests: list[int] = field(default_factory=list)
     server_cpu: list[float] = field(default_factory=list)
+    streams: list[int] = field(default_factory=list)  # the most CDN requests at once, per round
+    settled: list[str] = field(default_factory=list)  # hpcstage -v: its stream counts, per round
     failures: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -131,7 +135,8 @@ class Bench:
                 cmd = [a.replace("{dest}", str(dest)) for a in tool.cmd]
                 offset, scpu = self.server.log_offset(), self.server.cpu_seconds()
                 run = run_timed(cmd, env=tool.env or self.env, cwd=WORK)
-                reqs = len(self.server.requests_since(offset, settle=0.15))
+                records = self.server.requests_since(offset, settle=0.15)
+                reqs = len(records)
                 scpu = self.server.cpu_seconds() - scpu
                 error = f"exit {run.rc}: {run.output.strip()[-300:]}" if run.rc else tool.check(dest)
                 if keep:
@@ -145,8 +150,13 @@ class Bench:
                 res.runs.append(run)
                 res.requests.append(reqs)
                 res.server_cpu.append(scpu)
+                res.streams.append(peak_streams(records))
+                counts = stream_counts(run.output) if "-v" in tool.cmd else ""
+                if counts:
+                    res.settled.append(counts)
                 log(f"{scenario} round {rnd + 1} {tool.name}: {run.seconds:.2f}s cpu {run.user:.2f}u+{run.sys:.2f}s "
-                    f"rss {run.rss_mb:.0f}MB {reqs} requests")
+                    f"rss {run.rss_mb:.0f}MB {reqs} requests, at most {res.streams[-1]} CDN requests at once"
+                    + (f"; streams {counts}" if counts else ""))
         for dest in kept:
             rmtree(dest)
         out = list(results.values())
@@ -161,7 +171,7 @@ class Bench:
         url = f"{self.server.url}/{repo}/resolve/main/model.safetensors"
         check = _snapshot_check(repo, {"model.safetensors": size})
         tools = [
-            Tool("hpcstage", [HPCSTAGE, "pull", repo, "--cache-dir", "{dest}", "-q"], check),
+            Tool("hpcstage", [HPCSTAGE, "pull", repo, "--cache-dir", "{dest}", "-q", "-v"], check),
             Tool("hf download", [HF, "download", repo, "--cache-dir", "{dest}", "-q"], check),
             Tool("curl", ["curl", "-sS", "-f", "-L", "-o", "{dest}/model.safetensors", url],
                  _file_check("model.safetensors", size)),
@@ -175,6 +185,38 @@ class Bench:
             self.notes.append("aria2c is not installed: its row is skipped (apt-get install aria2 to add it).")
             log("aria2c not installed: skipped")
         self.measure("big", tools, self.args.rounds)
+
+    def wan(self) -> None:
+        """The big file over a link that caps each connection (WAN_RATE_MB per connection, WAN_LATENCY_MS before
+        every answer: a CDN's per-connection cap, one TCP stream over a long path), from its own server. The
+        tools that open more streams go faster; hpcstage's count adapts (issue #18)."""
+        if not shutil.which("aria2c"):
+            raise SystemExit("the wan scenario compares against aria2c -x16 -s16: install it (apt-get install -y "
+                             "aria2; `make bench` does as root) or leave wan out (--only big,small,...)")
+        size = self.args.size_mb << 20
+        repo = big_repo(self.args.size_mb)
+        check = _snapshot_check(repo, {"model.safetensors": size})
+        main = self.server
+        with Server(HUB, WORK / "server-wan.jsonl", latency_ms=WAN_LATENCY_MS, conn_rate_mb=WAN_RATE_MB) as server:
+            server.warm(repo)
+            url = f"{server.url}/{repo}/resolve/main/model.safetensors"
+            self.server, self.env = server, clean_env(HF_ENDPOINT=server.url)
+            try:
+                self.measure("wan", [
+                    Tool("hpcstage", [HPCSTAGE, "pull", repo, "--cache-dir", "{dest}", "-q", "-v"], check),
+                    Tool("hf download", [HF, "download", repo, "--cache-dir", "{dest}", "-q"], check),
+                    Tool("aria2c -x16 -s16", [
+                        "aria2c", "-x16", "-s16", "-q", "-d", "{dest}", "-o", "model.safetensors",
+                        "--file-allocation=falloc", "--allow-overwrite=true", "--auto-file-renaming=false",
+                        "--summary-interval=0", url,
+                    ], _file_check("model.safetensors", size)),
+                ], self.args.rounds)
+            finally:
+                self.server, self.env = main, clean_env(HF_ENDPOINT=main.url)
+        self.notes.append(f"wan: every connection capped at {WAN_RATE_MB:.0f} MB/s and every answer (hub and CDN) "
+                          f"{WAN_LATENCY_MS:.0f} ms late (`hpcstage serve --conn-rate-mb {WAN_RATE_MB:.0f} "
+                          f"--latency-ms {WAN_LATENCY_MS:.0f}`): not a network emulation, loopback's bandwidth and "
+                          "the same 2 cores carry every stream.")
 
     def small(self) -> None:
         repo = small_repo()
@@ -349,6 +391,17 @@ def targets(results: list[Result], size_mb: int) -> list[tuple[str, str, str]]:
     if hpc:
         out.append((f"{big}: hpcstage peak RSS <= 200 MB (worst round)", f"{hpc.rss_max:.0f} MB",
                     "PASS" if hpc.rss_max <= 200 else "FAIL"))
+    hpc, hf, aria = (_find(results, "wan", t) for t in ("hpcstage", "hf download", "aria2c -x16 -s16"))
+    wan = f"wan ({WAN_RATE_MB:.0f} MB/s per connection, {WAN_LATENCY_MS:.0f} ms)"
+    if hpc and hf:
+        x = hf.seconds / hpc.seconds
+        out.append((f"{wan}: hpcstage >= 6x faster than hf download", f"{x:.2f}x", "PASS" if x >= 6 else "FAIL"))
+    if hpc and aria:
+        x = aria.seconds / hpc.seconds
+        out.append((f"{wan}: hpcstage >= 0.9x aria2c -x16 -s16's speed", f"{x:.2f}x", "PASS" if x >= 0.9 else "FAIL"))
+    if hpc:
+        out.append((f"{wan}: hpcstage peak RSS <= 200 MB (worst round)", f"{hpc.rss_max:.0f} MB",
+                    "PASS" if hpc.rss_max <= 200 else "FAIL"))
     hpc, hf = _find(results, "small", "hpcstage"), _find(results, "small", "hf download")
     if hpc and hf:
         x = hf.seconds / hpc.seconds
@@ -384,8 +437,8 @@ def targets(results: list[Result], size_mb: int) -> list[tuple[str, str, str]]:
 
 
 def _rate(r: Result, size_mb: int) -> str:
-    if r.scenario in ("big", "mixed", "verify"):
-        total = {"big": size_mb << 20, "verify": size_mb << 20,
+    if r.scenario in ("big", "wan", "mixed", "verify"):
+        total = {"big": size_mb << 20, "wan": size_mb << 20, "verify": size_mb << 20,
                  "mixed": sum(_repo_files(HUB / "models" / mixed_repo(size_mb)).values())}
         return f"{total[r.scenario] / 1e6 / r.seconds:,.0f} MB/s"
     if r.scenario in ("small", "warm") and r.tool != "python import floor":
@@ -397,18 +450,37 @@ def _rate(r: Result, size_mb: int) -> str:
 
 
 def table(results: list[Result], size_mb: int) -> str:
-    rows = ["| scenario | tool | median s | rate | CPU s | server CPU s | peak RSS MB | requests | each round (s) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| scenario | tool | median s | rate | CPU s | server CPU s | peak RSS MB | requests | streams | "
+            "each round (s) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if not r.ok:
-            rows.append(f"| {r.scenario} | {r.tool} | FAILED | | | | | | {(r.failures or ['no run'])[0][:120]} |")
+            rows.append(f"| {r.scenario} | {r.tool} | FAILED | | | | | | | {(r.failures or ['no run'])[0][:120]} |")
             continue
         reqs = statistics.median(r.requests) if r.tool != "python import floor" else ""
         reqs = f"{reqs:.0f}" if reqs != "" else ""
+        streams = f"{max(r.streams)}" if any(r.streams) else ""
         each = " ".join(f"{x.seconds:.2f}" for x in r.runs)
         rows.append(f"| {r.scenario} | {r.tool} | {r.seconds:.3f} | {_rate(r, size_mb)} | {r.cpu:.2f} | "
-                    f"{statistics.median(r.server_cpu):.2f} | {r.rss:.0f} | {reqs} | {each} |")
+                    f"{statistics.median(r.server_cpu):.2f} | {r.rss:.0f} | {reqs} | {streams} | {each} |")
     return "\n".join(rows)
+
+
+def peak_streams(records: list[dict]) -> int:
+    """The most content requests to the CDN listener answered at once (from the server's request log)."""
+    events = sorted(e for r in records if r["server"] == "cdn" and r["method"] == "GET"
+                    for e in ((r["time"], 1), (r["time"] + r["duration"], -1)))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def stream_counts(output: str) -> str:
+    """hpcstage -v's range-stream counts as `4 8 16 8`: where it started and each count it moved to."""
+    moves = [line.rsplit("-> ", 1)[1].strip() for line in output.splitlines() if "range streams:" in line and "-> " in line]
+    return " ".join([str(START)] + moves)
 
 
 def _cmd(cmd: list[str]) -> str:
@@ -544,7 +616,7 @@ def main() -> int:
     started, load0 = time.monotonic(), os.getloadavg()
     WORK.mkdir(parents=True, exist_ok=True)
     log("generating repos (once; kept in bench/work/hub)")
-    if {"big", "verify"} & set(only):
+    if {"big", "wan", "verify"} & set(only):
         make_big(args.size_mb)
     if {"small", "warm"} & set(only):
         make_small()
@@ -577,6 +649,11 @@ def main() -> int:
                            "when it is idle before drawing conclusions.")
     if args.latency_ms:
         bench.notes.append(f"Latency profile: the server answered every request {args.latency_ms:.0f} ms late.")
+    for r in bench.results:
+        if r.settled:
+            bench.notes.append(f"{r.scenario}: hpcstage's range streams per round (start, then each change): "
+                               + "; ".join(r.settled) + ". Streams column: the most CDN requests answered at once "
+                               "(server log), the worst round.")
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     info = machine(args.runs_dir)
     rmtree(args.runs_dir)
@@ -609,7 +686,7 @@ def main() -> int:
         "process (wait4); server CPU s: what `hpcstage serve` used meanwhile (it shares the same cores). Peak RSS: VmHWM of the client, polled every 20 ms. Requests: lines the server logged "
         "during the run.", "",
         tbl, "",
-        "## Targets (issues #3, #5, #15)", "", tgt, "",
+        "## Targets (issues #3, #5, #15, #18)", "", tgt, "",
         *[f"- {n}" for n in bench.notes],
     ]
     args.results.write_text("\n".join(md).rstrip() + "\n")

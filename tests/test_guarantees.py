@@ -228,11 +228,12 @@ def test_status_shows_locked_while_a_pull_runs_and_partial_after_it_is_killed(mi
     m = tmp_path / "hpcstage.yaml"
     m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {REPO}\n")
     env = client_env(mid_hub, tmp_path / "h")
-    mid_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=2_000_000))  # ~2.5 s per 8 MiB piece
+    mid_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=2_000_000))  # ~2 s per 4 MiB piece
     sha = mid_hub.files_of("model", REPO)["model.safetensors"].sha256
     record = tmp_path / "cache" / REPO_DIR / "blobs" / f"{sha}.hpcstage-partial.ranges"
-    proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(m), "-q"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # one stream: the pieces come one after another, so the pull outlasts `status` by seconds
+    proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(m), "-q", "--max-connections", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: pieces_done(record) >= 1, 60, "a first piece on disk")
         row = _status(m, env)

@@ -45,10 +45,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     update = True if "*" in updates else (updates or False)
     if args.workers < 1:
         raise BadInput("--workers must be at least 1")
+    if args.max_connections < 1:
+        raise BadInput(f"--max-connections {args.max_connections}: give at least 1 (default 32)")
     if args.timeout <= 0 or args.retry_budget < 0:
         raise BadInput("--timeout must be more than 0 seconds and --retry-budget not negative")
     opts = Options(
-        cache_dir=args.cache_dir, workers=args.workers, timeout=args.timeout,
+        cache_dir=args.cache_dir, workers=args.workers, max_connections=args.max_connections, timeout=args.timeout,
         retry=RetryPolicy(budget=args.retry_budget), quiet=args.quiet or args.json, shared_group=args.shared_group,
     )
     if (args.slurm_array is not None or args.worker) and not args.manifest:
@@ -443,6 +445,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise BadInput(f"--rate-limit {args.rate_limit!r}: give resolver requests per window in seconds, "
                            "e.g. --rate-limit 3000/300")
         limit = (int(quota), int(window))
+    for flag, value in (("--conn-rate-mb", args.conn_rate_mb), ("--latency-ms", args.latency_ms)):
+        if value is not None and not value > 0:
+            raise BadInput(f"{flag} {value:g}: give a number above 0, or leave the flag out")
 
     def setup(server) -> None:
         for repo in args.gated:
@@ -453,6 +458,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             server.limit_resolvers(*limit)
         server.ignore_range = args.ignore_range
         server.xet = args.xet
+        if args.conn_rate_mb:
+            server.conn_rate = args.conn_rate_mb * 1e6
+        if args.latency_ms:
+            from hpcstage.serve import FaultRule
+
+            server.add_fault(FaultRule(path="", delay=args.latency_ms / 1000))
 
     serve_forever(args.root, args.host, args.port, log_file=args.log_file, setup=setup)
     return 0
@@ -499,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rate limit (default 900: a 5-minute window more than once)")
     p.add_argument("--shared-group", metavar="GROUP",
                    help="group-shared cache: folders setgid + group-writable, files group-readable")
+    p.add_argument("--max-connections", type=int, default=32, metavar="N",
+                   help="range requests at once for all large files; fewer are used while more do not "
+                        "raise the throughput (default 32)")
     _common(p, workers="files downloaded at once")
     p.set_defaults(func=_cmd_pull)
 
@@ -572,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xet", action="store_true",
                    help="list xetHash for LFS files (hf_xet) and answer X-Xet-Hash; huggingface_hub clients then "
                         "need HF_HUB_DISABLE_XET=1 (this server does not speak the Xet protocol)")
+    p.add_argument("--conn-rate-mb", type=float, metavar="MB",
+                   help="send each connection's answers at this many MB/s (a CDN's per-connection cap, a long path)")
+    p.add_argument("--latency-ms", type=float, metavar="MS", help="answer every request (hub and CDN) this late")
     p.set_defaults(func=_cmd_serve)
     return parser
 

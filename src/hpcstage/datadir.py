@@ -162,7 +162,8 @@ class Stager:
 
             refuse_offline()
 
-            self._http = url.client(workers=self.opts.workers, timeout=self.opts.timeout, retry=self.opts.retry)
+            self._http = url.client(workers=self.opts.workers, timeout=self.opts.timeout, retry=self.opts.retry,
+                                    max_connections=self.opts.max_connections)
         return self._http
 
     def stage(self, entry: DataEntry, locked: LockedData | None) -> tuple[LockedData, DataResult]:

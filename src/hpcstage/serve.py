@@ -20,6 +20,9 @@ values are real, and resolve answers `X-Xet-Hash`; `listed_xet` lists another va
 Off by default: huggingface_hub switches to the Xet protocol, which this server does not speak, when a
 listing carries `xetHash` (clients then need HF_HUB_DISABLE_XET=1, as helpers.client_env sets).
 Uploads (`create_repo`, `upload_folder`) write into the served folder: serve_uploads.py.
+A real link's per-connection rate (a CDN's cap, one TCP stream over a long path) is `conn_rate`;
+`peak_connections` says how many connections each listener held open at once (on the CDN, a ranged
+download's stream count).
 """
 
 from __future__ import annotations
@@ -721,6 +724,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault and fault.alters_body:
             self._send_altered(body, length, fault)
+        elif self.server.owner.conn_rate:
+            self._send_paced(body, length, self.server.owner.conn_rate)
         elif isinstance(body, bytes):
             self.wfile.write(body)
             self._sent = length
@@ -740,6 +745,26 @@ class _Handler(BaseHTTPRequestHandler):
         with open(body.path, "rb") as f:  # os.sendfile on plain sockets, send() over TLS
             self._sent = self.connection.sendfile(f, body.offset, body.length)
         if self._sent < body.length:  # file shrank under us: the promised length cannot be met
+            self.close_connection = True
+
+    def _send_paced(self, body: bytes | _FileSlice, length: int, rate: float) -> None:
+        """The body at `rate` bytes/s: slices of 1/50 s each, sent by the kernel (sendfile) for files."""
+        self.wfile.flush()  # the head first
+        step = max(16 * 1024, int(rate / 50))
+        stopping, started = self.server.owner._stopping, time.monotonic()
+        with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
+            while self._sent < length and not stopping.is_set():
+                n = min(step, length - self._sent)
+                if f:
+                    sent = self.connection.sendfile(f, body.offset + self._sent, n)
+                else:
+                    self.connection.sendall(body[self._sent:self._sent + n])
+                    sent = n
+                if not sent:
+                    break
+                self._sent += sent
+                stopping.wait(max(0.0, started + self._sent / rate - time.monotonic()))
+        if self._sent < length:
             self.close_connection = True
 
     def _send_altered(self, body: bytes | _FileSlice, length: int, fault: FaultRule) -> None:
@@ -794,6 +819,7 @@ class _Listener(ThreadingHTTPServer):
         self.owner, self.role = owner, role
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
+        self.peak = 0  # the most connections open at once
         super().__init__(address, _Handler)
         self.scheme = "https" if tls else "http"
         if tls:  # the handshake happens in accept(): fine for a test server
@@ -804,6 +830,7 @@ class _Listener(ThreadingHTTPServer):
                                   name=f"hpcstage-serve-{self.role}-conn", daemon=self.daemon_threads)
         with self._connections_lock:
             self._connections[request] = thread
+            self.peak = max(self.peak, len(self._connections))
         thread.start()
 
     def shutdown_request(self, request):
@@ -850,6 +877,7 @@ class HubServer:
         self.ignore_range = False
         self.xet = False  # list `xetHash` / answer `X-Xet-Hash` for LFS files (module docstring)
         self.listed_xet: dict[str, str] = {}  # sha256 -> the xetHash to list instead of the real one (faults)
+        self.conn_rate: float | None = None  # bytes/s each connection's answers are sent at; None: as fast as it goes
         self._secret = os.urandom(16)
         self._window = (0.0, -1, 0)  # (start, index, requests counted in it)
         self.rate_window_started = 0.0
@@ -1025,6 +1053,11 @@ class HubServer:
         """Requests received so far, answered or not (tests wait on this instead of sleeping)."""
         with self._lock:
             return self._received
+
+    @property
+    def peak_connections(self) -> dict[str, int]:
+        """Per listener ('hub', 'cdn'): the most connections open at once (keep-alive ones count while idle)."""
+        return {listener.role: listener.peak for listener in self._listeners}
 
     def clear_log(self) -> None:
         with self._lock:

@@ -34,7 +34,7 @@ from hpcstage.locks import Lease, break_expired, read_lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, Update, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, ProgressCallback, human_bytes
 from hpcstage.sources import hub
-from hpcstage.transfer import CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
+from hpcstage.transfer import MAX_CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
 from hpcstage.xetstore import XetStore
 
 LEASE_TTL = 60.0
@@ -92,6 +92,7 @@ class _RepoPlan:
 class Options:
     cache_dir: Path | None = None
     workers: int = 8
+    max_connections: int = MAX_CONNECTIONS  # range requests at once for all large files (transfer.Streams)
     token: str | None = None
     timeout: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -167,8 +168,10 @@ class _Run:
 
             token = self.opts.token if self.opts.token is not None else get_token()
             self.token = token or None
-            self._http = Http(hub.hub_headers(token), auth_origin=origin, pool_size=self.opts.workers * CONNECTIONS + 2,
-                              read_timeout=self.opts.timeout, retry=self.opts.retry, errors=hub.error_for,
+            self._http = Http(hub.hub_headers(token), auth_origin=origin,
+                              pool_size=self.opts.workers + self.opts.max_connections,
+                              max_connections=self.opts.max_connections, read_timeout=self.opts.timeout,
+                              retry=self.opts.retry, errors=hub.error_for,
                               share=_array_share() if self.opts.worker else 1.0)
             self._http.on_wait = self._on_wait
             self._http.on_response = self._heard

@@ -32,15 +32,19 @@ from urllib.parse import unquote, urljoin, urlsplit
 from hpcstage import safefs
 from hpcstage.errors import BadInput, HashMismatch, HpcstageError, ProxyError, TransferError
 from hpcstage.hfcache import new_hasher
+from hpcstage.streams import Streams
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 CHUNK = 1 << 20  # one read from the socket
 SMALL = 8 << 20  # files below this are fetched whole into memory: no partial, no lease
-PIECE = 8 << 20  # unit of parallel ranges, of in-order hashing from memory and of the resume record
-CONNECTIONS = 4  # parallel range requests per large file
+# Unit of parallel ranges, of in-order hashing from memory and of the resume record. 4 MiB: the buffer
+# budget (BUFFERS) then holds 30 streams, and a piece at 40 MB/s still spends 3/4 of its time moving bytes
+# behind a 30 ms request latency (bench/README.md).
+PIECE = 4 << 20
+MAX_CONNECTIONS = 32  # range requests at once for all large files of a client (--max-connections)
 RECORD_EVERY = 0.25  # seconds between saves of the resume record while pieces arrive
 DIRECT_ALIGN = 4096  # O_DIRECT alignment that every Linux filesystem accepts
-BUFFERS = 16  # PIECE buffers for all large files of a process at once: 128 MiB
+BUFFERS = 32  # PIECE buffers for all large files of a process at once: 128 MiB (peak RSS <= 200 MB)
 _BUFFERS = threading.BoundedSemaphore(BUFFERS)
 RANGES_SUFFIX = ".ranges"
 logger = logging.getLogger(__name__)
@@ -466,7 +470,8 @@ class Http:
     there (bench/README.md). What is kept of a pool here is a list of idle connections per origin.
 
     `errors(resp, url)`, when given, turns an error answer into a typed error (the Hub's X-Error-Code);
-    `on_wait(line)` hears "rate-limited ..." while requests wait (None when they go on)."""
+    `on_wait(line)` hears "rate-limited ..." while requests wait (None when they go on). `streams` decides
+    how many range requests its large files run at once (at most `max_connections`)."""
 
     def __init__(
         self,
@@ -479,8 +484,10 @@ class Http:
         retry: RetryPolicy | None = None,
         errors: Callable[["Response", str], HpcstageError | None] | None = None,
         share: float = 1.0,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         self.headers = headers
+        self.streams = Streams(max_connections, BUFFERS)
         self.auth_origin = _origin(auth_origin) if auth_origin else None
         self.retry = retry or RetryPolicy()
         self.pool_size = pool_size
@@ -591,11 +598,12 @@ class Http:
         raise TransferError(f"{method} {url}: too many redirects")
 
     def request(
-        self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None, what: str = ""
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
+        what: str = "", on_retry: Callable[[], None] = lambda: None,
     ) -> Response:
-        """Send with retries on 408/429/5xx and connection errors. The caller reads (or releases) the
-        body; error statuses other than those come back to the caller to map to a typed error
-        (`status_error`). A 429 waits as the server says (`ratelimit_wait`) in the origin's pacer,
+        """Send with retries on 408/429/5xx and connection errors (`on_retry` hears each). The caller reads
+        (or releases) the body; error statuses other than those come back to the caller to map to a typed
+        error (`status_error`). A 429 waits as the server says (`ratelimit_wait`) in the origin's pacer,
         spending the retry budget's time but no try."""
         attempts = _Attempts(self.retry, what or f"{method} {url}")
         while True:
@@ -616,9 +624,11 @@ class Http:
             except (OSError, http.client.HTTPException) as e:
                 proxy = self.proxies.for_url(url)
                 via = f" through proxy {proxy.name} ({proxy.variable})" if proxy else ""
+                on_retry()
                 attempts.wait(f"connection failed{via} ({type(e).__name__}: {_short(e)})", cause=e)
                 continue
             if resp.status == 429:
+                on_retry()
                 delay = ratelimit_wait(resp.headers)
                 resp.drain_conn()
                 resp.release_conn()
@@ -627,6 +637,7 @@ class Http:
                     time.sleep(max(0.0, wait - 1.0))
                 continue
             if resp.status in RETRY_STATUSES:
+                on_retry()
                 retry_after = resp.headers.get("Retry-After")
                 resp.drain_conn()
                 resp.release_conn()
@@ -702,8 +713,16 @@ class _Pieces:
             data = json.loads(self.folder.read(self.record) or b"null")
         except (OSError, ValueError):
             return
-        if isinstance(data, dict) and data.get("size") == self.size and data.get("segment") == PIECE:
-            self.done = {i for i in data.get("done", []) if isinstance(i, int) and 0 <= i < self.count}
+        if not (isinstance(data, dict) and data.get("size") == self.size and isinstance(data.get("segment"), int)
+                and data["segment"] > 0):
+            return
+        # a record written with another piece size (an earlier version): the pieces its segments cover
+        segment = data["segment"]
+        have = {i for i in data.get("done", []) if isinstance(i, int) and 0 <= i * segment < self.size}
+        for i in range(self.count):
+            start, end = self.bounds(i)
+            if all(k in have for k in range(start // segment, (end - 1) // segment + 1)):
+                self.done.add(i)
 
     def bounds(self, i: int) -> tuple[int, int]:
         return i * PIECE, min(self.size, (i + 1) * PIECE)
@@ -792,7 +811,6 @@ def fetch(
     sha256: str | None,
     on_bytes: Callable[[int], None] = lambda n: None,
     label: str = "",
-    connections: int = CONNECTIONS,
     on_digest: Callable[[str], None] | None = None,
     root: Path | None = None,
 ) -> int:
@@ -802,11 +820,12 @@ def fetch(
     `sha256` truthy selects a sha256 content hash (LFS files, URLs), else the git blob sha1. `expected`
     None (a URL whose hash is not known yet) skips the comparison; `on_digest` receives the hex digest.
 
-    PIECE-sized pieces are handed out in order to up to `connections` parallel Range requests, each read
-    into its own buffer and written in place; this thread hashes the buffers in order, so the bytes are
-    hashed from memory as they arrive instead of read back from disk. A file holds at most `connections + 2`
-    buffers, and all files of the process together BUFFERS (the memory bound, whatever --workers is): a
-    connection that is ahead waits for a free one. Pieces already done by this
+    PIECE-sized pieces are handed out in order to parallel Range requests, as many as `http.streams` gives
+    this file (it adapts the count to what the link carries, and shares it between the client's large
+    files); each is read into its own buffer and written in place, and this thread hashes the buffers in
+    order, so the bytes are hashed from memory as they arrive instead of read back from disk. A file holds
+    at most its streams + 2 buffers, and all files of the process together BUFFERS (the memory bound,
+    whatever --workers is): a stream that is ahead waits for a free one. Pieces already done by this
     or a dead process (the `.ranges` record) are not fetched again, only read back for the hash. On a hash
     mismatch the partial is deleted and TransferError raised: wrong bytes are never kept. The caller holds
     the blob's lease, so no one else writes `partial` meanwhile. `root` is the trusted folder `partial` lives
@@ -822,6 +841,7 @@ def fetch(
     out = _PartialFile(folder, partial.name, size)
     finished = False
     owned = [0]  # buffers this file holds of the process-wide budget
+    streams, me = http.streams, object()
     try:
         todo = deque(i for i in range(pieces.count) if i not in resumed)
         kept = sum(b - a for a, b in map(pieces.bounds, resumed))
@@ -839,19 +859,48 @@ def fetch(
         source = [url]  # where the pieces are fetched from (the CDN, after the first redirect)
         resolving = threading.Lock()  # one request at a time through `url` until it has redirected
 
+        running = [0]  # range threads of this file
+        threads: list[threading.Thread] = []
+
         def take() -> tuple[int, memoryview] | None:
             """A buffer first, then the next piece: the piece the hasher waits for always has a buffer, so
-            every file holding buffers moves on and, at its end, gives them back to the others."""
+            every file holding buffers moves on and, at its end, gives them back to the others. None: this
+            thread ends (nothing left, a failure, or the file's part of the streams shrank)."""
             with cond:
-                while not failed and todo:
+                while not failed and todo and running[0] <= streams.share(me):
                     if free:
                         return todo.popleft(), free.pop()
-                    if owned[0] < connections + 2 and _BUFFERS.acquire(blocking=False):
+                    if owned[0] < streams.share(me) + 2 and _BUFFERS.acquire(blocking=False):
                         owned[0] += 1
                         return todo.popleft(), _piece_buffer()
                     # wait for our hasher to free one; while we hold none, also look at the budget again
                     cond.wait(timeout=None if owned[0] else 0.05)
+                running[0] -= 1
+                while free and owned[0] > streams.share(me) + 2:  # fewer streams: spare buffers to the others
+                    free.pop()
+                    owned[0] -= 1
+                    _BUFFERS.release()
                 return None
+
+        def grow() -> None:
+            """Start range threads up to the file's part of the streams (the caller holds `cond`)."""
+            while not failed and running[0] < min(streams.share(me), len(todo)):
+                running[0] += 1
+                t = threading.Thread(target=worker, name=f"range-{len(threads)}", daemon=True)
+                threads.append(t)
+                t.start()
+
+        def recycle(buf: memoryview) -> None:
+            """A hashed piece's buffer: kept for the next piece, or given back when the file's part shrank."""
+            if owned[0] > streams.share(me) + 2:
+                owned[0] -= 1
+                _BUFFERS.release()
+            else:
+                free.append(buf)
+
+        def arrived(n: int) -> None:
+            streams.moved(n)
+            counted(n)
 
         def worker() -> None:
             try:
@@ -859,8 +908,10 @@ def fetch(
                     i, buf = job
                     start, end = pieces.bounds(i)
                     view = buf[: end - start]
-                    _fetch_piece(http, source, url, view, start, size, counted, label, lambda: bool(failed),
-                                 resolving)
+                    began = time.monotonic()
+                    _fetch_piece(http, source, url, view, start, size, arrived, label, lambda: bool(failed),
+                                 resolving, streams.trouble)
+                    streams.piece_done(time.monotonic() - began)
                     out.write(view, start)
                     with cond:
                         ready[i] = buf
@@ -868,24 +919,29 @@ def fetch(
                         cond.notify_all()
             except BaseException as e:  # noqa: BLE001 - handed to the caller below
                 with cond:
+                    running[0] -= 1
                     failed.append(e)
                     cond.notify_all()
 
-        fresh = pieces.count - len(resumed)
-        threads = [threading.Thread(target=worker, name=f"range-{n}", daemon=True)
-                   for n in range(min(connections, fresh))]
-        for t in threads:
-            t.start()
+        def wake() -> None:
+            with cond:
+                cond.notify_all()
+
+        streams.join(me, wake)
+        with cond:
+            grow()
         try:
-            digest = _hash_in_order(out.fd, pieces, resumed, new_hasher(sha256, size), cond, ready, free, failed)
+            digest = _hash_in_order(out.fd, pieces, resumed, new_hasher(sha256, size), cond, ready, failed,
+                                    recycle, grow)
         except BaseException as e:
             with cond:
                 failed.append(e)
                 cond.notify_all()
             raise
         finally:
-            for t in threads:
-                t.join()
+            streams.leave(me)
+            while threads:
+                threads.pop().join()
         if failed and isinstance(failed[0], _RangeIgnored):
             # A mirror or caching proxy that answers 200 with the whole body to a ranged request: one
             # stream from the start, hashed as it arrives (what arrived in pieces is counted again).
@@ -920,8 +976,11 @@ def fetch(
 
 
 def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, cond: threading.Condition,
-                   ready: dict[int, memoryview], free: list[memoryview], failed: list) -> str | None:
-    """Hash pieces in order as they arrive, from their buffers; pieces from an earlier run are read back."""
+                   ready: dict[int, memoryview], failed: list, recycle: Callable[[memoryview], None],
+                   grow: Callable[[], None]) -> str | None:
+    """Hash pieces in order as they arrive, from their buffers; pieces from an earlier run are read back.
+    Before each piece and whenever it wakes, it starts range threads if the file's part of the streams grew
+    (`grow`); `recycle` takes each hashed buffer (both under `cond`)."""
     scratch: memoryview | None = None
     for i in range(pieces.count):
         start, end = pieces.bounds(i)
@@ -936,14 +995,16 @@ def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, co
                 pos += n
             continue
         with cond:
+            grow()
             while i not in ready and not failed:
                 cond.wait()
+                grow()
             if failed:
                 return None
             buf = ready.pop(i)
         hasher.update(buf[: end - start])
         with cond:
-            free.append(buf)
+            recycle(buf)
             cond.notify_all()
     return hasher.hexdigest()
 
@@ -1008,7 +1069,7 @@ def _check_content_range(value: str | None, start: int, end: int, size: int, lab
 
 def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, start: int, size: int,
                  on_bytes: Callable[[int], None], label: str, stop: Callable[[], bool],
-                 resolving: threading.Lock) -> None:
+                 resolving: threading.Lock, trouble: Callable[[], None] = lambda: None) -> None:
     """Bytes [start, start + len(view)) of the file into `view`; a dropped connection continues where it broke.
 
     `source[0]` is where the bytes last came from: after the first piece's redirect, the others go to the
@@ -1016,7 +1077,8 @@ def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, star
     Until a request through `url` has answered, the others wait for it (`resolving`): a large file costs one
     resolver request of the Hub's rate limit, not one per connection, and a refused repo one refusal.
     The body is read with `readinto` straight into the piece's buffer when the connection allows it: a new
-    bytes object per chunk costs about a CPU second per GiB (bench/README.md)."""
+    bytes object per chunk costs about a CPU second per GiB (bench/README.md). `trouble` hears every drop
+    and retry (the stream count backs off)."""
     attempts = _Attempts(http.retry, f"download {label}")
     end = start + len(view)
     filled = 0
@@ -1028,7 +1090,7 @@ def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, star
             if stop():
                 raise _Stopped()
             target = source[0]
-            resp = http.request("GET", target, headers=headers, what=f"download {label}")
+            resp = http.request("GET", target, headers=headers, what=f"download {label}", on_retry=trouble)
             if resp.status in (200, 206):
                 source[0] = resp.url or target
         dropped: BaseException | None = None
@@ -1057,6 +1119,8 @@ def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, star
         finally:
             resp.release_conn()
         if dropped is not None:
+            trouble()
             attempts.wait(f"connection dropped at byte {start + filled} ({type(dropped).__name__})")
         elif filled < len(view):
+            trouble()
             attempts.wait(f"connection closed at byte {start + filled} of {size}")

@@ -21,15 +21,16 @@ from hpcstage import safefs
 from hpcstage.errors import HashMismatch, TransferError
 from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
 from hpcstage.locks import Lease
-from hpcstage.transfer import CHUNK, CONNECTIONS, DROPPED, RANGES_SUFFIX, Http, RetryPolicy, fetch
+from hpcstage.transfer import CHUNK, DROPPED, MAX_CONNECTIONS, RANGES_SUFFIX, Http, RetryPolicy, fetch
 
 LEASE_TTL = 60.0
 
 
-def client(*, workers: int = 4, timeout: float = 30.0, retry: RetryPolicy | None = None) -> Http:
+def client(*, workers: int = 4, timeout: float = 30.0, retry: RetryPolicy | None = None,
+           max_connections: int = MAX_CONNECTIONS) -> Http:
     """An HTTP client for arbitrary URLs: our user agent, no token."""
-    return Http({"user-agent": f"hpcstage/{__version__}"}, pool_size=workers * CONNECTIONS + 2, read_timeout=timeout,
-                retry=retry)
+    return Http({"user-agent": f"hpcstage/{__version__}"}, pool_size=workers + max_connections, read_timeout=timeout,
+                retry=retry, max_connections=max_connections)
 
 
 @dataclass(frozen=True)
