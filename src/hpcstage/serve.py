@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, TextIO
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -179,16 +179,18 @@ class _Once:
         self._busy: dict = {}
 
     def get(self, key, compute: Callable, max_age: float | None = None):
-        fresh = lambda hit: hit is not None and (max_age is None or time.monotonic() - hit[1] < max_age)  # noqa: E731
+        def fresh(hit: tuple[Any, float] | None) -> bool:
+            return hit is not None and (max_age is None or time.monotonic() - hit[1] < max_age)
+
         with self._lock:
             hit = self._values.get(key)
-            if fresh(hit):
+            if hit is not None and fresh(hit):
                 return hit[0]
             key_lock = self._busy.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
                 hit = self._values.get(key)
-                if fresh(hit):
+                if hit is not None and fresh(hit):
                     return hit[0]
             value = compute()
             with self._lock:
@@ -213,8 +215,11 @@ def _digest(path: Path, lfs: bool) -> str:
     """sha256 for LFS files (streamed: they can be huge), git blob sha1 for the others (small)."""
     if not lfs:
         return _git_oid(path.read_bytes())
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):  # hashlib.file_digest is 3.11+; we support 3.10
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _iso(ns: int) -> str:
@@ -260,7 +265,7 @@ class _Revision:
         paths = [p for p in (*self.dirs, *self.files) if p.startswith(prefix)]
         if not recursive:
             paths = [p for p in paths if "/" not in p[len(prefix):]]
-        return [self.entry(p, expand, xet) for p in sorted(paths)]
+        return [e for p in sorted(paths) if (e := self.entry(p, expand, xet)) is not None]
 
     def info(self, repo_id: str, kind: str) -> dict:
         siblings = []
@@ -755,7 +760,8 @@ class _Handler(BaseHTTPRequestHandler):
         with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
             while self._sent < length and not stopping.is_set():
                 n = min(step, length - self._sent)
-                if f:
+                if isinstance(body, _FileSlice):
+                    assert f is not None  # opened above for a file
                     sent = self.connection.sendfile(f, body.offset + self._sent, n)
                 else:
                     self.connection.sendall(body[self._sent:self._sent + n])
@@ -774,11 +780,15 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self.wfile.flush()  # the head first
         with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
-            if f:
+            if f is not None and isinstance(body, _FileSlice):
                 f.seek(body.offset)
             while self._sent < limit and not stopping.is_set():
                 n = min(chunk, limit - self._sent)
-                data = bytearray(f.read(n) if f else body[self._sent:self._sent + n])
+                if isinstance(body, _FileSlice):
+                    assert f is not None  # opened above for a file
+                    data = bytearray(f.read(n))
+                else:
+                    data = bytearray(body[self._sent:self._sent + n])
                 if not data:
                     break
                 if fault.corrupt:
@@ -893,7 +903,7 @@ class HubServer:
         self._received = 0
         self._faults: list[list] = []  # [rule, remaining uses or None]
         self._log: list[RequestRecord] = []
-        self._log_stream = None
+        self._log_stream: TextIO | None = None
         self._listeners: list[_Listener] = []
         self._threads: list[threading.Thread] = []
 
@@ -984,6 +994,7 @@ class HubServer:
 
     def _count_resolver(self, headers: dict[str, str]) -> None:
         """Count one resolver request in the current window; RateLimit headers into `headers`; 429 when over."""
+        assert self.rate_limit is not None  # called only while a limit is set
         quota, window = self.rate_limit
         with self._lock:
             start, index, count = self._window
@@ -1005,7 +1016,7 @@ class HubServer:
         """What an LFS file's `xetHash` is listed as; None while `xet` is off."""
         if not self.xet:
             return None
-        return lambda f: self.listed_xet.get(f.sha256) or self._repos.xet_hash(f)
+        return lambda f: self.listed_xet.get(f.sha256 or "") or self._repos.xet_hash(f)
 
     def cdn_path(self, sha256: str, filename: str = "") -> str:
         """A signed path on the CDN listener for an LFS object, valid for `signed_ttl` seconds from now."""

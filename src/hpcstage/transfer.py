@@ -201,7 +201,7 @@ class Proxies:
         if not value:
             return None
         where = f"{host}:{port}" if port else host
-        if urllib.request.proxy_bypass_environment(where, self._env):
+        if urllib.request.proxy_bypass_environment(where, self._env):  # type: ignore[attr-defined]  # stdlib, untyped
             return None
         return _parse_proxy(value, self.variable(scheme) or "proxy")
 
@@ -277,6 +277,9 @@ class _HTTPSConnection(http.client.HTTPSConnection):
             raise
 
 
+_Conn = _HTTPConnection | _HTTPSConnection  # a pooled connection: either carries proxy and read_timeout
+
+
 def open_connection(url: str, timeout: float) -> None:
     """Open (and close) a connection to `url`'s origin the way requests go: through its proxy (the CONNECT
     tunnel and TLS for https). Raises what a request would meet (ProxyError, OSError, ssl errors)."""
@@ -292,9 +295,10 @@ class Response:
     """One answer. `release_conn()` hands the connection back for the next request when the body was read
     to its end, and closes it otherwise (a half-read body cannot be skipped for free)."""
 
-    def __init__(self, http: "Http", key: tuple, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse,
+    def __init__(self, http: "Http", key: tuple, conn: _Conn, raw: http.client.HTTPResponse,
                  url: str):
-        self._http, self._key, self._conn, self._raw = http, key, conn, raw
+        self._http, self._key, self._raw = http, key, raw
+        self._conn: _Conn | None = conn
         self.status, self.headers, self.url = raw.status, raw.headers, url
         self.sent_auth = False  # whether Authorization went with the request that got this answer
 
@@ -497,29 +501,30 @@ class Http:
         self.on_wait: Callable[[str | None], None] = lambda line: None
         self.on_response: Callable[[Response, str], None] | None = None  # hears each final answer (and its URL)
         self.proxies = Proxies()
-        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[tuple, list[_Conn]] = {}
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         self._pacers: dict[tuple, _Pacer] = {}
 
-    def _connection(self, key: tuple) -> http.client.HTTPConnection:
+    def _connection(self, key: tuple) -> _Conn:
         scheme, host, port = key
         proxy = self.proxies.for_origin(scheme, host, port)
         if scheme == "https":
             if self._tls is None:
                 self._tls = tls_context()
-            conn: http.client.HTTPConnection = _HTTPSConnection(host, port, timeout=self.connect_timeout,
-                                                                context=self._tls)
-            conn.tls = self._tls
+            tls = _HTTPSConnection(host, port, timeout=self.connect_timeout, context=self._tls)
+            tls.tls = self._tls
+            conn: _Conn = tls
         elif scheme == "http":
-            conn = _HTTPConnection(*((proxy.host, proxy.port) if proxy else (host, port)), timeout=self.connect_timeout)
+            to_host, to_port = (proxy.host, proxy.port) if proxy else (host, port)
+            conn = _HTTPConnection(to_host, to_port, timeout=self.connect_timeout)
         else:
             raise TransferError(f"unsupported URL scheme {scheme!r} (only http and https)")
         conn.proxy = proxy
         conn.read_timeout = self.read_timeout
         return conn
 
-    def _put(self, key: tuple, conn: http.client.HTTPConnection) -> None:
+    def _put(self, key: tuple, conn: _Conn) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.pool_size:
