@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean bench mutants
+.PHONY: demo test install clean bench mutants lint
 
 $(BIN)/hpcstage: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,13 @@ bench: install
 		apt-get install -y --no-install-recommends aria2 >/dev/null || { apt-get update >/dev/null && \
 		apt-get install -y --no-install-recommends aria2 >/dev/null; }; fi
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# ruff (lint and format) and mypy on src/ (pyproject.toml holds their settings); .ci/run runs it before the tests.
+lint: install
+	$(BIN)/pip install -q -e '.[test,lint]'
+	$(BIN)/ruff check src
+	$(BIN)/ruff format --check src
+	$(BIN)/mypy
 
 # Mutation testing of the critical modules (slow: one test run per mutant); MUTANTS="policy archive" picks.
 mutants: install
