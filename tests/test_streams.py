@@ -137,14 +137,18 @@ class Clock:
         return self.now
 
 
-def _run(streams: Streams, clock: Clock, per_stream: float, total: float | None, windows: int) -> list[int]:
+def _run(streams: Streams, clock: Clock, per_stream: float, total: float | None, windows: int,
+         hasher_waits: bool | None = None) -> list[int]:
     """Feed the controller what a link gives (`per_stream` bytes/s per stream, at most `total` in all) in
-    steps of a tenth of a window; the count after each step."""
+    steps of a tenth of a window; the count after each step. `hasher_waits`: each step, a file's hasher
+    also takes a piece, having waited for it (True) or found it there (False); None: no hasher reports."""
     counts = []
     streams.piece_done(0.05)
     for _ in range(windows * 40):
         rate = streams.limit * per_stream if total is None else min(total, streams.limit * per_stream)
         clock.now += MIN_WINDOW / 10
+        if hasher_waits is not None:
+            streams.hashed(hasher_waits)
         streams.moved(int(rate * MIN_WINDOW / 10))
         counts.append(streams.limit)
     return counts
@@ -166,6 +170,24 @@ def test_streams_stay_at_the_start_when_more_add_nothing():
     s.join("file", lambda: None)
     counts = _run(s, clock, per_stream=1e9, total=1e9, windows=8)
     assert max(counts) == 2 * START and counts[-1] in (START, START + 1)  # held, or probing one more
+
+
+def test_streams_hold_while_the_hash_and_not_the_link_is_behind():
+    # every stream added would carry 40 MB/s more, but the hasher never waits for a piece: the CPU, not the
+    # link, sets the rate (loopback, a fast LAN), so no stream is added
+    clock = Clock()
+    s = Streams(32, buffers=40, clock=clock)
+    s.join("file", lambda: None)
+    counts = _run(s, clock, per_stream=40e6, total=None, windows=20, hasher_waits=False)
+    assert set(counts) == {START} and not s.growing
+    # the hasher starts waiting (the link is behind now): the count probes upwards again
+    counts = _run(s, clock, per_stream=40e6, total=None, windows=30, hasher_waits=True)
+    assert counts[-1] > START
+    # the same link with a hasher that waits from the start: doubles to the bound as before
+    clock = Clock()
+    s = Streams(32, buffers=40, clock=clock)
+    s.join("file", lambda: None)
+    assert max(_run(s, clock, per_stream=40e6, total=None, windows=10, hasher_waits=True)) == 32
 
 
 def test_streams_are_bounded_by_max_connections_and_the_buffers():

@@ -16,7 +16,11 @@ aggregate byte rate of all large files of the client:
 - after a step of a quarter more that paid off, take the next one; after one that did not, hold, and try
   again every PROBE_EVERY windows (the link may have freed up);
 - on trouble (a dropped connection, a retried 5xx, a 429) halve at once, at most once per window, and
-  grow again only by probing.
+  grow again only by probing;
+- a window in which no file's hasher had to wait for its next piece is CPU-bound, not link-bound: the bytes
+  already arrive faster than sha256 on one core takes them (loopback, a fast LAN), so more streams cannot
+  raise the rate and only cost CPU (threads, requests, wake-ups); such a window grows nothing and counts
+  as "no better" for a step up.
 
 The count is bounded by `most` (--max-connections) and by the piece buffers (`buffers`: the memory
 budget; every stream holds one, and each file two more for in-order hashing). Several large files share
@@ -61,6 +65,8 @@ class Streams:
         self._mark: tuple[float, int] | None = None  # (time, bytes) where the current window began
         self._held = 0  # windows measured at the held count since the last probe
         self._calm_until = 0.0  # trouble before this does not halve again
+        self._hashed = 0  # pieces the files' hashers took in the current window
+        self._hash_waits = 0  # ... of which a hasher had to wait for (the link is behind the CPU)
 
     # -- the files ----------------------------------------------------------------------------------
 
@@ -106,6 +112,12 @@ class Streams:
                 self._settle_until = self.clock() + max(SETTLE, seconds / 2)
             self.piece_time = seconds if not self.piece_time else 0.8 * self.piece_time + 0.2 * seconds
 
+    def hashed(self, waited: bool) -> None:
+        """A file's hasher took its next piece, `waited` for it to arrive or found it already there."""
+        with self._lock:
+            self._hashed += 1
+            self._hash_waits += waited
+
     def trouble(self) -> None:
         """A connection dropped or a request was retried (5xx, 429): fewer streams, now."""
         with self._lock:
@@ -137,19 +149,28 @@ class Streams:
             return False
         if self._mark is None:
             self._mark = (now, self._bytes)
+            self._hashed = self._hash_waits = 0
             return False
         began, at = self._mark
         if now - began < self._window():
             return False
         before = self.limit
-        self.judge((self._bytes - at) / (now - began), now)
+        cpu_bound = self._hashed > 0 and not self._hash_waits
+        self._hashed = self._hash_waits = 0
+        self.judge((self._bytes - at) / (now - began), now, cpu_bound)
         return self.limit != before
 
-    def judge(self, rate: float, now: float) -> None:
-        """One window's rate (bytes/s) at the current count: grow, hold, or go back."""
+    def judge(self, rate: float, now: float, cpu_bound: bool = False) -> None:
+        """One window's rate (bytes/s) at the current count: grow, hold, or go back. `cpu_bound`: the hashers
+        never waited for a piece in this window, so the link was not what limited the rate."""
         n = self.limit
         self._mark = (now, self._bytes)
-        if self.proven is None or self.proven[0] == n:  # the first window, or the held count again
+        if cpu_bound:  # hold here (or go back to what proved itself): more streams would only cost CPU
+            self.growing, self._held = False, 0
+            if self.proven is None or self.proven[0] >= n:
+                self.proven = (n, rate)
+            self._set(self.proven[0], now)
+        elif self.proven is None or self.proven[0] == n:  # the first window, or the held count again
             self.proven = (n, rate)
             self._held += 1
             if self.growing:

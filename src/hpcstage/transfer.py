@@ -937,7 +937,7 @@ def fetch(
             grow()
         try:
             digest = _hash_in_order(out.fd, pieces, resumed, new_hasher(sha256, size), cond, ready, failed,
-                                    recycle, grow)
+                                    recycle, grow, streams.hashed)
         except BaseException as e:
             with cond:
                 failed.append(e)
@@ -982,10 +982,11 @@ def fetch(
 
 def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, cond: threading.Condition,
                    ready: dict[int, memoryview], failed: list, recycle: Callable[[memoryview], None],
-                   grow: Callable[[], None]) -> str | None:
+                   grow: Callable[[], None], on_hashed: Callable[[bool], None]) -> str | None:
     """Hash pieces in order as they arrive, from their buffers; pieces from an earlier run are read back.
     Before each piece and whenever it wakes, it starts range threads if the file's part of the streams grew
-    (`grow`); `recycle` takes each hashed buffer (both under `cond`)."""
+    (`grow`); `recycle` takes each hashed buffer (both under `cond`). `on_hashed` hears, per piece, whether
+    the hasher had to wait for it (the stream count holds while the hash, not the link, is behind)."""
     scratch: memoryview | None = None
     for i in range(pieces.count):
         start, end = pieces.bounds(i)
@@ -1001,12 +1002,14 @@ def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, co
             continue
         with cond:
             grow()
+            waited = i not in ready
             while i not in ready and not failed:
                 cond.wait()
                 grow()
             if failed:
                 return None
             buf = ready.pop(i)
+        on_hashed(waited)
         hasher.update(buf[: end - start])
         with cond:
             recycle(buf)
