@@ -7,6 +7,7 @@ workers take other files, then linked when its writer is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fnmatch
 import hashlib
@@ -88,8 +89,11 @@ class _RepoPlan:
     all_files: list[CachedFile] | None  # full listing for trees/<commit>.json; None when already on disk
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
+    """What a caller chooses for a pull. Frozen: a manifest's settings or a repair come in as a changed copy
+    (`dataclasses.replace`), never written into the caller's object."""
+
     cache_dir: Path | None = None
     workers: int = 8
     max_connections: int = MAX_CONNECTIONS  # range requests at once for all large files (transfer.Streams)
@@ -99,8 +103,6 @@ class Options:
     quiet: bool = False
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: setgid folders, group-readable files
-    worker: bool = False  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
-    files: dict[str, list[str]] = field(default_factory=dict)  # entry key -> files named on the command line
     manifest_path: Path | None = None  # entries come from this manifest: hints name its keys, not flags
     progress: ProgressCallback | None = None  # the library's callback (bytes, total bytes, files, total files)
 
@@ -108,8 +110,10 @@ class Options:
 class _Run:
     """One pull: the shared HTTP client, cache root, progress and counters."""
 
-    def __init__(self, opts: Options):
+    def __init__(self, opts: Options, worker: bool = False, files: dict[str, list[str]] | None = None):
         self.opts = opts
+        self.worker = worker  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
+        self.files = files or {}  # entry key -> files named on the command line (`pull ORG/NAME FILE...`)
         self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
         check_cache_dir(self.cache_dir)
         self._http: Http | None = None
@@ -172,7 +176,7 @@ class _Run:
                               pool_size=self.opts.workers + self.opts.max_connections,
                               max_connections=self.opts.max_connections, read_timeout=self.opts.timeout,
                               retry=self.opts.retry, errors=hub.error_for,
-                              share=_array_share() if self.opts.worker else 1.0)
+                              share=_array_share() if self.worker else 1.0)
             self._http.on_wait = self._on_wait
             self._http.on_response = self._heard
         return self._http
@@ -232,7 +236,7 @@ class _Run:
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
-        named = self.opts.files.get(entry.key)
+        named = self.files.get(entry.key)
         if named:  # `pull ORG/NAME FILE...`: each must be a file of the repo, as `hf download` insists
             have = {f.path for f in all_files}
             absent = [n for n in named if n not in have]
@@ -371,7 +375,7 @@ class _Run:
         units: list[tuple[Path | None, list]] = [
             (store.lease(f.xet_hash) if (store := self.store_for(f)) and f.xet_hash else p.cache.lease(f.etag), [(p, f)])
             for p, f in large]
-        if not self.opts.worker:
+        if not self.worker:
             small = [x for x in todo if x[1].size < SMALL]
             # Batches cut a future (and a wake-up of this thread) per file, yet stay small enough that
             # every worker gets several: the last ones to finish leave no long tail.
@@ -644,18 +648,19 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
             ledger.write(cache_dir, new)
 
 
-def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update) -> tuple[_Run, list[_RepoPlan]]:
+def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update, worker: bool = False,
+           files: dict[str, list[str]] | None = None) -> tuple[_Run, list[_RepoPlan]]:
     """Refuse what the allowlist forbids (before any request), then plan every entry."""
     allow = policy.Allowlist(opts.allow)
     for e in entries:
         allow.check(e.repo)
-    if opts.worker:
+    if worker:
         unplanned = [e for e in entries if not (e.key in lock.entries and lock.entries[e.key].matches(e))]
         if unplanned or update:
             what = f"{unplanned[0].repo}@{unplanned[0].revision} is not" if unplanned else "--update is not allowed:"
             raise BadInput(f"array worker: {what} planned in the lockfile; "
                            "plan first with `hpcstage pull -f MANIFEST --slurm-array N`")
-    run = _Run(opts)
+    run = _Run(opts, worker, files)
     plans = []
     for e in entries:
         try:
@@ -698,12 +703,15 @@ def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
 
 
 def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
-         update: Update = False) -> tuple[PullSummary, Lockfile]:
-    """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged."""
+         update: Update = False, *, worker: bool = False,
+         files: dict[str, list[str]] | None = None) -> tuple[PullSummary, Lockfile]:
+    """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged.
+    `worker`: run as a Slurm array worker (stage-array internals); `files`: entry key -> the files named on
+    the command line, each of which must exist in the repo."""
     opts = opts or Options()
     started = time.monotonic()
     lock = lock or Lockfile()
-    run, plans = _start(entries, opts, lock, update)
+    run, plans = _start(entries, opts, lock, update, worker, files)
     try:
         run.execute(plans)
     except BaseException as e:
@@ -722,16 +730,13 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
     return run.summary, _locked(lock, plans)
 
 
-def _manifest_opts(manifest: Manifest, opts: Options | None) -> Options:
+def manifest_options(manifest: Manifest, opts: Options | None) -> Options:
+    """`opts` with the manifest's settings filled in (a copy: the caller's object is left as it was)."""
     opts = opts or Options()
-    if manifest.cache_dir and not opts.cache_dir:
-        opts.cache_dir = manifest.cache_dir
-    if manifest.allow is not None:
-        opts.allow = manifest.allow
-    if manifest.shared_group and not opts.shared_group:
-        opts.shared_group = manifest.shared_group
-    opts.manifest_path = manifest.path
-    return opts
+    return dataclasses.replace(
+        opts, cache_dir=opts.cache_dir or manifest.cache_dir or None,
+        allow=manifest.allow if manifest.allow is not None else opts.allow,
+        shared_group=opts.shared_group or manifest.shared_group or None, manifest_path=manifest.path)
 
 
 def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
@@ -745,13 +750,14 @@ def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
         save_lock(manifest.lock_path, new)
 
 
-def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False) -> PullSummary:
+def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False, *,
+                  worker: bool = False) -> PullSummary:
     """Pull every entry of a manifest and write `hpcstage.lock` beside it: the Hub repos first (their
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
-    opts = _manifest_opts(manifest, opts)
+    opts = manifest_options(manifest, opts)
     old = load_lock(manifest.lock_path, manifest.path)
-    summary, new = pull(manifest.entries, opts, old, update)
+    summary, new = pull(manifest.entries, opts, old, update, worker=worker)
     if not manifest.data_entries:
         _save(manifest, old, new)
         return summary
@@ -782,7 +788,7 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Updat
     """Resolve every entry's commit and file list once and write them to the lockfile (and each commit's
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""
-    opts = _manifest_opts(manifest, opts)
+    opts = manifest_options(manifest, opts)
     old = load_lock(manifest.lock_path, manifest.path)
     run, plans = _start(manifest.entries, opts, old, update)
     for p in plans:

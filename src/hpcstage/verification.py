@@ -38,6 +38,7 @@ from hpcstage.xetstore import XetStore
 
 if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used
     from hpcstage.manifest import HubEntry, Manifest
+    from hpcstage.staging import Options
 
 logger = logging.getLogger(__name__)
 
@@ -740,6 +741,19 @@ def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
             cache.folder(ref.parent).write_atomic(ref.name, commit.encode(), sharing=cache.sharing)
 
 
+def _repair_options(options: Options | None, folder: Path, workers: int | None, quiet: bool,
+                    allow: list[str] | None = None) -> Options:
+    """The caller's settings (token, timeout, retries, ...) with this verify's cache, workers and quiet; the
+    manifest's allowlist, when it has one, over the caller's."""
+    import dataclasses
+
+    from hpcstage.staging import Options
+
+    options = options or Options()
+    return dataclasses.replace(options, cache_dir=folder, workers=workers or 8, quiet=quiet,
+                               allow=allow if allow is not None else options.allow)
+
+
 def verify(
     repo_ids: list[str] | None = None,
     *,
@@ -751,6 +765,7 @@ def verify(
     repair: bool = False,
     shared_group: str | None = None,
     quiet: bool = True,
+    options: Options | None = None,
 ) -> VerifyReport:
     """Check staged files offline against the lockfile (with `manifest`) or `trees/<commit>.json`.
 
@@ -758,6 +773,8 @@ def verify(
     else every model and dataset repo in the cache. With `repair`, the bad files are removed and fetched
     again (the only network use), refs with a trailing newline rewritten, then everything re-checked:
     the returned report lists what is still wrong in `problems` and what was fixed in `repaired`.
+    `options`: the caller's pull settings (token, timeout, retry, connections, progress) for the repair's
+    fetches; its cache folder, workers, quiet and allowlist are this call's.
     """
     if manifest is not None and (repo_ids or revision):
         raise BadInput("give either REPO_ID... or -f MANIFEST, not both")
@@ -817,15 +834,14 @@ def verify(
         if bad_data:
             assert manifest is not None  # data entries come only from a manifest
             from hpcstage import datadir
-            from hpcstage.staging import Options
 
             datadir.restage(manifest, [e for e in manifest.data_entries if e.dest in bad_data],
-                            Options(cache_dir=folder, workers=workers or 8, quiet=quiet))
+                            _repair_options(options, folder, workers, quiet))
         if entries:
-            from hpcstage.staging import Options, pull  # the network, only now
+            from hpcstage.staging import pull  # the network, only now
 
             allow = manifest.allow if manifest is not None else None
-            pull(entries, Options(cache_dir=folder, workers=workers or 8, quiet=quiet, allow=allow))
+            pull(entries, _repair_options(options, folder, workers, quiet, allow))
         if sharing is not None:
             share_cache(folder, sharing, [c.root for c in plan.repos.values() if c.root.is_dir()])
         report, plan, good = run()

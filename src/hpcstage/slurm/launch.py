@@ -437,9 +437,11 @@ def _stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline:
             raise LaunchError(f"not staged in {cache_dir}: {names}; run `hpcstage pull` first or drop --no-stage")
         return
     from hpcstage.manifest import hub_entry
-    from hpcstage.staging import Options, pull, pull_manifest
+    from hpcstage.staging import Options, manifest_options, pull, pull_manifest
 
     opts = Options(cache_dir=cache_dir, quiet=request.quiet)
+    if manifest is not None:  # the extra repos below are held to the manifest's allowlist too
+        opts = manifest_options(manifest, opts)
     try:
         staged = []
         if manifest is not None:  # the lockfile makes a warm pull network-free
