@@ -76,7 +76,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
             raise BadInput(f"--update {unknown[0]}: no such entry in {args.manifest}; name one of {', '.join(names)}")
     if args.slurm_array is not None:
         return _pull_array(args, manifest, opts, update)
-    entries = []
+    entries: list = []
+    named: dict[str, list[str]] = {}  # entry key -> the FILEs named after its REPO_ID
     if manifest is not None:
         if args.include or args.exclude or args.revision or args.repo_type:
             raise BadInput("--include/--exclude/--revision/--repo-type go in the manifest when -f is used")
