@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fnmatch
 import hashlib
 import logging
 import math
@@ -26,23 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcstage import ledger, policy
+from hpcstage import ledger, policy, safefs
 from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoNotFound, RepoRefused,
                              RevisionNotFound, TransferError)
-from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
-                              share_cache)
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, share_cache
+from hpcstage.layout import BATCH_LEASES, LEASE_SUFFIX, LEASE_TTL, PARTIAL_SUFFIX, TMP_SUFFIX, ranges_record
 from hpcstage.locks import Lease, break_expired, read_lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, Update, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, ProgressCallback, human_bytes
 from hpcstage.sources import hub
-from hpcstage.transfer import MAX_CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
+from hpcstage.transfer import MAX_CONNECTIONS, SMALL, Http, RetryPolicy, fetch, fetch_small
 from hpcstage.xetstore import XetStore
 
-LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
 BATCH_FILES = 64  # small files leased together by array workers
 SMALL_BATCH = 32  # at most this many small files per unit of a single pull (fewer thread hand-offs)
-BATCH_LEASES = Path(".locks") / "hpcstage" / "batches"  # inside .locks: scan_cache_dir skips it
 STOP_GRACE = 5.0  # seconds workers get to stop and release their leases after Ctrl-C/SIGTERM
 
 logger = logging.getLogger(__name__)
@@ -805,16 +802,6 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Updat
     return run.summary
 
 
-def _walk(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
-    """Names matching `pattern` below `root`, never through a link (pathlib's `**` follows them)."""
-    found = []
-    for folder, dirs, files in os.walk(root):  # followlinks=False
-        depth = len(Path(folder).relative_to(root).parts)
-        if depth >= min_depth:
-            found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
-    return sorted(found)
-
-
 def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
     """`pull --local-dir DIR`: the snapshot's files as plain files under DIR (a reflink where the filesystem
     can, else a copy; never a hardlink or symlink into the cache, so editing them leaves the cache intact).
@@ -837,7 +824,7 @@ def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
                 and filecmp.cmp(dst, blob, shallow=False):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.hpcstage-tmp")
+        tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
         tmp.unlink(missing_ok=True)
         local.place(blob, tmp, lambda n: None, allow_hardlink=False)
         os.replace(tmp, dst)
@@ -858,11 +845,12 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     protects and that have not changed for `older_than` seconds (a partial younger than that may still be
     continued), and shared Xet blobs no repo links to any more (under their lease, by huggingface_hub's rule:
     one whose `.refs` manifest is missing is kept). Never a live lease or what it guards."""
-    from hpcstage.datadir import BUILD_SUFFIX, OLD_SUFFIX, STATE, builder_lease, default_data_dir
+    from hpcstage import datadir
+    from hpcstage.sources import url
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    data_dir = Path(data_dir) if data_dir else default_data_dir(cache_dir)
-    downloads = data_dir / STATE / "downloads"
+    data_dir = Path(data_dir) if data_dir else datadir.default_data_dir(cache_dir)
+    downloads = url.downloads_dir(data_dir)
     now = time.time()
     found: list[Leftover] = []
 
@@ -883,31 +871,30 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     # Links below the roots are not followed: what cleanup removes is always inside the cache or data_dir.
     blob_dirs = sorted(p for p in cache_dir.glob("*/blobs") if not p.parent.is_symlink() and not p.is_symlink())
     store = XetStore(cache_dir)
-    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.leases, downloads, data_dir / STATE / "locks"]
+    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.leases, *datadir.lease_folders(data_dir)]
     for folder in lease_dirs:
         for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
             info = read_lease(lease_path, root_of(lease_path))
             if info is not None and info.expired and (dry_run or break_expired(lease_path, root_of(lease_path))):
                 found.append(Leftover(lease_path, f"lease of {info.host}:{info.pid}, dead or silent {info.age:.0f}s"))
-    for folder in [*blob_dirs, downloads]:
-        for partial in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
-            # a blob's lease is named by its etag; a URL download's by the URL's key (before "-<version>")
-            key = partial.name.removesuffix(PARTIAL_SUFFIX)
-            guard = folder / f"{key.split('-')[0] if folder == downloads else key}{LEASE_SUFFIX}"
-            if live(guard) or (age := old(partial)) is None:
-                continue
-            if dry_run:
-                found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
-                continue
-            lease = Lease(guard, ttl=LEASE_TTL, root=root_of(guard))  # a run starting now cannot be resuming it
-            if not lease.try_acquire():
-                continue
-            try:
-                found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
-                partial.unlink(missing_ok=True)
-                partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
-            finally:
-                lease.release()
+    # each partial with the lease its writer holds: a blob's (hfcache) or a URL download's (url.py)
+    partials = [(p, RepoCache.partial_guard(p)) for d in blob_dirs for p in sorted(d.glob(f"*{PARTIAL_SUFFIX}"))]
+    partials += [(p, url.partial_guard(p)) for p in sorted(downloads.glob(f"*{PARTIAL_SUFFIX}"))]
+    for partial, guard in partials:
+        if live(guard) or (age := old(partial)) is None:
+            continue
+        if dry_run:
+            found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
+            continue
+        lease = Lease(guard, ttl=LEASE_TTL, root=root_of(guard))  # a run starting now cannot be resuming it
+        if not lease.try_acquire():
+            continue
+        try:
+            found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
+            partial.unlink(missing_ok=True)
+            partial.with_name(ranges_record(partial.name)).unlink(missing_ok=True)
+        finally:
+            lease.release()
     for entry in store.entries():  # content no repo links to any more (its repos were deleted)
         if not entry.unreferenced:
             continue
@@ -922,18 +909,15 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
                 found.append(Leftover(store.path(entry.xet_hash), "shared Xet blob no repo links to"))
         finally:
             lease.release()
-    for tmp in _walk(cache_dir, ".*.hpcstage-tmp", min_depth=1):
+    for tmp in safefs.walk_names(cache_dir, f".*{TMP_SUFFIX}", min_depth=1):
         if (age := old(tmp)) is not None:
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))
             if not dry_run:
                 tmp.unlink(missing_ok=True)
-    for suffix in (BUILD_SUFFIX, OLD_SUFFIX):  # `.<dest>.<hex><suffix>` beside each data entry's dest
-        for build in _walk(data_dir, f".*{suffix}"):
-            dest = build.name[1:].removesuffix(suffix).rsplit(".", 1)[0]
-            rel = (build.parent / dest).relative_to(data_dir).as_posix()
-            if live(builder_lease(data_dir, rel)) or (age := old(build)) is None:
-                continue
-            found.append(Leftover(build, f"unfinished data folder untouched for {age / 3600:.1f}h"))
-            if not dry_run:
-                shutil.rmtree(build, ignore_errors=True)
+    for build, guard in datadir.unfinished_builds(data_dir):
+        if live(guard) or (age := old(build)) is None:
+            continue
+        found.append(Leftover(build, f"unfinished data folder untouched for {age / 3600:.1f}h"))
+        if not dry_run:
+            shutil.rmtree(build, ignore_errors=True)
     return found

@@ -34,6 +34,7 @@ from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
 from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher,
                               share_cache)
+from hpcstage.layout import LEASE_TTL, repo_of_folder
 from hpcstage.xetstore import XetStore
 
 if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used
@@ -43,7 +44,6 @@ if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is 
 logger = logging.getLogger(__name__)
 
 _RAW_COMMIT = re.compile(rb"[0-9a-f]{40}")
-_FOLDER = re.compile(r"^(models|datasets)--(.+)$")
 
 # Kinds of problem, each with its path. All make `verify` fail (exit 1).
 MISSING = "missing"  # a file the lockfile lists is not in the snapshot
@@ -340,13 +340,6 @@ class _Plan:
             snap.required.add(f.path)
 
 
-def _repo_of_folder(name: str) -> tuple[str, str] | None:
-    m = _FOLDER.match(name)
-    if not m:
-        return None
-    return m.group(1)[:-1], m.group(2).replace("--", "/")
-
-
 def _snapshot_commits(cache: RepoCache) -> list[str]:
     try:
         return sorted(p.name for p in (cache.root / "snapshots").iterdir() if p.is_dir())
@@ -409,7 +402,7 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     except FileNotFoundError:
         raise BadInput(f"no hub cache at {cache_dir}; pass --cache-dir or set HF_HUB_CACHE") from None
     for name in folders:
-        parsed = _repo_of_folder(name)
+        parsed = repo_of_folder(name)
         if parsed is None or (repo_type and parsed[0] != repo_type):
             continue
         cache = plan.repo(*parsed)
@@ -686,7 +679,6 @@ def _remove_from_store(cache_dir: Path, xet_hash: str) -> None:
     """Wrong bytes in the store: removed under the entry's lease, so the repair's pull stores them again (the
     other repos' links to it point at the same name and are whole again after that)."""
     from hpcstage.locks import Lease
-    from hpcstage.staging import LEASE_TTL
 
     store = XetStore(cache_dir)
     with Lease(store.lease(xet_hash), ttl=LEASE_TTL, root=cache_dir):
@@ -697,7 +689,6 @@ def _remove_from_store(cache_dir: Path, xet_hash: str) -> None:
 def _repair_store_refs(plan: _Plan, problems: list[Problem]) -> None:
     """Name the unlisted links in their store entry's `.refs` manifest (offline, under the entry's lease)."""
     from hpcstage.locks import Lease
-    from hpcstage.staging import LEASE_TTL
 
     store = XetStore(plan.cache_dir)
     for p in problems:
