@@ -1,5 +1,6 @@
 """layout.py owns every on-disk name: they must be the names huggingface_hub and earlier runs use, and the
 resume record one module writes must be the one status reads."""
+
 from __future__ import annotations
 
 import pytest

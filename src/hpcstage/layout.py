@@ -17,6 +17,7 @@ blob under a `.hpcstage-*` name no other tool uses. Data folders (datadir.py) ke
 `.hpcstage-prebuild/`. Which leftovers of a dead run each owner may remove is its own module's to say
 (`cleanup` asks them); the names are here.
 """
+
 from __future__ import annotations
 
 import json
