@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hpcstage import verification as verify_mod
 from hpcstage.hfcache import HASH_BUF
 from helpers import client_env, hpcstage, sha256
@@ -221,3 +223,48 @@ def test_batched_hashing_gives_each_file_its_own_digest(tmp_path):
         assert got[(str(p), "git")] == hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest(), p
         assert got[(str(p), "sha256")] == hashlib.sha256(raw).hexdigest(), p
     assert isinstance(got[(gone, "git")], FileNotFoundError) and len(got) == len(items)
+
+
+def test_repair_fetches_with_the_callers_token_and_retry_policy(hub, tmp_path, monkeypatch):
+    """A repair is a pull with the caller's settings, not fresh defaults: the gated repo is fetched again with
+    the caller's token (no HF_TOKEN, no token file here), and a file the Hub keeps refusing with 503 is asked
+    for exactly as often as the caller's retry policy says (the default would ask 6 times, seconds apart)."""
+    from hpcstage.errors import HpcstageError
+    from hpcstage.manifest import hub_entry
+    from hpcstage.serve import FaultRule
+    from hpcstage.staging import Options, pull
+    from hpcstage.transfer import RetryPolicy
+
+    for name in [k for k in os.environ if k.startswith(("HF_", "HUGGING_FACE_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-token-here"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    hub.gate(MODEL, ("hf_granted",))
+    cache = tmp_path / "hub"
+    opts = Options(cache_dir=cache, quiet=True, token="hf_granted", timeout=5.0,
+                   retry=RetryPolicy(attempts=2, base=0.01, cap=0.01))
+    pull([hub_entry(repo=MODEL)], opts)
+    weights = hub.files_of("model", MODEL)["model.safetensors"]
+    blob = cache / MODEL_DIR / "blobs" / weights.etag
+    good = sha256(blob)
+
+    flip_byte(blob, weights.size // 2)
+    hub.clear_log()
+    report = verify_mod.verify([MODEL], cache_dir=cache, repair=True, options=opts)
+    assert report.ok, report.problems
+    assert [(p.kind, p.path) for p in report.repaired] == [("corrupt", "model.safetensors")]
+    assert sha256(blob) == good
+    asked = [r for r in hub.log if r.server == "hub"]
+    assert asked and all(r.has_auth and r.status in (200, 302) for r in asked)  # the gate let the token in
+
+    flip_byte(blob, weights.size // 2)
+    hub.add_fault(FaultRule(path="resolve/.*model.safetensors", status=503))
+    hub.clear_log()
+    with pytest.raises(HpcstageError, match="503"):
+        verify_mod.verify([MODEL], cache_dir=cache, repair=True, options=opts)
+    tries = [r for r in hub.log if r.path.endswith("/model.safetensors")]
+    assert [r.status for r in tries] == [503, 503]
+    assert not blob.exists()  # the bad blob is gone, nothing half-written took its place
+    assert opts == Options(cache_dir=cache, quiet=True, token="hf_granted", timeout=5.0,
+                           retry=RetryPolicy(attempts=2, base=0.01, cap=0.01))  # the caller's object is as it was

@@ -161,6 +161,7 @@ def verify(
     cache_dir: PathLike | None = None,
     workers: int | None = None,
     repair: bool = False,
+    token: str | None = None,
 ) -> VerifyReport:
     """Hash staged files offline against the lockfile (with `manifest`) or `trees/<commit>.json`.
 
@@ -173,6 +174,7 @@ def verify(
         cache_dir: the hub cache (default: the manifest's, else HF rules).
         workers: threads hashing large files (default: CPUs + 2, at most 32).
         repair: delete what is bad, fetch exactly those files again (the only network use), verify again.
+        token: Hub token for the repair's fetches (default: `HF_TOKEN`, else the token file).
 
     Returns:
         A `VerifyReport`: `ok`, `problems` (each with `kind`, `repo_id`, `commit`, `path`, `where`, and a
@@ -186,10 +188,15 @@ def verify(
     """
     from hpcstage.verification import verify as run
 
+    options = None
+    if repair:  # staging (pydantic, the network code) only for a repair
+        from hpcstage.staging import Options
+
+        options = Options(token=token)
     return run([repo_id] if repo_id is not None else None, manifest=_manifest(manifest) if manifest else None,
                repo_type=repo_type, revision=revision, cache_dir=Path(cache_dir) if cache_dir else None,
                workers=workers, repair=repair,
-               quiet=True)
+               quiet=True, options=options)
 
 
 def prebuild(

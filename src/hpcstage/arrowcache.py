@@ -45,14 +45,12 @@ from typing import Any, Callable
 from hpcstage import offline
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage import safefs
+from hpcstage.layout import ARROW_LEASE_SUFFIX, ARROW_LOCK_DIR as LOCK_DIR, ARROW_MARKER_DIR as MARKER_DIR, LEASE_TTL
 from hpcstage.locks import Lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
 from hpcstage.yamlfile import read_yaml
 
-LOCK_DIR = ".hpcstage-locks"
-MARKER_DIR = ".hpcstage-prebuild"
 MARKER_VERSION = 2  # 2: one marker per datasets version, written after an offline proof
-LEASE_TTL = 60.0
 POLL = 0.2  # seconds between looks at builds other processes hold
 # datasets' packaged builders: their data_files are local paths; any other `path` is a Hub repo id
 PACKAGED = frozenset("json csv parquet text arrow pandas webdataset xml sql imagefolder audiofolder "
@@ -260,7 +258,7 @@ def read_failure(datasets_cache_dir: Path, build: Build, datasets_version: str) 
 
 
 def lease_path(datasets_cache_dir: Path, build: Build) -> Path:
-    return Path(datasets_cache_dir) / LOCK_DIR / f"{build.key}.lease"
+    return Path(datasets_cache_dir) / LOCK_DIR / f"{build.key}{ARROW_LEASE_SUFFIX}"
 
 
 def read_marker(datasets_cache_dir: Path, build: Build, datasets_version: str) -> dict | None:

@@ -55,7 +55,6 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     )
     if (args.slurm_array is not None or args.worker) and not args.manifest:
         raise BadInput("--slurm-array and --worker need -f MANIFEST")
-    opts.worker = args.worker
     if updates and not args.manifest:
         raise BadInput("--update needs -f MANIFEST: it re-resolves what the lockfile pinned (a pull of REPO_IDs "
                        "always resolves the revision)")
@@ -77,18 +76,19 @@ def _cmd_pull(args: argparse.Namespace) -> int:
             raise BadInput(f"--update {unknown[0]}: no such entry in {args.manifest}; name one of {', '.join(names)}")
     if args.slurm_array is not None:
         return _pull_array(args, manifest, opts, update)
-    entries = []
+    entries: list = []
+    named: dict[str, list[str]] = {}  # entry key -> the FILEs named after its REPO_ID
     if manifest is not None:
         if args.include or args.exclude or args.revision or args.repo_type:
             raise BadInput("--include/--exclude/--revision/--repo-type go in the manifest when -f is used")
     else:
-        entries = _command_line_entries(args, opts)
+        entries, named = _command_line_entries(args)
         if args.local_dir is not None and len(entries) != 1:
             raise BadInput("--local-dir copies one repo: give one REPO_ID (and optionally its FILEs)")
     if manifest is not None:
-        summary = pull_manifest(manifest, opts, update=update)
+        summary = pull_manifest(manifest, opts, update=update, worker=args.worker)
     else:
-        summary, _ = pull(entries, opts)
+        summary, _ = pull(entries, opts, files=named)
         if args.local_dir is not None:
             from hpcstage.staging import materialise
 
@@ -107,10 +107,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_line_entries(args: argparse.Namespace, opts) -> list:
+def _command_line_entries(args: argparse.Namespace) -> tuple[list, dict[str, list[str]]]:
     """REPO_ID... or, as with `hf download`, REPO_ID FILE...: a name with exactly one `/` is a repo id; any
     other (`config.json`, `data/train/x.parquet`) is a file of the repo before it. A file at `dir/name`
-    (one slash) is given with --include dir/name."""
+    (one slash) is given with --include dir/name. Returns the entries and, per entry key, the files named."""
     import glob
 
     from hpcstage.manifest import hub_entry
@@ -122,14 +122,15 @@ def _command_line_entries(args: argparse.Namespace, opts) -> list:
         else:
             groups[-1][1].append(name)
     entries = []
+    named: dict[str, list[str]] = {}
     for repo, files in groups:
         include = (args.include or []) + [glob.escape(f) for f in files]
         entry = hub_entry(repo=repo, repo_type=args.repo_type or "model", revision=args.revision or "main",
                           include=include or None, exclude=args.exclude or None)
         if files:
-            opts.files[entry.key] = files
+            named[entry.key] = files
         entries.append(entry)
-    return entries
+    return entries, named
 
 
 def _pull_array(args: argparse.Namespace, manifest, opts, update=False) -> int:
@@ -248,10 +249,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.manifest)
     if manifest is not None and not manifest.entries and not manifest.data_entries:
         raise BadInput(f"{args.manifest} lists no models: or datasets: entries, so there is nothing to verify")
+    if args.timeout <= 0 or args.retry_budget < 0:
+        raise BadInput("--timeout must be more than 0 seconds and --retry-budget not negative")
+    options = None
+    if args.repair:  # the repair's fetches: the same settings a pull takes (staging is imported only then)
+        from hpcstage.staging import Options
+        from hpcstage.transfer import RetryPolicy
+
+        options = Options(timeout=args.timeout, retry=RetryPolicy(budget=args.retry_budget))
     report = verify(args.repo_ids or None, manifest=manifest,
                     repo_type=args.repo_type, revision=args.revision, cache_dir=args.cache_dir,
                     workers=args.workers, repair=args.repair, shared_group=args.shared_group,
-                    quiet=args.quiet or args.json)
+                    quiet=args.quiet or args.json, options=options)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
         return 0 if report.ok else 1
@@ -523,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="only this branch, tag or commit (default: every snapshot)")
     p.add_argument("--repair", action="store_true", help="refetch only the bad files (uses the network), then verify again")
     p.add_argument("--shared-group", metavar="GROUP", help="give repaired repos this group's bits")
+    p.add_argument("--timeout", type=float, default=30.0, help="--repair: as for pull (default 30)")
+    p.add_argument("--retry-budget", type=float, default=900.0, help="--repair: as for pull (default 900)")
     _common(p, workers="files hashed at once")
     p.set_defaults(func=_cmd_verify)
 

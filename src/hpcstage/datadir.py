@@ -32,16 +32,12 @@ from urllib.parse import quote
 from hpcstage import archive
 from hpcstage import safefs
 from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
-from hpcstage.hfcache import LEASE_SUFFIX, default_cache_dir, digest_file
+from hpcstage.hfcache import default_cache_dir, digest_file
+from hpcstage.layout import BUILD_SUFFIX, DATA_STATE as STATE, LEASE_SUFFIX, LEASE_TTL, OLD_SUFFIX
 from hpcstage.locks import Lease
 from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
                                Update, UrlEntry)
 from hpcstage.progress import Progress, human_bytes
-
-LEASE_TTL = 60.0
-BUILD_SUFFIX = ".hpcstage-build"
-OLD_SUFFIX = ".hpcstage-old"
-STATE = ".hpcstage"
 
 
 def default_data_dir(cache_dir: Path | None = None) -> Path:
@@ -72,6 +68,24 @@ def _quoted(dest: str) -> str:
 def builder_lease(data_dir: Path, dest: str) -> Path:
     """The lease of whoever builds `dest` (one builder at a time, across processes and nodes)."""
     return Path(data_dir) / STATE / "locks" / f"{_quoted(dest)}{LEASE_SUFFIX}"
+
+
+def lease_folders(data_dir: Path) -> list[Path]:
+    """Where data entries' leases live: the URL downloads' and the builders' (for cleanup)."""
+    from hpcstage.sources import url
+
+    return [url.downloads_dir(data_dir), Path(data_dir) / STATE / "locks"]
+
+
+def unfinished_builds(data_dir: Path) -> list[tuple[Path, Path]]:
+    """Build and replaced folders (`.<dest>.<hex>.hpcstage-build`/`-old`) anywhere below `data_dir`, each with
+    the builder lease that guards it (for cleanup: none a live builder holds is removed)."""
+    found = []
+    for suffix in (BUILD_SUFFIX, OLD_SUFFIX):
+        for build in safefs.walk_names(Path(data_dir), f".*{suffix}"):
+            dest = build.name[1:].removesuffix(suffix).rsplit(".", 1)[0]
+            found.append((build, builder_lease(data_dir, (build.parent / dest).relative_to(data_dir).as_posix())))
+    return found
 
 
 def record_path(data_dir: Path, dest: str) -> Path:
@@ -528,13 +542,10 @@ def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
         leases = [builder_lease(data_dir, entry.dest)]
         partials: list[Path] = []
         if isinstance(entry, UrlEntry):
-            from hpcstage.hfcache import PARTIAL_SUFFIX
             from hpcstage.sources import url
 
-            folder = url.downloads_dir(data_dir)
-            key = url._key(entry.url)
-            leases.append(folder / f"{key}{LEASE_SUFFIX}")
-            partials = list(folder.glob(f"{key}-*{PARTIAL_SUFFIX}"))
+            leases.append(url.download_lease(data_dir, entry.url))
+            partials = url.partials_of(data_dir, entry.url)
         if record is None:
             files = present = 0
         else:

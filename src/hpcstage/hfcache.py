@@ -6,7 +6,7 @@ the commit sha with no trailing newline; `trees/<commit>.json` holds the full li
 `snapshot_download` can prove completeness.
 
 Every write here is atomic: a blob, symlink, ref or tree appears under its final name only complete.
-Our partial data and leases live beside the blob under names no other tool uses (`.hpcstage-*`).
+Our partial data and leases live beside the blob under names no other tool uses (layout.py names them).
 A repo's `blobs/<etag>` may instead be a link into the cache-wide Xet blob store (`<cache>/blobs/`), whose
 names and writes are xetstore.py's; everything here reads such a blob through its link.
 """
@@ -27,12 +27,11 @@ from typing import Callable
 
 from hpcstage import safefs
 from hpcstage.errors import BadInput, PolicyError
+from hpcstage.layout import LEASE_SUFFIX, PARTIAL_SUFFIX, repo_folder_name
 from hpcstage.policy import check_relative_path
 
 _GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-PARTIAL_SUFFIX = ".hpcstage-partial"
-LEASE_SUFFIX = ".hpcstage-lease"
 TREE_FORMAT_VERSION = 1
 
 
@@ -250,7 +249,7 @@ class RepoCache:
     @functools.cached_property
     def folder_name(self) -> str:
         """`models--org--name`, as huggingface_hub's `repo_folder_name` spells it."""
-        return "--".join([f"{self.repo_type}s", *self.repo_id.split("/")])
+        return repo_folder_name(self.repo_type, self.repo_id)
 
     def blob(self, etag: str) -> Path:
         return self._blobs / etag
@@ -260,6 +259,11 @@ class RepoCache:
 
     def lease(self, etag: str) -> Path:
         return self._blobs / (etag + LEASE_SUFFIX)
+
+    @staticmethod
+    def partial_guard(partial: Path) -> Path:
+        """The lease whoever writes the blob partial `partial` holds (for cleanup: never a live one's)."""
+        return partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX) + LEASE_SUFFIX)
 
     def snapshot(self, commit: str) -> Path:
         return self.root / "snapshots" / commit

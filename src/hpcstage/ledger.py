@@ -13,15 +13,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import quote
 
 from hpcstage import safefs
-from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache
+from hpcstage.hfcache import CachedFile, RepoCache
+from hpcstage.layout import (LEASE_SUFFIX, LEDGER_DIR, PARTIAL_SUFFIX, artifact_of_ledger_name, ledger_name,
+                             partial_progress)
 from hpcstage.locks import read_lease
 
-# Inside huggingface_hub's own `.locks/` folder, which `scan_cache_dir` skips: any other extra folder in
-# the hub cache is reported as a corrupted repo.
-LEDGER_DIR = Path(".locks") / "hpcstage" / "ledger"
 
 
 @dataclass
@@ -54,7 +52,7 @@ class Record:
 
 
 def _path(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Path:
-    return Path(cache_dir) / LEDGER_DIR / f"{repo_type}s--{repo.replace('/', '--')}@{quote(revision, safe='')}.json"
+    return Path(cache_dir) / LEDGER_DIR / ledger_name(repo_type, repo, revision)
 
 
 def write(cache_dir: Path, record: Record) -> None:
@@ -81,14 +79,7 @@ class Unreadable:
 
     def artifact(self) -> tuple[str, str, str] | None:
         """(repo_type, repo, revision) from the file's name, when it has the ledger's form."""
-        from urllib.parse import unquote
-
-        stem = self.path.name.removesuffix(".json")
-        head, sep, revision = stem.partition("@")
-        kind, sep2, name = head.partition("s--")
-        if not (sep and sep2) or kind not in ("model", "dataset") or "--" not in name:
-            return None
-        return kind, name.replace("--", "/", 1), unquote(revision)
+        return artifact_of_ledger_name(self.path.name)
 
 
 def read_all_checked(cache_dir: Path) -> list[Record | Unreadable]:
@@ -131,18 +122,6 @@ class ArtifactStatus:
             if lease is not None and not lease.expired:
                 self.locked_by.append(f"{lease.host}:{lease.pid} (age {lease.age:.0f}s)")
         return bool(progress)
-
-
-def partial_progress(partial: Path) -> tuple[int, int]:
-    """(bytes done, size) of a partial file, from its pieces record; (0, 0) when there is none."""
-    from hpcstage.transfer import RANGES_SUFFIX  # here: the transfer engine's imports cost verify and status ~50 ms
-
-    try:
-        data = json.loads(partial.with_name(partial.name + RANGES_SUFFIX).read_text())
-        size, segment = int(data["size"]), int(data["segment"])
-        return sum(min(size, (i + 1) * segment) - i * segment for i in data["done"]), size
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0, 0
 
 
 def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcstage.errors import HpcstageError
+from hpcstage.layout import TMP_SUFFIX
 
 if TYPE_CHECKING:
     from hpcstage.hfcache import Sharing
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-TMP_SUFFIX = ".hpcstage-tmp"
 _CACHE_SIZE = 256  # open folders kept per process (a pull writes into a few folders many times)
 
 
@@ -353,3 +353,15 @@ def refuse_foreign_link(path: Path | str) -> None:
 
 def is_link_error(e: OSError) -> bool:
     return e.errno in (errno.ELOOP, errno.ENOTDIR)
+
+
+def walk_names(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
+    """Names matching `pattern` (fnmatch) below `root`, never through a link (pathlib's `**` follows them)."""
+    import fnmatch
+
+    found = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False
+        depth = len(Path(folder).relative_to(root).parts)
+        if depth >= min_depth:
+            found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
+    return sorted(found)

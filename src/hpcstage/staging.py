@@ -7,8 +7,8 @@ workers take other files, then linked when its writer is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
-import fnmatch
 import hashlib
 import logging
 import math
@@ -25,23 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcstage import ledger, policy
+from hpcstage import ledger, policy, safefs
 from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoNotFound, RepoRefused,
                              RevisionNotFound, TransferError)
-from hpcstage.hfcache import (LEASE_SUFFIX, PARTIAL_SUFFIX, CachedFile, RepoCache, Sharing, default_cache_dir,
-                              share_cache)
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, share_cache
+from hpcstage.layout import BATCH_LEASES, LEASE_SUFFIX, LEASE_TTL, PARTIAL_SUFFIX, TMP_SUFFIX, ranges_record
 from hpcstage.locks import Lease, break_expired, read_lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, Update, entry_lock, load_lock, save_lock
 from hpcstage.progress import Progress, ProgressCallback, human_bytes
 from hpcstage.sources import hub
-from hpcstage.transfer import MAX_CONNECTIONS, RANGES_SUFFIX, SMALL, Http, RetryPolicy, fetch, fetch_small
+from hpcstage.transfer import MAX_CONNECTIONS, SMALL, Http, RetryPolicy, fetch, fetch_small
 from hpcstage.xetstore import XetStore
 
-LEASE_TTL = 60.0
 BUSY_RETRY = 0.5  # seconds before a blob held by another process is looked at again
 BATCH_FILES = 64  # small files leased together by array workers
 SMALL_BATCH = 32  # at most this many small files per unit of a single pull (fewer thread hand-offs)
-BATCH_LEASES = Path(".locks") / "hpcstage" / "batches"  # inside .locks: scan_cache_dir skips it
 STOP_GRACE = 5.0  # seconds workers get to stop and release their leases after Ctrl-C/SIGTERM
 
 logger = logging.getLogger(__name__)
@@ -88,8 +86,11 @@ class _RepoPlan:
     all_files: list[CachedFile] | None  # full listing for trees/<commit>.json; None when already on disk
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
+    """What a caller chooses for a pull. Frozen: a manifest's settings or a repair come in as a changed copy
+    (`dataclasses.replace`), never written into the caller's object."""
+
     cache_dir: Path | None = None
     workers: int = 8
     max_connections: int = MAX_CONNECTIONS  # range requests at once for all large files (transfer.Streams)
@@ -99,8 +100,6 @@ class Options:
     quiet: bool = False
     allow: list[str] | None = None
     shared_group: str | None = None  # a group-shared cache: setgid folders, group-readable files
-    worker: bool = False  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
-    files: dict[str, list[str]] = field(default_factory=dict)  # entry key -> files named on the command line
     manifest_path: Path | None = None  # entries come from this manifest: hints name its keys, not flags
     progress: ProgressCallback | None = None  # the library's callback (bytes, total bytes, files, total files)
 
@@ -108,8 +107,10 @@ class Options:
 class _Run:
     """One pull: the shared HTTP client, cache root, progress and counters."""
 
-    def __init__(self, opts: Options):
+    def __init__(self, opts: Options, worker: bool = False, files: dict[str, list[str]] | None = None):
         self.opts = opts
+        self.worker = worker  # a Slurm array worker: files come from the lockfile only, small ones leased in batches
+        self.files = files or {}  # entry key -> files named on the command line (`pull ORG/NAME FILE...`)
         self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
         check_cache_dir(self.cache_dir)
         self._http: Http | None = None
@@ -172,7 +173,7 @@ class _Run:
                               pool_size=self.opts.workers + self.opts.max_connections,
                               max_connections=self.opts.max_connections, read_timeout=self.opts.timeout,
                               retry=self.opts.retry, errors=hub.error_for,
-                              share=_array_share() if self.opts.worker else 1.0)
+                              share=_array_share() if self.worker else 1.0)
             self._http.on_wait = self._on_wait
             self._http.on_response = self._heard
         return self._http
@@ -232,7 +233,7 @@ class _Run:
         on_disk = cache.read_tree(commit)
         all_files = on_disk if on_disk is not None else hub.list_files(self.http, ref, commit)
         files = hub.select(all_files, entry.include, entry.exclude)
-        named = self.opts.files.get(entry.key)
+        named = self.files.get(entry.key)
         if named:  # `pull ORG/NAME FILE...`: each must be a file of the repo, as `hf download` insists
             have = {f.path for f in all_files}
             absent = [n for n in named if n not in have]
@@ -371,7 +372,7 @@ class _Run:
         units: list[tuple[Path | None, list]] = [
             (store.lease(f.xet_hash) if (store := self.store_for(f)) and f.xet_hash else p.cache.lease(f.etag), [(p, f)])
             for p, f in large]
-        if not self.opts.worker:
+        if not self.worker:
             small = [x for x in todo if x[1].size < SMALL]
             # Batches cut a future (and a wake-up of this thread) per file, yet stay small enough that
             # every worker gets several: the last ones to finish leave no long tail.
@@ -644,18 +645,19 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
             ledger.write(cache_dir, new)
 
 
-def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update) -> tuple[_Run, list[_RepoPlan]]:
+def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update, worker: bool = False,
+           files: dict[str, list[str]] | None = None) -> tuple[_Run, list[_RepoPlan]]:
     """Refuse what the allowlist forbids (before any request), then plan every entry."""
     allow = policy.Allowlist(opts.allow)
     for e in entries:
         allow.check(e.repo)
-    if opts.worker:
+    if worker:
         unplanned = [e for e in entries if not (e.key in lock.entries and lock.entries[e.key].matches(e))]
         if unplanned or update:
             what = f"{unplanned[0].repo}@{unplanned[0].revision} is not" if unplanned else "--update is not allowed:"
             raise BadInput(f"array worker: {what} planned in the lockfile; "
                            "plan first with `hpcstage pull -f MANIFEST --slurm-array N`")
-    run = _Run(opts)
+    run = _Run(opts, worker, files)
     plans = []
     for e in entries:
         try:
@@ -698,12 +700,15 @@ def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
 
 
 def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
-         update: Update = False) -> tuple[PullSummary, Lockfile]:
-    """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged."""
+         update: Update = False, *, worker: bool = False,
+         files: dict[str, list[str]] | None = None) -> tuple[PullSummary, Lockfile]:
+    """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged.
+    `worker`: run as a Slurm array worker (stage-array internals); `files`: entry key -> the files named on
+    the command line, each of which must exist in the repo."""
     opts = opts or Options()
     started = time.monotonic()
     lock = lock or Lockfile()
-    run, plans = _start(entries, opts, lock, update)
+    run, plans = _start(entries, opts, lock, update, worker, files)
     try:
         run.execute(plans)
     except BaseException as e:
@@ -722,16 +727,13 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
     return run.summary, _locked(lock, plans)
 
 
-def _manifest_opts(manifest: Manifest, opts: Options | None) -> Options:
+def manifest_options(manifest: Manifest, opts: Options | None) -> Options:
+    """`opts` with the manifest's settings filled in (a copy: the caller's object is left as it was)."""
     opts = opts or Options()
-    if manifest.cache_dir and not opts.cache_dir:
-        opts.cache_dir = manifest.cache_dir
-    if manifest.allow is not None:
-        opts.allow = manifest.allow
-    if manifest.shared_group and not opts.shared_group:
-        opts.shared_group = manifest.shared_group
-    opts.manifest_path = manifest.path
-    return opts
+    return dataclasses.replace(
+        opts, cache_dir=opts.cache_dir or manifest.cache_dir or None,
+        allow=manifest.allow if manifest.allow is not None else opts.allow,
+        shared_group=opts.shared_group or manifest.shared_group or None, manifest_path=manifest.path)
 
 
 def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
@@ -745,13 +747,14 @@ def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
         save_lock(manifest.lock_path, new)
 
 
-def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False) -> PullSummary:
+def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False, *,
+                  worker: bool = False) -> PullSummary:
     """Pull every entry of a manifest and write `hpcstage.lock` beside it: the Hub repos first (their
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
-    opts = _manifest_opts(manifest, opts)
+    opts = manifest_options(manifest, opts)
     old = load_lock(manifest.lock_path, manifest.path)
-    summary, new = pull(manifest.entries, opts, old, update)
+    summary, new = pull(manifest.entries, opts, old, update, worker=worker)
     if not manifest.data_entries:
         _save(manifest, old, new)
         return summary
@@ -782,7 +785,7 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Updat
     """Resolve every entry's commit and file list once and write them to the lockfile (and each commit's
     trees JSON), fetching no file: the planning step of a Slurm array, whose workers then need no metadata
     request. The summary counts what is left to fetch in `downloaded_*`."""
-    opts = _manifest_opts(manifest, opts)
+    opts = manifest_options(manifest, opts)
     old = load_lock(manifest.lock_path, manifest.path)
     run, plans = _start(manifest.entries, opts, old, update)
     for p in plans:
@@ -797,16 +800,6 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Updat
         run.summary.downloaded_bytes += sum(f.size for f in missing)
     _save(manifest, old, _locked(old, plans))
     return run.summary
-
-
-def _walk(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
-    """Names matching `pattern` below `root`, never through a link (pathlib's `**` follows them)."""
-    found = []
-    for folder, dirs, files in os.walk(root):  # followlinks=False
-        depth = len(Path(folder).relative_to(root).parts)
-        if depth >= min_depth:
-            found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
-    return sorted(found)
 
 
 def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
@@ -831,7 +824,7 @@ def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
                 and filecmp.cmp(dst, blob, shallow=False):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.hpcstage-tmp")
+        tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
         tmp.unlink(missing_ok=True)
         local.place(blob, tmp, lambda n: None, allow_hardlink=False)
         os.replace(tmp, dst)
@@ -852,11 +845,12 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     protects and that have not changed for `older_than` seconds (a partial younger than that may still be
     continued), and shared Xet blobs no repo links to any more (under their lease, by huggingface_hub's rule:
     one whose `.refs` manifest is missing is kept). Never a live lease or what it guards."""
-    from hpcstage.datadir import BUILD_SUFFIX, OLD_SUFFIX, STATE, builder_lease, default_data_dir
+    from hpcstage import datadir
+    from hpcstage.sources import url
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    data_dir = Path(data_dir) if data_dir else default_data_dir(cache_dir)
-    downloads = data_dir / STATE / "downloads"
+    data_dir = Path(data_dir) if data_dir else datadir.default_data_dir(cache_dir)
+    downloads = url.downloads_dir(data_dir)
     now = time.time()
     found: list[Leftover] = []
 
@@ -877,31 +871,30 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
     # Links below the roots are not followed: what cleanup removes is always inside the cache or data_dir.
     blob_dirs = sorted(p for p in cache_dir.glob("*/blobs") if not p.parent.is_symlink() and not p.is_symlink())
     store = XetStore(cache_dir)
-    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.leases, downloads, data_dir / STATE / "locks"]
+    lease_dirs = [*blob_dirs, cache_dir / BATCH_LEASES, store.leases, *datadir.lease_folders(data_dir)]
     for folder in lease_dirs:
         for lease_path in sorted(folder.glob(f"*{LEASE_SUFFIX}")):
             info = read_lease(lease_path, root_of(lease_path))
             if info is not None and info.expired and (dry_run or break_expired(lease_path, root_of(lease_path))):
                 found.append(Leftover(lease_path, f"lease of {info.host}:{info.pid}, dead or silent {info.age:.0f}s"))
-    for folder in [*blob_dirs, downloads]:
-        for partial in sorted(folder.glob(f"*{PARTIAL_SUFFIX}")):
-            # a blob's lease is named by its etag; a URL download's by the URL's key (before "-<version>")
-            key = partial.name.removesuffix(PARTIAL_SUFFIX)
-            guard = folder / f"{key.split('-')[0] if folder == downloads else key}{LEASE_SUFFIX}"
-            if live(guard) or (age := old(partial)) is None:
-                continue
-            if dry_run:
-                found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
-                continue
-            lease = Lease(guard, ttl=LEASE_TTL, root=root_of(guard))  # a run starting now cannot be resuming it
-            if not lease.try_acquire():
-                continue
-            try:
-                found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
-                partial.unlink(missing_ok=True)
-                partial.with_name(partial.name + RANGES_SUFFIX).unlink(missing_ok=True)
-            finally:
-                lease.release()
+    # each partial with the lease its writer holds: a blob's (hfcache) or a URL download's (url.py)
+    partials = [(p, RepoCache.partial_guard(p)) for d in blob_dirs for p in sorted(d.glob(f"*{PARTIAL_SUFFIX}"))]
+    partials += [(p, url.partial_guard(p)) for p in sorted(downloads.glob(f"*{PARTIAL_SUFFIX}"))]
+    for partial, guard in partials:
+        if live(guard) or (age := old(partial)) is None:
+            continue
+        if dry_run:
+            found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
+            continue
+        lease = Lease(guard, ttl=LEASE_TTL, root=root_of(guard))  # a run starting now cannot be resuming it
+        if not lease.try_acquire():
+            continue
+        try:
+            found.append(Leftover(partial, f"partial download untouched for {age / 3600:.1f}h"))
+            partial.unlink(missing_ok=True)
+            partial.with_name(ranges_record(partial.name)).unlink(missing_ok=True)
+        finally:
+            lease.release()
     for entry in store.entries():  # content no repo links to any more (its repos were deleted)
         if not entry.unreferenced:
             continue
@@ -916,18 +909,15 @@ def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, olde
                 found.append(Leftover(store.path(entry.xet_hash), "shared Xet blob no repo links to"))
         finally:
             lease.release()
-    for tmp in _walk(cache_dir, ".*.hpcstage-tmp", min_depth=1):
+    for tmp in safefs.walk_names(cache_dir, f".*{TMP_SUFFIX}", min_depth=1):
         if (age := old(tmp)) is not None:
             found.append(Leftover(tmp, f"temporary file untouched for {age / 3600:.1f}h"))
             if not dry_run:
                 tmp.unlink(missing_ok=True)
-    for suffix in (BUILD_SUFFIX, OLD_SUFFIX):  # `.<dest>.<hex><suffix>` beside each data entry's dest
-        for build in _walk(data_dir, f".*{suffix}"):
-            dest = build.name[1:].removesuffix(suffix).rsplit(".", 1)[0]
-            rel = (build.parent / dest).relative_to(data_dir).as_posix()
-            if live(builder_lease(data_dir, rel)) or (age := old(build)) is None:
-                continue
-            found.append(Leftover(build, f"unfinished data folder untouched for {age / 3600:.1f}h"))
-            if not dry_run:
-                shutil.rmtree(build, ignore_errors=True)
+    for build, guard in datadir.unfinished_builds(data_dir):
+        if live(guard) or (age := old(build)) is None:
+            continue
+        found.append(Leftover(build, f"unfinished data folder untouched for {age / 3600:.1f}h"))
+        if not dry_run:
+            shutil.rmtree(build, ignore_errors=True)
     return found

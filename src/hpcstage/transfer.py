@@ -32,6 +32,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from hpcstage import safefs
 from hpcstage.errors import BadInput, HashMismatch, HpcstageError, ProxyError, TransferError
 from hpcstage.hfcache import new_hasher
+from hpcstage.layout import ranges_payload, ranges_record
 from hpcstage.streams import Streams
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -46,7 +47,6 @@ RECORD_EVERY = 0.25  # seconds between saves of the resume record while pieces a
 DIRECT_ALIGN = 4096  # O_DIRECT alignment that every Linux filesystem accepts
 BUFFERS = 32  # PIECE buffers for all large files of a process at once: 128 MiB (peak RSS <= 200 MB)
 _BUFFERS = threading.BoundedSemaphore(BUFFERS)
-RANGES_SUFFIX = ".ranges"
 logger = logging.getLogger(__name__)
 
 
@@ -741,8 +741,7 @@ class _Pieces:
     def save(self) -> None:
         if not self._dirty:
             return
-        payload = {"size": self.size, "segment": PIECE, "done": sorted(self.done)}
-        self.folder.write_atomic(self.record, json.dumps(payload).encode())
+        self.folder.write_atomic(self.record, ranges_payload(self.size, PIECE, sorted(self.done)))
         self._written, self._dirty = time.monotonic(), False
 
 
@@ -838,7 +837,7 @@ def fetch(
     """
     label = label or url
     folder = safefs.opendir(root or partial.parent, partial.parent)
-    record = partial.name + RANGES_SUFFIX
+    record = ranges_record(partial.name)
     pieces = _Pieces(folder, record, size)
     if folder.exists(partial.name):
         pieces.load()

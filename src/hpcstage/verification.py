@@ -34,15 +34,16 @@ from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
 from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher,
                               share_cache)
+from hpcstage.layout import LEASE_TTL, repo_of_folder
 from hpcstage.xetstore import XetStore
 
 if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used
     from hpcstage.manifest import HubEntry, Manifest
+    from hpcstage.staging import Options
 
 logger = logging.getLogger(__name__)
 
 _RAW_COMMIT = re.compile(rb"[0-9a-f]{40}")
-_FOLDER = re.compile(r"^(models|datasets)--(.+)$")
 
 # Kinds of problem, each with its path. All make `verify` fail (exit 1).
 MISSING = "missing"  # a file the lockfile lists is not in the snapshot
@@ -339,13 +340,6 @@ class _Plan:
             snap.required.add(f.path)
 
 
-def _repo_of_folder(name: str) -> tuple[str, str] | None:
-    m = _FOLDER.match(name)
-    if not m:
-        return None
-    return m.group(1)[:-1], m.group(2).replace("--", "/")
-
-
 def _snapshot_commits(cache: RepoCache) -> list[str]:
     try:
         return sorted(p.name for p in (cache.root / "snapshots").iterdir() if p.is_dir())
@@ -408,7 +402,7 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
     except FileNotFoundError:
         raise BadInput(f"no hub cache at {cache_dir}; pass --cache-dir or set HF_HUB_CACHE") from None
     for name in folders:
-        parsed = _repo_of_folder(name)
+        parsed = repo_of_folder(name)
         if parsed is None or (repo_type and parsed[0] != repo_type):
             continue
         cache = plan.repo(*parsed)
@@ -685,7 +679,6 @@ def _remove_from_store(cache_dir: Path, xet_hash: str) -> None:
     """Wrong bytes in the store: removed under the entry's lease, so the repair's pull stores them again (the
     other repos' links to it point at the same name and are whole again after that)."""
     from hpcstage.locks import Lease
-    from hpcstage.staging import LEASE_TTL
 
     store = XetStore(cache_dir)
     with Lease(store.lease(xet_hash), ttl=LEASE_TTL, root=cache_dir):
@@ -696,7 +689,6 @@ def _remove_from_store(cache_dir: Path, xet_hash: str) -> None:
 def _repair_store_refs(plan: _Plan, problems: list[Problem]) -> None:
     """Name the unlisted links in their store entry's `.refs` manifest (offline, under the entry's lease)."""
     from hpcstage.locks import Lease
-    from hpcstage.staging import LEASE_TTL
 
     store = XetStore(plan.cache_dir)
     for p in problems:
@@ -740,6 +732,19 @@ def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
             cache.folder(ref.parent).write_atomic(ref.name, commit.encode(), sharing=cache.sharing)
 
 
+def _repair_options(options: Options | None, folder: Path, workers: int | None, quiet: bool,
+                    allow: list[str] | None = None) -> Options:
+    """The caller's settings (token, timeout, retries, ...) with this verify's cache, workers and quiet; the
+    manifest's allowlist, when it has one, over the caller's."""
+    import dataclasses
+
+    from hpcstage.staging import Options
+
+    options = options or Options()
+    return dataclasses.replace(options, cache_dir=folder, workers=workers or 8, quiet=quiet,
+                               allow=allow if allow is not None else options.allow)
+
+
 def verify(
     repo_ids: list[str] | None = None,
     *,
@@ -751,6 +756,7 @@ def verify(
     repair: bool = False,
     shared_group: str | None = None,
     quiet: bool = True,
+    options: Options | None = None,
 ) -> VerifyReport:
     """Check staged files offline against the lockfile (with `manifest`) or `trees/<commit>.json`.
 
@@ -758,6 +764,8 @@ def verify(
     else every model and dataset repo in the cache. With `repair`, the bad files are removed and fetched
     again (the only network use), refs with a trailing newline rewritten, then everything re-checked:
     the returned report lists what is still wrong in `problems` and what was fixed in `repaired`.
+    `options`: the caller's pull settings (token, timeout, retry, connections, progress) for the repair's
+    fetches; its cache folder, workers, quiet and allowlist are this call's.
     """
     if manifest is not None and (repo_ids or revision):
         raise BadInput("give either REPO_ID... or -f MANIFEST, not both")
@@ -817,15 +825,14 @@ def verify(
         if bad_data:
             assert manifest is not None  # data entries come only from a manifest
             from hpcstage import datadir
-            from hpcstage.staging import Options
 
             datadir.restage(manifest, [e for e in manifest.data_entries if e.dest in bad_data],
-                            Options(cache_dir=folder, workers=workers or 8, quiet=quiet))
+                            _repair_options(options, folder, workers, quiet))
         if entries:
-            from hpcstage.staging import Options, pull  # the network, only now
+            from hpcstage.staging import pull  # the network, only now
 
             allow = manifest.allow if manifest is not None else None
-            pull(entries, Options(cache_dir=folder, workers=workers or 8, quiet=quiet, allow=allow))
+            pull(entries, _repair_options(options, folder, workers, quiet, allow))
         if sharing is not None:
             share_cache(folder, sharing, [c.root for c in plan.repos.values() if c.root.is_dir()])
         report, plan, good = run()

@@ -35,12 +35,12 @@ from typing import Iterator
 
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch
-from hpcstage.hfcache import LEASE_SUFFIX, CachedFile, RepoCache, Sharing
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing
+from hpcstage.layout import LEASE_SUFFIX, XET_LEASES as LEASES
 
 MARKER = ".huggingface-shared-blobs"
 LAYOUT_VERSION = b"1\n"
 REFS_SUFFIX = ".refs"
-LEASES = Path(".locks") / "hpcstage" / "xet"  # one lease per Xet hash; inside .locks: scan_cache_dir skips it
 _XET_HASH = re.compile(r"[0-9a-f]{64}")
 _REPO_BLOB = re.compile(r"(models|datasets|spaces)--[^/]+/blobs/[^/\n\r]+")
 

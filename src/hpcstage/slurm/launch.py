@@ -437,9 +437,11 @@ def _stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline:
             raise LaunchError(f"not staged in {cache_dir}: {names}; run `hpcstage pull` first or drop --no-stage")
         return
     from hpcstage.manifest import hub_entry
-    from hpcstage.staging import Options, pull, pull_manifest
+    from hpcstage.staging import Options, manifest_options, pull, pull_manifest
 
     opts = Options(cache_dir=cache_dir, quiet=request.quiet)
+    if manifest is not None:  # the extra repos below are held to the manifest's allowlist too
+        opts = manifest_options(manifest, opts)
     try:
         staged = []
         if manifest is not None:  # the lockfile makes a warm pull network-free
@@ -747,9 +749,8 @@ def _experiment_dir(request: LaunchRequest) -> tuple[Path, bool]:
 
 def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: LaunchRequest,
              model: str | None) -> dict[str, str]:
-    from huggingface_hub.file_download import repo_folder_name
-
     from hpcstage import offline as offline_env
+    from hpcstage.layout import repo_folder_name
 
     env: dict[str, str] = {}
     hf = offline_env.env(manifest, cache_dir=request.cache_dir)
@@ -762,7 +763,7 @@ def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: Launch
         candidates = [a for a in artifacts if a.role == role and (chosen is None or a.source == chosen)]
         if chosen or len(candidates) == 1:
             a = candidates[0]
-            folder = repo_folder_name(repo_id=a.source, repo_type=a.repo_type) if a.repo_type else ""
+            folder = repo_folder_name(a.repo_type, a.source) if a.repo_type else ""
             env[f"HPCSTAGE_{role.upper()}"] = a.env_value(folder)
     return env
 

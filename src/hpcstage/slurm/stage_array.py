@@ -24,6 +24,7 @@ from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.manifest import Manifest, load_lock
 from hpcstage.slurm import SlurmError
 from hpcstage.slurm.clusters import Cluster
+from hpcstage.slurm.environment import JobEnvironment
 from hpcstage.slurm.jobs import job_states
 from hpcstage.slurm.render import Shell, render, sbatch_directives
 from hpcstage.slurm.submit import submit
@@ -54,6 +55,7 @@ def _script(folder: Path, name: str, cluster: Cluster, commands: list[list[str]]
     text = render("run", {
         "job": {"directives": directives, "description": f"hpcstage staging: {name}"},
         "cluster": cluster, "experiment_dir": str(folder), "python": python, "chain_file": None,
+        "jobenv": JobEnvironment(),  # staging workers: no activation line, env files or secrets (base.sbatch.j2)
         "env": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)},
         "command": Shell(" && ".join(" ".join(['"$HPCSTAGE_PYTHON" -m hpcstage', *map(shlex.quote, c)])
                                      for c in commands)),

@@ -19,11 +19,10 @@ from urllib.parse import unquote, urlsplit
 from hpcstage import __version__
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch, TransferError
-from hpcstage.hfcache import LEASE_SUFFIX, PARTIAL_SUFFIX, digest_file
+from hpcstage.hfcache import digest_file
+from hpcstage.layout import DATA_STATE, LEASE_SUFFIX, LEASE_TTL, PARTIAL_SUFFIX, ranges_record
 from hpcstage.locks import Lease
-from hpcstage.transfer import CHUNK, DROPPED, MAX_CONNECTIONS, RANGES_SUFFIX, Http, RetryPolicy, fetch
-
-LEASE_TTL = 60.0
+from hpcstage.transfer import CHUNK, DROPPED, MAX_CONNECTIONS, Http, RetryPolicy, fetch
 
 
 def client(*, workers: int = 4, timeout: float = 30.0, retry: RetryPolicy | None = None,
@@ -118,7 +117,22 @@ class Download:
 
 
 def downloads_dir(data_dir: Path) -> Path:
-    return Path(data_dir) / ".hpcstage" / "downloads"
+    return Path(data_dir) / DATA_STATE / "downloads"
+
+
+def download_lease(data_dir: Path, url: str) -> Path:
+    """The lease whoever downloads `url` holds: one per URL, whatever version of it is fetched."""
+    return downloads_dir(data_dir) / f"{_key(url)}{LEASE_SUFFIX}"
+
+
+def partials_of(data_dir: Path, url: str) -> list[Path]:
+    """The partial files of `url` under way (one per version of the source)."""
+    return sorted(downloads_dir(data_dir).glob(f"{_key(url)}-*{PARTIAL_SUFFIX}"))
+
+
+def partial_guard(partial: Path) -> Path:
+    """The lease that guards the download partial `partial` (`<key>-<version>.hpcstage-partial`)."""
+    return partial.with_name(f"{partial.name.removesuffix(PARTIAL_SUFFIX).split('-')[0]}{LEASE_SUFFIX}")
 
 
 def _key(url: str) -> str:
@@ -138,7 +152,7 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
     version = hashlib.sha256(p.fingerprint.encode()).hexdigest()[:16]
     final = folder / f"{key}-{version}--{file_name(url)}"
     partial = folder / f"{key}-{version}{PARTIAL_SUFFIX}"
-    lease = Lease(folder / f"{key}{LEASE_SUFFIX}", ttl=LEASE_TTL, root=data_dir)
+    lease = Lease(download_lease(data_dir, url), ttl=LEASE_TTL, root=data_dir)
     lease.acquire()
     try:
         for old in os.listdir(d.fd):  # another version of this URL: the source changed, drop it
@@ -184,7 +198,7 @@ def _regular(d: safefs.Dir, name: str) -> os.stat_result | None:
 def _stream(http: Http, url: str, d: safefs.Dir, partial: str, on_bytes: Callable[[int], None],
             digests: list[str]) -> int:
     """No size or no ranges: one GET from the start (nothing to resume), hashed on the way."""
-    d.unlink(partial + RANGES_SUFFIX)
+    d.unlink(ranges_record(partial))
     resp = http.request("GET", url, what=f"download {url}")
     try:
         if resp.status != 200:
