@@ -27,6 +27,7 @@ download's stream count).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -396,7 +397,7 @@ class _Repos:
                 lfs = _is_lfs(rel, lfs_rules)
             else:
                 lfs = os.path.splitext(real)[1].lower() in LFS_SUFFIXES or size >= LFS_MIN_SIZE
-            digest = self._hashes.get((real, size, mtime, lfs), lambda: _digest(Path(real), lfs))
+            digest = self._hashes.get((real, size, mtime, lfs), functools.partial(_digest, Path(real), lfs))
             oid = _git_oid(_lfs_pointer(digest, size)) if lfs else digest
             files[rel] = FileInfo(rel, size, oid, digest if lfs else None, Path(real))
         with self._lfs_lock:
@@ -916,7 +917,7 @@ class HubServer:
         if self._log_path:
             self._log_stream = open(self._log_path, "a", encoding="utf-8")
         self._listeners = [_Listener((self.host, p), self, role, self._tls.get(role))
-                           for p, role in zip(self._ports, ("hub", "cdn"))]
+                           for p, role in zip(self._ports, ("hub", "cdn"), strict=True)]
         for listener in self._listeners:
             thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05},
                                       name=f"hpcstage-serve-{listener.role}", daemon=True)
