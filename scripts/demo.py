@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpcstage.samples import make_samples
-from hpcstage.serve import HubServer
+from hpcstage.testing.samples import make_samples
+from hpcstage.testing.hub import HubServer
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "demo-work"

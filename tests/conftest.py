@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.samples import make_samples
-from hpcstage.serve import HubServer
+from hpcstage.testing.samples import make_samples
+from hpcstage.testing.hub import HubServer
 
 pytest_plugins = ["strict_skips"]  # HPCSTAGE_REQUIRE_ALL=1: a skip is a failure (CI)
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory):
-    """The sample repos (hpcstage.samples), written once per session: read-only, copy it to change a repo."""
+    """The sample repos (hpcstage.testing.samples), written once per session: read-only, copy it to change a repo."""
     root = tmp_path_factory.mktemp("samples")
     make_samples(root)
     return root

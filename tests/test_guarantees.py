@@ -19,7 +19,7 @@ from conftest import MID_MODEL
 from helpers import client_env, hpcstage, sha256, wait_for
 from hpcstage import staging
 from hpcstage.errors import HpcstageError
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 
 REPO = MID_MODEL
 REPO_DIR = "models--demo-org--mid-model"

@@ -16,7 +16,7 @@ import pytest
 
 from hpcstage import offline
 from hpcstage.manifest import load_manifest
-from hpcstage.samples import MODEL_TAG
+from hpcstage.testing.samples import MODEL_TAG
 from helpers import client_env, hpcstage, job_stack, job_stack_names
 
 DATASET = "demo-org/tiny-dataset"

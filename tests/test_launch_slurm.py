@@ -507,7 +507,7 @@ secrets_file = "{secrets}"
 
 def test_datagen_array_of_3_chunks_uploads_each_chunk_to_its_own_repo_that_a_later_pull_reads(cluster, tmp_path,
                                                                                               env):
-    from hpcstage.serve import HubServer
+    from hpcstage.testing.hub import HubServer
 
     token = f"hf_CANARY{os.urandom(8).hex()}"
     secrets = private_file(tmp_path / "secrets.env", f"HF_TOKEN={token}\n")

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import BIG_MODEL
 from helpers import client_env, hpcstage, pieces_done, sha256
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"
 MODEL_DIR, DATASET_DIR = "models--demo-org--tiny-model", "datasets--demo-org--tiny-dataset"

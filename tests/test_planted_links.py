@@ -20,7 +20,7 @@ import pytest
 
 from conftest import MID_MODEL, MID_SIZE
 from helpers import client_env, hpcstage, python_for, sha256
-from hpcstage.serve import HubServer
+from hpcstage.testing.hub import HubServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="planting links owned by another uid needs root")
 

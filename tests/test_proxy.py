@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import client_env, hpcstage, run_python, sha256
-from hpcstage.serve import HubServer
+from hpcstage.testing.hub import HubServer
 from proxy import ForwardProxy
 
 MODEL, DATASET = "demo-org/tiny-model", "demo-org/tiny-dataset"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIG_MODEL
-from hpcstage.serve import FaultRule
+from hpcstage.testing.hub import FaultRule
 from hpcstage.transfer import PIECE
 from helpers import client_env, hpcstage, run_python, sha256
 

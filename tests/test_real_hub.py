@@ -15,7 +15,7 @@ import pytest
 
 from conftest import BIG_MODEL
 from helpers import client_env, run_python, sha256
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 
 MODEL = "demo-org/tiny-model"
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import BIG_MODEL, GIB_MODEL
 from helpers import client_env, pieces_done, sha256, wait_for
 from hpcstage.locks import Lease
-from hpcstage.serve import FaultRule
+from hpcstage.testing.hub import FaultRule
 from hpcstage.transfer import PIECE
 
 MODEL = "demo-org/tiny-model"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import hpcstage.serve as serve
-from hpcstage.samples import DATASET_ID, DATASET_SPLITS, MODEL_ID, MODEL_TAG, make_samples
-from hpcstage.serve import FaultRule, HubServer
+import hpcstage.testing.hub as serve
+from hpcstage.testing.samples import DATASET_ID, DATASET_SPLITS, MODEL_ID, MODEL_TAG, make_samples
+from hpcstage.testing.hub import FaultRule, HubServer
 from helpers import client_env, hpcstage, run_python, wait_for
 
 TOKEN = "hf_testtoken_never_leaves_the_hub"
@@ -298,7 +298,7 @@ def test_commits_are_stable_and_follow_content(sample_root, tmp_path):
 
 def test_serve_forever_prints_url_and_stops_on_sigterm(sample_root):
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from hpcstage.serve import serve_forever; serve_forever({str(sample_root)!r})"],
+        [sys.executable, "-c", f"from hpcstage.testing.hub import serve_forever; serve_forever({str(sample_root)!r})"],
         stdout=subprocess.PIPE, text=True,
     )
     try:

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import GIB_MODEL
 from helpers import client_env, pieces_done
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.transfer import PIECE
 
 REPO = "demo-org/websight-archives"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import client_env, hpcstage, wait_for
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
 

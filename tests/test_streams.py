@@ -16,7 +16,7 @@ import pytest
 from conftest import BIG_MODEL, GIB_MODEL, MID_MODEL
 from helpers import client_env, hpcstage, sha256
 
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.streams import MIN_WINDOW, START, Streams
 from hpcstage.transfer import PIECE
 

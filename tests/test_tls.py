@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import client_env, sha256
 
-from hpcstage.serve import HubServer
+from hpcstage.testing.hub import HubServer
 
 MODEL = "demo-org/tiny-model"
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import client_env, sha256
 
 from hpcstage import transfer
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.staging import InFlight
 from hpcstage.transfer import Http, RetryPolicy, fetch
 

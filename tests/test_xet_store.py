@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcstage.serve import FaultRule, HubServer
+from hpcstage.testing.hub import FaultRule, HubServer
 from helpers import client_env, hpcstage, run_python, sha256
 
 BASE, TUNED = "demo-org/base-model", "demo-org/base-model-tuned"

@@ -422,8 +422,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hpcstage.samples import make_samples
-    from hpcstage.serve import serve_forever
+    from hpcstage.testing.samples import make_samples
+    from hpcstage.testing.hub import serve_forever
 
     if args.samples:
         make_samples(args.root)
@@ -470,7 +470,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.conn_rate_mb:
             server.conn_rate = args.conn_rate_mb * 1e6
         if args.latency_ms:
-            from hpcstage.serve import FaultRule
+            from hpcstage.testing.hub import FaultRule
 
             server.add_fault(FaultRule(path="", delay=args.latency_ms / 1000))
 

@@ -515,7 +515,7 @@ def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, w
                 checks.append((entry, f, path))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         digests = pool.map(lambda c: digest_file(c[2], "sha256"), checks)
-        for (entry, f, path), digest in zip(checks, digests):
+        for (entry, f, path), digest in zip(checks, digests, strict=True):
             if digest != f["sha256"]:
                 found.append((entry, "corrupt", f["path"], path, "sha256 differs from the lockfile"))
     return found

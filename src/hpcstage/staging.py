@@ -346,7 +346,7 @@ class _Run:
                 if fetched is None:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
-                for (p_, f_), n in zip(job[1], fetched):
+                for (p_, f_), n in zip(job[1], fetched, strict=True):
                     if isinstance(n, HpcstageError):
                         failures.append((f"{p_.entry.repo}/{f_.path}", n))
                         continue

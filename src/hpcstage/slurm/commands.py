@@ -203,7 +203,7 @@ def cmd_clusters(args: argparse.Namespace) -> int:
                      str(c.gpus_per_node), c.gpu_type, c.partition or "-", c.max_time))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)).rstrip())
     print(f"(* = this machine; registry from {', '.join(registry.sources)})")
     return 0
 

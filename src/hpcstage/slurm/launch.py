@@ -310,7 +310,7 @@ def check_after(values: list[str], groups: list[list[str]]) -> None:
         states = job_states(ids)
     except SlurmError as e:
         raise LaunchError(f"cannot check --after: {e}") from None
-    for value, group in zip(values, groups):
+    for value, group in zip(values, groups, strict=False):
         mine = {i: [s for s in states.values() if belongs(s, i)] for i in group}
         unknown = [i for i, found in mine.items() if not found]
         if len(unknown) == len(group):
@@ -771,7 +771,7 @@ def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: Launch
 def _dependency(job: Job, by_key: dict[str, Job], symbolic: bool) -> str | None:
     if job.after_job:
         target = by_key[job.after_job]
-        ids = ["{%s#%d}" % (target.key, n) for n in range(target.restarts + 1)] if symbolic else target.ids
+        ids = [f"{{{target.key}#{n}}}" for n in range(target.restarts + 1)] if symbolic else target.ids
         return "?".join(f"afterok:{i}" for i in ids)
     if job.after and any("?" in i for i in job.after):  # the attempts of an experiment's last job: any one
         return "?".join(f"afterok:{i}" for i in job.after[0].split("?"))
@@ -931,7 +931,7 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
     if request.dry_run:
         for job in jobs:
             dependency = _dependency(job, by_key, symbolic=True)
-            job.sbatch = [_sbatch_args(job, n, dependency, "{%s#%d}" % (job.key, n - 1))
+            job.sbatch = [_sbatch_args(job, n, dependency, f"{{{job.key}#{n - 1}}}")
                           for n in range(job.restarts + 1)]
     else:
         _submit_all(jobs, by_key, withheld, exp)

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from hpcstage.serve import (INVALID_CREDENTIALS, _KINDS, _NAME, _git_oid, _HubError, _json_response, _repo_path,
+from hpcstage.testing.hub import (INVALID_CREDENTIALS, _KINDS, _NAME, _git_oid, _HubError, _json_response, _repo_path,
                             _Response)
 
 _WRITE = threading.Lock()  # one write at a time: commits to one repo from parallel jobs apply in turn

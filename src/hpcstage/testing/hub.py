@@ -19,7 +19,7 @@ in fixed windows with ``RateLimit``/``RateLimit-Policy`` (`rate_limit`), a mirro
 values are real, and resolve answers `X-Xet-Hash`; `listed_xet` lists another value, e.g. a wrong or masked one).
 Off by default: huggingface_hub switches to the Xet protocol, which this server does not speak, when a
 listing carries `xetHash` (clients then need HF_HUB_DISABLE_XET=1, as helpers.client_env sets).
-Uploads (`create_repo`, `upload_folder`) write into the served folder: serve_uploads.py.
+Uploads (`create_repo`, `upload_folder`) write into the served folder: hpcstage/testing/uploads.py.
 A real link's per-connection rate (a CDN's cap, one TCP stream over a long path) is `conn_rate`;
 `peak_connections` says how many connections each listener held open at once (on the CDN, a ranged
 download's stream count).
@@ -27,6 +27,7 @@ download's stream count).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -396,7 +397,7 @@ class _Repos:
                 lfs = _is_lfs(rel, lfs_rules)
             else:
                 lfs = os.path.splitext(real)[1].lower() in LFS_SUFFIXES or size >= LFS_MIN_SIZE
-            digest = self._hashes.get((real, size, mtime, lfs), lambda: _digest(Path(real), lfs))
+            digest = self._hashes.get((real, size, mtime, lfs), functools.partial(_digest, Path(real), lfs))
             oid = _git_oid(_lfs_pointer(digest, size)) if lfs else digest
             files[rel] = FileInfo(rel, size, oid, digest if lfs else None, Path(real))
         with self._lfs_lock:
@@ -597,9 +598,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve_cache(segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}",
                                        unquote(segments[5]), segments[6:])
         elif segments == ["api", "repos", "create"] and method == "POST":
-            from hpcstage import serve_uploads  # the write API (create_repo, upload_folder), in its own module
+            from hpcstage.testing import uploads  # the write API (create_repo, upload_folder), in its own module
 
-            return serve_uploads.create_repo(self.server.owner, self.headers, body)
+            return uploads.create_repo(self.server.owner, self.headers, body)
         elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
             return self._api(method, segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}",
                              segments[4:], parse_qs(query, keep_blank_values=True), body)
@@ -625,9 +626,9 @@ class _Handler(BaseHTTPRequestHandler):
             revision = repos.revision(kind, repo_id, unquote(rest[1]))
             return self._paths_info(revision, body)
         if method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit"):
-            from hpcstage import serve_uploads
+            from hpcstage.testing import uploads
 
-            write = serve_uploads.preupload if rest[0] == "preupload" else serve_uploads.commit
+            write = uploads.preupload if rest[0] == "preupload" else uploads.commit
             return write(self.server.owner, kind, repo_id, unquote(rest[1]), self.headers, body)
         raise _HubError(404, None, f"Not found: {method} {self.path}")
 
@@ -916,7 +917,7 @@ class HubServer:
         if self._log_path:
             self._log_stream = open(self._log_path, "a", encoding="utf-8")
         self._listeners = [_Listener((self.host, p), self, role, self._tls.get(role))
-                           for p, role in zip(self._ports, ("hub", "cdn"))]
+                           for p, role in zip(self._ports, ("hub", "cdn"), strict=True)]
         for listener in self._listeners:
             thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05},
                                       name=f"hpcstage-serve-{listener.role}", daemon=True)
