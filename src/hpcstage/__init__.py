@@ -13,6 +13,7 @@ The library API (hpcstage.api), one call per step of the flow; keyword-only, sil
 Errors are `HpcstageError` subclasses with the fields `repo`, `path`, `status` and `hint`. Each name is
 imported on first use, so `import hpcstage` stays cheap (no huggingface_hub, pydantic or rich).
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` imports on first use
     # ruff: noqa: F401  (re-exported: __all__ is built from _API below)
     from hpcstage.api import check_offline, job_env, launch, prebuild, stage, stage_manifest, verify
+    from hpcstage.arrowcache import PrebuildSummary
     from hpcstage.errors import (
         BadInput,
         DisabledRepo,
@@ -42,7 +44,6 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
         TransferError,
     )
     from hpcstage.offline import CheckReport
-    from hpcstage.arrowcache import PrebuildSummary
     from hpcstage.slurm import SlurmError
     from hpcstage.slurm.clusters import RegistryError
     from hpcstage.slurm.launch import Launch
@@ -50,8 +51,10 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from hpcstage.verification import VerifyReport
 
 _API = {
-    **{name: "hpcstage.api" for name in (
-        "stage", "stage_manifest", "verify", "prebuild", "check_offline", "job_env", "launch")},
+    **{
+        name: "hpcstage.api"
+        for name in ("stage", "stage_manifest", "verify", "prebuild", "check_offline", "job_env", "launch")
+    },
     # what the calls return
     "PullSummary": "hpcstage.staging",
     "VerifyReport": "hpcstage.verification",
@@ -59,10 +62,26 @@ _API = {
     "CheckReport": "hpcstage.offline",
     "Launch": "hpcstage.slurm.launch",
     # the error family (hpcstage.errors): fields repo, path, status, hint
-    **{name: "hpcstage.errors" for name in (
-        "HpcstageError", "BadInput", "ManifestError", "PolicyError", "HubError", "RepoRefused", "GatedRepo",
-        "InvalidToken", "DisabledRepo", "RepoNotFound", "RevisionNotFound", "EntryNotFound", "TransferError",
-        "HashMismatch", "ProxyError")},
+    **{
+        name: "hpcstage.errors"
+        for name in (
+            "HpcstageError",
+            "BadInput",
+            "ManifestError",
+            "PolicyError",
+            "HubError",
+            "RepoRefused",
+            "GatedRepo",
+            "InvalidToken",
+            "DisabledRepo",
+            "RepoNotFound",
+            "RevisionNotFound",
+            "EntryNotFound",
+            "TransferError",
+            "HashMismatch",
+            "ProxyError",
+        )
+    },
     "SlurmError": "hpcstage.slurm",
     "RegistryError": "hpcstage.slurm.clusters",
 }

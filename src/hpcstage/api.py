@@ -5,6 +5,7 @@ work and the same typed errors (`hpcstage.errors`), but values returned instead 
 progress bars (pass `progress=` to follow a pull), and paths or manifest files accepted where the CLI
 takes `-f`. Shaped like huggingface_hub's `snapshot_download`: `stage` returns the snapshot folder.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from hpcstage.errors import BadInput
 
 if TYPE_CHECKING:
+    from hpcstage.arrowcache import PrebuildSummary
     from hpcstage.manifest import Manifest
     from hpcstage.offline import CheckReport
-    from hpcstage.arrowcache import PrebuildSummary
     from hpcstage.progress import ProgressCallback
     from hpcstage.slurm.launch import Launch
     from hpcstage.staging import PullSummary
@@ -92,10 +93,20 @@ def stage(
 
     if workers < 1:
         raise BadInput(f"workers={workers}: at least 1 file at a time")
-    entry = hub_entry(repo=repo_id, repo_type=repo_type, revision=revision,
-                      include=_patterns(include, "include"), exclude=_patterns(exclude, "exclude"))
-    opts = Options(cache_dir=Path(cache_dir) if cache_dir is not None else None, workers=workers, token=token,
-                   quiet=True, progress=progress)
+    entry = hub_entry(
+        repo=repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        include=_patterns(include, "include"),
+        exclude=_patterns(exclude, "exclude"),
+    )
+    opts = Options(
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        workers=workers,
+        token=token,
+        quiet=True,
+        progress=progress,
+    )
     summary, _ = pull([entry], opts)
     return Path(os.path.abspath(summary.repos[0].snapshot))
 
@@ -138,8 +149,10 @@ def stage_manifest(
         raise BadInput(f"workers={workers}: at least 1 file at a time")
     manifest = _manifest(path)
     if not manifest.entries and not manifest.data_entries:
-        raise BadInput(f"{path} lists no models: or datasets: entries, so there is nothing to stage; add entries "
-                       "(see the Manifest section of the README)")
+        raise BadInput(
+            f"{path} lists no models: or datasets: entries, so there is nothing to stage; add entries "
+            "(see the Manifest section of the README)"
+        )
     if not isinstance(update, bool):
         names = [update] if isinstance(update, str) else list(update)
         known = {n for e in [*manifest.entries, *manifest.data_entries] for n in entry_names(e)}
@@ -147,8 +160,13 @@ def stage_manifest(
         if unknown:
             raise BadInput(f"update={unknown[0]!r}: no such entry in {path}; name one of {', '.join(sorted(known))}")
         update = names
-    opts = Options(cache_dir=Path(cache_dir) if cache_dir is not None else None, workers=workers, token=token,
-                   quiet=True, progress=progress)
+    opts = Options(
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        workers=workers,
+        token=token,
+        quiet=True,
+        progress=progress,
+    )
     return pull_manifest(manifest, opts, update=update)
 
 
@@ -193,10 +211,17 @@ def verify(
         from hpcstage.staging import Options
 
         options = Options(token=token)
-    return run([repo_id] if repo_id is not None else None, manifest=_manifest(manifest) if manifest else None,
-               repo_type=repo_type, revision=revision, cache_dir=Path(cache_dir) if cache_dir else None,
-               workers=workers, repair=repair,
-               quiet=True, options=options)
+    return run(
+        [repo_id] if repo_id is not None else None,
+        manifest=_manifest(manifest) if manifest else None,
+        repo_type=repo_type,
+        revision=revision,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        workers=workers,
+        repair=repair,
+        quiet=True,
+        options=options,
+    )
 
 
 def prebuild(
@@ -231,9 +256,15 @@ def prebuild(
     from hpcstage.arrowcache import prebuild as run
 
     m = _manifest(manifest)
-    return run(builds_from_manifest(m), manifest=m, python=python, cache_dir=Path(cache_dir) if cache_dir else None,
-               datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None, on_event=on_event,
-               force=force)
+    return run(
+        builds_from_manifest(m),
+        manifest=m,
+        python=python,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None,
+        on_event=on_event,
+        force=force,
+    )
 
 
 def check_offline(
@@ -262,8 +293,12 @@ def check_offline(
     """
     from hpcstage.offline import check
 
-    return check(_manifest(manifest), python=python, cache_dir=Path(cache_dir) if cache_dir else None,
-                 datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None)
+    return check(
+        _manifest(manifest),
+        python=python,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None,
+    )
 
 
 def job_env(
@@ -289,8 +324,11 @@ def job_env(
     """
     from hpcstage.offline import env
 
-    return env(_manifest(manifest) if manifest else None, cache_dir=Path(cache_dir) if cache_dir else None,
-               datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None)
+    return env(
+        _manifest(manifest) if manifest else None,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        datasets_cache_dir=Path(datasets_cache_dir) if datasets_cache_dir else None,
+    )
 
 
 def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
@@ -324,8 +362,16 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
             near = difflib.get_close_matches(name, sorted(valid), n=1)
             hint = f"did you mean {near[0]!r}?" if near else f"valid options: {', '.join(sorted(valid))}"
             raise BadInput(f"launch: unknown option {name!r}; {hint}", hint=hint)
-    for name in ("experiments_dir", "manifest", "templates", "cache_dir", "train_config", "datagen_script",
-                 "trace_input_path", "checkpoint_dir"):
+    for name in (
+        "experiments_dir",
+        "manifest",
+        "templates",
+        "cache_dir",
+        "train_config",
+        "datagen_script",
+        "trace_input_path",
+        "checkpoint_dir",
+    ):
         if options.get(name) is not None:
             options[name] = Path(options[name])
     if isinstance(options.get("after"), str):

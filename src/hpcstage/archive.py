@@ -17,6 +17,7 @@ tar and zip, because zipfile has no filter and tarfile's `filter="data"` is not 
 
 Every regular file's sha256 is computed while it is written, for the lockfile and later verification.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,10 @@ import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO
 
 from hpcstage.errors import HpcstageError
 from hpcstage.progress import Progress, human_bytes
@@ -87,8 +89,14 @@ class Extracted:
 
 # -- formats --------------------------------------------------------------------------------------------
 
-_MAGIC = [(b"\x1f\x8b", "tar.gz"), (b"BZh", "tar.bz2"), (b"\xfd7zXZ\x00", "tar.xz"), (b"\x28\xb5\x2f\xfd", "tar.zst"),
-          (b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip")]
+_MAGIC = [
+    (b"\x1f\x8b", "tar.gz"),
+    (b"BZh", "tar.bz2"),
+    (b"\xfd7zXZ\x00", "tar.xz"),
+    (b"\x28\xb5\x2f\xfd", "tar.zst"),
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+]
 
 
 def detect(path: Path, name: str | None = None) -> str:
@@ -100,8 +108,10 @@ def detect(path: Path, name: str | None = None) -> str:
             return kind
     if len(head) == 512 and head[257:262] == b"ustar" or _plain_tar(path):
         return "tar"
-    raise ArchiveError(f"{name or path.name}: not a tar, tar.gz/bz2/xz/zst or zip archive; set `extract: false` to keep "
-                       "the file as it is")
+    raise ArchiveError(
+        f"{name or path.name}: not a tar, tar.gz/bz2/xz/zst or zip archive; set `extract: false` to keep "
+        "the file as it is"
+    )
 
 
 def _plain_tar(path: Path) -> bool:
@@ -114,9 +124,18 @@ def _plain_tar(path: Path) -> bool:
 def kind_from_name(name: str) -> str | None:
     """The kind a file name suggests (for the space estimate before download)."""
     n = name.lower()
-    for suffix, kind in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar.bz2", "tar.bz2"), (".tbz2", "tar.bz2"),
-                         (".tar.xz", "tar.xz"), (".txz", "tar.xz"), (".tar.zst", "tar.zst"), (".tzst", "tar.zst"),
-                         (".tar", "tar"), (".zip", "zip")):
+    for suffix, kind in (
+        (".tar.gz", "tar.gz"),
+        (".tgz", "tar.gz"),
+        (".tar.bz2", "tar.bz2"),
+        (".tbz2", "tar.bz2"),
+        (".tar.xz", "tar.xz"),
+        (".txz", "tar.xz"),
+        (".tar.zst", "tar.zst"),
+        (".tzst", "tar.zst"),
+        (".tar", "tar"),
+        (".zip", "zip"),
+    ):
         if n.endswith(suffix):
             return kind
     return None
@@ -143,6 +162,7 @@ def estimate_unpacked(path: Path, kind: str | None = None) -> int:
 
 
 # -- member rules ---------------------------------------------------------------------------------------
+
 
 def _refuse(archive: str, msg: str) -> ArchiveError:
     return ArchiveError(f"{archive}: refused: {msg}; nothing was extracted (get a clean archive or fix it)")
@@ -193,20 +213,28 @@ class _Writer:
     def member(self) -> None:
         self.out.members += 1
         if self.out.members > self.limits.max_members:
-            raise _refuse(self.label, f"more than {self.limits.max_members} members (raise `max_members` "
-                                      "on the entry if this is expected)")
+            raise _refuse(
+                self.label,
+                f"more than {self.limits.max_members} members (raise `max_members` on the entry if this is expected)",
+            )
 
     def grow(self, n: int) -> None:
         """Account `n` more unpacked bytes against the limits (before they are written)."""
         total = self.out.bytes + n
         lim = self.limits
         if total > lim.max_bytes:
-            raise _refuse(self.label, f"it unpacks to more than {human_bytes(lim.max_bytes)} (raise "
-                                      "`max_unpacked_bytes` on the entry if this is expected)")
+            raise _refuse(
+                self.label,
+                f"it unpacks to more than {human_bytes(lim.max_bytes)} (raise "
+                "`max_unpacked_bytes` on the entry if this is expected)",
+            )
         if total > lim.ratio_floor and total > lim.max_ratio * self.packed:
-            raise _refuse(self.label, f"it unpacks to more than {lim.max_ratio:g} times its size "
-                                      f"({human_bytes(self.packed)} packed): an archive bomb? (raise `max_ratio` "
-                                      "on the entry if this is expected)")
+            raise _refuse(
+                self.label,
+                f"it unpacks to more than {lim.max_ratio:g} times its size "
+                f"({human_bytes(self.packed)} packed): an archive bomb? (raise `max_ratio` "
+                "on the entry if this is expected)",
+            )
         self.out.bytes = total
 
     def _check_parents(self, name: str) -> None:
@@ -248,15 +276,17 @@ class _Writer:
                 h.update(chunk)
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 if self.progress is not None and self.out.kind == "zip":
                     self.progress.add(len(chunk))
             os.fchmod(fd, _file_mode(mode))
         finally:
             os.close(fd)
         if written != size:
-            raise ArchiveError(f"{self.label}: member {name!r} is truncated ({written} of {size} bytes); the archive "
-                               "is damaged: fetch it again")
+            raise ArchiveError(
+                f"{self.label}: member {name!r} is truncated ({written} of {size} bytes); the archive "
+                "is damaged: fetch it again"
+            )
         if mtime is not None:
             os.utime(path, (mtime, mtime))
         self.files[name] = FileRecord(name, size, h.hexdigest())
@@ -298,6 +328,7 @@ class _Writer:
 
 
 # -- extraction -----------------------------------------------------------------------------------------
+
 
 def _decompressed(raw: IO[bytes], kind: str) -> IO[bytes] | io.BufferedIOBase:
     if kind == "tar":
@@ -381,8 +412,15 @@ class _ExtractProgress(Progress):
         return f"{self.files} files" if not self.total_files else super()._files_text()
 
 
-def extract_into(archive: Path, root: Path, *, limits: Limits | None = None, strip_components: int = 0,
-                 quiet: bool = True, name: str | None = None) -> Extracted:
+def extract_into(
+    archive: Path,
+    root: Path,
+    *,
+    limits: Limits | None = None,
+    strip_components: int = 0,
+    quiet: bool = True,
+    name: str | None = None,
+) -> Extracted:
     """Unpack `archive` into the existing empty folder `root` by the module's rules. On ArchiveError the
     caller removes `root` (it is a temporary folder that nobody else sees)."""
     archive, root = Path(archive), Path(root)
@@ -397,8 +435,9 @@ def extract_into(archive: Path, root: Path, *, limits: Limits | None = None, str
     return out
 
 
-def _extract_tar(archive: Path, root: Path, kind: str, limits: Limits, strip: int, quiet: bool,
-                 label: str) -> Extracted:
+def _extract_tar(
+    archive: Path, root: Path, kind: str, limits: Limits, strip: int, quiet: bool, label: str
+) -> Extracted:
     size = archive.stat().st_size
     with open(archive, "rb") as raw, _ExtractProgress(size, 0, label=f"extract {label}", quiet=quiet) as prog:
         w = _Writer(root, archive, limits, None if quiet else prog, label)
@@ -413,8 +452,15 @@ def _extract_tar(archive: Path, root: Path, kind: str, limits: Limits, strip: in
                     w.member()
                     name = clean_name(m.name, label, strip)
                     if m.ischr() or m.isblk() or m.isfifo() or not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
-                        kind_name = ("character device" if m.ischr() else "block device" if m.isblk()
-                                     else "FIFO" if m.isfifo() else f"type {m.type!r}")
+                        kind_name = (
+                            "character device"
+                            if m.ischr()
+                            else "block device"
+                            if m.isblk()
+                            else "FIFO"
+                            if m.isfifo()
+                            else f"type {m.type!r}"
+                        )
                         raise _refuse(label, f"member {m.name!r} is a {kind_name}")
                     if m.issparse():
                         raise _refuse(label, f"member {m.name!r} is a sparse file")
@@ -482,8 +528,9 @@ def _extract_zip(archive: Path, root: Path, limits: Limits, strip: int, quiet: b
                 check.grow(info.file_size)
             plan.append((info, kind, name))
         total = check.out.bytes
-        with _ExtractProgress(total, sum(k == "file" for _, k, _ in plan), label=f"extract {label}",
-                              quiet=quiet) as prog:
+        with _ExtractProgress(
+            total, sum(k == "file" for _, k, _ in plan), label=f"extract {label}", quiet=quiet
+        ) as prog:
             w = _Writer(root, archive, limits, None if quiet else prog, label)
             w.out.kind = "zip"
             try:
@@ -510,6 +557,7 @@ def _extract_zip(archive: Path, root: Path, limits: Limits, strip: int, quiet: b
 
 
 # -- expectations ---------------------------------------------------------------------------------------
+
 
 def check_expect(root: Path, expect: dict | None) -> list[str]:
     """What `root` lacks against an `expect:` mapping: `files`, `dirs`, `jsonl` (list of paths, or

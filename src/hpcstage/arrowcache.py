@@ -26,6 +26,7 @@ call once, before any job starts:
 
 The library call is `hpcstage.prebuild(...)` (hpcstage.api); the CLI's is `hpcstage prebuild`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,15 +38,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-
-from hpcstage import offline
+from hpcstage import offline, safefs
 from hpcstage.errors import BadInput, HpcstageError
-from hpcstage import safefs
-from hpcstage.layout import ARROW_LEASE_SUFFIX, ARROW_LOCK_DIR as LOCK_DIR, ARROW_MARKER_DIR as MARKER_DIR, LEASE_TTL
+from hpcstage.layout import ARROW_LEASE_SUFFIX, LEASE_TTL
+from hpcstage.layout import ARROW_LOCK_DIR as LOCK_DIR
+from hpcstage.layout import ARROW_MARKER_DIR as MARKER_DIR
 from hpcstage.locks import Lease
 from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
 from hpcstage.yamlfile import read_yaml
@@ -53,8 +55,9 @@ from hpcstage.yamlfile import read_yaml
 MARKER_VERSION = 2  # 2: one marker per datasets version, written after an offline proof
 POLL = 0.2  # seconds between looks at builds other processes hold
 # datasets' packaged builders: their data_files are local paths; any other `path` is a Hub repo id
-PACKAGED = frozenset("json csv parquet text arrow pandas webdataset xml sql imagefolder audiofolder "
-                     "videofolder pdffolder".split())
+PACKAGED = frozenset(
+    "json csv parquet text arrow pandas webdataset xml sql imagefolder audiofolder videofolder pdffolder".split()
+)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -159,14 +162,18 @@ def _absolute(value: Any, base: Path) -> Any:
 def local_build(spec: dict[str, Any], base: Path, where: str = "prebuild") -> Build:
     """A `prebuild:` entry: `{path: json, data_files: ..., field: test, split: train}`."""
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-        raise BadInput(f"{where}: each prebuild entry is a mapping with a `path:` (e.g. "
-                       "{path: json, data_files: /data/eval.json, split: train})")
+        raise BadInput(
+            f"{where}: each prebuild entry is a mapping with a `path:` (e.g. "
+            "{path: json, data_files: /data/eval.json, split: train})"
+        )
     kwargs = {k: v for k, v in spec.items() if k != "path"}
     path = spec["path"]
     local_path = path not in PACKAGED and os.path.exists(base / path)
     if path not in PACKAGED and not local_path:  # a Hub repo id: data_files are paths inside the repo
         names = _strings(kwargs.get("data_files"))
-        return Build(path, kwargs, label=f"{path} data_files={names[0] if len(names) == 1 else names}" if names else path)
+        return Build(
+            path, kwargs, label=f"{path} data_files={names[0] if len(names) == 1 else names}" if names else path
+        )
     if local_path:
         path = str((base / path).absolute())
     if "data_files" in kwargs:
@@ -202,8 +209,10 @@ def builds_from_manifest(manifest: Manifest) -> list[Build]:
         if entry.load is None:
             continue
         if "revision" in entry.load:
-            raise BadInput(f"{manifest.path}: datasets[{i}].load has `revision`; set `revision:` on the entry "
-                           "itself (prebuild uses its locked commit)")
+            raise BadInput(
+                f"{manifest.path}: datasets[{i}].load has `revision`; set `revision:` on the entry "
+                "itself (prebuild uses its locked commit)"
+            )
         out.append(hub_build(entry, lock))
     for i, spec in enumerate(manifest.prebuild):
         out.append(local_build(spec, base, where=f"{manifest.path}: prebuild[{i}]"))
@@ -222,8 +231,9 @@ def builds_from_experiment(path: str | Path) -> list[Build]:
     for task in tasks:
         dataset = task.get("dataset") if isinstance(task, dict) else None
         if isinstance(dataset, str) and dataset:
-            out.append(local_build({"path": "json", "data_files": dataset, "field": "test", "split": "train"},
-                                   path.parent))
+            out.append(
+                local_build({"path": "json", "data_files": dataset, "field": "test", "split": "train"}, path.parent)
+            )
     return _unique(out)
 
 
@@ -279,18 +289,34 @@ def read_marker(datasets_cache_dir: Path, build: Build, datasets_version: str) -
     return marker
 
 
-def _write_marker(datasets_cache_dir: Path, build: Build, cache_dir: str, seconds: float, datasets_version: str,
-                  alias: str | None) -> None:
+def _write_marker(
+    datasets_cache_dir: Path, build: Build, cache_dir: str, seconds: float, datasets_version: str, alias: str | None
+) -> None:
     folder = Path(cache_dir)
-    files = [{"path": str(p), "size": p.stat().st_size} for p in sorted(folder.iterdir())
-             if p.is_file() and (p.suffix == ".arrow" or p.name == "dataset_info.json")]
+    files = [
+        {"path": str(p), "size": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and (p.suffix == ".arrow" or p.name == "dataset_info.json")
+    ]
     marker = {
-        "version": MARKER_VERSION, "key": build.key, "path": build.path, "kwargs": build.kwargs,
-        "datasets": datasets_version, "fingerprint": build.fingerprint(), "cache_dir": str(folder),
-        "files": files, "alias": alias, "proven": True, "built_at": time.time(), "seconds": round(seconds, 3),
+        "version": MARKER_VERSION,
+        "key": build.key,
+        "path": build.path,
+        "kwargs": build.kwargs,
+        "datasets": datasets_version,
+        "fingerprint": build.fingerprint(),
+        "cache_dir": str(folder),
+        "files": files,
+        "alias": alias,
+        "proven": True,
+        "built_at": time.time(),
+        "seconds": round(seconds, 3),
     }
-    safefs.write_atomic(datasets_cache_dir, marker_path(datasets_cache_dir, build, datasets_version),
-                        json.dumps(marker, indent=1, default=str).encode())
+    safefs.write_atomic(
+        datasets_cache_dir,
+        marker_path(datasets_cache_dir, build, datasets_version),
+        json.dumps(marker, indent=1, default=str).encode(),
+    )
 
 
 def alias_config(datasets_cache_dir: Path, cache_dir: str | Path, config_id: str) -> Path | None:
@@ -324,8 +350,11 @@ def newer_builds(cache_dir: str | Path) -> list[Path]:
     folder = Path(cache_dir)
     try:
         mine = folder.stat().st_mtime
-        return sorted(p for p in folder.parent.iterdir() if p != folder and p.is_dir()
-                      and not p.name.endswith(".incomplete") and p.stat().st_mtime >= mine)
+        return sorted(
+            p
+            for p in folder.parent.iterdir()
+            if p != folder and p.is_dir() and not p.name.endswith(".incomplete") and p.stat().st_mtime >= mine
+        )
     except OSError:
         return []
 
@@ -344,7 +373,9 @@ def make_newest(cache_dir: str | Path) -> None:
 # own output goes to stderr). Dies with its parent (PR_SET_PDEATHSIG) so a killed prebuild does not
 # leave a build running without the lease. Runs in the JOB's interpreter: Python 3.8+, public APIs of
 # datasets >= 2.16 only, never imports hpcstage (it is not installed there).
-_WORKER = offline.CHILD_HELPERS + r"""
+_WORKER = (
+    offline.CHILD_HELPERS
+    + r"""
 import ctypes, json, os, sys, time
 try:
     ctypes.CDLL(None, use_errno=True).prctl(1, 9)
@@ -392,6 +423,7 @@ for line in sys.stdin:
     out["seconds"] = time.perf_counter() - started
     proto.write(json.dumps(out) + "\n")
 """
+)
 
 
 class _Worker:
@@ -401,17 +433,23 @@ class _Worker:
         """`isolation`: None (network on: builds), else "netns"/"guard" (network off: offline proofs)."""
         self._log = tempfile.TemporaryFile(mode="w+")
         self.python = python
-        argv = ([python, "-c", _WORKER] if isolation is None else
-                offline.isolated_command(_WORKER, isolation, python=python)) + [str(os.getpid())]
-        self.proc = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log)
+        argv = (
+            [python, "-c", _WORKER]
+            if isolation is None
+            else offline.isolated_command(_WORKER, isolation, python=python)
+        ) + [str(os.getpid())]
+        self.proc = subprocess.Popen(
+            argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
         self._requests, self._answers = self.proc.stdin, self.proc.stdout
         ready = self._answer()  # import errors surface here, not inside a lease
         if not ready.get("ready"):
             self.close()
-            raise PrebuildError(f"{python} cannot import datasets ({ready.get('error')}); repair it there: "
-                                f"{python} -m pip install --force-reinstall 'datasets>=2.16'")
+            raise PrebuildError(
+                f"{python} cannot import datasets ({ready.get('error')}); repair it there: "
+                f"{python} -m pip install --force-reinstall 'datasets>=2.16'"
+            )
         self.datasets = ready.get("datasets")
 
     def _answer(self) -> dict:
@@ -420,16 +458,17 @@ class _Worker:
             self.proc.wait()
             self._log.seek(0)
             tail = [s for s in self._log.read().strip().splitlines() if s.strip()][-1:] or ["no output"]
-            raise PrebuildError(f"the build process ({self.python}) exited with code {self.proc.returncode} "
-                                f"({tail[0]}); check that `datasets` is installed in this Python")
+            raise PrebuildError(
+                f"the build process ({self.python}) exited with code {self.proc.returncode} "
+                f"({tail[0]}); check that `datasets` is installed in this Python"
+            )
         return json.loads(line)
 
     def load(self, build: Build, *, offline: bool = False) -> dict:
         """Online: the build's call as given. Offline (the proof): the call as a job makes it, without the
         pinned `revision` (offline, datasets looks the build up by config, not by commit)."""
         kwargs = {k: v for k, v in build.kwargs.items() if not (offline and k == "revision")}
-        self._requests.write(json.dumps({"path": build.path, "kwargs": kwargs, "offline": offline},
-                                         default=str) + "\n")
+        self._requests.write(json.dumps({"path": build.path, "kwargs": kwargs, "offline": offline}, default=str) + "\n")
         self._requests.flush()
         return self._answer()
 
@@ -491,8 +530,9 @@ def prebuild(
 
     def worker(kind: str) -> _Worker:  # started once there is something to build: importing datasets costs ~1 s
         if kind not in workers:
-            workers[kind] = (_Worker(env, stack.python) if kind == "build" else
-                             _Worker(proof_env, stack.python, isolation=isolation))
+            workers[kind] = (
+                _Worker(env, stack.python) if kind == "build" else _Worker(proof_env, stack.python, isolation=isolation)
+            )
         return workers[kind]
 
     try:
@@ -503,8 +543,15 @@ def prebuild(
                 marker = None if force else read_marker(ds_dir, b, stack.datasets)
                 if marker is not None:
                     make_newest(marker["cache_dir"])
-                    results[b.key] = BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0,
-                                                 marker["cache_dir"], alias=marker.get("alias"))
+                    results[b.key] = BuildResult(
+                        b.label,
+                        b.key,
+                        b.call,
+                        "skipped",
+                        time.perf_counter() - t0,
+                        marker["cache_dir"],
+                        alias=marker.get("alias"),
+                    )
                     pending.remove(b)
                     progressed = True
                     tell("skipped", b.label)
@@ -534,14 +581,16 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: Lease, t0: float,
-               version: str, force: bool) -> BuildResult:
+def _build_one(
+    worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: Lease, t0: float, version: str, force: bool
+) -> BuildResult:
     """Build online, then prove offline; on datasets 4760 (the offline lookup wants another config id than
     the one built) alias that id to the build and prove again. Only a proven build gets a marker."""
     marker = None if force else read_marker(ds_dir, b, version)  # built by the lease's previous holder meanwhile
     if marker is not None:
-        return BuildResult(b.label, b.key, b.call, "skipped", time.perf_counter() - t0, marker["cache_dir"],
-                           alias=marker.get("alias"))
+        return BuildResult(
+            b.label, b.key, b.call, "skipped", time.perf_counter() - t0, marker["cache_dir"], alias=marker.get("alias")
+        )
 
     def failed(error: str) -> BuildResult:
         return BuildResult(b.label, b.key, b.call, "failed", time.perf_counter() - t0, error=error)
@@ -557,14 +606,19 @@ def _build_one(worker: Callable[[str], _Worker], ds_dir: Path, b: Build, lease: 
         alias = alias_config(ds_dir, cache_dir, proof["config_id"])
         if alias is not None:
             proof = worker("proof").load(b, offline=True)
+
     def unproven(error: str) -> BuildResult:  # recorded, so that `check` can say why instead of "run prebuild"
-        safefs.write_atomic(ds_dir, failure_path(ds_dir, b, version), json.dumps(
-            {"error": error, "fingerprint": b.fingerprint(), "at": time.time()}, default=str).encode())
+        safefs.write_atomic(
+            ds_dir,
+            failure_path(ds_dir, b, version),
+            json.dumps({"error": error, "fingerprint": b.fingerprint(), "at": time.time()}, default=str).encode(),
+        )
         return failed(error)
 
     if not proof["ok"]:
-        return unproven(f"built into {cache_dir}, but the same call offline fails in the job's Python: "
-                        f"{proof['error']}")
+        return unproven(
+            f"built into {cache_dir}, but the same call offline fails in the job's Python: {proof['error']}"
+        )
     got = os.path.dirname(proof["files"][0])
     if not _same_folder(got, cache_dir):
         return unproven(f"built into {cache_dir}, but the same call offline reads {got}")

@@ -50,14 +50,21 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.retry_budget < 0:
         raise BadInput("--timeout must be more than 0 seconds and --retry-budget not negative")
     opts = Options(
-        cache_dir=args.cache_dir, workers=args.workers, max_connections=args.max_connections, timeout=args.timeout,
-        retry=RetryPolicy(budget=args.retry_budget), quiet=args.quiet or args.json, shared_group=args.shared_group,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        timeout=args.timeout,
+        retry=RetryPolicy(budget=args.retry_budget),
+        quiet=args.quiet or args.json,
+        shared_group=args.shared_group,
     )
     if (args.slurm_array is not None or args.worker) and not args.manifest:
         raise BadInput("--slurm-array and --worker need -f MANIFEST")
     if updates and not args.manifest:
-        raise BadInput("--update needs -f MANIFEST: it re-resolves what the lockfile pinned (a pull of REPO_IDs "
-                       "always resolves the revision)")
+        raise BadInput(
+            "--update needs -f MANIFEST: it re-resolves what the lockfile pinned (a pull of REPO_IDs "
+            "always resolves the revision)"
+        )
     if args.local_dir is not None and args.manifest:
         raise BadInput("--local-dir copies one repo: use it with REPO_ID [FILE...], not -f")
     if args.local_dir is not None and args.local_dir.exists() and not args.local_dir.is_dir():
@@ -65,14 +72,18 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest) if args.manifest else None
     if manifest is not None:
         if not manifest.entries and not manifest.data_entries:
-            raise BadInput(f"{args.manifest} lists no models: or datasets: entries, so there is nothing to pull; "
-                           "add entries (see the Manifest section of the README)")
+            raise BadInput(
+                f"{args.manifest} lists no models: or datasets: entries, so there is nothing to pull; "
+                "add entries (see the Manifest section of the README)"
+            )
         from hpcstage.staging import entry_names
 
         known = {n for e in [*manifest.entries, *manifest.data_entries] for n in entry_names(e)}
         unknown = [u for u in updates if u != "*" and u not in known]
         if unknown:
-            names = sorted({getattr(e, "repo", "") or getattr(e, "dest", "") for e in [*manifest.entries, *manifest.data_entries]})
+            names = sorted(
+                {getattr(e, "repo", "") or getattr(e, "dest", "") for e in [*manifest.entries, *manifest.data_entries]}
+            )
             raise BadInput(f"--update {unknown[0]}: no such entry in {args.manifest}; name one of {', '.join(names)}")
     if args.slurm_array is not None:
         return _pull_array(args, manifest, opts, update)
@@ -100,10 +111,14 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     elif not args.quiet:
         rate = summary.downloaded_bytes / summary.seconds if summary.seconds else 0
         for r in summary.repos:
-            print(f"{r.repo_type} {r.repo_id}@{r.revision} ({r.commit[:12]}): {r.files} files, "
-                  f"{human_bytes(r.bytes)} -> {r.snapshot}")
-        print(f"staged {summary.files} files ({human_bytes(summary.bytes)}); downloaded {summary.downloaded_files} "
-              f"({human_bytes(summary.downloaded_bytes)}) in {summary.seconds:.1f}s ({human_bytes(rate)}/s)")
+            print(
+                f"{r.repo_type} {r.repo_id}@{r.revision} ({r.commit[:12]}): {r.files} files, "
+                f"{human_bytes(r.bytes)} -> {r.snapshot}"
+            )
+        print(
+            f"staged {summary.files} files ({human_bytes(summary.bytes)}); downloaded {summary.downloaded_files} "
+            f"({human_bytes(summary.downloaded_bytes)}) in {summary.seconds:.1f}s ({human_bytes(rate)}/s)"
+        )
     return 0
 
 
@@ -125,8 +140,13 @@ def _command_line_entries(args: argparse.Namespace) -> tuple[list, dict[str, lis
     named: dict[str, list[str]] = {}
     for repo, files in groups:
         include = (args.include or []) + [glob.escape(f) for f in files]
-        entry = hub_entry(repo=repo, repo_type=args.repo_type or "model", revision=args.revision or "main",
-                          include=include or None, exclude=args.exclude or None)
+        entry = hub_entry(
+            repo=repo,
+            repo_type=args.repo_type or "model",
+            revision=args.revision or "main",
+            include=include or None,
+            exclude=args.exclude or None,
+        )
         if files:
             named[entry.key] = files
         entries.append(entry)
@@ -143,29 +163,39 @@ def _pull_array(args: argparse.Namespace, manifest, opts, update=False) -> int:
     if args.slurm_array < 1:
         raise BadInput("--slurm-array needs at least 1 worker")
     if not cluster.internet:
-        raise BadInput(f"--slurm-array: {cluster.name}'s compute nodes have no internet, so array workers cannot "
-                       f"download; pull on the login node instead: `hpcstage pull -f {args.manifest}`")
+        raise BadInput(
+            f"--slurm-array: {cluster.name}'s compute nodes have no internet, so array workers cannot "
+            f"download; pull on the login node instead: `hpcstage pull -f {args.manifest}`"
+        )
     time_limit = preflight_time(cluster, cluster.partition, args.time, "--time")
     check_account(cluster)
     plan = plan_manifest(manifest, opts, update=update)
-    print(f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
-          f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})", flush=True)
+    print(
+        f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
+        f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})",
+        flush=True,
+    )
     run = submit_array(manifest, args.slurm_array, cluster=cluster, time_limit=time_limit, cache_dir=args.cache_dir)
-    print(f"submitted {args.slurm_array} workers as array {run.array_id} on {cluster.name}; finish {run.finish_id} "
-          f"(pull leftovers + verify), report {run.report_id} (status); scripts and logs in {run.folder}", flush=True)
+    print(
+        f"submitted {args.slurm_array} workers as array {run.array_id} on {cluster.name}; finish {run.finish_id} "
+        f"(pull leftovers + verify), report {run.report_id} (status); scripts and logs in {run.folder}",
+        flush=True,
+    )
     if not args.wait:
         return 0
     if follow(run, manifest, opts.cache_dir or manifest.cache_dir or default_cache_dir(), quiet=args.quiet):
         print(f"staged and verified: {plan.files} files")
         return 0
-    print(f"hpcstage: error: the array did not finish cleanly; see {run.folder} and `hpcstage status -f "
-          f"{args.manifest}`", file=sys.stderr)
+    print(
+        f"hpcstage: error: the array did not finish cleanly; see {run.folder} and `hpcstage status -f {args.manifest}`",
+        file=sys.stderr,
+    )
     return 1
 
 
 def _cmd_prebuild(args: argparse.Namespace) -> int:
-    from hpcstage.manifest import load_manifest
     from hpcstage.arrowcache import builds_from_experiment, builds_from_manifest, prebuild
+    from hpcstage.manifest import load_manifest
     from hpcstage.progress import stamp
 
     if not args.manifest and not args.from_experiment:
@@ -192,8 +222,15 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
         else:
             print(f"{stamp()} CACHE_FAILED: {text}", flush=True)
 
-    summary = prebuild(builds, manifest=manifest, cache_dir=args.cache_dir, python=args.python,
-                       datasets_cache_dir=args.datasets_cache_dir, on_event=event, force=args.force)
+    summary = prebuild(
+        builds,
+        manifest=manifest,
+        cache_dir=args.cache_dir,
+        python=args.python,
+        datasets_cache_dir=args.datasets_cache_dir,
+        on_event=event,
+        force=args.force,
+    )
     if args.json:
         print(json.dumps(summary.as_dict(), indent=1))
     elif not quiet:
@@ -211,8 +248,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from hpcstage.manifest import load_manifest
     from hpcstage.offline import check
 
-    report = check(load_manifest(args.manifest), cache_dir=args.cache_dir, python=args.python,
-                   datasets_cache_dir=args.datasets_cache_dir, isolation=args.isolation)
+    report = check(
+        load_manifest(args.manifest),
+        cache_dir=args.cache_dir,
+        python=args.python,
+        datasets_cache_dir=args.datasets_cache_dir,
+        isolation=args.isolation,
+    )
     stack = report.stack.describe() if report.stack else ""
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
@@ -232,10 +274,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         else:
             print(f"job Python: {stack}")
             for e in report.entries:
-                print(f"{'ok' if e.ok else 'MISSING'}\t{e.entry}" + ("" if e.ok else f"\t{'; '.join(e.problems)}\tfix: {e.fix}"))
+                print(
+                    f"{'ok' if e.ok else 'MISSING'}\t{e.entry}"
+                    + ("" if e.ok else f"\t{'; '.join(e.problems)}\tfix: {e.fix}")
+                )
         bad = sum(not e.ok for e in report.entries)
-        print(f"{'ready' if report.ok else 'NOT READY'}: {len(report.entries) - bad} of {len(report.entries)} entries load "
-              f"offline (network off: {report.isolation}, {report.seconds:.1f}s)")
+        print(
+            f"{'ready' if report.ok else 'NOT READY'}: {len(report.entries) - bad} of {len(report.entries)} "
+            f"entries load offline (network off: {report.isolation}, {report.seconds:.1f}s)"
+        )
     return 0 if report.ok else 1
 
 
@@ -257,10 +304,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from hpcstage.transfer import RetryPolicy
 
         options = Options(timeout=args.timeout, retry=RetryPolicy(budget=args.retry_budget))
-    report = verify(args.repo_ids or None, manifest=manifest,
-                    repo_type=args.repo_type, revision=args.revision, cache_dir=args.cache_dir,
-                    workers=args.workers, repair=args.repair, shared_group=args.shared_group,
-                    quiet=args.quiet or args.json, options=options)
+    report = verify(
+        args.repo_ids or None,
+        manifest=manifest,
+        repo_type=args.repo_type,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+        repair=args.repair,
+        shared_group=args.shared_group,
+        quiet=args.quiet or args.json,
+        options=options,
+    )
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
         return 0 if report.ok else 1
@@ -269,14 +324,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for p in report.problems:
         print(p)
     if args.repair and report.problems:
-        print("hpcstage: error: --repair could not fix the problems above; each names what is left to do",
-              file=sys.stderr)
+        print(
+            "hpcstage: error: --repair could not fix the problems above; each names what is left to do", file=sys.stderr
+        )
     if not args.quiet:
         rate = report.bytes_hashed / report.seconds if report.seconds else 0
-        print(f"{'ok' if report.ok else 'FAILED'}: {report.files} files in {report.snapshots} snapshots of "
-              f"{report.repos} repos; hashed {report.blobs_hashed} blobs ({human_bytes(report.bytes_hashed)}) in "
-              f"{report.seconds:.1f}s ({human_bytes(rate)}/s); {len(report.problems)} problems"
-              + (f", {len(report.repaired)} repaired" if args.repair else ""))
+        print(
+            f"{'ok' if report.ok else 'FAILED'}: {report.files} files in {report.snapshots} snapshots of "
+            f"{report.repos} repos; hashed {report.blobs_hashed} blobs ({human_bytes(report.bytes_hashed)}) in "
+            f"{report.seconds:.1f}s ({human_bytes(rate)}/s); {len(report.problems)} problems"
+            + (f", {len(report.repaired)} repaired" if args.repair else "")
+        )
     return 0 if report.ok else 1
 
 
@@ -321,8 +379,16 @@ def _staging_status(args: argparse.Namespace) -> int:
         rows = []
         for e in manifest.entries:
             locked = lock.entries.get(e.key)
-            rows.append(artifact_status(cache_dir, e.repo_type, e.repo, e.revision, locked.commit if locked else None,
-                                        locked.cached_files() if locked and locked.matches(e) else None))
+            rows.append(
+                artifact_status(
+                    cache_dir,
+                    e.repo_type,
+                    e.repo,
+                    e.revision,
+                    locked.commit if locked else None,
+                    locked.cached_files() if locked and locked.matches(e) else None,
+                )
+            )
         if manifest.data_entries:
             from hpcstage.datadir import data_status
 
@@ -337,10 +403,24 @@ def _staging_status(args: argparse.Namespace) -> int:
             if isinstance(r, Unreadable):  # reported, never hidden: the artifact it describes is unknown now
                 what = r.artifact()
                 kind, repo, rev = what or ("model", r.path.name, "?")
-                fix = (f"run `hpcstage pull {repo}{'' if kind == 'model' else f' --repo-type {kind}'} --revision "
-                       f"{rev} --cache-dir {cache_dir}` to record it again" if what else f"delete {r.path}")
-                rows.append(ArtifactStatus(kind, repo, rev, None, "unreadable", 0, 0,
-                                           reason=f"ledger record {r.path} unreadable ({r.why}); {fix}"))
+                fix = (
+                    f"run `hpcstage pull {repo}{'' if kind == 'model' else f' --repo-type {kind}'} --revision "
+                    f"{rev} --cache-dir {cache_dir}` to record it again"
+                    if what
+                    else f"delete {r.path}"
+                )
+                rows.append(
+                    ArtifactStatus(
+                        kind,
+                        repo,
+                        rev,
+                        None,
+                        "unreadable",
+                        0,
+                        0,
+                        reason=f"ledger record {r.path} unreadable ({r.why}); {fix}",
+                    )
+                )
                 continue
             rows.append(artifact_status(cache_dir, r.repo_type, r.repo, r.revision, record=r))
     if args.json:
@@ -363,9 +443,11 @@ def _staging_status(args: argparse.Namespace) -> int:
         if store.is_marked():
             s = store.saved()
             cleanup = "hpcstage cleanup" + (f" --cache-dir {shlex.quote(str(cache_dir))}" if args.cache_dir else "")
-            print(f"xet store\t{s.contents} contents, {human_bytes(s.stored)} stored, {human_bytes(s.saved)} saved "
-                  f"({s.links} links)" + (f"; {s.unreferenced} unreferenced: `{cleanup}` removes them"
-                                           if s.unreferenced else ""))
+            print(
+                f"xet store\t{s.contents} contents, {human_bytes(s.stored)} stored, {human_bytes(s.saved)} saved "
+                f"({s.links} links)"
+                + (f"; {s.unreferenced} unreferenced: `{cleanup}` removes them" if s.unreferenced else "")
+            )
     return 0 if all(r.state == "staged" for r in rows) else 1
 
 
@@ -380,8 +462,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     from hpcstage.datadir import default_data_dir
 
     if not cache_dir.is_dir() and not (args.data_dir or default_data_dir(cache_dir)).is_dir():
-        raise BadInput(f"no hub cache at {cache_dir} (nor a data folder beside it); pass the --cache-dir you pulled "
-                       "into (or set HF_HUB_CACHE)")
+        raise BadInput(
+            f"no hub cache at {cache_dir} (nor a data folder beside it); pass the --cache-dir you pulled "
+            "into (or set HF_HUB_CACHE)"
+        )
     found = cleanup(args.cache_dir, data_dir=args.data_dir, older_than=args.older_than * 3600, dry_run=args.dry_run)
     for item in found:
         print(f"{'would remove' if args.dry_run else 'removed'} {item.path} ({item.why})")
@@ -422,13 +506,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hpcstage.testing.samples import make_samples
     from hpcstage.testing.hub import serve_forever
+    from hpcstage.testing.samples import make_samples
 
     if args.samples:
         make_samples(args.root)
     elif not args.root.is_dir():
-    
         raise BadInput(f"{args.root} is not a folder; create it or pass --samples to generate sample repos")
     if not 0 <= args.port <= 65535:
         raise BadInput(f"--port {args.port}: a port is 0-65535 (0 picks a free one)")
@@ -442,8 +525,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 probe.bind((args.host, args.port))
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise BadInput(f"port {args.port} on {args.host} is in use; pick another with --port, or "
-                                   "--port 0 for a free one (the URL is printed)") from None
+                    raise BadInput(
+                        f"port {args.port} on {args.host} is in use; pick another with --port, or "
+                        "--port 0 for a free one (the URL is printed)"
+                    ) from None
                 if e.errno == errno.EACCES:
                     raise BadInput(f"port {args.port} needs privileges; use one above 1023, or --port 0") from None
                 raise BadInput(f"cannot listen on {args.host}:{args.port} ({e.strerror}); check --host") from None
@@ -451,8 +536,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.rate_limit:
         quota, _, window = args.rate_limit.partition("/")
         if not (quota.isdigit() and window.isdigit() and int(quota) > 0 and int(window) > 0):
-            raise BadInput(f"--rate-limit {args.rate_limit!r}: give resolver requests per window in seconds, "
-                           "e.g. --rate-limit 3000/300")
+            raise BadInput(
+                f"--rate-limit {args.rate_limit!r}: give resolver requests per window in seconds, "
+                "e.g. --rate-limit 3000/300"
+            )
         limit = (int(quota), int(window))
     for flag, value in (("--conn-rate-mb", args.conn_rate_mb), ("--latency-ms", args.latency_ms)):
         if value is not None and not value > 0:
@@ -478,50 +565,90 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_PYTHON_HELP = ("the jobs' interpreter, where the loads run (default: the manifest's `python:`, else "
-                "HPCSTAGE_PYTHON, else hpcstage's own)")
+_PYTHON_HELP = (
+    "the jobs' interpreter, where the loads run (default: the manifest's `python:`, else "
+    "HPCSTAGE_PYTHON, else hpcstage's own)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcstage", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpcstage", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"hpcstage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="stage Hub repos into the hub cache",
-                       usage="hpcstage pull REPO_ID [FILE...] [REPO_ID [FILE...]...] [options] | -f MANIFEST [options]")
-    p.add_argument("repo_ids", nargs="*", metavar="REPO_ID [FILE...]",
-                   help="repos (ORG/NAME); names after a repo without exactly one `/` (config.json, "
-                        "data/train/x.parquet) are its files, staged alone as `hf download REPO FILE...` does")
-    p.add_argument("-f", "--manifest", type=Path, help="pull every entry of this manifest; writes hpcstage.lock beside it")
+    p = sub.add_parser(
+        "pull",
+        help="stage Hub repos into the hub cache",
+        usage="hpcstage pull REPO_ID [FILE...] [REPO_ID [FILE...]...] [options] | -f MANIFEST [options]",
+    )
+    p.add_argument(
+        "repo_ids",
+        nargs="*",
+        metavar="REPO_ID [FILE...]",
+        help="repos (ORG/NAME); names after a repo without exactly one `/` (config.json, "
+        "data/train/x.parquet) are its files, staged alone as `hf download REPO FILE...` does",
+    )
+    p.add_argument(
+        "-f", "--manifest", type=Path, help="pull every entry of this manifest; writes hpcstage.lock beside it"
+    )
     p.add_argument("--repo-type", choices=["model", "dataset"])
     p.add_argument("--revision", help="branch, tag or commit sha (default main)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
-    p.add_argument("--update", nargs="?", const="*", action="append", metavar="NAME",
-                   help="with -f: re-resolve revisions instead of the lockfile's commits, and ask url: sources if "
-                        "they changed (a conditional request; unchanged ones download nothing); NAME (repeatable): "
-                        "only that entry (repo id, data dest or url)")
-    p.add_argument("--local-dir", type=Path, metavar="DIR",
-                   help="also copy the repo's snapshot into DIR as plain files (like `hf download --local-dir`)")
+    p.add_argument(
+        "--update",
+        nargs="?",
+        const="*",
+        action="append",
+        metavar="NAME",
+        help="with -f: re-resolve revisions instead of the lockfile's commits, and ask url: sources if "
+        "they changed (a conditional request; unchanged ones download nothing); NAME (repeatable): "
+        "only that entry (repo id, data dest or url)",
+    )
+    p.add_argument(
+        "--local-dir",
+        type=Path,
+        metavar="DIR",
+        help="also copy the repo's snapshot into DIR as plain files (like `hf download --local-dir`)",
+    )
     g = p.add_argument_group("staging as a Slurm job array (with -f)")
-    g.add_argument("--slurm-array", type=int, metavar="N",
-                   help="plan here, then stage on N array workers that share the work through the leases")
+    g.add_argument(
+        "--slurm-array",
+        type=int,
+        metavar="N",
+        help="plan here, then stage on N array workers that share the work through the leases",
+    )
     g.add_argument("--cluster", help="registry name (default: detected; see `hpcstage clusters`)")
     g.add_argument("--partition", help="override the registry's partition (e.g. a data-mover partition)")
     g.add_argument("--account", help="Slurm account")
     g.add_argument("--time", help="time limit of each worker (default: the cluster's longest)")
     g.add_argument("--wait", action="store_true", help="follow the array with a progress bar; exit with its result")
     g.add_argument("--worker", action="store_true", help="run as one of the array's workers (set by --slurm-array)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)")
-    p.add_argument("--retry-budget", type=float, default=900.0,
-                   help="seconds one request may spend retrying 429/5xx/network errors and waiting out the Hub's "
-                        "rate limit (default 900: a 5-minute window more than once)")
-    p.add_argument("--shared-group", metavar="GROUP",
-                   help="group-shared cache: folders setgid + group-writable, files group-readable")
-    p.add_argument("--max-connections", type=int, default=32, metavar="N",
-                   help="range requests at once for all large files; fewer are used while more do not "
-                        "raise the throughput (default 32)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for a connection or for data (default 30)"
+    )
+    p.add_argument(
+        "--retry-budget",
+        type=float,
+        default=900.0,
+        help="seconds one request may spend retrying 429/5xx/network errors and waiting out the Hub's "
+        "rate limit (default 900: a 5-minute window more than once)",
+    )
+    p.add_argument(
+        "--shared-group",
+        metavar="GROUP",
+        help="group-shared cache: folders setgid + group-writable, files group-readable",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=32,
+        metavar="N",
+        help="range requests at once for all large files; fewer are used while more do not "
+        "raise the throughput (default 32)",
+    )
     _common(p, workers="files downloaded at once")
     p.set_defaults(func=_cmd_pull)
 
@@ -530,7 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--manifest", type=Path, help="check this manifest's entries against hpcstage.lock beside it")
     p.add_argument("--repo-type", choices=["model", "dataset"])
     p.add_argument("--revision", help="only this branch, tag or commit (default: every snapshot)")
-    p.add_argument("--repair", action="store_true", help="refetch only the bad files (uses the network), then verify again")
+    p.add_argument(
+        "--repair", action="store_true", help="refetch only the bad files (uses the network), then verify again"
+    )
     p.add_argument("--shared-group", metavar="GROUP", help="give repaired repos this group's bits")
     p.add_argument("--timeout", type=float, default=30.0, help="--repair: as for pull (default 30)")
     p.add_argument("--retry-budget", type=float, default=900.0, help="--repair: as for pull (default 900)")
@@ -539,9 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prebuild", help="build the datasets Arrow caches jobs will load offline, one writer each")
     p.add_argument("-f", "--manifest", type=Path, help="datasets entries with `load:` and `prebuild:` entries")
-    p.add_argument("--from-experiment", type=Path, metavar="FILE",
-                   help="experiment_summary.yaml: build each evaluation.tasks[].dataset as json, field=test")
-    p.add_argument("--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)")
+    p.add_argument(
+        "--from-experiment",
+        type=Path,
+        metavar="FILE",
+        help="experiment_summary.yaml: build each evaluation.tasks[].dataset as json, field=test",
+    )
+    p.add_argument(
+        "--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)"
+    )
     p.add_argument("--python", metavar="PATH", help=_PYTHON_HELP)
     p.add_argument("--force", action="store_true", help="build and prove again even where a finished build is recorded")
     _common(p)
@@ -549,9 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="offline readiness: load every entry as a job would, with the network off")
     p.add_argument("-f", "--manifest", type=Path, required=True)
-    p.add_argument("--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)")
-    p.add_argument("--isolation", choices=["auto", "netns", "guard"], default="auto",
-                   help="network off by `unshare -n` (netns) or a socket guard in the child (default: netns if possible)")
+    p.add_argument(
+        "--datasets-cache-dir", type=Path, help="Arrow cache folder (default: manifest, else HF_DATASETS_CACHE rules)"
+    )
+    p.add_argument(
+        "--isolation",
+        choices=["auto", "netns", "guard"],
+        default="auto",
+        help="network off by `unshare -n` (netns) or a socket guard in the child (default: netns if possible)",
+    )
     p.add_argument("--python", metavar="PATH", help=_PYTHON_HELP)
     _common(p)
     p.set_defaults(func=_cmd_check)
@@ -562,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_clusters_parser(sub)
 
     p = sub.add_parser("status", help="what is staged, partial, locked or failed; or an experiment's Slurm jobs")
-    p.add_argument("-f", "--manifest", type=Path, help="the entries of this manifest (default: all pulled into the cache)")
+    p.add_argument(
+        "-f", "--manifest", type=Path, help="the entries of this manifest (default: all pulled into the cache)"
+    )
     p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: manifest, else HF_HUB_CACHE rules)")
     p.add_argument("--experiment", type=Path, metavar="DIR", help="experiment folder written by `hpcstage launch`")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -570,15 +713,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove expired leases and abandoned partial files (never live ones)")
     p.add_argument("--cache-dir", type=Path, help="hub cache folder (default: HF_HUB_CACHE rules)")
-    p.add_argument("--data-dir", type=Path, help="folder of url/local/file entries (default: hpcstage-data beside the cache)")
-    p.add_argument("--older-than", type=float, default=24.0, metavar="HOURS",
-                   help="partial and temporary files untouched this long are abandoned (default 24)")
+    p.add_argument(
+        "--data-dir", type=Path, help="folder of url/local/file entries (default: hpcstage-data beside the cache)"
+    )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="partial and temporary files untouched this long are abandoned (default 24)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     p.set_defaults(func=_cmd_cleanup)
 
-    p = sub.add_parser("doctor", help="disk, quota, memory, filesystem, permissions, token, endpoint: ok/warn/fail with fixes")
-    p.add_argument("-f", "--manifest", type=Path, help="check space against this manifest's plan (hpcstage.lock beside it)")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds for each network check and the quota tool (default 2)")
+    p = sub.add_parser(
+        "doctor", help="disk, quota, memory, filesystem, permissions, token, endpoint: ok/warn/fail with fixes"
+    )
+    p.add_argument(
+        "-f", "--manifest", type=Path, help="check space against this manifest's plan (hpcstage.lock beside it)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds for each network check and the quota tool (default 2)"
+    )
     _common(p)
     p.set_defaults(func=_cmd_doctor)
 
@@ -588,17 +744,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--samples", action="store_true", help="first write the bundled sample repos into ROOT")
     p.add_argument("--log-file", type=Path, help="append each request as a JSON line")
-    p.add_argument("--gated", action="append", default=[], metavar="ORG/NAME",
-                   help="a gated repo: listed publicly, files refused (401 without a token, 403 without access)")
-    p.add_argument("--token", action="append", default=[], metavar="TOKEN",
-                   help="a valid token, with access to the gated repos; any other token gets 401 Invalid credentials")
+    p.add_argument(
+        "--gated",
+        action="append",
+        default=[],
+        metavar="ORG/NAME",
+        help="a gated repo: listed publicly, files refused (401 without a token, 403 without access)",
+    )
+    p.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="a valid token, with access to the gated repos; any other token gets 401 Invalid credentials",
+    )
     p.add_argument("--rate-limit", metavar="Q/W", help="resolver requests per fixed window of W seconds, e.g. 3000/300")
     p.add_argument("--ignore-range", action="store_true", help="answer 200 with the whole body to ranged requests")
-    p.add_argument("--xet", action="store_true",
-                   help="list xetHash for LFS files (hf_xet) and answer X-Xet-Hash; huggingface_hub clients then "
-                        "need HF_HUB_DISABLE_XET=1 (this server does not speak the Xet protocol)")
-    p.add_argument("--conn-rate-mb", type=float, metavar="MB",
-                   help="send each connection's answers at this many MB/s (a CDN's per-connection cap, a long path)")
+    p.add_argument(
+        "--xet",
+        action="store_true",
+        help="list xetHash for LFS files (hf_xet) and answer X-Xet-Hash; huggingface_hub clients then "
+        "need HF_HUB_DISABLE_XET=1 (this server does not speak the Xet protocol)",
+    )
+    p.add_argument(
+        "--conn-rate-mb",
+        type=float,
+        metavar="MB",
+        help="send each connection's answers at this many MB/s (a CDN's per-connection cap, a long path)",
+    )
     p.add_argument("--latency-ms", type=float, metavar="MS", help="answer every request (hub and CDN) this late")
     p.set_defaults(func=_cmd_serve)
     return parser
@@ -624,8 +797,10 @@ def _failure_json(e: HpcstageError, pull: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except HpcstageError as e:
@@ -636,8 +811,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # Partial pieces are recorded and leases released; threads stuck in a read are not waited for.
         code = 143 if isinstance(e, Terminated) else 130
-        print(f"hpcstage: {'terminated' if code == 143 else 'interrupted'}; run the same command again to "
-              "continue", file=sys.stderr, flush=True)
+        print(
+            f"hpcstage: {'terminated' if code == 143 else 'interrupted'}; run the same command again to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         os._exit(code)
     except BrokenPipeError:  # `hpcstage status | head`: the reader left; say nothing more

@@ -14,6 +14,7 @@ An entry counts as staged only when its `expect:` passed: then its record goes t
 next pull builds it again. A later pull with the record and every file in place (sizes) does nothing: no
 request, no copy.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -23,20 +24,29 @@ import secrets
 import shlex
 import shutil
 import stat
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
-from hpcstage import archive
-from hpcstage import safefs
+from hpcstage import archive, safefs
 from hpcstage.errors import BadInput, HashMismatch, HpcstageError, TransferError
 from hpcstage.hfcache import default_cache_dir, digest_file
-from hpcstage.layout import BUILD_SUFFIX, DATA_STATE as STATE, LEASE_SUFFIX, LEASE_TTL, OLD_SUFFIX
+from hpcstage.layout import BUILD_SUFFIX, LEASE_SUFFIX, LEASE_TTL, OLD_SUFFIX
+from hpcstage.layout import DATA_STATE as STATE
 from hpcstage.locks import Lease
-from hpcstage.manifest import (DataEntry, HubFileEntry, LocalEntry, LockedData, LockedEntry, Lockfile, Manifest,
-                               Update, UrlEntry)
+from hpcstage.manifest import (
+    DataEntry,
+    HubFileEntry,
+    LocalEntry,
+    LockedData,
+    LockedEntry,
+    Lockfile,
+    Manifest,
+    Update,
+    UrlEntry,
+)
 from hpcstage.progress import Progress, human_bytes
 
 
@@ -150,16 +160,26 @@ def _check_space(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     margin = (16 << 20) + need // 50
     if need + margin > free:
-        raise TransferError(f"not enough space in {folder} for {what}: need {human_bytes(need)} "
-                            f"(+{human_bytes(margin)} margin), {human_bytes(free)} free; free space or set "
-                            "`data_dir:` on a larger filesystem")
+        raise TransferError(
+            f"not enough space in {folder} for {what}: need {human_bytes(need)} "
+            f"(+{human_bytes(margin)} margin), {human_bytes(free)} free; free space or set "
+            "`data_dir:` on a larger filesystem"
+        )
 
 
 class Stager:
     """Stages data entries for one pull; `opts` is staging.Options (workers, timeout, retry, quiet)."""
 
-    def __init__(self, data_dir: Path, opts, update: Update = False, *, rebuild: bool = False,
-                 manifest_path: Path | None = None, cache_flag: Path | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        opts,
+        update: Update = False,
+        *,
+        rebuild: bool = False,
+        manifest_path: Path | None = None,
+        cache_flag: Path | None = None,
+    ):
         self.data_dir = Path(data_dir)
         self.opts = opts
         self.updates = update  # True/False, or the names given to `--update NAME` (staging.wants_update)
@@ -176,8 +196,12 @@ class Stager:
 
             refuse_offline()
 
-            self._http = url.client(workers=self.opts.workers, timeout=self.opts.timeout, retry=self.opts.retry,
-                                    max_connections=self.opts.max_connections)
+            self._http = url.client(
+                workers=self.opts.workers,
+                timeout=self.opts.timeout,
+                retry=self.opts.retry,
+                max_connections=self.opts.max_connections,
+            )
         return self._http
 
     def stage(self, entry: DataEntry, locked: LockedData | None) -> tuple[LockedData, DataResult]:
@@ -192,8 +216,14 @@ class Stager:
             known = rec if rec is not None and rec.matches(entry) else None
         if known is not None and not self.update and self._unchanged(entry, known):
             return known, DataResult(dest, entry.kind, len(known.files), _total(known), skipped=True)
-        if (known is not None and self.update and not self.rebuild and isinstance(entry, UrlEntry)
-                and known.fingerprint and in_place(self.data_dir, known)):
+        if (
+            known is not None
+            and self.update
+            and not self.rebuild
+            and isinstance(entry, UrlEntry)
+            and known.fingerprint
+            and in_place(self.data_dir, known)
+        ):
             from hpcstage.sources import url
 
             refuse_offline()
@@ -218,9 +248,12 @@ class Stager:
             if problems:
                 raise archive.ExpectationFailed(
                     f"{entry.dest} ({entry.source}): {'; '.join(problems)}; the data is left in {dest}: inspect it, "
-                    "then fix the source or the entry's `expect:` (pulling again fetches the same data)")
+                    "then fix the source or the entry's `expect:` (pulling again fetches the same data)"
+                )
             lease.check()
-            safefs.write_atomic(self.data_dir, record_path(self.data_dir, entry.dest), record.model_dump_json(indent=1).encode())
+            safefs.write_atomic(
+                self.data_dir, record_path(self.data_dir, entry.dest), record.model_dump_json(indent=1).encode()
+            )
             return record, result
         finally:
             lease.release()
@@ -244,12 +277,15 @@ class Stager:
 
     # -- url ----------------------------------------------------------------------------------------
 
-    def _url(self, entry: UrlEntry, locked: LockedData | None, dest: Path, lease: Lease) -> tuple[LockedData, DataResult]:
+    def _url(
+        self, entry: UrlEntry, locked: LockedData | None, dest: Path, lease: Lease
+    ) -> tuple[LockedData, DataResult]:
         from hpcstage.sources import url
 
         # The hash is pinned by the manifest, else by the lockfile after the first pull (unless --update).
-        pinned = entry.sha256 or (locked.sha256 if locked is not None and locked.source == entry.url
-                                  and not self.update else None)
+        pinned = entry.sha256 or (
+            locked.sha256 if locked is not None and locked.source == entry.url and not self.update else None
+        )
         name = url.file_name(entry.url)
 
         def space(p: url.Probe) -> None:
@@ -258,23 +294,32 @@ class Stager:
             prog.total_bytes = p.size
             kind = archive.kind_from_name(name) or "tar.gz"
             unpacked = int(p.size * archive.EXPANSION.get(kind, 3.0)) if entry.extract else 0
-            _check_space(self.data_dir, p.size + unpacked, f"{name} ({human_bytes(p.size)}"
-                         + (f" + about {human_bytes(unpacked)} unpacked)" if unpacked else ")"))
+            _check_space(
+                self.data_dir,
+                p.size + unpacked,
+                f"{name} ({human_bytes(p.size)}" + (f" + about {human_bytes(unpacked)} unpacked)" if unpacked else ")"),
+            )
 
         with self._progress(0, 1, f"download {name}") as prog:  # total set once the server told the size
+
             def on_bytes(n: int) -> None:
                 if lease.lost:
-                    raise TransferError(f"{entry.dest}: lost the lease on its folder to another process; run pull again")
+                    raise TransferError(
+                        f"{entry.dest}: lost the lease on its folder to another process; run pull again"
+                    )
                 prog.add(n)
 
             try:
-                got = url.download(self.http, entry.url, self.data_dir, sha256=pinned, on_bytes=on_bytes,
-                                   before_fetch=space)
+                got = url.download(
+                    self.http, entry.url, self.data_dir, sha256=pinned, on_bytes=on_bytes, before_fetch=space
+                )
             except TransferError as e:
                 if pinned and not entry.sha256 and isinstance(e, HashMismatch):
-                    raise TransferError(f"{entry.url} changed since it was locked (sha256 {pinned[:12]}... in "
-                                        f"hpcstage.lock); run `{self.fix_command(f'--update {entry.dest}')}` to "
-                                        "accept the new content") from None
+                    raise TransferError(
+                        f"{entry.url} changed since it was locked (sha256 {pinned[:12]}... in "
+                        f"hpcstage.lock); run `{self.fix_command(f'--update {entry.dest}')}` to "
+                        "accept the new content"
+                    ) from None
                 raise
         result = DataResult(dest, "url", 0, 0, downloaded_bytes=got.fetched)
         kept = None
@@ -290,23 +335,40 @@ class Stager:
                 lease.check()
             files = [archive.FileRecord(name, got.size, got.sha256)]
         result.files, result.bytes = len(files), sum(f.size for f in files)
-        record = LockedData(kind="url", source=entry.url, dest=entry.dest, extract=entry.extract,
-                            strip_components=entry.strip_components, sha256=got.sha256, size=got.size,
-                            fingerprint=got.fingerprint, archive=kept, files=[f.as_dict() for f in files])
+        record = LockedData(
+            kind="url",
+            source=entry.url,
+            dest=entry.dest,
+            extract=entry.extract,
+            strip_components=entry.strip_components,
+            sha256=got.sha256,
+            size=got.size,
+            fingerprint=got.fingerprint,
+            archive=kept,
+            files=[f.as_dict() for f in files],
+        )
         return record, result
 
     def _extract(self, path: Path, dest: Path, entry: DataEntry, lease: Lease, name: str) -> list[archive.FileRecord]:
         kind = archive.detect(path, name)
         _check_space(dest.parent, archive.estimate_unpacked(path, kind), f"unpacking {name}")
         with building(self.data_dir, dest) as tmp:
-            out = archive.extract_into(path, tmp.proc_path, limits=entry.limits(), strip_components=entry.strip_components,
-                                       quiet=self.opts.quiet, name=name)
+            out = archive.extract_into(
+                path,
+                tmp.proc_path,
+                limits=entry.limits(),
+                strip_components=entry.strip_components,
+                quiet=self.opts.quiet,
+                name=name,
+            )
             lease.check()
         return out.files
 
     # -- local --------------------------------------------------------------------------------------
 
-    def _local(self, entry: LocalEntry, known: LockedData | None, dest: Path, lease: Lease) -> tuple[LockedData, DataResult]:
+    def _local(
+        self, entry: LocalEntry, known: LockedData | None, dest: Path, lease: Lease
+    ) -> tuple[LockedData, DataResult]:
         from hpcstage.sources import local
 
         files = local.scan(entry.local)
@@ -314,8 +376,9 @@ class Stager:
         result = DataResult(dest, "local", 0, 0)
         if entry.extract:
             if len(files) != 1 or files[0].path != entry.local:
-                raise BadInput(f"{entry.dest}: `extract: true` needs `local:` to be an archive file, not the folder "
-                               f"{entry.local}")
+                raise BadInput(
+                    f"{entry.dest}: `extract: true` needs `local:` to be an archive file, not the folder {entry.local}"
+                )
             records = self._extract(entry.local, dest, entry, lease, entry.local.name)
         else:
             # Unchanged files are linked from the current dest (same size and mtime as the source), the
@@ -325,8 +388,10 @@ class Stager:
             _check_space(self.data_dir, 0 if same_fs else sum(f.size for f in files), f"a copy of {entry.local}")
             records = []
             hows: dict[str, int] = {}
-            with self._progress(sum(f.size for f in files), len(files), f"copy {entry.dest}") as prog, \
-                    building(self.data_dir, dest) as build:
+            with (
+                self._progress(sum(f.size for f in files), len(files), f"copy {entry.dest}") as prog,
+                building(self.data_dir, dest) as build,
+            ):
                 tmp = build.proc_path
                 for f in files:
                     target = tmp / f.rel
@@ -349,31 +414,54 @@ class Stager:
                 lease.check()
             result.how = ", ".join(f"{n} {how}" for how, n in sorted(hows.items()))
         result.files, result.bytes = len(records), sum(r.size for r in records)
-        record = LockedData(kind="local", source=str(entry.local), dest=entry.dest, extract=entry.extract,
-                            strip_components=entry.strip_components, fingerprint=fp,
-                            files=[r.as_dict() for r in records])
+        record = LockedData(
+            kind="local",
+            source=str(entry.local),
+            dest=entry.dest,
+            extract=entry.extract,
+            strip_components=entry.strip_components,
+            fingerprint=fp,
+            files=[r.as_dict() for r in records],
+        )
         return record, result
 
     # -- one file of a Hub repo ---------------------------------------------------------------------
 
-    def _hub_file(self, entry: HubFileEntry, known: LockedData | None, dest: Path, lease: Lease) -> tuple[LockedData, DataResult]:
+    def _hub_file(
+        self, entry: HubFileEntry, known: LockedData | None, dest: Path, lease: Lease
+    ) -> tuple[LockedData, DataResult]:
         from hpcstage import staging
         from hpcstage.sources import local
 
         hub_entry = entry.hub_entry()
         hub_lock = Lockfile()
         if known is not None and known.commit and known.blob_id and not self.update:
-            file = {"path": entry.file, "size": known.size, "blob_id": known.blob_id,
-                    **({"sha256": known.sha256} if known.lfs else {})}
-            hub_lock = Lockfile(entries={hub_entry.key: LockedEntry(
-                repo_type=entry.repo_type, repo=entry.repo, revision=entry.revision, commit=known.commit,
-                include=[entry.file], files=[file])})
+            file = {
+                "path": entry.file,
+                "size": known.size,
+                "blob_id": known.blob_id,
+                **({"sha256": known.sha256} if known.lfs else {}),
+            }
+            hub_lock = Lockfile(
+                entries={
+                    hub_entry.key: LockedEntry(
+                        repo_type=entry.repo_type,
+                        repo=entry.repo,
+                        revision=entry.revision,
+                        commit=known.commit,
+                        include=[entry.file],
+                        files=[file],
+                    )
+                }
+            )
         summary, new_lock = staging.pull([hub_entry], self.opts, hub_lock, self.update)
         locked = new_lock.entries[hub_entry.key]
         match = [f for f in locked.files if f["path"] == entry.file]
         if not match:
-            raise BadInput(f"{entry.file} is not a file of {entry.repo_type} {entry.repo}@{entry.revision}; fix "
-                           "`file:` in the manifest")
+            raise BadInput(
+                f"{entry.file} is not a file of {entry.repo_type} {entry.repo}@{entry.revision}; fix "
+                "`file:` in the manifest"
+            )
         f = match[0]
         path = summary.repos[0].snapshot / entry.file
         result = DataResult(dest, "hub-file", 0, 0, downloaded_bytes=summary.downloaded_bytes)
@@ -383,14 +471,24 @@ class Stager:
         else:
             with building(self.data_dir, dest) as tmp:
                 # a copy (or copy-on-write reflink), never a hardlink: editing it must not alter the hub blob
-                _, sha, result.copied_bytes = local.place(path.resolve(), tmp.proc_path / Path(entry.file).name,
-                                                          lambda n: None, allow_hardlink=False)
+                _, sha, result.copied_bytes = local.place(
+                    path.resolve(), tmp.proc_path / Path(entry.file).name, lambda n: None, allow_hardlink=False
+                )
             files = [archive.FileRecord(Path(entry.file).name, f["size"], sha)]
         result.files, result.bytes = len(files), sum(x.size for x in files)
-        record = LockedData(kind="hub-file", source=entry.source, dest=entry.dest, extract=entry.extract,
-                            strip_components=entry.strip_components, sha256=f.get("sha256") or sha,
-                            size=f["size"], commit=locked.commit, blob_id=f["blob_id"], lfs=bool(f.get("sha256")),
-                            files=[x.as_dict() for x in files])
+        record = LockedData(
+            kind="hub-file",
+            source=entry.source,
+            dest=entry.dest,
+            extract=entry.extract,
+            strip_components=entry.strip_components,
+            sha256=f.get("sha256") or sha,
+            size=f["size"],
+            commit=locked.commit,
+            blob_id=f["blob_id"],
+            lfs=bool(f.get("sha256")),
+            files=[x.as_dict() for x in files],
+        )
         return record, result
 
 
@@ -414,8 +512,9 @@ def _same_stat(current: Path, f) -> bool:
     return st.st_size == f.size and st.st_mtime_ns == f.mtime_ns
 
 
-def stage_all(manifest: Manifest, opts, lock: Lockfile, update: Update = False
-              ) -> tuple[dict[str, LockedData], list[DataResult], list[HpcstageError]]:
+def stage_all(
+    manifest: Manifest, opts, lock: Lockfile, update: Update = False
+) -> tuple[dict[str, LockedData], list[DataResult], list[HpcstageError]]:
     """Stage every data entry of `manifest`: (lock records of the staged ones, results, failures). One
     failing entry does not stop the others; the caller reports the failures."""
     # given with --cache-dir: the fix names it too
@@ -436,8 +535,9 @@ def stage_all(manifest: Manifest, opts, lock: Lockfile, update: Update = False
     return records, results, failures
 
 
-def lock_with_data(lock: Lockfile, manifest: Manifest, records: dict[str, LockedData],
-                   failures: list[HpcstageError]) -> Lockfile:
+def lock_with_data(
+    lock: Lockfile, manifest: Manifest, records: dict[str, LockedData], failures: list[HpcstageError]
+) -> Lockfile:
     """`lock` with the data records of this run; an entry that failed loses its record (its folder may
     have been replaced by data that did not pass), one of another manifest's entries is dropped."""
     keep = {e.key for e in manifest.data_entries} - {getattr(e, "entry_key", None) for e in failures}
@@ -458,13 +558,21 @@ def first_failure(failures: list[HpcstageError]) -> HpcstageError:
 
 
 def describe(r: DataResult) -> str:
-    what = "in place" if r.skipped else (
-        f"downloaded {human_bytes(r.downloaded_bytes)}" if r.kind != "local" else
-        f"copied {human_bytes(r.copied_bytes)}" + (f" ({r.how})" if r.how else ""))
+    what = (
+        "in place"
+        if r.skipped
+        else (
+            f"downloaded {human_bytes(r.downloaded_bytes)}"
+            if r.kind != "local"
+            else f"copied {human_bytes(r.copied_bytes)}" + (f" ({r.how})" if r.how else "")
+        )
+    )
     return f"data {r.kind} -> {r.dest}: {r.files} files, {human_bytes(r.bytes)}; {what}"
 
 
-def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | None) -> list[tuple[str, list[str], bool]]:
+def check_entries(
+    manifest: Manifest, cache_dir: Path | None, lock: Lockfile | None
+) -> list[tuple[str, list[str], bool]]:
     """For `check`: each data entry's label, its problems ([] when ready: staged, in place, `expect:` met) and
     whether it is staged and in place (then only `expect:` can fail, and pulling again cannot fix that)."""
     data_dir = data_dir_of(manifest, cache_dir)
@@ -488,8 +596,9 @@ def check_entries(manifest: Manifest, cache_dir: Path | None, lock: Lockfile | N
     return out
 
 
-def verify_entries(manifest: Manifest, lock: Lockfile, cache_dir: Path | None, workers: int
-                   ) -> list[tuple[DataEntry, str, str, Path, str]]:
+def verify_entries(
+    manifest: Manifest, lock: Lockfile, cache_dir: Path | None, workers: int
+) -> list[tuple[DataEntry, str, str, Path, str]]:
     """Offline: every file a data entry staged, hashed against its record in the lockfile (else the
     entry's staged record). Returns (entry, kind, path under dest, where, detail) for what is wrong."""
     from concurrent.futures import ThreadPoolExecutor
@@ -550,8 +659,11 @@ def data_status(manifest: Manifest, lock: Lockfile, cache_dir: Path | None):
             files = present = 0
         else:
             files = len(record.files)
-            present = sum(1 for f in record.files if (root / f["path"]).is_file()
-                          and (root / f["path"]).stat().st_size == f["size"])
+            present = sum(
+                1
+                for f in record.files
+                if (root / f["path"]).is_file() and (root / f["path"]).stat().st_size == f["size"]
+            )
         st = ArtifactStatus("data", entry.dest, "", None, "missing", files, present, reason=entry.source)
         progress = st.look_at(partials, leases)
         if record is not None and present == files:

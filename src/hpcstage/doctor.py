@@ -23,10 +23,11 @@ that cannot apply here says so with status "ok" and a "skipped: ..." detail). Th
   offline     HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE set outside a Slurm job
   cpu_limit   a finite per-process CPU time limit (`ulimit -t`) that kills long downloads on login nodes
 
-Nothing here prints, and nothing is written but the probe file and probe link. The plan comes from `hpcstage.lock` and the
-cache, never from the network; the two network checks run concurrently in daemon threads under one
-deadline, so a hung DNS lookup or a black-holed endpoint cannot hold the whole report past it.
+Nothing here prints, and nothing is written but the probe file and probe link. The plan comes from
+`hpcstage.lock` and the cache, never from the network; the two network checks run concurrently in daemon
+threads under one deadline, so a hung DNS lookup or a black-holed endpoint cannot hold the whole report past it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -43,26 +44,54 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hpcstage.errors import HpcstageError
 from hpcstage.hfcache import RepoCache, default_cache_dir, default_datasets_cache_dir, hf_home
 from hpcstage.manifest import Manifest, load_lock
 from hpcstage.progress import human_bytes
 
-CHECK_NAMES = ("space", "inodes", "quota", "memory", "filesystem", "flock", "write", "sharing", "xet_store", "hf_home",
-               "token", "proxy", "endpoint", "offline", "cpu_limit")
+CHECK_NAMES = (
+    "space",
+    "inodes",
+    "quota",
+    "memory",
+    "filesystem",
+    "flock",
+    "write",
+    "sharing",
+    "xet_store",
+    "hf_home",
+    "token",
+    "proxy",
+    "endpoint",
+    "offline",
+    "cpu_limit",
+)
 STATUSES = ("ok", "warn", "fail")
 
 GiB = 2**30
 MIN_MEMORY = 2 * GiB
 SMALL_HOME = 100 * GiB  # an HF_HOME filesystem (or quota) below this fills up with one large model
 QUOTA_WARN = 0.90
-SHARED_FS = {"lustre": "Lustre", "gpfs": "GPFS", "nfs": "NFS", "nfs4": "NFS", "beegfs": "BeeGFS",
-             "ceph": "CephFS", "cifs": "SMB", "smb3": "SMB", "wekafs": "WekaFS", "panfs": "PanFS",
-             "fuse.gpfs": "GPFS", "fuse.sshfs": "SSHFS", "fuse.juicefs": "JuiceFS"}
+SHARED_FS = {
+    "lustre": "Lustre",
+    "gpfs": "GPFS",
+    "nfs": "NFS",
+    "nfs4": "NFS",
+    "beegfs": "BeeGFS",
+    "ceph": "CephFS",
+    "cifs": "SMB",
+    "smb3": "SMB",
+    "wekafs": "WekaFS",
+    "panfs": "PanFS",
+    "fuse.gpfs": "GPFS",
+    "fuse.sshfs": "SSHFS",
+    "fuse.juicefs": "JuiceFS",
+}
 MEMORY_FS = {"tmpfs", "ramfs"}
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROBE_PREFIX = ".hpcstage-probe-"  # the prefix locks.py uses for its probes: leftovers are recognisable
@@ -230,7 +259,11 @@ def _run_quota(mount: Mount | None, timeout: float) -> tuple[list[str], list[Quo
     elif shutil.which("quota"):
         argv = ["quota", "-s"]
     else:
-        return [], None, "no `quota`" + (" or `lfs`" if mount is not None and mount.fstype == "lustre" else "") + " on PATH"
+        return (
+            [],
+            None,
+            "no `quota`" + (" or `lfs`" if mount is not None and mount.fstype == "lustre" else "") + " on PATH",
+        )
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -325,19 +358,31 @@ def _space(ctx: _Context, plan: Plan | None) -> Check:
         return Check("space", "ok", f"{have}; no manifest, so no plan to compare (pass -f MANIFEST)")
     if not plan.known:
         why = plan.problem or f"no lockfile entry for {', '.join(plan.unknown)}"
-        return Check("space", "warn", f"{have}; plan unknown: {why}",
-                     f"run `hpcstage pull -f {ctx.m}` once on a node with internet, or use --dry-run")
+        return Check(
+            "space",
+            "warn",
+            f"{have}; plan unknown: {why}",
+            f"run `hpcstage pull -f {ctx.m}` once on a node with internet, or use --dry-run",
+        )
     need = f"{human_bytes(plan.bytes)} still to fetch ({plan.files} files)"
     data = len(getattr(ctx.manifest, "data_entries", None) or [])
     if data:  # url/local/file entries: their sizes are not in the Hub plan
         need += f" for the Hub entries ({data} url/local/file entries not counted)"
     if plan.bytes > free:
-        return Check("space", "fail", f"{need} but {have}: short by {human_bytes(plan.bytes - free)}",
-                     f"free {human_bytes(plan.bytes - free)} there, or set `cache_dir:` in {ctx.m} "
-                     "(or --cache-dir) to a larger filesystem, e.g. /p/scratch/...")
+        return Check(
+            "space",
+            "fail",
+            f"{need} but {have}: short by {human_bytes(plan.bytes - free)}",
+            f"free {human_bytes(plan.bytes - free)} there, or set `cache_dir:` in {ctx.m} "
+            "(or --cache-dir) to a larger filesystem, e.g. /p/scratch/...",
+        )
     if free - plan.bytes < margin:
-        return Check("space", "warn", f"{need}; {have}: under {human_bytes(margin)} would be left",
-                     "free space there, or move the cache to a larger filesystem")
+        return Check(
+            "space",
+            "warn",
+            f"{need}; {have}: under {human_bytes(margin)} would be left",
+            "free space there, or move the cache to a larger filesystem",
+        )
     return Check("space", "ok", f"{need}; {have}")
 
 
@@ -348,11 +393,19 @@ def _inodes(ctx: _Context, plan: Plan | None) -> Check:
     have = f"{free} of {total} inodes free on {ctx.where}"
     need = plan.inodes if plan is not None and plan.known else 0
     if need > free:
-        return Check("inodes", "fail", f"about {need} files to create but {have}",
-                     "delete unused files there (`hpcstage cleanup`, old snapshots) or move the cache")
+        return Check(
+            "inodes",
+            "fail",
+            f"about {need} files to create but {have}",
+            "delete unused files there (`hpcstage cleanup`, old snapshots) or move the cache",
+        )
     if free - need < total // 20:
-        return Check("inodes", "warn", f"{have}" + (f"; about {need} to create" if need else ""),
-                     "delete unused files there (`hpcstage cleanup`) or move the cache")
+        return Check(
+            "inodes",
+            "warn",
+            f"{have}" + (f"; about {need} to create" if need else ""),
+            "delete unused files there (`hpcstage cleanup`) or move the cache",
+        )
     return Check("inodes", "ok", have + (f"; about {need} files to create" if need else ""))
 
 
@@ -366,10 +419,19 @@ def _quota(ctx: _Context, found: tuple[list[str], list[Quota] | None, str]) -> C
     high = [(q, q.over(QUOTA_WARN)) for q in rows]
     high = [(q, o) for q, o in high if o]
     if high:
-        return Check("quota", "warn", "; ".join(f"{q.filesystem}: {', '.join(o)}" for q, o in high),
-                     "delete old snapshots (`hpcstage cleanup`) or ask for a larger quota; keep the cache on scratch")
-    return Check("quota", "ok", "; ".join(
-        f"{q.filesystem}: {human_bytes(q.used)} of {human_bytes(q.limit) if q.limit else 'no limit'}" for q in rows))
+        return Check(
+            "quota",
+            "warn",
+            "; ".join(f"{q.filesystem}: {', '.join(o)}" for q, o in high),
+            "delete old snapshots (`hpcstage cleanup`) or ask for a larger quota; keep the cache on scratch",
+        )
+    return Check(
+        "quota",
+        "ok",
+        "; ".join(
+            f"{q.filesystem}: {human_bytes(q.used)} of {human_bytes(q.limit) if q.limit else 'no limit'}" for q in rows
+        ),
+    )
 
 
 def _memory() -> Check:
@@ -378,8 +440,12 @@ def _memory() -> Check:
     vm = psutil.virtual_memory()
     text = f"{human_bytes(vm.available)} available of {human_bytes(vm.total)}"
     if vm.available < MIN_MEMORY:
-        return Check("memory", "warn", text + f" (under {human_bytes(MIN_MEMORY)})",
-                     "hashing and dataset builds need memory: use fewer --workers, or a node with more free memory")
+        return Check(
+            "memory",
+            "warn",
+            text + f" (under {human_bytes(MIN_MEMORY)})",
+            "hashing and dataset builds need memory: use fewer --workers, or a node with more free memory",
+        )
     return Check("memory", "ok", text)
 
 
@@ -389,8 +455,12 @@ def _filesystem(ctx: _Context) -> Check:
     m = ctx.mount
     text = f"{ctx.cache_dir} is on {m.label} mounted at {m.mountpoint} from {m.source}"
     if m.fstype in MEMORY_FS:
-        return Check("filesystem", "warn", text + ": memory-backed, gone at reboot, invisible to other nodes",
-                     "put the cache on a shared filesystem (--cache-dir or the manifest's `cache_dir:`)")
+        return Check(
+            "filesystem",
+            "warn",
+            text + ": memory-backed, gone at reboot, invisible to other nodes",
+            "put the cache on a shared filesystem (--cache-dir or the manifest's `cache_dir:`)",
+        )
     if not m.shared:
         text += "; local: jobs on other nodes see it only if they mount the same disk"
     return Check("filesystem", "ok", text)
@@ -399,15 +469,21 @@ def _filesystem(ctx: _Context) -> Check:
 def _probe(ctx: _Context) -> tuple[Check, Check]:
     """(flock, write) from one probe file created, locked and removed in the cache folder."""
     folder = ctx.at
-    label = str(folder) + ("" if folder == ctx.cache_dir.resolve() else f" (nearest existing parent of {ctx.cache_dir})")
+    label = str(folder) + (
+        "" if folder == ctx.cache_dir.resolve() else f" (nearest existing parent of {ctx.cache_dir})"
+    )
     probe = folder / f"{PROBE_PREFIX}{secrets.token_hex(6)}"
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except OSError as e:
-        fix = ("pick a folder you can write (--cache-dir, the manifest's `cache_dir:`), or ask its owner "
-               "for write access" + ("; for a group cache: `chmod g+ws` it" if e.errno == errno.EACCES else ""))
-        return (Check("flock", "ok", "skipped: no probe file could be created"),
-                Check("write", "fail", f"cannot create a file in {label}: {e.strerror}", fix))
+        fix = (
+            "pick a folder you can write (--cache-dir, the manifest's `cache_dir:`), or ask its owner "
+            "for write access" + ("; for a group cache: `chmod g+ws` it" if e.errno == errno.EACCES else "")
+        )
+        return (
+            Check("flock", "ok", "skipped: no probe file could be created"),
+            Check("write", "fail", f"cannot create a file in {label}: {e.strerror}", fix),
+        )
     try:
         flock = _flock_check(ctx, fd)
     finally:
@@ -416,8 +492,12 @@ def _probe(ctx: _Context) -> tuple[Check, Check]:
             os.unlink(probe)
             write = Check("write", "ok", f"created and removed a file in {label}")
         except OSError as e:
-            write = Check("write", "fail", f"created {probe} but cannot remove it: {e.strerror}",
-                          "check the folder's sticky bit and ownership; remove the probe by hand")
+            write = Check(
+                "write",
+                "fail",
+                f"created {probe} but cannot remove it: {e.strerror}",
+                "check the folder's sticky bit and ownership; remove the probe by hand",
+            )
     return flock, write
 
 
@@ -429,25 +509,46 @@ def _flock_check(ctx: _Context, fd: int) -> Check:
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOLCK):
             hint = " (Lustre mounted without the `flock` option)" if fs == "lustre" else ""
-            return Check("flock", "warn", "flock does not work here: huggingface_hub's own locks fail; hpcstage's "
-                         f"leases do not need it ({errno.errorcode.get(e.errno, e.errno)} on {fs}{hint})",
-                         f"stage with `hpcstage pull -f {ctx.m}` (not `hf download`); ask admins to mount with `flock`")
-        return Check("flock", "warn", f"flock failed on {fs}: {e.strerror}",
-                     f"stage with `hpcstage pull -f {ctx.m}`; its leases do not use flock")
+            return Check(
+                "flock",
+                "warn",
+                "flock does not work here: huggingface_hub's own locks fail; hpcstage's "
+                f"leases do not need it ({errno.errorcode.get(e.errno, e.errno)} on {fs}{hint})",
+                f"stage with `hpcstage pull -f {ctx.m}` (not `hf download`); ask admins to mount with `flock`",
+            )
+        return Check(
+            "flock",
+            "warn",
+            f"flock failed on {fs}: {e.strerror}",
+            f"stage with `hpcstage pull -f {ctx.m}`; its leases do not use flock",
+        )
     # One node can only see that flock works here; whether it also excludes processes on other nodes depends
     # on the mount (Lustre `flock` vs `localflock`, the NFS lock manager, GPFS), which it cannot test alone.
     opts = ctx.mount.options.split(",") if ctx.mount else []
     if fs == "lustre" and "localflock" in opts:
-        return Check("flock", "ok", "flock works on this node, but Lustre is mounted with `localflock`: it excludes "
-                     "nobody on other nodes, so huggingface_hub's locks do not either; hpcstage's leases do not rely on "
-                     "flock", f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs")
+        return Check(
+            "flock",
+            "ok",
+            "flock works on this node, but Lustre is mounted with `localflock`: it excludes "
+            "nobody on other nodes, so huggingface_hub's locks do not either; hpcstage's leases do not rely on "
+            "flock",
+            f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs",
+        )
     if fs in SHARED_FS:
-        return Check("flock", "ok", f"flock works on this node; whether it excludes other nodes depends on how "
-                     f"{SHARED_FS[fs]} is mounted, which one node cannot test (huggingface_hub's locks rely on it); "
-                     "hpcstage's leases do not rely on flock",
-                     f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs")
-    return Check("flock", "ok", f"flock works on this node ({fs}); whether it excludes other nodes depends on the "
-                 "mount, which one node cannot test; hpcstage's leases do not rely on flock")
+        return Check(
+            "flock",
+            "ok",
+            f"flock works on this node; whether it excludes other nodes depends on how "
+            f"{SHARED_FS[fs]} is mounted, which one node cannot test (huggingface_hub's locks rely on it); "
+            "hpcstage's leases do not rely on flock",
+            f"build datasets caches once (`hpcstage prebuild -f {ctx.m}`) before fanning out jobs",
+        )
+    return Check(
+        "flock",
+        "ok",
+        f"flock works on this node ({fs}); whether it excludes other nodes depends on the "
+        "mount, which one node cannot test; hpcstage's leases do not rely on flock",
+    )
 
 
 def _sharing(ctx: _Context) -> Check:
@@ -456,8 +557,11 @@ def _sharing(ctx: _Context) -> Check:
     try:
         st = folder.stat()
     except OSError:
-        return Check("sharing", "ok", f"{folder} does not exist yet" + (
-            f"; pull creates it shared with group {want}" if want else ""))
+        return Check(
+            "sharing",
+            "ok",
+            f"{folder} does not exist yet" + (f"; pull creates it shared with group {want}" if want else ""),
+        )
     group = _group_name(st.st_gid)
     if want is None and st.st_gid == os.getgid():
         return Check("sharing", "ok", f"not group-shared (owned by your primary group {group})")
@@ -471,9 +575,13 @@ def _sharing(ctx: _Context) -> Check:
     target = want or group
     text = f"{folder}: group {group}, mode {stat.S_IMODE(st.st_mode):o}"
     if problems:
-        return Check("sharing", "warn", f"{text}: " + "; ".join(problems),
-                     f"`hpcstage pull -f {ctx.m} --shared-group {target}` applies the group and bits, "
-                     f"or `chgrp -R {target} {folder} && chmod g+ws {folder}`")
+        return Check(
+            "sharing",
+            "warn",
+            f"{text}: " + "; ".join(problems),
+            f"`hpcstage pull -f {ctx.m} --shared-group {target}` applies the group and bits, "
+            f"or `chgrp -R {target} {folder} && chmod g+ws {folder}`",
+        )
     return Check("sharing", "ok", f"{text}: shared with group {group} (setgid, group-writable)")
 
 
@@ -484,27 +592,46 @@ def _xet_store(ctx: _Context) -> Check:
     if disabled_by_env():
         return Check("xet_store", "ok", "off: HF_HUB_DISABLE_SHARED_BLOBS is set, so every repo keeps its own copy")
     if not hf_xet_available():
-        return Check("xet_store", "warn", "off: hf_xet is not installed (it checks each Xet hash), so every repo "
-                     "keeps its own copy of shared files", "`pip install hf_xet` in hpcstage's environment")
+        return Check(
+            "xet_store",
+            "warn",
+            "off: hf_xet is not installed (it checks each Xet hash), so every repo keeps its own copy of shared files",
+            "`pip install hf_xet` in hpcstage's environment",
+        )
     store = XetStore(ctx.cache_dir)
     probe = ctx.at / f"{PROBE_PREFIX}{secrets.token_hex(6)}"
     try:
         os.symlink(probe.name + "-target", probe)
         os.unlink(probe)
     except OSError as e:
-        return Check("xet_store", "warn", f"off: cannot make a symlink in {ctx.at} ({e.strerror}), so every repo "
-                     "keeps its own copy", "put the cache on a filesystem with symlinks (huggingface_hub needs them too)")
+        return Check(
+            "xet_store",
+            "warn",
+            f"off: cannot make a symlink in {ctx.at} ({e.strerror}), so every repo keeps its own copy",
+            "put the cache on a filesystem with symlinks (huggingface_hub needs them too)",
+        )
     if not store.root.exists():
         return Check("xet_store", "ok", f"on: {store.root} is created by the first pull of a Xet file")
     if not store.is_marked():
-        return Check("xet_store", "warn", f"off: {store.root} exists without huggingface_hub's marker {MARKER}, so "
-                     "neither tool uses it", f"move {store.root} out of the cache if it is not a store")
+        return Check(
+            "xet_store",
+            "warn",
+            f"off: {store.root} exists without huggingface_hub's marker {MARKER}, so neither tool uses it",
+            f"move {store.root} out of the cache if it is not a store",
+        )
     if not os.access(store.root, os.W_OK | os.X_OK):
-        return Check("xet_store", "warn", f"{store.root} is not writable by you: shared files you pull get their "
-                     "own copy per repo", f"ask its owner to share it (`hpcstage pull --shared-group GROUP`)")
+        return Check(
+            "xet_store",
+            "warn",
+            f"{store.root} is not writable by you: shared files you pull get their own copy per repo",
+            "ask its owner to share it (`hpcstage pull --shared-group GROUP`)",
+        )
     s = store.saved()
-    return Check("xet_store", "ok", f"on: {s.contents} contents ({human_bytes(s.stored)}) in {store.root}, "
-                 f"{human_bytes(s.saved)} saved")
+    return Check(
+        "xet_store",
+        "ok",
+        f"on: {s.contents} contents ({human_bytes(s.stored)}) in {store.root}, {human_bytes(s.saved)} saved",
+    )
 
 
 def _group_name(gid: int) -> str:
@@ -535,9 +662,12 @@ def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
         return Check("hf_home", "ok", "skipped: no home folder")
     at = existing(home_dir)
     under = at == user_home or user_home in at.parents
-    follows = [name for name, p in (("hub cache", ctx.cache_dir), ("datasets cache", ctx.datasets_dir))
-               if Path(os.path.abspath(p)) == Path(os.path.abspath(home_dir))
-               or Path(os.path.abspath(home_dir)) in Path(os.path.abspath(p)).parents]
+    follows = [
+        name
+        for name, p in (("hub cache", ctx.cache_dir), ("datasets cache", ctx.datasets_dir))
+        if Path(os.path.abspath(p)) == Path(os.path.abspath(home_dir))
+        or Path(os.path.abspath(home_dir)) in Path(os.path.abspath(p)).parents
+    ]
     source = "HF_HOME" if os.environ.get("HF_HOME") else "HF_HOME (default)"
     text = f"{source}={home_dir}"
     if not under:
@@ -558,11 +688,17 @@ def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
     if not small:
         return Check("hf_home", "ok", f"{text} is under $HOME on a {human_bytes(size)} filesystem")
     if not follows:
-        return Check("hf_home", "ok", f"{text} is under $HOME and small ({'; '.join(small)}), "
-                     "but the hub and datasets caches are elsewhere")
-    return Check("hf_home", "warn", f"{text} is under $HOME and {'; '.join(small)}; the {' and '.join(follows)} "
-                 "default to it", f"export HF_HOME=/p/scratch/<project>/$USER/huggingface (a scratch filesystem), "
-                 f"or set `cache_dir:` in {ctx.m}")
+        return Check(
+            "hf_home",
+            "ok",
+            f"{text} is under $HOME and small ({'; '.join(small)}), but the hub and datasets caches are elsewhere",
+        )
+    return Check(
+        "hf_home",
+        "warn",
+        f"{text} is under $HOME and {'; '.join(small)}; the {' and '.join(follows)} default to it",
+        f"export HF_HOME=/p/scratch/<project>/$USER/huggingface (a scratch filesystem), or set `cache_dir:` in {ctx.m}",
+    )
 
 
 # -- the network checks (concurrent, under one deadline) --------------------------------------------
@@ -571,8 +707,9 @@ def _hf_home(ctx: _Context, quotas: list[Quota] | None) -> Check:
 def _http(timeout: float):
     from hpcstage.transfer import Http, RetryPolicy
 
-    return Http({}, pool_size=2, connect_timeout=timeout, read_timeout=timeout,
-                retry=RetryPolicy(attempts=1, budget=timeout))
+    return Http(
+        {}, pool_size=2, connect_timeout=timeout, read_timeout=timeout, retry=RetryPolicy(attempts=1, budget=timeout)
+    )
 
 
 def _get(http, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -618,17 +755,24 @@ def _proxy_check(endpoint: str, timeout: float) -> Check:
     except BadInput as e:
         return Check("proxy", "fail", str(e), "set HTTPS_PROXY=http://[user:password@]host:port, or unset it")
     if proxy is None:
-        names = [n for n in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-                 if os.environ.get(n)]
+        names = [
+            n
+            for n in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+            if os.environ.get(n)
+        ]
         bypass = " (NO_PROXY excludes it)" if names else ""
         return Check("proxy", "ok", f"no proxy for {endpoint}{bypass}: direct connections")
     way = "CONNECT tunnel" if endpoint.startswith("https:") else "connection"
     try:
         open_connection(endpoint, timeout)
     except Exception as e:  # noqa: BLE001 - any failure to get through is the finding
-        return Check("proxy", "fail", f"{proxy.variable} {proxy.name} applies to {endpoint}; the {way} failed: "
-                     f"{_why(e)}", "check the proxy's host, port and user:password (http://user:password@host:port), "
-                     "or ask the site which proxy login nodes use")
+        return Check(
+            "proxy",
+            "fail",
+            f"{proxy.variable} {proxy.name} applies to {endpoint}; the {way} failed: {_why(e)}",
+            "check the proxy's host, port and user:password (http://user:password@host:port), "
+            "or ask the site which proxy login nodes use",
+        )
     return Check("proxy", "ok", f"{proxy.variable} {proxy.name} applies to {endpoint}; the {way} opens")
 
 
@@ -642,19 +786,32 @@ def _endpoint_check(ctx: _Context, endpoint: str, timeout: float) -> Check:
         why = _why(e)
         if ctx.offline:
             state = "ok" if ctx.in_job else "warn"
-            return Check("endpoint", state, f"{endpoint} did not answer ({why}); offline flags are set, so only the "
-                         "staged cache is used", "" if ctx.in_job else f"stage on a node with internet: `hpcstage pull -f {ctx.m}`")
-        return Check("endpoint", "fail", f"{endpoint} did not answer: {why}",
-                     "run pull on a login node with internet; check HF_ENDPOINT" +
-                     (" (unset it for huggingface.co)" if os.environ.get("HF_ENDPOINT") else "") + " and any proxy")
+            return Check(
+                "endpoint",
+                state,
+                f"{endpoint} did not answer ({why}); offline flags are set, so only the staged cache is used",
+                "" if ctx.in_job else f"stage on a node with internet: `hpcstage pull -f {ctx.m}`",
+            )
+        return Check(
+            "endpoint",
+            "fail",
+            f"{endpoint} did not answer: {why}",
+            "run pull on a login node with internet; check HF_ENDPOINT"
+            + (" (unset it for huggingface.co)" if os.environ.get("HF_ENDPOINT") else "")
+            + " and any proxy",
+        )
     took = time.monotonic() - started
     return Check("endpoint", "ok", f"{endpoint} answered {status} in {took:.2f}s")
 
 
 def _token_check(endpoint: str, token: str | None, source: str, timeout: float) -> Check:
     if not token:
-        return Check("token", "warn", "no token (HF_TOKEN or token file): public repos work, gated and private ones fail",
-                     "`hf auth login` or export HF_TOKEN (a read token) for gated/private repos")
+        return Check(
+            "token",
+            "warn",
+            "no token (HF_TOKEN or token file): public repos work, gated and private ones fail",
+            "`hf auth login` or export HF_TOKEN (a read token) for gated/private repos",
+        )
     from hpcstage.sources.hub import hub_headers
 
     try:
@@ -666,13 +823,18 @@ def _token_check(endpoint: str, token: str | None, source: str, timeout: float) 
             name = json.loads(body).get("name")
         except (ValueError, AttributeError):
             name = None
-        return Check("token", "ok", f"token from {source} accepted" + (f" (user {name})" if isinstance(name, str) else ""))
+        return Check(
+            "token", "ok", f"token from {source} accepted" + (f" (user {name})" if isinstance(name, str) else "")
+        )
     if status == 404:
-        return Check("token", "warn", f"token from {source}; endpoint has no whoami; token not checked",
-                     "")
+        return Check("token", "warn", f"token from {source}; endpoint has no whoami; token not checked", "")
     if status in (401, 403):
-        return Check("token", "fail", f"token from {source} rejected by {endpoint} ({status})",
-                     "create a new read token and `hf auth login` (or export HF_TOKEN)")
+        return Check(
+            "token",
+            "fail",
+            f"token from {source} rejected by {endpoint} ({status})",
+            "create a new read token and `hf auth login` (or export HF_TOKEN)",
+        )
     return Check("token", "warn", f"token from {source}; whoami answered {status}; token not checked", "")
 
 
@@ -721,27 +883,46 @@ def _offline(ctx: _Context) -> Check:
         return Check("offline", "ok", "no offline flags set")
     names = ", ".join(f"{v}={os.environ[v]}" for v in ctx.offline)
     if ctx.in_job:
-        return Check("offline", "ok", f"{names} inside Slurm job {os.environ['SLURM_JOB_ID']}: jobs read the staged cache")
+        return Check(
+            "offline", "ok", f"{names} inside Slurm job {os.environ['SLURM_JOB_ID']}: jobs read the staged cache"
+        )
     hub = "HF_HUB_OFFLINE" in ctx.offline
-    what = ("`hpcstage pull` refuses to fetch while HF_HUB_OFFLINE is set (as huggingface_hub does; a warm pull "
-            "from the lockfile still works)" if hub else
-            "prebuild and datasets cannot fetch while it is set")
-    return Check("offline", "warn", f"{names} is set outside a Slurm job: {what}",
-                 f"unset it on the login node: `unset {' '.join(ctx.offline)}`")
+    what = (
+        "`hpcstage pull` refuses to fetch while HF_HUB_OFFLINE is set (as huggingface_hub does; a warm pull "
+        "from the lockfile still works)"
+        if hub
+        else "prebuild and datasets cannot fetch while it is set"
+    )
+    return Check(
+        "offline",
+        "warn",
+        f"{names} is set outside a Slurm job: {what}",
+        f"unset it on the login node: `unset {' '.join(ctx.offline)}`",
+    )
 
 
 def _cpu_limit(ctx: _Context) -> Check:
     soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
     if soft == resource.RLIM_INFINITY:
         return Check("cpu_limit", "ok", "no CPU time limit (ulimit -t unlimited)")
-    return Check("cpu_limit", "warn", f"processes here are killed after {soft} s of CPU time (ulimit -t {soft}, "
-                 f"about {soft / 60:.0f} min): a long pull (hashing, many files) can be killed part way",
-                 f"run the pull in tmux/screen on a node without the limit, or as Slurm jobs: "
-                 f"`hpcstage pull -f {ctx.m} --slurm-array N`; a killed pull resumes where it stopped")
+    return Check(
+        "cpu_limit",
+        "warn",
+        f"processes here are killed after {soft} s of CPU time (ulimit -t {soft}, "
+        f"about {soft / 60:.0f} min): a long pull (hashing, many files) can be killed part way",
+        f"run the pull in tmux/screen on a node without the limit, or as Slurm jobs: "
+        f"`hpcstage pull -f {ctx.m} --slurm-array N`; a killed pull resumes where it stopped",
+    )
 
 
-def run_checks(manifest: Manifest | None = None, cache_dir: Path | None = None, *, endpoint: str | None = None,
-               token: str | None = None, timeout: float = 2.0) -> list[Check]:
+def run_checks(
+    manifest: Manifest | None = None,
+    cache_dir: Path | None = None,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    timeout: float = 2.0,
+) -> list[Check]:
     """Every check in CHECK_NAMES order. `token=None` finds it as huggingface_hub does (HF_TOKEN, token file);
     `endpoint=None` is HF_ENDPOINT. Network checks and the quota tool share one deadline of `timeout` + 0.5 s."""
     from hpcstage.sources.hub import endpoint as env_endpoint
@@ -753,23 +934,45 @@ def run_checks(manifest: Manifest | None = None, cache_dir: Path | None = None, 
         token, source = _token_source()
     deadline = time.monotonic() + timeout + 0.5
     silent = f"gave no answer within {timeout:g}s"
-    late_endpoint = lambda: Check("endpoint", "warn" if ctx.offline else "fail", f"{endpoint} {silent}",  # noqa: E731
-                                  "" if ctx.offline else "run pull on a login node with internet; check HF_ENDPOINT and any proxy")
-    late_token = lambda: Check("token", "warn", f"token from {source}; not checked: {endpoint}{WHOAMI_PROBE} {silent}")  # noqa: E731
-    quota_job = _Background(lambda: _run_quota(ctx.mount, timeout),
-                            lambda: ([], None, f"the quota tool gave no answer within {timeout:g}s"))
+
+    def late_endpoint() -> Check:
+        fix = "" if ctx.offline else "run pull on a login node with internet; check HF_ENDPOINT and any proxy"
+        return Check("endpoint", "warn" if ctx.offline else "fail", f"{endpoint} {silent}", fix)
+
+    def late_token() -> Check:
+        return Check("token", "warn", f"token from {source}; not checked: {endpoint}{WHOAMI_PROBE} {silent}")
+
+    quota_job = _Background(
+        lambda: _run_quota(ctx.mount, timeout), lambda: ([], None, f"the quota tool gave no answer within {timeout:g}s")
+    )
     endpoint_job = _Background(lambda: _endpoint_check(ctx, endpoint, timeout), late_endpoint)
     token_job = _Background(lambda: _token_check(endpoint, token, source, timeout), late_token)
-    proxy_job = _Background(lambda: _proxy_check(endpoint, timeout),
-                            lambda: Check("proxy", "fail", f"the way to {endpoint} {silent}", "check the proxy"))
+    proxy_job = _Background(
+        lambda: _proxy_check(endpoint, timeout),
+        lambda: Check("proxy", "fail", f"the way to {endpoint} {silent}", "check the proxy"),
+    )
 
     plan = plan_of(manifest, ctx.cache_dir) if manifest is not None else None
     space, inodes, memory, fs = _space(ctx, plan), _inodes(ctx, plan), _memory(), _filesystem(ctx)
     flock, write = _probe(ctx)
     sharing, offline, cpu = _sharing(ctx), _offline(ctx), _cpu_limit(ctx)
     found = quota_job.result(deadline)
-    checks = [space, inodes, _quota(ctx, found), memory, fs, flock, write, sharing, _xet_store(ctx),
-              _hf_home(ctx, found[1]),
-              token_job.result(deadline), proxy_job.result(deadline), endpoint_job.result(deadline), offline, cpu]
+    checks = [
+        space,
+        inodes,
+        _quota(ctx, found),
+        memory,
+        fs,
+        flock,
+        write,
+        sharing,
+        _xet_store(ctx),
+        _hf_home(ctx, found[1]),
+        token_job.result(deadline),
+        proxy_job.result(deadline),
+        endpoint_job.result(deadline),
+        offline,
+        cpu,
+    ]
     assert tuple(c.name for c in checks) == CHECK_NAMES
     return checks

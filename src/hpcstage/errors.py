@@ -6,6 +6,7 @@ Every error a user or a library caller can see is an `HpcstageError`, with the f
 `status` (the HTTP status that caused it, if any) and `hint` (the fix, also part of the message). Callers
 tell errors apart by class and fields, never by their text.
 """
+
 from __future__ import annotations
 
 
@@ -16,8 +17,15 @@ class HpcstageError(Exception):
     # Whether running the same command again can help (a network failure can pass, a gate does not).
     rerun_helps = False
 
-    def __init__(self, message: str = "", *, repo: str | None = None, path: str | None = None,
-                 status: int | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        repo: str | None = None,
+        path: str | None = None,
+        status: int | None = None,
+        hint: str | None = None,
+    ):
         super().__init__(message)
         self.repo, self.path, self.status, self.hint = repo, path, status, hint
 
@@ -66,7 +74,7 @@ class InvalidToken(RepoRefused):
 
 
 class DisabledRepo(RepoRefused):
-    """"Access to this resource is disabled."."""
+    """ "Access to this resource is disabled."."""
 
 
 class TransferError(HpcstageError):

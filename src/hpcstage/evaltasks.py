@@ -90,8 +90,10 @@ def resolve(specs: list[str], python: str, timeout: float = 600) -> list[TaskDat
             last = (r.stderr.strip().splitlines() or ["no answer"])[-1]
             raise BadInput(f"--eval-tasks: lm_eval in {python} could not list the tasks' datasets: {last}")
         if "error" in answer:
-            raise BadInput(f"--eval-tasks {spec}: lm_eval does not know it ({answer['error']}); "
-                           f"`{python} -m lm_eval ls tasks` lists the known tasks, or pass a task YAML's path")
+            raise BadInput(
+                f"--eval-tasks {spec}: lm_eval does not know it ({answer['error']}); "
+                f"`{python} -m lm_eval ls tasks` lists the known tasks, or pass a task YAML's path"
+            )
         if not answer["tasks"]:
             raise BadInput(f"--eval-tasks {spec}: lm_eval builds no task from it; name a task, group or YAML file")
         for task in answer["tasks"]:
@@ -102,8 +104,10 @@ def resolve(specs: list[str], python: str, timeout: float = 600) -> list[TaskDat
 def _add(out: dict[tuple[str, str], TaskData], spec: str, task: dict) -> None:
     where = f"--eval-tasks {spec}: task {task['task']}"
     if task["custom"]:
-        raise BadInput(f"{where} builds its dataset in Python (custom_dataset), which hpcstage cannot stage; "
-                       "stage its data yourself and launch with --eval-command")
+        raise BadInput(
+            f"{where} builds its dataset in Python (custom_dataset), which hpcstage cannot stage; "
+            "stage its data yourself and launch with --eval-command"
+        )
     if task["local"]:
         return  # a packaged builder or a local folder: read from the file system, nothing to stage
     path, kwargs = task["path"], dict(task["kwargs"])
@@ -112,8 +116,10 @@ def _add(out: dict[tuple[str, str], TaskData], spec: str, task: dict) -> None:
         policy.check_repo_id(path if isinstance(path, str) else "")
         policy.check_revision(revision)
     except BadInput:
-        raise BadInput(f"{where} loads dataset_path {path!r} (revision {revision}), which is neither a Hub dataset "
-                       "nor a local path; fix its YAML") from None
+        raise BadInput(
+            f"{where} loads dataset_path {path!r} (revision {revision}), which is neither a Hub dataset "
+            "nor a local path; fix its YAML"
+        ) from None
     load = ({"name": task["name"]} if task["name"] else {}) | kwargs
     data = out.setdefault((path, revision), TaskData(path, revision))
     if load not in data.loads:

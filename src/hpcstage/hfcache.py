@@ -10,6 +10,7 @@ Our partial data and leases live beside the blob under names no other tool uses 
 A repo's `blobs/<etag>` may instead be a link into the cache-wide Xet blob store (`<cache>/blobs/`), whose
 names and writes are xetstore.py's; everything here reads such a blob through its link.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,10 +21,9 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 
 from hpcstage import safefs
 from hpcstage.errors import BadInput, PolicyError
@@ -377,8 +377,9 @@ class RepoCache:
                 info["xet_hash"] = f.xet_hash
             entries[f.path] = info
         data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
-        self.folder(self.tree_path(commit).parent).write_atomic(f"{commit}.json", json.dumps(data, indent=1).encode(),
-                                                                sharing=self.sharing)
+        self.folder(self.tree_path(commit).parent).write_atomic(
+            f"{commit}.json", json.dumps(data, indent=1).encode(), sharing=self.sharing
+        )
 
     def read_tree(self, commit: str) -> list[CachedFile] | None:
         try:
@@ -389,8 +390,13 @@ class RepoCache:
             return None
         try:  # anyone who can write the cache can write this file: distrust it, list the tree again
             return [
-                CachedFile(path=check_relative_path(p, "path in a trees file"), size=int(i["size"]),
-                           blob_id=i["blob_id"], sha256=i.get("lfs_sha256"), xet_hash=listed_xet_hash(i.get("xet_hash")))
+                CachedFile(
+                    path=check_relative_path(p, "path in a trees file"),
+                    size=int(i["size"]),
+                    blob_id=i["blob_id"],
+                    sha256=i.get("lfs_sha256"),
+                    xet_hash=listed_xet_hash(i.get("xet_hash")),
+                )
                 for p, i in data["files"].items()
             ]
         except (KeyError, TypeError, ValueError, AttributeError, PolicyError):

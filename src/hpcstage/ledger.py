@@ -4,22 +4,28 @@ A record is one small JSON file per artifact under `<cache>/.locks/hpcstage/ledg
 concurrent pulls on many nodes never interleave writes. Status combines the records with what is on disk
 right now: linked files, partial files (with the pieces done) and leases (who holds them, how old).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from hpcstage import safefs
 from hpcstage.hfcache import CachedFile, RepoCache
-from hpcstage.layout import (LEASE_SUFFIX, LEDGER_DIR, PARTIAL_SUFFIX, artifact_of_ledger_name, ledger_name,
-                             partial_progress)
+from hpcstage.layout import (
+    LEASE_SUFFIX,
+    LEDGER_DIR,
+    PARTIAL_SUFFIX,
+    artifact_of_ledger_name,
+    ledger_name,
+    partial_progress,
+)
 from hpcstage.locks import read_lease
-
 
 
 @dataclass
@@ -39,7 +45,6 @@ class Record:
     # trees/<commit>.json they name every file the pull selected, so status and verify see a missing one.
     patterns: dict | None = None
 
-
     def selected(self, listing: list[CachedFile]) -> list[CachedFile] | None:
         """The files this pull selected from the commit's full listing (None: the record kept no patterns)."""
         if self.patterns is None:
@@ -56,7 +61,9 @@ def _path(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Path:
 
 
 def write(cache_dir: Path, record: Record) -> None:
-    safefs.write_atomic(cache_dir, _path(cache_dir, record.repo_type, record.repo, record.revision), json.dumps(asdict(record)).encode())
+    safefs.write_atomic(
+        cache_dir, _path(cache_dir, record.repo_type, record.repo, record.revision), json.dumps(asdict(record)).encode()
+    )
 
 
 def read(cache_dir: Path, repo_type: str, repo: str, revision: str) -> Record | None:
@@ -124,9 +131,15 @@ class ArtifactStatus:
         return bool(progress)
 
 
-def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
-                    commit: str | None = None, files: list[CachedFile] | None = None,
-                    record: Record | None = None) -> ArtifactStatus:
+def artifact_status(
+    cache_dir: Path,
+    repo_type: str,
+    repo: str,
+    revision: str,
+    commit: str | None = None,
+    files: list[CachedFile] | None = None,
+    record: Record | None = None,
+) -> ArtifactStatus:
     """The record (read here unless given) plus a look at the disk; `files` (from the lockfile) makes the
     counts exact."""
     rec = record or read(cache_dir, repo_type, repo, revision)
@@ -142,8 +155,17 @@ def artifact_status(cache_dir: Path, repo_type: str, repo: str, revision: str,
         expected, staged = rec.files, (rec.files if rec.state == "staged" else 0)
     else:
         expected = staged = 0
-    st = ArtifactStatus(repo_type, repo, revision, commit, "missing", expected, staged,
-                        reason=rec.reason if rec else "", updated=rec.updated if rec else None)
+    st = ArtifactStatus(
+        repo_type,
+        repo,
+        revision,
+        commit,
+        "missing",
+        expected,
+        staged,
+        reason=rec.reason if rec else "",
+        updated=rec.updated if rec else None,
+    )
     blobs = cache.root / "blobs"
     progress = st.look_at(blobs.glob(f"*{PARTIAL_SUFFIX}"), blobs.glob(f"*{LEASE_SUFFIX}"))
     if expected and staged >= expected:

@@ -40,6 +40,7 @@ On a group-shared cache another member could plant a link at a lock's name or fo
 works by descriptor in the lock's folder, opened from a trusted `root` by safefs's link rule, and never
 through a link at the name: a link found there reads as an expired lease of nobody and is removed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,9 +52,9 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 
@@ -220,9 +221,7 @@ def _stale(seen: _Seen, directory: safefs.Dir, default_ttl: float, fresh: bool) 
 
 def _still_stale(seen: _Seen, directory: safefs.Dir, default_ttl: float) -> Callable[[_Seen], bool]:
     """Claim predicate: the moved file is the very one judged stale, and it is still stale."""
-    return lambda moved: (
-        moved.ino == seen.ino and moved.raw == seen.raw and _stale(moved, directory, default_ttl, True)
-    )
+    return lambda moved: moved.ino == seen.ino and moved.raw == seen.raw and _stale(moved, directory, default_ttl, True)
 
 
 def _create(d: safefs.Dir, name: str, data: bytes) -> bool:
@@ -304,8 +303,9 @@ class Lease:
     it. A SIGKILLed holder's lease is taken over at once on its own host, after `ttl` from elsewhere.
     """
 
-    def __init__(self, path: str | Path, ttl: float = 60.0, heartbeat: float | None = None,
-                 root: str | Path | None = None):
+    def __init__(
+        self, path: str | Path, ttl: float = 60.0, heartbeat: float | None = None, root: str | Path | None = None
+    ):
         self.path = Path(path).absolute()
         # the trusted folder the lock lives below (a shared cache): no other user's link below it is followed
         self.root = Path(root).absolute() if root is not None else self.path.parent
@@ -332,8 +332,10 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost if the lease was lost: call before committing work done under it."""
         if self._lost.is_set():
-            raise LeaseLost(f"lease {self.path} was lost: another process took it over after this one "
-                            f"stalled past ttl={self.ttl:g}s; redo the work under a new lease")
+            raise LeaseLost(
+                f"lease {self.path} was lost: another process took it over after this one "
+                f"stalled past ttl={self.ttl:g}s; redo the work under a new lease"
+            )
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free, expired or its owner is dead; never blocks."""

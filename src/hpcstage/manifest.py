@@ -3,6 +3,7 @@
 Errors name `file:line`, the key and the nearest valid key, because a typo found at submit time costs a
 day in the queue. The lockfile is JSON: a warm `pull` of a 2,000-file repo reads it in milliseconds.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -15,9 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from hpcstage import policy
+from hpcstage import policy, safefs
 from hpcstage.errors import BadInput, ManifestError, PolicyError
-from hpcstage import safefs
 from hpcstage.hfcache import CachedFile
 from hpcstage.yamlfile import read_yaml
 
@@ -71,8 +71,17 @@ def _size(v: Any) -> int:
         return v
     if isinstance(v, str):
         text = v.strip().upper().replace(" ", "")
-        for unit, mult in (("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("TB", 10**12),
-                           ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        for unit, mult in (
+            ("TIB", 1 << 40),
+            ("GIB", 1 << 30),
+            ("MIB", 1 << 20),
+            ("KIB", 1 << 10),
+            ("TB", 10**12),
+            ("GB", 10**9),
+            ("MB", 10**6),
+            ("KB", 10**3),
+            ("B", 1),
+        ):
             if text.endswith(unit):
                 try:
                     return int(float(text[: -len(unit)]) * mult)
@@ -174,13 +183,15 @@ class UrlEntry(_DataEntry):
         return v.lower() if v else v
 
     @model_validator(mode="after")
-    def _scheme(self) -> "UrlEntry":
+    def _scheme(self) -> UrlEntry:
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)
         if parts.scheme == "http" and not self.allow_http:
-            raise ValueError(f"refused url {self.url!r}: http:// is not encrypted; use https:// or set "
-                             "`allow_http: true` on the entry")
+            raise ValueError(
+                f"refused url {self.url!r}: http:// is not encrypted; use https:// or set "
+                "`allow_http: true` on the entry"
+            )
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(f"refused url {self.url!r}: use an https:// URL")
         return self
@@ -322,8 +333,11 @@ def _explain(err: Mapping[str, Any], valid: list[str]) -> str:
     key = loc[-1] if loc else ""
     value = err.get("input")
     if err["type"] == "string_type" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: {key}: '{value}'"
-                if isinstance(key, str) else f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: '{value}'")
+        return (
+            f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: {key}: '{value}'"
+            if isinstance(key, str)
+            else f"{_dotted(loc)}: YAML read {value!r} as a number; quote it: '{value}'"
+        )
     if err["type"] == "list_type" and isinstance(value, str) and isinstance(key, str):
         return f"{_dotted(loc)} is a list, not a string; write {key}: [{value!r}]"
     return f"{_dotted(loc)}: {msg}"
@@ -347,16 +361,20 @@ def load_manifest(path: str | Path) -> Manifest:
         for i, item in enumerate(items):
             if isinstance(item, dict):
                 if section == "models" and _data_model(item) is not None:
-                    raise ManifestError(f"{_where(path, lines, (section, i))}: url/local/file entries go under "
-                                        "`datasets:`, not `models:`")
+                    raise ManifestError(
+                        f"{_where(path, lines, (section, i))}: url/local/file entries go under "
+                        "`datasets:`, not `models:`"
+                    )
                 if section == "models" and "load" in item:
                     raise ManifestError(
                         f"{_where(path, lines, (section, i, 'load'))}: `load:` is for datasets entries only"
                     )
                 item.setdefault("repo_type", "model" if section == "models" else "dataset")
     if "data_entries" in data:
-        raise ManifestError(f"{_where(path, lines, ('data_entries',))}: unknown key 'data_entries' in the manifest; "
-                            f"valid keys: {', '.join(_MANIFEST_KEYS)}")
+        raise ManifestError(
+            f"{_where(path, lines, ('data_entries',))}: unknown key 'data_entries' in the manifest; "
+            f"valid keys: {', '.join(_MANIFEST_KEYS)}"
+        )
     data_entries, hub_index = _load_data_entries(path, data, lines)
     try:
         manifest = Manifest(**data, path=path, data_entries=data_entries)
@@ -386,8 +404,10 @@ def load_manifest(path: str | Path) -> Manifest:
     for data in manifest.data_entries:
         for other, src in dests.items():
             if data.dest == other or data.dest.startswith(other + "/") or other.startswith(data.dest + "/"):
-                raise ManifestError(f"{path}: dest {data.dest!r} ({data.source}) overlaps dest {other!r} ({src}); "
-                                    "give each data entry its own folder")
+                raise ManifestError(
+                    f"{path}: dest {data.dest!r} ({data.source}) overlaps dest {other!r} ({src}); "
+                    "give each data entry its own folder"
+                )
         dests[data.dest] = data.source
     return manifest
 
@@ -408,16 +428,21 @@ def _load_data_entries(path: Path, data: dict, lines: dict[tuple, int]) -> tuple
             continue
         fields = {k: v for k, v in item.items() if not (k == "repo_type" and model is not HubFileEntry)}
         if model is not HubFileEntry and "repo" in fields:
-            raise ManifestError(f"{_where(path, lines, ('datasets', i, 'repo'))}: an entry has either `repo:` "
-                                f"(with optional `file:`) or `{model.kind}:`, not both")
+            raise ManifestError(
+                f"{_where(path, lines, ('datasets', i, 'repo'))}: an entry has either `repo:` "
+                f"(with optional `file:`) or `{model.kind}:`, not both"
+            )
         try:
             entry = model(**fields)
         except ValidationError as e:
             err = e.errors()[0]
             loc = ("datasets", i, *err["loc"])
             err = {**err, "loc": loc}
-            valid = (sorted(Expect.model_fields) if "expect" in loc[:-1] else
-                     sorted(k for k in model.model_fields if k != "repo_type" or model is HubFileEntry))
+            valid = (
+                sorted(Expect.model_fields)
+                if "expect" in loc[:-1]
+                else sorted(k for k in model.model_fields if k != "repo_type" or model is HubFileEntry)
+            )
             raise ManifestError(f"{_where(path, lines, loc)}: {_explain(err, valid)}") from None
         if isinstance(entry, LocalEntry) and not entry.local.is_absolute():
             entry = entry.model_copy(update={"local": (path.parent / entry.local).resolve()})
@@ -455,7 +480,11 @@ class LockedEntry(_Strict):
     def matches(self, entry: HubEntry) -> bool:
         """Same repo, revision and patterns: the locked file list is the one this entry wants."""
         return (self.repo_type, self.repo, self.revision, self.include, self.exclude) == (
-            entry.repo_type, entry.repo, entry.revision, entry.include, entry.exclude,
+            entry.repo_type,
+            entry.repo,
+            entry.revision,
+            entry.include,
+            entry.exclude,
         )
 
 
@@ -479,7 +508,12 @@ class LockedData(_Strict):
 
     def matches(self, entry: DataEntry) -> bool:
         return (self.kind, self.source, self.dest, self.extract, self.strip_components) == (
-            entry.kind, entry.source, entry.dest, entry.extract, entry.strip_components)
+            entry.kind,
+            entry.source,
+            entry.dest,
+            entry.extract,
+            entry.strip_components,
+        )
 
 
 class Lockfile(_Strict):
@@ -501,10 +535,13 @@ def load_lock(path: Path, manifest: Path | None = None) -> Lockfile:
     try:
         lock = Lockfile.model_validate_json(raw)
     except ValidationError:
-        raise ManifestError(f"{path} is not a valid hpcstage lockfile; delete it and run `hpcstage pull -f {m} "
-                            "--update`") from None
+        raise ManifestError(
+            f"{path} is not a valid hpcstage lockfile; delete it and run `hpcstage pull -f {m} --update`"
+        ) from None
     if lock.version != LOCK_VERSION:
-        raise ManifestError(f"{path} has lock version {lock.version}; delete it and run `hpcstage pull -f {m} --update`")
+        raise ManifestError(
+            f"{path} has lock version {lock.version}; delete it and run `hpcstage pull -f {m} --update`"
+        )
     return lock
 
 
@@ -517,8 +554,13 @@ def entry_lock(entry: HubEntry, commit: str, files: list[CachedFile]) -> LockedE
         include=entry.include,
         exclude=entry.exclude,
         files=[
-            {"path": f.path, "size": f.size, "blob_id": f.blob_id, **({"sha256": f.sha256} if f.sha256 else {}),
-             **({"xet_hash": f.xet_hash} if f.xet_hash else {})}
+            {
+                "path": f.path,
+                "size": f.size,
+                "blob_id": f.blob_id,
+                **({"sha256": f.sha256} if f.sha256 else {}),
+                **({"xet_hash": f.xet_hash} if f.xet_hash else {}),
+            }
             for f in sorted(files, key=lambda f: f.path)
         ],
     )

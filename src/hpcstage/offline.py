@@ -3,6 +3,7 @@
 huggingface_hub, datasets and transformers read their HF_* variables at import time, so setting them in
 a running interpreter is too late; jobs and `check` get them in their environment from here.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ OFFLINE_FLAGS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMER
 QUIET_FLAGS = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
 
 
-def env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
-        datasets_cache_dir: Path | None = None) -> dict[str, str]:
+def env(
+    manifest: Manifest | None = None, *, cache_dir: Path | None = None, datasets_cache_dir: Path | None = None
+) -> dict[str, str]:
     """Offline flags plus absolute cache paths: explicit arguments, else the manifest's, else HF rules;
     with data entries in the manifest also HPCSTAGE_DATA_DIR, where they land."""
     hub = cache_dir or (manifest.cache_dir if manifest else None) or default_cache_dir()
@@ -42,8 +44,13 @@ def env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
     return out
 
 
-def online_env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
-               datasets_cache_dir: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+def online_env(
+    manifest: Manifest | None = None,
+    *,
+    cache_dir: Path | None = None,
+    datasets_cache_dir: Path | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
     """A full environment for a child that must reach the Hub (prebuild on the login node).
 
     The user's endpoint, token and HF_HOME pass through from `base` (default: this process's environment);
@@ -57,12 +64,20 @@ def online_env(manifest: Manifest | None = None, *, cache_dir: Path | None = Non
     return out
 
 
-def job_env(manifest: Manifest | None = None, *, cache_dir: Path | None = None,
-            datasets_cache_dir: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+def job_env(
+    manifest: Manifest | None = None,
+    *,
+    cache_dir: Path | None = None,
+    datasets_cache_dir: Path | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
     """A full environment for a child that must behave like an offline job: `base` (default: this
     process's environment) without any HF_* of its own, plus `env()`."""
-    out = {k: v for k, v in (os.environ if base is None else base).items()
-           if not k.startswith(("HF_", "HUGGING_FACE_")) or k in ("HF_HOME", "HF_TOKEN", "HF_TOKEN_PATH")}
+    out = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith(("HF_", "HUGGING_FACE_")) or k in ("HF_HOME", "HF_TOKEN", "HF_TOKEN_PATH")
+    }
     out.update(env(manifest, cache_dir=cache_dir, datasets_cache_dir=datasets_cache_dir))
     out["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     out["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
@@ -104,8 +119,11 @@ class JobStack:
 
     def describe(self) -> str:
         names = ("datasets", "huggingface_hub", "transformers")
-        return f"{self.python} (python {self.versions.get('python')}, " + ", ".join(
-            f"{n} {self.versions.get(n) or 'not installed'}" for n in names) + ")"
+        return (
+            f"{self.python} (python {self.versions.get('python')}, "
+            + ", ".join(f"{n} {self.versions.get(n) or 'not installed'}" for n in names)
+            + ")"
+        )
 
 
 OWN_PYTHON = "hpcstage's own interpreter"
@@ -141,24 +159,37 @@ def job_stack(manifest: Manifest | None = None, python: str | os.PathLike | None
     if path in _stacks:
         return JobStack(path, origin, _stacks[path].versions)
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
-        raise BadInput(f"job interpreter {path} (from {origin}) is not an executable file; point it at the "
-                       "jobs' Python, e.g. /path/to/venv/bin/python")
+        raise BadInput(
+            f"job interpreter {path} (from {origin}) is not an executable file; point it at the "
+            "jobs' Python, e.g. /path/to/venv/bin/python"
+        )
     try:
-        r = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+        r = subprocess.run(
+            [path, "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+        )
         versions = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         versions = None
     if not isinstance(versions, dict):
-        raise BadInput(f"job interpreter {path} (from {origin}) does not run Python 3.8+ code; point it at the "
-                       "jobs' Python, e.g. /path/to/venv/bin/python")
+        raise BadInput(
+            f"job interpreter {path} (from {origin}) does not run Python 3.8+ code; point it at the "
+            "jobs' Python, e.g. /path/to/venv/bin/python"
+        )
     if not versions.get("datasets") and origin == OWN_PYTHON:
-        raise BadInput(f"no job interpreter given and hpcstage's own ({path}) has no `datasets`; set `python:` in "
-                       "the manifest (or --python, or HPCSTAGE_PYTHON) to the jobs' Python, or install "
-                       "'hpcstage[datasets]'")
+        raise BadInput(
+            f"no job interpreter given and hpcstage's own ({path}) has no `datasets`; set `python:` in "
+            "the manifest (or --python, or HPCSTAGE_PYTHON) to the jobs' Python, or install "
+            "'hpcstage[datasets]'"
+        )
     if not versions.get("datasets"):
-        raise BadInput(f"job interpreter {path} (from {origin}) has no `datasets`; install it there "
-                       f"({path} -m pip install 'datasets>=2.16') or point --python / `python:` at the jobs' Python")
+        raise BadInput(
+            f"job interpreter {path} (from {origin}) has no `datasets`; install it there "
+            f"({path} -m pip install 'datasets>=2.16') or point --python / `python:` at the jobs' Python"
+        )
     stack = JobStack(path, origin, versions)
     _stacks[path] = stack
     return stack
@@ -168,9 +199,20 @@ def job_stack(manifest: Manifest | None = None, python: str | os.PathLike | None
 
 # Files a job's loaders read when the repo has them (transformers' AutoConfig / AutoTokenizer and friends).
 JOB_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 
 # Installed in the check child when no network namespace is available: any IP connection fails.
@@ -207,7 +249,9 @@ def misnamed_argument(load_dataset, kwargs):
     return None
 """
 
-_CHECK = CHILD_HELPERS + r"""
+_CHECK = (
+    CHILD_HELPERS
+    + r"""
 import json, os, sys
 tasks = json.load(sys.stdin)
 real_stdout = os.fdopen(os.dup(1), "w")
@@ -239,6 +283,7 @@ for t in tasks:
 real_stdout.write(json.dumps(out) + "\n")
 real_stdout.flush()
 """
+)
 
 
 class CheckError(HpcstageError):
@@ -267,10 +312,14 @@ class CheckReport:
         return all(e.ok for e in self.entries)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "isolation": self.isolation, "seconds": round(self.seconds, 3),
-                "python": self.stack.python if self.stack else None,
-                "versions": self.stack.versions if self.stack else None,
-                "entries": [asdict(e) for e in self.entries]}
+        return {
+            "ok": self.ok,
+            "isolation": self.isolation,
+            "seconds": round(self.seconds, 3),
+            "python": self.stack.python if self.stack else None,
+            "versions": self.stack.versions if self.stack else None,
+            "entries": [asdict(e) for e in self.entries],
+        }
 
 
 _netns: bool | None = None
@@ -295,21 +344,41 @@ def _model_task(manifest: Manifest, entry, hub_cache: Path, lock) -> tuple[dict,
 
     cache = RepoCache(hub_cache, entry.repo_type, entry.repo)
     locked = lock.entries.get(entry.key) if lock else None
-    commit = (locked.commit if locked else None) or cache.read_ref(entry.revision) or (
-        entry.revision if policy.is_commit(entry.revision) else None)
+    commit = (
+        (locked.commit if locked else None)
+        or cache.read_ref(entry.revision)
+        or (entry.revision if policy.is_commit(entry.revision) else None)
+    )
     tree = cache.read_tree(commit) if commit else None
-    selected = [f.path for f in select(tree, entry.include, entry.exclude)] if tree is not None else (
-        [f["path"] for f in locked.files] if locked and locked.matches(entry) else [])
+    selected = (
+        [f.path for f in select(tree, entry.include, entry.exclude)]
+        if tree is not None
+        else ([f["path"] for f in locked.files] if locked and locked.matches(entry) else [])
+    )
     in_repo = {f.path for f in tree} if tree is not None else set(selected)
     job_files = [f for f in JOB_FILES if f in in_repo] if entry.repo_type == "model" else []
     expect = sorted(set(selected) | set(job_files))
-    task = {"kind": entry.repo_type, "repo": entry.repo, "revision": entry.revision, "include": entry.include,
-            "exclude": entry.exclude, "snapshot": str(cache.snapshot(commit)) if commit else None, "expect": expect}
+    task = {
+        "kind": entry.repo_type,
+        "repo": entry.repo,
+        "revision": entry.revision,
+        "include": entry.include,
+        "exclude": entry.exclude,
+        "snapshot": str(cache.snapshot(commit)) if commit else None,
+        "expect": expect,
+    }
     return task, {"selected": set(selected)}
 
 
-def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_dir: Path | None = None,
-          isolation: str = "auto", timeout: float = 600, python: str | os.PathLike | None = None) -> CheckReport:
+def check(
+    manifest: Manifest,
+    *,
+    cache_dir: Path | None = None,
+    datasets_cache_dir: Path | None = None,
+    isolation: str = "auto",
+    timeout: float = 600,
+    python: str | os.PathLike | None = None,
+) -> CheckReport:
     """Do, in a child of the job's interpreter (`python`, else the manifest's `python:`, else HPCSTAGE_PYTHON,
     else this one) with the offline flags and the network off, what each job would do:
     models through `snapshot_download(..., local_files_only=True)` plus their config/tokenizer files,
@@ -347,8 +416,9 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
         if entry.repo_type == "dataset" and entry.load is not None:
             label = f"dataset {entry.repo} load({', '.join(f'{k}={v!r}' for k, v in entry.load.items())})"
             tasks.append({"kind": "load", "path": entry.repo, "kwargs": entry.load})
-            explain.append((label, "load", arrowcache.read_marker(ds_cache, arrowcache.hub_build(entry, lock),
-                                                                 stack.datasets)))
+            explain.append(
+                (label, "load", arrowcache.read_marker(ds_cache, arrowcache.hub_build(entry, lock), stack.datasets))
+            )
             continue
         task, extra = _model_task(manifest, entry, hub_cache, lock)
         tasks.append(task)
@@ -358,25 +428,45 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
 
         for label, problems, staged in check_entries(manifest, hub_cache, lock):
             # staged and in place but `expect:` fails: pulling again fetches the same data
-            fix: str | None = (f"inspect the data, then fix the source or the entry's `expect:` in {m}" if staged else pull_fix)
+            fix: str | None = (
+                f"inspect the data, then fix the source or the entry's `expect:` in {m}" if staged else pull_fix
+            )
             explain.append(EntryCheck(label, not problems, problems, fix if problems else None))
     for i, spec in enumerate(manifest.prebuild):
-        build = arrowcache.local_build(spec, manifest.path.parent if manifest.path else Path.cwd(),
-                                     where=f"{m}: prebuild[{i}]")
+        build = arrowcache.local_build(
+            spec, manifest.path.parent if manifest.path else Path.cwd(), where=f"{m}: prebuild[{i}]"
+        )
         label = f"prebuild {build.label}"
         if build.missing:
-            explain.append(EntryCheck(label, False, [f"data file not found: {', '.join(build.missing)}"],
-                                      f"restore the file, or fix prebuild[{i}] in {m}"))
+            explain.append(
+                EntryCheck(
+                    label,
+                    False,
+                    [f"data file not found: {', '.join(build.missing)}"],
+                    f"restore the file, or fix prebuild[{i}] in {m}",
+                )
+            )
         elif (marker := arrowcache.read_marker(ds_cache, build, stack.datasets)) is None:
             reason = arrowcache.read_failure(ds_cache, build, stack.datasets)
             if reason:  # prebuild built it but could not make it load offline: rerunning it changes nothing
-                explain.append(EntryCheck(label, False, [f"prebuild cannot make {build.call} load offline "
-                                                         f"(datasets {stack.datasets}): {reason}"],
-                                          _offline_form_fix(build, i, m, prebuild_fix)))
+                explain.append(
+                    EntryCheck(
+                        label,
+                        False,
+                        [f"prebuild cannot make {build.call} load offline (datasets {stack.datasets}): {reason}"],
+                        _offline_form_fix(build, i, m, prebuild_fix),
+                    )
+                )
                 continue
             # loading would build it now, in the job's place
-            explain.append(EntryCheck(label, False, [f"no prebuilt Arrow cache for {build.call} "
-                                                     f"(datasets {stack.datasets})"], prebuild_fix))
+            explain.append(
+                EntryCheck(
+                    label,
+                    False,
+                    [f"no prebuilt Arrow cache for {build.call} (datasets {stack.datasets})"],
+                    prebuild_fix,
+                )
+            )
         else:
             tasks.append({"kind": "load", "path": build.path, "kwargs": build.kwargs})
             explain.append((label, "load", marker))
@@ -393,13 +483,18 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
             problems = [] if r["error"] is None else [f"offline load_dataset failed: {r['error']}"]
             if r.get("bad_arg"):  # prebuild would fail the same way: the manifest is what to fix
                 bad, near = r["bad_arg"]
-                entries.append(EntryCheck(label, False, problems, f"change {bad!r} to {near!r} in `load:` in {m}, "
-                                          f"then `{prebuild_fix}`"))
+                entries.append(
+                    EntryCheck(
+                        label, False, problems, f"change {bad!r} to {near!r} in `load:` in {m}, then `{prebuild_fix}`"
+                    )
+                )
                 continue
             got = os.path.dirname(r["files"][0]) if r["files"] else None
             if extra is not None and got and os.path.realpath(got) != os.path.realpath(extra["cache_dir"]):
-                problems.append(f"offline load reads {got}, not the build prebuilt for this commit "
-                                f"({extra['cache_dir']}): datasets picks the newest build")
+                problems.append(
+                    f"offline load reads {got}, not the build prebuilt for this commit "
+                    f"({extra['cache_dir']}): datasets picks the newest build"
+                )
             # a newer build winning: prebuild's skip puts the proven one back on top; a proven build that
             # fails to load now: only a rebuild (--force) makes and proves it again
             fix = None if not problems else rebuild_fix if extra is not None and r["error"] else prebuild_fix
@@ -410,8 +505,10 @@ def check(manifest: Manifest, *, cache_dir: Path | None = None, datasets_cache_d
             problems.append(f"{f} is in the repo but not staged")
         unselected = [f for f in r["missing"] if f not in extra["selected"]]
         if unselected:  # one fix for all of them, not one run per file
-            fix = (f"add {', '.join(repr(f) for f in unselected)} to include (or drop the exclude that matches "
-                   f"{'it' if len(unselected) == 1 else 'them'}) in {m}, then `{pull_fix}`")
+            fix = (
+                f"add {', '.join(repr(f) for f in unselected)} to include (or drop the exclude that matches "
+                f"{'it' if len(unselected) == 1 else 'them'}) in {m}, then `{pull_fix}`"
+            )
         if r["error"] and not r["missing"]:
             problems.append(f"offline snapshot_download failed: {r['error']}")
         if problems and fix is None:
@@ -425,13 +522,17 @@ def _offline_form_fix(build, index: int, manifest: str, prebuild_fix: str) -> st
     to be listed even offline: the same files by repo id load from the prebuilt cache."""
     files = build.kwargs.get("data_files")
     if isinstance(files, str) and files.startswith("hf://datasets/"):
-        parts = files[len("hf://datasets/"):].split("/", 2)  # org, name[@rev], path pattern in the repo
+        parts = files[len("hf://datasets/") :].split("/", 2)  # org, name[@rev], path pattern in the repo
         if len(parts) == 3:
             repo = f"{parts[0]}/{parts[1].split('@')[0]}"
-            return (f"in {manifest} write prebuild[{index}] as {{path: {repo}, data_files: {parts[2]!r}}} and load it "
-                    f"so in the job (hf:// paths need the network offline), then `{prebuild_fix}`")
-    return (f"change prebuild[{index}] in {manifest} to a form that loads offline (a Hub repo id with data_files "
-            f"inside it, or local files), then `{prebuild_fix}`")
+            return (
+                f"in {manifest} write prebuild[{index}] as {{path: {repo}, data_files: {parts[2]!r}}} and load it "
+                f"so in the job (hf:// paths need the network offline), then `{prebuild_fix}`"
+            )
+    return (
+        f"change prebuild[{index}] in {manifest} to a form that loads offline (a Hub repo id with data_files "
+        f"inside it, or local files), then `{prebuild_fix}`"
+    )
 
 
 def isolated_command(code: str, isolation: str, python: str | None = None) -> list[str]:
@@ -443,20 +544,23 @@ def isolated_command(code: str, isolation: str, python: str | None = None) -> li
     return [python, "-c", _GUARD + code]
 
 
-def _run_child(tasks: list[dict], child_env: dict[str, str], isolation: str, timeout: float,
-               python: str | None = None) -> list[dict]:
+def _run_child(
+    tasks: list[dict], child_env: dict[str, str], isolation: str, timeout: float, python: str | None = None
+) -> list[dict]:
     argv = isolated_command(_CHECK, isolation, python)
     try:
-        r = subprocess.run(argv, input=json.dumps(tasks), env=child_env, capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            argv, input=json.dumps(tasks), env=child_env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         raise CheckError(f"the offline check process did not finish in {timeout:g}s") from None
     try:
         answers = json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         tail = [s for s in r.stderr.strip().splitlines() if s.strip()][-1:] or ["no output"]
-        raise CheckError(f"the offline check process ({python or sys.executable}) exited with code "
-                         f"{r.returncode} ({tail[0]})") from None
+        raise CheckError(
+            f"the offline check process ({python or sys.executable}) exited with code {r.returncode} ({tail[0]})"
+        ) from None
     if len(answers) != len(tasks):
         raise CheckError("the offline check process answered for the wrong number of entries")
     return answers

@@ -2,6 +2,7 @@
 
 Everything here runs before any request: an allowlist refusal or a bad name never touches the network.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -105,10 +106,14 @@ class Allowlist:
 
     def check(self, repo_id: str) -> None:
         if self.patterns is not None and not any(fnmatch.fnmatchcase(repo_id, p) for p in self.patterns):
-            fix = ("add a matching pattern to `allow:` or remove the entry" if self.site is not None
-                   else "ask the site's admins to allow it, or stage another repo")
+            fix = (
+                "add a matching pattern to `allow:` or remove the entry"
+                if self.site is not None
+                else "ask the site's admins to allow it, or stage another repo"
+            )
             raise PolicyError(
-                f"{repo_id} is not allowed by the allowlist of {self.source} ({', '.join(self.patterns) or 'empty'}): {fix}"
+                f"{repo_id} is not allowed by the allowlist of {self.source} "
+                f"({', '.join(self.patterns) or 'empty'}): {fix}"
             )
         if self.site is not None:
             self.site.check(repo_id)

@@ -3,13 +3,15 @@
 Slurm captures stdout/stderr into files where bars turn into megabytes of carriage returns, so off a
 terminal we print one line every `interval` seconds instead.
 """
+
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable, TextIO
+from typing import TextIO
 
 # The library's progress callback: (bytes done, bytes in all, files done, files in all), from worker threads.
 ProgressCallback = Callable[[int, int, int, int], None]
@@ -55,13 +57,18 @@ class Progress:
             return
         if self._stream.isatty():
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress as Bars, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import Progress as Bars
 
             self._bar = Bars(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TextColumn("{task.fields[files]}"), TimeRemainingColumn(),
-                console=Console(file=self._stream), transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TextColumn("{task.fields[files]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self._stream),
+                transient=False,
             )
             self._task = self._bar.add_task(label, total=total_bytes, files=self._files_text())
             self._bar.start()
@@ -125,7 +132,7 @@ class Progress:
             self._thread.join()
             print(self.line(), file=self._stream, flush=True)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,6 +25,7 @@ experiments folder) hpcstage writes only through `Dir`s:
 What a group member can still do (by design of a group-writable folder): delete or replace finished
 files and links; `verify` detects changed content. See README "Security".
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,8 +57,11 @@ class UnsafeLink(HpcstageError):
             super().__init__(str(path))
             return
         self.uid = uid
-        super().__init__(f"{path} is a link owned by {_user(uid)}: not following it; remove it or ask its owner",
-                         path=str(path), hint="remove the link, or ask its owner to")
+        super().__init__(
+            f"{path} is a link owned by {_user(uid)}: not following it; remove it or ask its owner",
+            path=str(path),
+            hint="remove the link, or ask its owner to",
+        )
 
 
 class NotAFolder(HpcstageError):
@@ -211,7 +215,7 @@ class Dir:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 if sharing is not None:
                     sharing.file_fd(fd)
             finally:
@@ -253,8 +257,10 @@ class Dir:
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
-            raise NotAFolder(f"{self.path / name} is a link to something that is not a folder "
-                             f"({self.readlink(name)}); fix or remove it") from None
+            raise NotAFolder(
+                f"{self.path / name} is a link to something that is not a folder "
+                f"({self.readlink(name)}); fix or remove it"
+            ) from None
 
     def private_child(self, prefix: str, suffix: str) -> tuple[str, Dir]:
         """A new folder `<prefix><random><suffix>` only we can enter (0700) while we fill it."""
@@ -292,8 +298,9 @@ _cache: collections.OrderedDict[tuple[str, str], Dir] = collections.OrderedDict(
 _cache_lock = threading.Lock()
 
 
-def opendir(root: Path | str, folder: Path | str | None = None, *, create: bool = True,
-            sharing: Sharing | None = None) -> Dir:
+def opendir(
+    root: Path | str, folder: Path | str | None = None, *, create: bool = True, sharing: Sharing | None = None
+) -> Dir:
     """`folder` (default: `root` itself) opened by the link rule, made (and shared) where missing.
 
     Cached per process: a cached `Dir` is used again only while its path still names the same folder
@@ -326,15 +333,17 @@ def opendir(root: Path | str, folder: Path | str | None = None, *, create: bool 
     return d
 
 
-def parent_of(root: Path | str, path: Path | str, *, create: bool = True, sharing: Sharing | None = None
-              ) -> tuple[Dir, str]:
+def parent_of(
+    root: Path | str, path: Path | str, *, create: bool = True, sharing: Sharing | None = None
+) -> tuple[Dir, str]:
     """(the folder holding `path`, its name): the usual way to write one file below `root`."""
     path = Path(path)
     return opendir(root, path.parent, create=create, sharing=sharing), path.name
 
 
-def write_atomic(root: Path | str, path: Path | str, data: bytes, mode: int = 0o644,
-                 sharing: Sharing | None = None) -> None:
+def write_atomic(
+    root: Path | str, path: Path | str, data: bytes, mode: int = 0o644, sharing: Sharing | None = None
+) -> None:
     """`Dir.write_atomic` for `path` below `root`, folders made (and shared) as needed."""
     d, name = parent_of(root, path, sharing=sharing)
     d.write_atomic(name, data, mode, sharing)

@@ -5,6 +5,7 @@ pins them, else from the Hub), and files already in the cache cost nothing. Each
 process at a time under its lease; a blob another process is writing is put back in the queue while
 workers take other files, then linked when its writer is done.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,15 +20,24 @@ import statistics
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hpcstage import ledger, policy, safefs
-from hpcstage.errors import (BadInput, HashMismatch, HpcstageError, HubError, InvalidToken, RepoNotFound, RepoRefused,
-                             RevisionNotFound, TransferError)
+from hpcstage.errors import (
+    BadInput,
+    HashMismatch,
+    HpcstageError,
+    HubError,
+    InvalidToken,
+    RepoNotFound,
+    RepoRefused,
+    RevisionNotFound,
+    TransferError,
+)
 from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, share_cache
 from hpcstage.layout import BATCH_LEASES, LEASE_SUFFIX, LEASE_TTL, PARTIAL_SUFFIX, TMP_SUFFIX, ranges_record
 from hpcstage.locks import Lease, break_expired, read_lease
@@ -169,11 +179,16 @@ class _Run:
 
             token = self.opts.token if self.opts.token is not None else get_token()
             self.token = token or None
-            self._http = Http(hub.hub_headers(token), auth_origin=origin,
-                              pool_size=self.opts.workers + self.opts.max_connections,
-                              max_connections=self.opts.max_connections, read_timeout=self.opts.timeout,
-                              retry=self.opts.retry, errors=hub.error_for,
-                              share=_array_share() if self.worker else 1.0)
+            self._http = Http(
+                hub.hub_headers(token),
+                auth_origin=origin,
+                pool_size=self.opts.workers + self.opts.max_connections,
+                max_connections=self.opts.max_connections,
+                read_timeout=self.opts.timeout,
+                retry=self.opts.retry,
+                errors=hub.error_for,
+                share=_array_share() if self.worker else 1.0,
+            )
             self._http.on_wait = self._on_wait
             self._http.on_response = self._heard
         return self._http
@@ -212,7 +227,7 @@ class _Run:
         return None
 
     def _on_wait(self, line: str | None) -> None:
-        """"rate-limited by the Hub: resuming in N s ..." on the progress line (None: waiting is over)."""
+        """ "rate-limited by the Hub: resuming in N s ..." on the progress line (None: waiting is over)."""
         if self.progress is not None:
             self.progress.note(line)
 
@@ -221,9 +236,15 @@ class _Run:
         cache = RepoCache(self.cache_dir, entry.repo_type, entry.repo, sharing=self.sharing)
         if locked is not None and locked.matches(entry):
             files = locked.cached_files()
-            all_files = None if cache.tree_path(locked.commit).exists() else hub.list_files(self.http, ref, locked.commit)
+            all_files = (
+                None if cache.tree_path(locked.commit).exists() else hub.list_files(self.http, ref, locked.commit)
+            )
             return _RepoPlan(entry, ref, cache, locked.commit, files, all_files)
-        if locked is not None and (locked.repo_type, locked.repo, locked.revision) == (entry.repo_type, entry.repo, entry.revision):
+        if locked is not None and (locked.repo_type, locked.repo, locked.revision) == (
+            entry.repo_type,
+            entry.repo,
+            entry.revision,
+        ):
             commit = locked.commit  # patterns changed: keep the pinned commit, re-select
         elif policy.is_commit(entry.revision):
             commit = entry.revision
@@ -238,9 +259,11 @@ class _Run:
             have = {f.path for f in all_files}
             absent = [n for n in named if n not in have]
             if absent:
-                raise HubError(f"{entry.repo_type} {entry.repo}@{entry.revision} has no file "
-                               f"{', '.join(repr(a) for a in absent)}; check the name (paths are relative to the "
-                               "repo's root, e.g. data/train.parquet)")
+                raise HubError(
+                    f"{entry.repo_type} {entry.repo}@{entry.revision} has no file "
+                    f"{', '.join(repr(a) for a in absent)}; check the name (paths are relative to the "
+                    "repo's root, e.g. data/train.parquet)"
+                )
         return _RepoPlan(entry, ref, cache, commit, files, None if on_disk is not None else all_files)
 
     def execute(self, plans: list[_RepoPlan]) -> None:
@@ -263,8 +286,9 @@ class _Run:
             if p.all_files is not None:
                 p.cache.write_tree(p.commit, p.all_files)
                 p.all_files = None
-        with Progress(total, self.summary.files, quiet=self.opts.quiet or not jobs,
-                      callback=self.opts.progress) as progress:
+        with Progress(
+            total, self.summary.files, quiet=self.opts.quiet or not jobs, callback=self.opts.progress
+        ) as progress:
             self.progress = progress
             progress.add(total - sum(f.size for _, f in todo))
             for _ in range(self.summary.files - len(jobs)):
@@ -283,8 +307,15 @@ class _Run:
             if not policy.is_commit(p.entry.revision):
                 p.cache.write_ref(p.entry.revision, p.commit)
             self.summary.repos.append(
-                StagedRepo(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, p.cache.snapshot(p.commit),
-                           len(p.files), sum(f.size for f in p.files))
+                StagedRepo(
+                    p.entry.repo_type,
+                    p.entry.repo,
+                    p.entry.revision,
+                    p.commit,
+                    p.cache.snapshot(p.commit),
+                    len(p.files),
+                    sum(f.size for f in p.files),
+                )
             )
 
     def _check_space(self, jobs: list[tuple[_RepoPlan, CachedFile]]) -> None:
@@ -342,7 +373,8 @@ class _Run:
                     raise TransferError(
                         f"{plan.entry.repo}/{f.path}: the disk or quota under {self.cache_dir} is full "
                         f"({e.strerror}); the partial file is kept: free space and run the same pull again "
-                        "to continue") from None
+                        "to continue"
+                    ) from None
                 if fetched is None:
                     later.append((time.monotonic() + BUSY_RETRY, job))
                     continue
@@ -362,7 +394,9 @@ class _Run:
         if failures:
             raise _failed(failures, sum(len(j[1]) for j in jobs))
 
-    def _units(self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]) -> list[tuple[Path | None, list]]:
+    def _units(
+        self, plans: list[_RepoPlan], todo: list[tuple[_RepoPlan, CachedFile]]
+    ) -> list[tuple[Path | None, list]]:
         """Work units, largest first: (lease or None, files). A large file is leased alone. Small files go
         unleased in batches of up to SMALL_BATCH, except for Slurm array workers: there they are leased in
         batches of BATCH_FILES, so that N workers fetch each file once without paying for a lease per file.
@@ -370,18 +404,22 @@ class _Run:
         worker names the same batches."""
         large = sorted((x for x in todo if x[1].size >= SMALL), key=lambda x: -x[1].size)
         units: list[tuple[Path | None, list]] = [
-            (store.lease(f.xet_hash) if (store := self.store_for(f)) and f.xet_hash else p.cache.lease(f.etag), [(p, f)])
-            for p, f in large]
+            (
+                store.lease(f.xet_hash) if (store := self.store_for(f)) and f.xet_hash else p.cache.lease(f.etag),
+                [(p, f)],
+            )
+            for p, f in large
+        ]
         if not self.worker:
             small = [x for x in todo if x[1].size < SMALL]
             # Batches cut a future (and a wake-up of this thread) per file, yet stay small enough that
             # every worker gets several: the last ones to finish leave no long tail.
             n = max(1, min(SMALL_BATCH, len(small) // (4 * self.opts.workers)))
-            return units + [(None, small[i:i + n]) for i in range(0, len(small), n)]
+            return units + [(None, small[i : i + n]) for i in range(0, len(small), n)]
         wanted = {(id(p), f.path) for p, f in todo}
         small = [(p, f) for p in plans for f in sorted(p.files, key=lambda f: f.path) if f.size < SMALL]
         for i in range(0, len(small), BATCH_FILES):
-            batch = small[i:i + BATCH_FILES]
+            batch = small[i : i + BATCH_FILES]
             missing = [(p, f) for p, f in batch if (id(p), f.path) in wanted]
             if missing:
                 name = hashlib.sha1("".join(f.etag for _, f in batch).encode()).hexdigest()
@@ -444,8 +482,16 @@ class _Run:
             if first is not None:  # also when the request never got an answer
                 first.set()
 
-    def _fetch_file(self, plan: _RepoPlan, f: CachedFile, progress: Progress, lease: Lease | None, url: str,
-                    label: str, store: XetStore | None = None) -> int:
+    def _fetch_file(
+        self,
+        plan: _RepoPlan,
+        f: CachedFile,
+        progress: Progress,
+        lease: Lease | None,
+        url: str,
+        label: str,
+        store: XetStore | None = None,
+    ) -> int:
         cache = plan.cache
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
@@ -474,8 +520,17 @@ class _Run:
             cache.create_partial(f.etag)
         for attempt in (1, 2):  # wrong bytes are discarded and fetched once more
             try:
-                fetched = fetch(self.http, url, cache.partial(f.etag), size=f.size, expected=f.etag,
-                                sha256=f.sha256, on_bytes=on_bytes, label=label, root=self.cache_dir)
+                fetched = fetch(
+                    self.http,
+                    url,
+                    cache.partial(f.etag),
+                    size=f.size,
+                    expected=f.etag,
+                    sha256=f.sha256,
+                    on_bytes=on_bytes,
+                    label=label,
+                    root=self.cache_dir,
+                )
                 break
             except TransferError as e:
                 if attempt == 2 or not isinstance(e, HashMismatch):
@@ -508,8 +563,10 @@ def refuse_offline() -> None:
     which needs no request, still works)."""
     value = os.environ.get("HF_HUB_OFFLINE", "")
     if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
-        raise BadInput(f"HF_HUB_OFFLINE={value} is set, so pull does not use the network (as huggingface_hub); "
-                       "`unset HF_HUB_OFFLINE`, then run the same command again")
+        raise BadInput(
+            f"HF_HUB_OFFLINE={value} is set, so pull does not use the network (as huggingface_hub); "
+            "`unset HF_HUB_OFFLINE`, then run the same command again"
+        )
 
 
 def check_cache_dir(folder: Path) -> None:
@@ -531,22 +588,34 @@ def _failed(failures: list[tuple[str, HpcstageError]], total: int) -> HpcstageEr
     reasons: list[HpcstageError] = []
     for _, e in failures:  # one line per distinct refusal (the same refusal object stands for a repo's files)
         if isinstance(e, RepoRefused) and not any(
-                type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons):
+            type(r) is type(e) and (r.repo, str(r)) == (e.repo, str(e)) for r in reasons
+        ):
             reasons.append(e)
-    told = [str(r) for r in reasons[:3]] + ([f"(and {len(reasons) - 3} more refused repos)"] if len(reasons) > 3 else [])
+    told = [str(r) for r in reasons[:3]] + (
+        [f"(and {len(reasons) - 3} more refused repos)"] if len(reasons) > 3 else []
+    )
     if other:
         told.append(describe_failures([(name, str(e)) for name, e in other]))
     if not passing:
         first = reasons[0] if reasons else other[0][1]
-        err = type(first)(f"{len(failures)} of {total} files not fetched: {'; '.join(told)}", repo=first.repo,
-                          path=first.path, status=first.status, hint=first.hint)
+        err = type(first)(
+            f"{len(failures)} of {total} files not fetched: {'; '.join(told)}",
+            repo=first.repo,
+            path=first.path,
+            status=first.status,
+            hint=first.hint,
+        )
     else:
         also = f"; not retried: {'; '.join(told)}" if told else ""
         lead = passing[0][1]
-        err = TransferError(f"{len(failures)} of {total} files failed: "
-                            f"{describe_failures([(name, str(e)) for name, e in passing])}; run the same pull again "
-                            f"to retry them (finished files are kept){also}", repo=lead.repo, path=lead.path,
-                            status=lead.status)
+        err = TransferError(
+            f"{len(failures)} of {total} files failed: "
+            f"{describe_failures([(name, str(e)) for name, e in passing])}; run the same pull again "
+            f"to retry them (finished files are kept){also}",
+            repo=lead.repo,
+            path=lead.path,
+            status=lead.status,
+        )
     err.failures = [{"file": name, "error": str(e)} for name, e in failures]  # type: ignore[attr-defined]
     return err
 
@@ -617,8 +686,9 @@ class InFlight:
         wait = statistics.median(w for w, _ in self.samples)
         work = statistics.median(w for _, w in self.samples)
         self.limit = max(self.limit, min(self.most, math.ceil(1 + wait / max(work, 1e-5))))
-        logging.getLogger(__name__).debug("small files: %d at once (wait %.2f ms, work %.2f ms)", self.limit,
-                                          wait * 1e3, work * 1e3)
+        logging.getLogger(__name__).debug(
+            "small files: %d at once (wait %.2f ms, work %.2f ms)", self.limit, wait * 1e3, work * 1e3
+        )
         self.samples = None
         self.cond.notify_all()
 
@@ -636,17 +706,37 @@ def _write_records(cache_dir: Path, plans: list[_RepoPlan], state: str, reason: 
     for p in plans:
         # After a clean run every file is linked (execute checked them); only a failed run needs a look.
         done = state == "staged" or all(p.cache.is_linked(p.commit, f) for f in p.files)
-        new = ledger.Record(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit, "staged" if done else state,
-                            len(p.files), sum(f.size for f in p.files), "" if done else reason,
-                            patterns={"include": p.entry.include, "exclude": p.entry.exclude})
+        new = ledger.Record(
+            p.entry.repo_type,
+            p.entry.repo,
+            p.entry.revision,
+            p.commit,
+            "staged" if done else state,
+            len(p.files),
+            sum(f.size for f in p.files),
+            "" if done else reason,
+            patterns={"include": p.entry.include, "exclude": p.entry.exclude},
+        )
         old = ledger.read(cache_dir, p.entry.repo_type, p.entry.repo, p.entry.revision)
         if old is None or (old.commit, old.state, old.files, old.bytes, old.reason, old.patterns) != (
-                new.commit, new.state, new.files, new.bytes, new.reason, new.patterns):  # a warm pull writes nothing
+            new.commit,
+            new.state,
+            new.files,
+            new.bytes,
+            new.reason,
+            new.patterns,
+        ):  # a warm pull writes nothing
             ledger.write(cache_dir, new)
 
 
-def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Update, worker: bool = False,
-           files: dict[str, list[str]] | None = None) -> tuple[_Run, list[_RepoPlan]]:
+def _start(
+    entries: list[HubEntry],
+    opts: Options,
+    lock: Lockfile,
+    update: Update,
+    worker: bool = False,
+    files: dict[str, list[str]] | None = None,
+) -> tuple[_Run, list[_RepoPlan]]:
     """Refuse what the allowlist forbids (before any request), then plan every entry."""
     allow = policy.Allowlist(opts.allow)
     for e in entries:
@@ -655,8 +745,10 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Updat
         unplanned = [e for e in entries if not (e.key in lock.entries and lock.entries[e.key].matches(e))]
         if unplanned or update:
             what = f"{unplanned[0].repo}@{unplanned[0].revision} is not" if unplanned else "--update is not allowed:"
-            raise BadInput(f"array worker: {what} planned in the lockfile; "
-                           "plan first with `hpcstage pull -f MANIFEST --slurm-array N`")
+            raise BadInput(
+                f"array worker: {what} planned in the lockfile; "
+                "plan first with `hpcstage pull -f MANIFEST --slurm-array N`"
+            )
     run = _Run(opts, worker, files)
     plans = []
     for e in entries:
@@ -669,13 +761,17 @@ def _start(entries: list[HubEntry], opts: Options, lock: Lockfile, update: Updat
             fields: dict[str, Any] = {"repo": err.repo, "path": err.path, "status": err.status}
             if isinstance(err, RevisionNotFound):
                 hint = f"check `revision:` of the entry in {opts.manifest_path}"
-                raise RevisionNotFound(f"revision {e.revision!r} not found in {e.repo_type} repo {e.repo}; {hint}",
-                                       hint=hint, **fields) from None
+                raise RevisionNotFound(
+                    f"revision {e.revision!r} not found in {e.repo_type} repo {e.repo}; {hint}", hint=hint, **fields
+                ) from None
             other = "dataset" if e.repo_type == "model" else "model"
-            hint = (f"if it is a {other}, list it under `{other}s:` in {opts.manifest_path} (a file entry: "
-                    f"`repo_type: {other}`), else check the id (private or gated repos need HF_TOKEN)")
-            raise RepoNotFound(f"{e.repo_type} repo {e.repo} not found at {hub.endpoint()}; {hint}", hint=hint,
-                               **fields) from None
+            hint = (
+                f"if it is a {other}, list it under `{other}s:` in {opts.manifest_path} (a file entry: "
+                f"`repo_type: {other}`), else check the id (private or gated repos need HF_TOKEN)"
+            )
+            raise RepoNotFound(
+                f"{e.repo_type} repo {e.repo} not found at {hub.endpoint()}; {hint}", hint=hint, **fields
+            ) from None
     return run, plans
 
 
@@ -699,9 +795,15 @@ def _locked(lock: Lockfile, plans: list[_RepoPlan]) -> Lockfile:
     return Lockfile(entries=entries)
 
 
-def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | None = None,
-         update: Update = False, *, worker: bool = False,
-         files: dict[str, list[str]] | None = None) -> tuple[PullSummary, Lockfile]:
+def pull(
+    entries: list[HubEntry],
+    opts: Options | None = None,
+    lock: Lockfile | None = None,
+    update: Update = False,
+    *,
+    worker: bool = False,
+    files: dict[str, list[str]] | None = None,
+) -> tuple[PullSummary, Lockfile]:
     """Stage `entries` into the hub cache. Returns the summary and the lockfile describing what is staged.
     `worker`: run as a Slurm array worker (stage-array internals); `files`: entry key -> the files named on
     the command line, each of which must exist in the repo."""
@@ -712,8 +814,12 @@ def pull(entries: list[HubEntry], opts: Options | None = None, lock: Lockfile | 
     try:
         run.execute(plans)
     except BaseException as e:
-        _record(run.cache_dir, plans, "failed" if isinstance(e, HpcstageError) else "interrupted",
-                str(e) or type(e).__name__)
+        _record(
+            run.cache_dir,
+            plans,
+            "failed" if isinstance(e, HpcstageError) else "interrupted",
+            str(e) or type(e).__name__,
+        )
         if isinstance(e, HpcstageError):
             run.summary.seconds = time.monotonic() - started
             e.summary = run.summary  # type: ignore[attr-defined]  # what did get staged, for `--json`
@@ -731,9 +837,12 @@ def manifest_options(manifest: Manifest, opts: Options | None) -> Options:
     """`opts` with the manifest's settings filled in (a copy: the caller's object is left as it was)."""
     opts = opts or Options()
     return dataclasses.replace(
-        opts, cache_dir=opts.cache_dir or manifest.cache_dir or None,
+        opts,
+        cache_dir=opts.cache_dir or manifest.cache_dir or None,
         allow=manifest.allow if manifest.allow is not None else opts.allow,
-        shared_group=opts.shared_group or manifest.shared_group or None, manifest_path=manifest.path)
+        shared_group=opts.shared_group or manifest.shared_group or None,
+        manifest_path=manifest.path,
+    )
 
 
 def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
@@ -741,14 +850,17 @@ def _save(manifest: Manifest, old: Lockfile, new: Lockfile) -> None:
     Data entries' records (`data`, datadir.py) are carried over from `old` unless `new` has its own."""
     keep = {e.key for e in manifest.entries}
     data_keys = {e.key for e in manifest.data_entries}
-    new = Lockfile(entries={k: v for k, v in new.entries.items() if k in keep},
-                   data={k: v for k, v in (new.data or old.data).items() if k in data_keys})
+    new = Lockfile(
+        entries={k: v for k, v in new.entries.items() if k in keep},
+        data={k: v for k, v in (new.data or old.data).items() if k in data_keys},
+    )
     if new != old:
         save_lock(manifest.lock_path, new)
 
 
-def pull_manifest(manifest: Manifest, opts: Options | None = None, update: Update = False, *,
-                  worker: bool = False) -> PullSummary:
+def pull_manifest(
+    manifest: Manifest, opts: Options | None = None, update: Update = False, *, worker: bool = False
+) -> PullSummary:
     """Pull every entry of a manifest and write `hpcstage.lock` beside it: the Hub repos first (their
     pins saved before anything else runs), then the data entries (`url:`, `local:`, `repo:`+`file:`,
     datadir.py), each recorded only once staged and its `expect:` met."""
@@ -792,8 +904,17 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Updat
         if p.all_files is not None:
             p.cache.write_tree(p.commit, p.all_files)
         missing = [f for f in p.files if not p.cache.is_linked(p.commit, f)]
-        run.summary.repos.append(StagedRepo(p.entry.repo_type, p.entry.repo, p.entry.revision, p.commit,
-                                            p.cache.snapshot(p.commit), len(p.files), sum(f.size for f in p.files)))
+        run.summary.repos.append(
+            StagedRepo(
+                p.entry.repo_type,
+                p.entry.repo,
+                p.entry.revision,
+                p.commit,
+                p.cache.snapshot(p.commit),
+                len(p.files),
+                sum(f.size for f in p.files),
+            )
+        )
         run.summary.files += len(p.files)
         run.summary.bytes += sum(f.size for f in p.files)
         run.summary.downloaded_files += len(missing)
@@ -808,20 +929,27 @@ def materialise(snapshot: Path, local_dir: Path, entry: HubEntry) -> int:
     A file already there with the blob's size and bytes is left alone. Returns the files written."""
     import filecmp
 
-    from hpcstage.sources import local
-
     from huggingface_hub.utils import filter_repo_objects
 
-    found = [(Path(here) / name).relative_to(snapshot).as_posix()
-             for here, _dirs, names in os.walk(snapshot) for name in names]
+    from hpcstage.sources import local
+
+    found = [
+        (Path(here) / name).relative_to(snapshot).as_posix()
+        for here, _dirs, names in os.walk(snapshot)
+        for name in names
+    ]
     written = 0
     # only this pull's selection: the snapshot may hold files other pulls added
     for rel in filter_repo_objects(found, allow_patterns=entry.include, ignore_patterns=entry.exclude):
         src = snapshot / rel
         dst = Path(local_dir) / rel
         blob = src.resolve()
-        if dst.is_file() and not dst.is_symlink() and dst.stat().st_size == blob.stat().st_size \
-                and filecmp.cmp(dst, blob, shallow=False):
+        if (
+            dst.is_file()
+            and not dst.is_symlink()
+            and dst.stat().st_size == blob.stat().st_size
+            and filecmp.cmp(dst, blob, shallow=False)
+        ):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}{TMP_SUFFIX}")
@@ -838,8 +966,9 @@ class Leftover:
     why: str
 
 
-def cleanup(cache_dir: Path | None = None, *, data_dir: Path | None = None, older_than: float = 24 * 3600,
-            dry_run: bool = False) -> list[Leftover]:
+def cleanup(
+    cache_dir: Path | None = None, *, data_dir: Path | None = None, older_than: float = 24 * 3600, dry_run: bool = False
+) -> list[Leftover]:
     """Remove what dead runs left in the hub cache and the data folder: leases whose owner is dead or
     expired, and partial downloads, temporary files and half-built data folders that no live lease
     protects and that have not changed for `older_than` seconds (a partial younger than that may still be

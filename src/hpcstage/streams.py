@@ -26,12 +26,13 @@ The count is bounded by `most` (--max-connections) and by the piece buffers (`bu
 budget; every stream holds one, and each file two more for in-order hashing). Several large files share
 the count fairly: each gets an equal part (`share`).
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 START = 4  # streams before anything is measured (the fixed count of earlier versions: right on loopback)
 # A step up must add at least this fraction of its proportional gain: each new stream a quarter of what an old
@@ -186,8 +187,13 @@ class Streams:
             self._held = PROBE_EVERY - 1 if self.growing else 0
             self.growing = False
             self._set(self.proven[0], now)
-        logger.log(logging.INFO if self.limit != n else logging.DEBUG, "range streams: %d at %.0f MB/s -> %d",
-                   n, rate / 1e6, self.limit)
+        logger.log(
+            logging.INFO if self.limit != n else logging.DEBUG,
+            "range streams: %d at %.0f MB/s -> %d",
+            n,
+            rate / 1e6,
+            self.limit,
+        )
 
     def _wake(self) -> None:
         with self._lock:

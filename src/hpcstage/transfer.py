@@ -5,6 +5,7 @@ server hangs forever), its content GET does not retry a 503, and across processe
 from zero. Here every request has connect and read timeouts and one retry policy with a time budget, and
 a partial file survives its process so the next one continues where it stopped.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,10 +24,10 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
 from hpcstage import safefs
@@ -109,10 +110,12 @@ class _Attempts:
         self.limited += 1
         spent = time.monotonic() - self.started
         if spent + delay > self.policy.budget:
-            raise TransferError(f"{self.what}: rate-limited by the server for {spent:.0f}s and told to wait "
-                                f"{delay:.0f}s more, past --retry-budget ({self.policy.budget:.0f}s); raise "
-                                "--retry-budget, or log in (`hf auth login`) for a larger Hub quota",
-                                status=429)
+            raise TransferError(
+                f"{self.what}: rate-limited by the server for {spent:.0f}s and told to wait "
+                f"{delay:.0f}s more, past --retry-budget ({self.policy.budget:.0f}s); raise "
+                "--retry-budget, or log in (`hf auth login`) for a larger Hub quota",
+                status=429,
+            )
         return delay
 
 
@@ -156,8 +159,10 @@ def _parse_proxy(value: str, variable: str) -> Proxy:
         port = -1
     if parts.scheme != "http" or not parts.hostname or port < 0:
         shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if port > 0 and parts.port else "")
-        raise BadInput(f"{variable}={shown}...: hpcstage speaks to proxies over plain http "
-                       "(http://host:port, CONNECT for https); fix or unset it")
+        raise BadInput(
+            f"{variable}={shown}...: hpcstage speaks to proxies over plain http "
+            "(http://host:port, CONNECT for https); fix or unset it"
+        )
     auth = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -223,8 +228,10 @@ def tls_context() -> ssl.SSLContext:
             else:
                 ctx.load_verify_locations(cafile=path)
         except (OSError, ssl.SSLError) as e:
-            raise BadInput(f"{name}={path} is not a readable CA bundle ({getattr(e, 'strerror', None) or e}); "
-                           f"point it at your site's CA file, or unset it") from None
+            raise BadInput(
+                f"{name}={path} is not a readable CA bundle ({getattr(e, 'strerror', None) or e}); "
+                f"point it at your site's CA file, or unset it"
+            ) from None
     return ctx
 
 
@@ -265,11 +272,16 @@ class _HTTPSConnection(http.client.HTTPSConnection):
             answer.begin()
             if answer.status != 200:
                 answer.close()
-                hint = {407: "put user:password in the proxy URL (http://user:password@host:port)",
-                        403: "ask the site whether this host is allowed through the proxy"}.get(answer.status, "")
-                raise ProxyError(f"proxy {proxy.name} ({proxy.variable}) refused CONNECT to {target}: "
-                                 f"{answer.status} {answer.reason.strip().lower()}" + (f"; {hint}" if hint else ""),
-                                 status=answer.status, hint=hint or None)
+                hint = {
+                    407: "put user:password in the proxy URL (http://user:password@host:port)",
+                    403: "ask the site whether this host is allowed through the proxy",
+                }.get(answer.status, "")
+                raise ProxyError(
+                    f"proxy {proxy.name} ({proxy.variable}) refused CONNECT to {target}: "
+                    f"{answer.status} {answer.reason.strip().lower()}" + (f"; {hint}" if hint else ""),
+                    status=answer.status,
+                    hint=hint or None,
+                )
             sock.settimeout(self.read_timeout)
             self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
@@ -295,8 +307,7 @@ class Response:
     """One answer. `release_conn()` hands the connection back for the next request when the body was read
     to its end, and closes it otherwise (a half-read body cannot be skipped for free)."""
 
-    def __init__(self, http: "Http", key: tuple, conn: _Conn, raw: http.client.HTTPResponse,
-                 url: str):
+    def __init__(self, http: Http, key: tuple, conn: _Conn, raw: http.client.HTTPResponse, url: str):
         self._http, self._key, self._raw = http, key, raw
         self._conn: _Conn | None = conn
         self.status, self.headers, self.url = raw.status, raw.headers, url
@@ -486,7 +497,7 @@ class Http:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         retry: RetryPolicy | None = None,
-        errors: Callable[["Response", str], HpcstageError | None] | None = None,
+        errors: Callable[[Response, str], HpcstageError | None] | None = None,
         share: float = 1.0,
         max_connections: int = MAX_CONNECTIONS,
     ):
@@ -562,12 +573,14 @@ class Http:
         pacer = self._pacers.get(slot)
         if pacer is None and create:
             with self._lock:
-                pacer = self._pacers.setdefault(slot, _Pacer(f"{key[0]}://{key[1]}", self.share,
-                                                             lambda line: self.on_wait(line)))
+                pacer = self._pacers.setdefault(
+                    slot, _Pacer(f"{key[0]}://{key[1]}", self.share, lambda line: self.on_wait(line))
+                )
         return pacer
 
-    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
-              deadline: float = math.inf) -> Response:
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None, deadline: float = math.inf
+    ) -> Response:
         """Follow redirects; Authorization goes only to `auth_origin` (else to the first URL's origin).
         The response's `url` is where it finally came from."""
         trusted = self.auth_origin or _origin(url)
@@ -593,8 +606,10 @@ class Http:
                 scheme = urlsplit(target).scheme
                 if parts.scheme == "https" and scheme != "https":
                     resp.release_conn()
-                    raise TransferError(f"{method} {parts.netloc}: refused a redirect from https to {scheme}; "
-                                        "the server must stay on https")
+                    raise TransferError(
+                        f"{method} {parts.netloc}: refused a redirect from https to {scheme}; "
+                        "the server must stay on https"
+                    )
                 url = target
                 resp.drain_conn()
                 resp.release_conn()
@@ -603,8 +618,14 @@ class Http:
         raise TransferError(f"{method} {url}: too many redirects")
 
     def request(
-        self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
-        what: str = "", on_retry: Callable[[], None] = lambda: None,
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        what: str = "",
+        on_retry: Callable[[], None] = lambda: None,
     ) -> Response:
         """Send with retries on 408/429/5xx and connection errors (`on_retry` hears each). The caller reads
         (or releases) the body; error statuses other than those come back to the caller to map to a typed
@@ -618,9 +639,11 @@ class Http:
                 attempts.rate_limited(e.seconds)  # raises: the wait is past the budget
                 continue
             except ssl.SSLCertVerificationError as e:
-                raise TransferError(f"{attempts.what}: the server's TLS certificate is not trusted "
-                                    f"({e.verify_message}); point SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at "
-                                    "your site's CA bundle") from e
+                raise TransferError(
+                    f"{attempts.what}: the server's TLS certificate is not trusted "
+                    f"({e.verify_message}); point SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at "
+                    "your site's CA bundle"
+                ) from e
             except ProxyError as e:
                 if not e.rerun_helps and e.status in (403, 407):
                     raise
@@ -718,8 +741,12 @@ class _Pieces:
             data = json.loads(self.folder.read(self.record) or b"null")
         except (OSError, ValueError):
             return
-        if not (isinstance(data, dict) and data.get("size") == self.size and isinstance(data.get("segment"), int)
-                and data["segment"] > 0):
+        if not (
+            isinstance(data, dict)
+            and data.get("size") == self.size
+            and isinstance(data.get("segment"), int)
+            and data["segment"] > 0
+        ):
             return
         # a record written with another piece size (an earlier version): the pieces its segments cover
         segment = data["segment"]
@@ -913,8 +940,19 @@ def fetch(
                     start, end = pieces.bounds(i)
                     view = buf[: end - start]
                     began = time.monotonic()
-                    _fetch_piece(http, source, url, view, start, size, arrived, label, lambda: bool(failed),
-                                 resolving, streams.trouble)
+                    _fetch_piece(
+                        http,
+                        source,
+                        url,
+                        view,
+                        start,
+                        size,
+                        arrived,
+                        label,
+                        lambda: bool(failed),
+                        resolving,
+                        streams.trouble,
+                    )
                     streams.piece_done(time.monotonic() - began)
                     out.write(view, start)
                     with cond:
@@ -935,8 +973,9 @@ def fetch(
         with cond:
             grow()
         try:
-            digest = _hash_in_order(out.fd, pieces, resumed, new_hasher(sha256, size), cond, ready, failed,
-                                    recycle, grow, streams.hashed)
+            digest = _hash_in_order(
+                out.fd, pieces, resumed, new_hasher(sha256, size), cond, ready, failed, recycle, grow, streams.hashed
+            )
         except BaseException as e:
             with cond:
                 failed.append(e)
@@ -979,9 +1018,18 @@ def fetch(
             pieces.save()  # stopped early: what is on disk is what the next run continues from
 
 
-def _hash_in_order(fd: int, pieces: _Pieces, resumed: frozenset[int], hasher, cond: threading.Condition,
-                   ready: dict[int, memoryview], failed: list, recycle: Callable[[memoryview], None],
-                   grow: Callable[[], None], on_hashed: Callable[[bool], None]) -> str | None:
+def _hash_in_order(
+    fd: int,
+    pieces: _Pieces,
+    resumed: frozenset[int],
+    hasher,
+    cond: threading.Condition,
+    ready: dict[int, memoryview],
+    failed: list,
+    recycle: Callable[[memoryview], None],
+    grow: Callable[[], None],
+    on_hashed: Callable[[bool], None],
+) -> str | None:
     """Hash pieces in order as they arrive, from their buffers; pieces from an earlier run are read back.
     Before each piece and whenever it wakes, it starts range threads if the file's part of the streams grew
     (`grow`); `recycle` takes each hashed buffer (both under `cond`). `on_hashed` hears, per piece, whether
@@ -1023,8 +1071,9 @@ class _RangeIgnored(Exception):
     """The server answered 200 (the whole body) to a ranged request."""
 
 
-def _stream_whole(http: Http, url: str, out: "_PartialFile", size: int, sha256: str | None,
-                  on_bytes: Callable[[int], None], label: str) -> str:
+def _stream_whole(
+    http: Http, url: str, out: _PartialFile, size: int, sha256: str | None, on_bytes: Callable[[int], None], label: str
+) -> str:
     """The whole file in one GET from the start, written in place and hashed as it arrives; a broken stream
     starts over (a server that ignores Range cannot continue one)."""
     attempts = _Attempts(http.retry, f"download {label}")
@@ -1065,18 +1114,34 @@ def _check_content_range(value: str | None, start: int, end: int, size: int, lab
     span, _, total = spec.partition("/")
     first, _, last = span.partition("-")
     try:
-        ok = (unit == "bytes" and int(first) == start and int(last) == end - 1
-              and (total.strip() == "*" or int(total) == size))
+        ok = (
+            unit == "bytes"
+            and int(first) == start
+            and int(last) == end - 1
+            and (total.strip() == "*" or int(total) == size)
+        )
     except ValueError:
         ok = False
     if not ok:
-        raise TransferError(f"download {label}: asked for bytes {start}-{end - 1} of {size}, the server sent "
-                            f"Content-Range {value!r}; the server or a proxy between is broken")
+        raise TransferError(
+            f"download {label}: asked for bytes {start}-{end - 1} of {size}, the server sent "
+            f"Content-Range {value!r}; the server or a proxy between is broken"
+        )
 
 
-def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, start: int, size: int,
-                 on_bytes: Callable[[int], None], label: str, stop: Callable[[], bool],
-                 resolving: threading.Lock, trouble: Callable[[], None] = lambda: None) -> None:
+def _fetch_piece(
+    http: Http,
+    source: list[str],
+    url: str,
+    view: memoryview,
+    start: int,
+    size: int,
+    on_bytes: Callable[[int], None],
+    label: str,
+    stop: Callable[[], bool],
+    resolving: threading.Lock,
+    trouble: Callable[[], None] = lambda: None,
+) -> None:
     """Bytes [start, start + len(view)) of the file into `view`; a dropped connection continues where it broke.
 
     `source[0]` is where the bytes last came from: after the first piece's redirect, the others go to the
@@ -1115,7 +1180,7 @@ def _fetch_piece(http: Http, source: list[str], url: str, view: memoryview, star
                 if stop():
                     raise _Stopped()
                 try:
-                    n = resp.readinto(view[filled: filled + CHUNK])
+                    n = resp.readinto(view[filled : filled + CHUNK])
                 except DROPPED as e:
                     dropped = e
                     break

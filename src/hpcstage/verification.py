@@ -14,6 +14,7 @@ outside the repo's own folders) and fetches exactly those again through `staging
 
 The library call is `hpcstage.verify(...)` (hpcstage.api); the CLI's is `hpcstage verify`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,15 +26,15 @@ import shlex
 import stat
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
-from hpcstage.hfcache import (CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher,
-                              share_cache)
+from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher, share_cache
 from hpcstage.layout import LEASE_TTL, repo_of_folder
 from hpcstage.xetstore import XetStore
 
@@ -103,10 +104,16 @@ class VerifyReport:
 
     def as_dict(self) -> dict:
         return {
-            "ok": self.ok, "cache_dir": str(self.cache_dir), "repos": self.repos, "snapshots": self.snapshots,
-            "files": self.files, "blobs_hashed": self.blobs_hashed, "bytes_hashed": self.bytes_hashed,
+            "ok": self.ok,
+            "cache_dir": str(self.cache_dir),
+            "repos": self.repos,
+            "snapshots": self.snapshots,
+            "files": self.files,
+            "blobs_hashed": self.blobs_hashed,
+            "bytes_hashed": self.bytes_hashed,
             "seconds": round(self.seconds, 3),
-            "problems": [p.as_dict() for p in self.problems], "repaired": [p.as_dict() for p in self.repaired],
+            "problems": [p.as_dict() for p in self.problems],
+            "repaired": [p.as_dict() for p in self.repaired],
         }
 
 
@@ -149,8 +156,9 @@ class _Hasher:
     parallel, which hides a shared filesystem's round trip per open."""
 
     def __init__(self, workers: int):
-        self._pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1
-                      else None)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1 else None
+        )
         self._seen: set[tuple[str, str]] = set()
         self._batch: list[tuple[str, str, int]] = []
         self._held = 0
@@ -306,9 +314,15 @@ class _Plan:
         except FileNotFoundError:
             return
         except (OSError, ValueError) as e:
-            self.problem(UNREADABLE, snap.cache, snap.commit, "", tree,
-                         f"cannot read the listing ({getattr(e, 'strerror', None) or e}); "
-                         f"delete it and run `{self.hints.pull(snap.cache, snap.commit)}`")
+            self.problem(
+                UNREADABLE,
+                snap.cache,
+                snap.commit,
+                "",
+                tree,
+                f"cannot read the listing ({getattr(e, 'strerror', None) or e}); "
+                f"delete it and run `{self.hints.pull(snap.cache, snap.commit)}`",
+            )
             return
         files = data.get("files") if isinstance(data, dict) else None
         if not isinstance(files, dict):
@@ -347,8 +361,14 @@ def _snapshot_commits(cache: RepoCache) -> list[str]:
         return []
 
 
-def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None, repo_type: str | None,
-          revision: str | None, hints: _Hints | None = None) -> _Plan:
+def _plan(
+    cache_dir: Path,
+    repo_ids: list[str] | None,
+    manifest: Manifest | None,
+    repo_type: str | None,
+    revision: str | None,
+    hints: _Hints | None = None,
+) -> _Plan:
     plan = _Plan(cache_dir, hints)
     if manifest is not None:
         lock_path = manifest.lock_path
@@ -359,8 +379,15 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
             cache = plan.repo(entry.repo_type, entry.repo)
             locked = lock.entries.get(entry.key)
             if locked is None:
-                plan.problem(NOT_STAGED, cache, None, "", lock_path,
-                             f"{entry.repo}@{entry.revision} has no entry in the lockfile; run `{plan.hints.pull(cache, entry.revision)}`")
+                plan.problem(
+                    NOT_STAGED,
+                    cache,
+                    None,
+                    "",
+                    lock_path,
+                    f"{entry.repo}@{entry.revision} has no entry in the lockfile; "
+                    f"run `{plan.hints.pull(cache, entry.revision)}`",
+                )
                 continue
             plan.add_locked(cache, locked.commit, locked.cached_files(), lock_path)
             if not policy.is_commit(entry.revision):
@@ -377,10 +404,16 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
                 policy.check_repo_id(repo_id)
             cache = plan.repo(kind, repo_id)
             if not cache.root.is_dir():
-                other = [] if repo_type else [k for k in ("dataset", "space")
-                                              if RepoCache(cache.cache_dir, k, repo_id).root.is_dir()]
-                fix = (f"it is staged as a {other[0]}: pass --repo-type {other[0]}" if other else
-                       f"run `{plan.hints.pull(cache, 'main')}` or pass the --cache-dir it was pulled into")
+                other = (
+                    []
+                    if repo_type
+                    else [k for k in ("dataset", "space") if RepoCache(cache.cache_dir, k, repo_id).root.is_dir()]
+                )
+                fix = (
+                    f"it is staged as a {other[0]}: pass --repo-type {other[0]}"
+                    if other
+                    else f"run `{plan.hints.pull(cache, 'main')}` or pass the --cache-dir it was pulled into"
+                )
                 plan.problem(NOT_STAGED, cache, None, "", cache.root, f"not in the cache {cache_dir}; {fix}")
                 continue
             if revision is None:
@@ -389,11 +422,23 @@ def _plan(cache_dir: Path, repo_ids: list[str] | None, manifest: Manifest | None
                 continue
             commit = revision if policy.is_commit(revision) else (cache.read_ref(revision) or "").strip()
             if not policy.is_commit(commit):
-                plan.problem(NOT_STAGED, cache, None, revision, cache.root / "refs" / revision,
-                             f"revision {revision!r} is not staged; run `{plan.hints.pull(cache, revision)}`")
+                plan.problem(
+                    NOT_STAGED,
+                    cache,
+                    None,
+                    revision,
+                    cache.root / "refs" / revision,
+                    f"revision {revision!r} is not staged; run `{plan.hints.pull(cache, revision)}`",
+                )
             elif not cache.snapshot(commit).is_dir():
-                plan.problem(NOT_STAGED, cache, commit, "", cache.snapshot(commit),
-                             f"no snapshot; run `{plan.hints.pull(cache, revision)}`")
+                plan.problem(
+                    NOT_STAGED,
+                    cache,
+                    commit,
+                    "",
+                    cache.snapshot(commit),
+                    f"no snapshot; run `{plan.hints.pull(cache, revision)}`",
+                )
             else:
                 plan.snapshot(cache, commit)
         return plan
@@ -454,29 +499,49 @@ def _check_refs(plan: _Plan) -> None:
                 continue
             if not _RAW_COMMIT.fullmatch(raw):
                 locked = plan.ref_expect.get((root, name))
-                fix = (f"a trailing newline/whitespace, so offline loads fail; run `{plan.hints.repair(cache)}`"
-                       if _RAW_COMMIT.fullmatch(raw.strip()) or locked else
-                       f"not a 40-hex commit; run `{plan.hints.pull(cache, name)}`")
+                fix = (
+                    f"a trailing newline/whitespace, so offline loads fail; run `{plan.hints.repair(cache)}`"
+                    if _RAW_COMMIT.fullmatch(raw.strip()) or locked
+                    else f"not a 40-hex commit; run `{plan.hints.pull(cache, name)}`"
+                )
                 if locked and not _RAW_COMMIT.fullmatch(raw.strip()):
                     fix = f"not a 40-hex commit; the lockfile pins {locked[:12]}: run `{plan.hints.repair(cache)}`"
                 plan.problem(BAD_REF, cache, None, f"refs/{name}", ref_file, fix)
                 continue
             commit = raw.decode()
             if not cache.snapshot(commit).is_dir():
-                fix = (plan.hints.repair(cache) if plan.ref_expect.get((root, name)) else plan.hints.pull(cache, name))
-                plan.problem(BAD_REF, cache, commit, f"refs/{name}", ref_file,
-                             f"points at {commit[:12]}, which has no snapshot; run `{fix}`")
+                fix = plan.hints.repair(cache) if plan.ref_expect.get((root, name)) else plan.hints.pull(cache, name)
+                plan.problem(
+                    BAD_REF,
+                    cache,
+                    commit,
+                    f"refs/{name}",
+                    ref_file,
+                    f"points at {commit[:12]}, which has no snapshot; run `{fix}`",
+                )
         for (r, name), locked in plan.ref_expect.items():
             if r != root:
                 continue
             current = cache.read_ref(name)
             if current is None:
-                plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name,
-                             f"missing, so offline loads of {name!r} fail; run `{plan.hints.repair(cache)}`")
+                plan.problem(
+                    BAD_REF,
+                    cache,
+                    locked,
+                    f"refs/{name}",
+                    refs / name,
+                    f"missing, so offline loads of {name!r} fail; run `{plan.hints.repair(cache)}`",
+                )
             elif current.strip() != locked and policy.is_commit(current.strip()):
-                plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name,
-                             f"points at {current.strip()[:12]}, the lockfile at {locked[:12]}: offline loads of {name!r} "
-                             f"get other files; pass the commit as revision or run `{plan.hints.pull(cache, name)}`")
+                plan.problem(
+                    BAD_REF,
+                    cache,
+                    locked,
+                    f"refs/{name}",
+                    refs / name,
+                    f"points at {current.strip()[:12]}, the lockfile at {locked[:12]}: offline loads of {name!r} "
+                    f"get other files; pass the commit as revision or run `{plan.hints.pull(cache, name)}`",
+                )
 
 
 def _walk_snapshot(folder: Path | str) -> dict[str, bool]:
@@ -499,8 +564,18 @@ def _walk_snapshot(folder: Path | str) -> dict[str, bool]:
     return found
 
 
-def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending: list[_Pending], hasher: _Hasher,
-                is_link: bool, folder: str, blobs: str, blobs_real: str) -> None:
+def _check_file(
+    plan: _Plan,
+    snap: _Snapshot,
+    path: str,
+    f: CachedFile,
+    pending: list[_Pending],
+    hasher: _Hasher,
+    is_link: bool,
+    folder: str,
+    blobs: str,
+    blobs_real: str,
+) -> None:
     """One snapshot entry: a link into the repo's blobs (or a plain file) of the right size, queued for its
     hash. Strings, not pathlib, and one system call besides readlink for the usual link: this runs once
     per file (20,000+ in a large repo)."""
@@ -515,15 +590,21 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
     if target is not None:
         # What pulls write: `../` once per folder level up to the repo, then blobs/<name>; else the general way.
         up = "../" * (path.count("/") + 2) + "blobs/"
-        name = target[len(up):] if target.startswith(up) else ""
+        name = target[len(up) :] if target.startswith(up) else ""
         if name and "/" not in name and name not in (".", ".."):
             data = f"{blobs}/{name}"
         else:
             data = os.path.normpath(os.path.join(os.path.dirname(entry), target))
             name = os.path.basename(data)
             if os.path.isabs(target) or os.path.dirname(data) != blobs:
-                plan.problem(BAD_LINK, cache, commit, path, entry,
-                             f"symlink points outside the repo's blobs folder ({target}); run `{plan.hints.repair(cache)}`")
+                plan.problem(
+                    BAD_LINK,
+                    cache,
+                    commit,
+                    path,
+                    entry,
+                    f"symlink points outside the repo's blobs folder ({target}); run `{plan.hints.repair(cache)}`",
+                )
                 return
         try:
             blob = os.lstat(data)
@@ -533,8 +614,9 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
                     return
                 blob, real = os.stat(data), os.path.realpath(data)
         except FileNotFoundError:
-            plan.problem(BROKEN_LINK, cache, commit, path, entry,
-                         f"its blob {name} is missing; run `{plan.hints.repair(cache)}`")
+            plan.problem(
+                BROKEN_LINK, cache, commit, path, entry, f"its blob {name} is missing; run `{plan.hints.repair(cache)}`"
+            )
             return
         except OSError as e:
             plan.problem(UNREADABLE, cache, commit, path, data, f"cannot stat the blob ({e.strerror})")
@@ -547,7 +629,9 @@ def _check_file(plan: _Plan, snap: _Snapshot, path: str, f: CachedFile, pending:
         plan.problem(CORRUPT, cache, commit, path, entry, "not a file or a symlink to a blob")
         return
     if size != f.size:
-        plan.problem(CORRUPT, cache, commit, path, data, f"size {size}, expected {f.size}; run `{plan.hints.repair(cache)}`")
+        plan.problem(
+            CORRUPT, cache, commit, path, data, f"size {size}, expected {f.size}; run `{plan.hints.repair(cache)}`"
+        )
         return
     algo, digest = ("sha256", f.sha256) if f.sha256 else ("git", f.blob_id)
     pending.append(_Pending(snap, f, real, algo, digest))
@@ -564,13 +648,25 @@ def _store_link_ok(plan: _Plan, cache: RepoCache, commit: str, path: str, blob: 
     store = XetStore(plan.cache_dir)
     h = os.path.basename(target)
     if not re.fullmatch(r"[0-9a-f]{64}", h) or target != store.link_target(h):
-        plan.problem(BAD_LINK, cache, commit, path, blob,
-                     f"its blob is a link to {target}, not into the shared Xet store; run `{plan.hints.repair(cache)}`")
+        plan.problem(
+            BAD_LINK,
+            cache,
+            commit,
+            path,
+            blob,
+            f"its blob is a link to {target}, not into the shared Xet store; run `{plan.hints.repair(cache)}`",
+        )
         return False
     if os.path.lexists(store.path(h)) and Path(blob) not in store.links_of(h):
-        plan.problem(UNLISTED, cache, commit, path, store.refs_path(h),
-                     "its blob links into the shared Xet store but the store's .refs manifest does not name it, so "
-                     f"huggingface_hub's cache deletion could remove the content; run `{plan.hints.repair(cache)}`")
+        plan.problem(
+            UNLISTED,
+            cache,
+            commit,
+            path,
+            store.refs_path(h),
+            "its blob links into the shared Xet store but the store's .refs manifest does not name it, so "
+            f"huggingface_hub's cache deletion could remove the content; run `{plan.hints.repair(cache)}`",
+        )
     return True
 
 
@@ -595,35 +691,60 @@ def _check(plan: _Plan, workers: int, report: VerifyReport) -> set[str]:
             plan.problem(UNREADABLE, cache, commit, p.file.path, p.data, f"cannot read ({got.strerror or got})")
         elif got != p.digest:
             name = "sha256" if p.algo == "sha256" else "git blob sha1"
-            plan.problem(CORRUPT, cache, commit, p.file.path, p.data,
-                         f"{name} {got[:12]}…, expected {p.digest[:12]}…; run `{plan.hints.repair(cache)}`")
+            plan.problem(
+                CORRUPT,
+                cache,
+                commit,
+                p.file.path,
+                p.data,
+                f"{name} {got[:12]}…, expected {p.digest[:12]}…; run `{plan.hints.repair(cache)}`",
+            )
         else:
             good.add(p.data)
     return good
 
 
-def _check_snapshot(plan: _Plan, snap: _Snapshot, report: VerifyReport, pending: list[_Pending],
-                    hasher: _Hasher) -> None:
+def _check_snapshot(
+    plan: _Plan, snap: _Snapshot, report: VerifyReport, pending: list[_Pending], hasher: _Hasher
+) -> None:
     cache, commit = snap.cache, snap.commit
     report.snapshots += 1
     folder = cache.snapshot(commit)
     if not snap.locked and not snap.listed:
-        plan.problem(UNVERIFIABLE, cache, commit, "", cache.tree_path(commit),
-                     f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
-                     "to record one, or verify with -f MANIFEST")
+        plan.problem(
+            UNVERIFIABLE,
+            cache,
+            commit,
+            "",
+            cache.tree_path(commit),
+            f"no listing and no lockfile entry to check against; run `{plan.hints.pull(cache, commit)}` "
+            "to record one, or verify with -f MANIFEST",
+        )
         return
     present = _walk_snapshot(folder) if folder.is_dir() else {}
     blobs = os.path.normpath(cache.root / "blobs")
     where = (str(folder), blobs, os.path.realpath(blobs))
     for path in sorted(snap.required.difference(present)):
         source = "the lockfile" if snap.locked else f"trees/{commit}.json and was pulled"
-        plan.problem(MISSING, cache, commit, path, folder / path,
-                     f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`")
+        plan.problem(
+            MISSING,
+            cache,
+            commit,
+            path,
+            folder / path,
+            f"listed in {source} but not in the snapshot; run `{plan.hints.repair(cache)}`",
+        )
     for path in sorted(present):
         f = snap.expected.get(path)
         if f is None:
-            plan.problem(EXTRA, cache, commit, path, folder / path,
-                         "not in the listing or the lockfile; delete it if nothing needs it")
+            plan.problem(
+                EXTRA,
+                cache,
+                commit,
+                path,
+                folder / path,
+                "not in the listing or the lockfile; delete it if nothing needs it",
+            )
             continue
         report.files += 1
         _check_file(plan, snap, path, f, pending, hasher, present[path], *where)
@@ -732,8 +853,9 @@ def _repair_refs(plan: _Plan, problems: list[Problem]) -> None:
             cache.folder(ref.parent).write_atomic(ref.name, commit.encode(), sharing=cache.sharing)
 
 
-def _repair_options(options: Options | None, folder: Path, workers: int | None, quiet: bool,
-                    allow: list[str] | None = None) -> Options:
+def _repair_options(
+    options: Options | None, folder: Path, workers: int | None, quiet: bool, allow: list[str] | None = None
+) -> Options:
     """The caller's settings (token, timeout, retries, ...) with this verify's cache, workers and quiet; the
     manifest's allowlist, when it has one, over the caller's."""
     import dataclasses
@@ -741,8 +863,13 @@ def _repair_options(options: Options | None, folder: Path, workers: int | None, 
     from hpcstage.staging import Options
 
     options = options or Options()
-    return dataclasses.replace(options, cache_dir=folder, workers=workers or 8, quiet=quiet,
-                               allow=allow if allow is not None else options.allow)
+    return dataclasses.replace(
+        options,
+        cache_dir=folder,
+        workers=workers or 8,
+        quiet=quiet,
+        allow=allow if allow is not None else options.allow,
+    )
 
 
 def verify(
@@ -799,19 +926,31 @@ def verify(
         if manifest is None or not manifest.data_entries:
             return []
         from hpcstage import datadir
-
         from hpcstage.manifest import load_lock
 
-        found = datadir.verify_entries(manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers())
-        return [Problem(kind, "data", entry.dest, None, path, str(where),
-                        f"{detail}; run `{hints.pull() if kind == NOT_STAGED else hints.repair()}`")
-                for entry, kind, path, where, detail in found]
+        found = datadir.verify_entries(
+            manifest, load_lock(manifest.lock_path, manifest.path), folder, workers or default_workers()
+        )
+        return [
+            Problem(
+                kind,
+                "data",
+                entry.dest,
+                None,
+                path,
+                str(where),
+                f"{detail}; run `{hints.pull() if kind == NOT_STAGED else hints.repair()}`",
+            )
+            for entry, kind, path, where, detail in found
+        ]
 
     try:
         report, plan, good = run()
     except PermissionError as e:
-        raise HpcstageError(f"cannot read {e.filename or folder}: permission denied; run as a member of the cache's "
-                            "group, or have its owner run `hpcstage pull --shared-group GROUP`") from None
+        raise HpcstageError(
+            f"cannot read {e.filename or folder}: permission denied; run as a member of the cache's "
+            "group, or have its owner run `hpcstage pull --shared-group GROUP`"
+        ) from None
     if repair and not report.ok:
         before = report.problems
         if any(p.kind in REPAIRABLE or p.repo_type == "data" for p in before):
@@ -826,8 +965,11 @@ def verify(
             assert manifest is not None  # data entries come only from a manifest
             from hpcstage import datadir
 
-            datadir.restage(manifest, [e for e in manifest.data_entries if e.dest in bad_data],
-                            _repair_options(options, folder, workers, quiet))
+            datadir.restage(
+                manifest,
+                [e for e in manifest.data_entries if e.dest in bad_data],
+                _repair_options(options, folder, workers, quiet),
+            )
         if entries:
             from hpcstage.staging import pull  # the network, only now
 

@@ -21,6 +21,7 @@ both match the listing (huggingface_hub publishes only Xet-verified downloads to
 masked or absent `xetHash`, with HF_HUB_DISABLE_SHARED_BLOBS set, or where symlinks cannot be made, files
 go to the per-repo `blobs/<etag>` as before.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,14 +30,15 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch
 from hpcstage.hfcache import CachedFile, RepoCache, Sharing
-from hpcstage.layout import LEASE_SUFFIX, XET_LEASES as LEASES
+from hpcstage.layout import LEASE_SUFFIX
+from hpcstage.layout import XET_LEASES as LEASES
 
 MARKER = ".huggingface-shared-blobs"
 LAYOUT_VERSION = b"1\n"
@@ -178,8 +180,12 @@ class XetStore:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    yield Entry(item.name, st.st_size, tuple(self.links_of(item.name)),
-                                os.path.lexists(self.refs_path(item.name)))
+                    yield Entry(
+                        item.name,
+                        st.st_size,
+                        tuple(self.links_of(item.name)),
+                        os.path.lexists(self.refs_path(item.name)),
+                    )
 
     def saved(self) -> Saved:
         """What the store holds and what it saves (bytes that would be stored again without it)."""
@@ -287,7 +293,10 @@ class XetStore:
             raise XetHashMismatch(
                 f"{cache.repo_id}/{f.path}: the content matches its sha256 but not the xetHash the Hub listed "
                 f"({got[:12]}… instead of {h[:12]}…), so it was not stored; report it to the repo's owners, or set "
-                "HF_HUB_DISABLE_SHARED_BLOBS=1 to keep it as a per-repo blob", repo=cache.repo_id, path=f.path)
+                "HF_HUB_DISABLE_SHARED_BLOBS=1 to keep it as a per-repo blob",
+                repo=cache.repo_id,
+                path=f.path,
+            )
         prefix = self._folder(h[:2])
         if prefix is None:
             return False

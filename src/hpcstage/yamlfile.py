@@ -1,6 +1,7 @@
 """One YAML file read, with every way it can fail (missing, unreadable, not UTF-8, not YAML) as one line that
 names the file, the line when YAML knows it, and the fix: the manifest, the site policy, an experiment
 summary and a training config all come through here."""
+
 from __future__ import annotations
 
 from pathlib import Path

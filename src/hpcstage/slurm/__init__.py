@@ -49,6 +49,4 @@ def run_command(
     except FileNotFoundError as exc:
         raise SlurmError(f"{argv[0]} not found: is this a Slurm login node?", argv=argv) from exc
     except subprocess.TimeoutExpired as exc:
-        raise SlurmError(
-            f"{argv[0]} gave no answer within {timeout:g} s (is slurmctld up?)", argv=argv
-        ) from exc
+        raise SlurmError(f"{argv[0]} gave no answer within {timeout:g} s (is slurmctld up?)", argv=argv) from exc

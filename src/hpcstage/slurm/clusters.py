@@ -184,13 +184,9 @@ class Cluster(BaseModel):
 
     def matches(self, hostnames: Iterable[str], environ: Mapping[str, str]) -> bool:
         """Whether a whole host name matches, or the environment names this cluster."""
-        if self.hostname and any(
-            re.fullmatch(self.hostname, host, re.IGNORECASE) for host in hostnames
-        ):
+        if self.hostname and any(re.fullmatch(self.hostname, host, re.IGNORECASE) for host in hostnames):
             return True
-        return bool(self.detect_env) and all(
-            environ.get(key) == value for key, value in self.detect_env.items()
-        )
+        return bool(self.detect_env) and all(environ.get(key) == value for key, value in self.detect_env.items())
 
     def sbatch_options(self, gpus: int | None = None) -> list[str]:
         """sbatch options for one node of this cluster with ``gpus`` GPUs (default: all)."""
@@ -313,12 +309,8 @@ def load_registry(extra_files: Iterable[str | os.PathLike[str]] = ()) -> Registr
         try:
             clusters[name] = Cluster(name=name, **table)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'cluster'}: {e['msg']}" for e in exc.errors()
-            )
-            raise RegistryError(
-                f"cluster {name!r} (from {', '.join(origins[name])}): {problems}"
-            ) from None
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'cluster'}: {e['msg']}" for e in exc.errors())
+            raise RegistryError(f"cluster {name!r} (from {', '.join(origins[name])}): {problems}") from None
     return Registry(clusters, [source for _, source in layers])
 
 

@@ -73,15 +73,17 @@ def read_env_file(path: str | os.PathLike[str], origin: str) -> dict[str, str]:
             raise BadInput(f"{path}:{number}: not a KEY=value line; write NAME=value (NAME of letters, digits, _)")
         name, value = match.group(1), match.group(2).strip()
         if is_credential(name):
-            raise BadInput(f"{path}:{number}: {name} looks like a credential, and env files are copied into job "
-                           f"scripts and config.json; move it to your secrets file (${SECRETS_ENV}, chmod 600)")
+            raise BadInput(
+                f"{path}:{number}: {name} looks like a credential, and env files are copied into job "
+                f"scripts and config.json; move it to your secrets file (${SECRETS_ENV}, chmod 600)"
+            )
         if name.startswith("HPCSTAGE_") or name == "PATH":
             raise BadInput(f"{path}:{number}: {name} is set by hpcstage itself; remove it (PATH: use `activate`)")
         if value[:1] in ("'", '"'):  # quoted: up to the same quote; after it, only a comment
             end = value.find(value[0], 1)
-            rest = value[end + 1:].strip() if end > 0 else "?"
+            rest = value[end + 1 :].strip() if end > 0 else "?"
             if rest and not rest.startswith("#"):
-                raise BadInput(f"{path}:{number}: {name}: unbalanced quotes; write {name}=\"a value\"")
+                raise BadInput(f'{path}:{number}: {name}: unbalanced quotes; write {name}="a value"')
             value = value[1:end]
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
@@ -101,18 +103,24 @@ def secrets_file(cluster: Cluster, environ: dict[str, str] | os._Environ = os.en
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise BadInput(f"secrets file {path} (from {origin}) does not exist; create it with `install -m 600 "
-                       f"/dev/null {path}` and add KEY=value lines, or unset {origin}") from None
+        raise BadInput(
+            f"secrets file {path} (from {origin}) does not exist; create it with `install -m 600 "
+            f"/dev/null {path}` and add KEY=value lines, or unset {origin}"
+        ) from None
     except OSError as e:
         raise BadInput(f"secrets file {path} (from {origin}): {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise BadInput(f"secrets file {path} (from {origin}) is not a regular file; name a file")
     if st.st_uid != os.geteuid():
-        raise BadInput(f"secrets file {path} (from {origin}) belongs to uid {st.st_uid}, not to you: whoever owns "
-                       "it can change what your jobs run; use a file of your own (chmod 600)")
+        raise BadInput(
+            f"secrets file {path} (from {origin}) belongs to uid {st.st_uid}, not to you: whoever owns "
+            "it can change what your jobs run; use a file of your own (chmod 600)"
+        )
     if st.st_mode & 0o077:
-        raise BadInput(f"secrets file {path} (from {origin}) is open to others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                       f"make it private: chmod 600 {shlex.quote(str(path))}")
+        raise BadInput(
+            f"secrets file {path} (from {origin}) is open to others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"make it private: chmod 600 {shlex.quote(str(path))}"
+        )
     return path, origin
 
 
@@ -124,8 +132,9 @@ def secret_names(path: Path) -> list[str]:
         raise BadInput(f"secrets file {path}: {e.strerror}") from None
 
 
-def for_job(cluster: Cluster, job_type: str, activate: str | None, env_files: list[Path],
-            secrets: Path | None) -> JobEnvironment:
+def for_job(
+    cluster: Cluster, job_type: str, activate: str | None, env_files: list[Path], secrets: Path | None
+) -> JobEnvironment:
     """One job's environment: --activate, else the cluster's line for its job type; the cluster's env file for
     the job type, then --env-file ones (later files win per name)."""
     out = JobEnvironment(secrets_file=str(secrets) if secrets else None)
@@ -135,7 +144,7 @@ def for_job(cluster: Cluster, job_type: str, activate: str | None, env_files: li
         out.activate = cluster.for_job("activate", job_type)
         out.activate_from = f"activate of [{cluster.name}] in clusters.toml"
     named = cluster.for_job("env_file", job_type)
-    files = ([(Path(os.path.expandvars(named)).expanduser(), f"env_file of [{cluster.name}]")] if named else [])
+    files = [(Path(os.path.expandvars(named)).expanduser(), f"env_file of [{cluster.name}]")] if named else []
     files += [(Path(f).expanduser(), "--env-file") for f in env_files]
     for path, origin in files:
         out.env.update(read_env_file(path, origin))
@@ -161,16 +170,19 @@ def interpreter_shim(modules: list[str], job: JobEnvironment, python: str | None
     """A script that starts the job's Python as the job does (module loads, activation; `python` first on PATH,
     else the activated `python`): prebuild, check and the tool check on the login node run it as the job's
     interpreter. What the activation prints goes to stderr: the checks talk to their child over stdout."""
-    lines = ["#!/bin/bash",
-             "# hpcstage: the job's interpreter as its batch script sets it up (written by `hpcstage launch`)",
-             "set -eo pipefail", "{"]
+    lines = [
+        "#!/bin/bash",
+        "# hpcstage: the job's interpreter as its batch script sets it up (written by `hpcstage launch`)",
+        "set -eo pipefail",
+        "{",
+    ]
     lines += [f"module load {shlex.quote(m)}" for m in modules]
     if job.activate:
         lines.append(job.activate)
     lines.append("} >&2")
     if python:
         folder = str(Path(python).parent)
-        lines += [f"export PATH={shlex.quote(folder)}:\"$PATH\"", f"exec {shlex.quote(python)} \"$@\""]
+        lines += [f'export PATH={shlex.quote(folder)}:"$PATH"', f'exec {shlex.quote(python)} "$@"']
     else:
         lines.append('exec python "$@"')
     return "\n".join(lines) + "\n"

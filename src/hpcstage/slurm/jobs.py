@@ -35,7 +35,7 @@ TERMINAL_STATES = frozenset(
 NEVER_RUNS: dict[str, str] = {
     "DependencyNeverSatisfied": "a job it depends on failed or was cancelled; fix that job and launch again",
     "PartitionTimeLimit": "its --time is over the partition's MaxTime (`scontrol show partition`); "
-                          "cancel it and ask for less time (--time-limit, or --time for pull)",
+    "cancel it and ask for less time (--time-limit, or --time for pull)",
     "PartitionNodeLimit": "it asks for more nodes than the partition allows; cancel it and ask for fewer",
     "AssocMaxWallDurationPerJobLimit": "its --time is over your account's per-job limit; cancel it and ask for less",
     "QOSMaxWallDurationPerJobLimit": "its --time is over the QOS's per-job limit; cancel it and ask for less",
@@ -186,8 +186,12 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     return states
 
 
-def wait(job_ids: Iterable[str], timeout: float, poll: float = 1.0,
-         on_poll: Callable[[dict[str, JobState]], None] | None = None) -> dict[str, JobState]:
+def wait(
+    job_ids: Iterable[str],
+    timeout: float,
+    poll: float = 1.0,
+    on_poll: Callable[[dict[str, JobState]], None] | None = None,
+) -> dict[str, JobState]:
     """Block until every job (and every task of an array) is done; return their states.
 
     A job pending for a reason in ``NEVER_RUNS`` (``DependencyNeverSatisfied``, ``PartitionTimeLimit``...)

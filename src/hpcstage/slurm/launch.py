@@ -33,11 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from hpcstage import __version__, policy, safefs
 from hpcstage.errors import BadInput, HpcstageError
-from hpcstage.slurm import JOB_TYPES, SlurmError
-from hpcstage.slurm import environment
+from hpcstage.slurm import JOB_TYPES, SlurmError, environment
 from hpcstage.slurm.clusters import (
     Cluster,
     RegistryError,
@@ -59,8 +57,15 @@ PYTHON = Shell('"$HPCSTAGE_PYTHON"')
 EVAL_TIME_LIMIT = "04:00:00"  # an lm_eval run's default, capped at the partition's limit
 ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")  # sbatch takes the account from these too
 # llama-factory keys naming files or folders: relative ones are resolved against the config's folder.
-CONFIG_PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "deepspeed", "tokenized_path",
-                    "media_dir", "output_dir")
+CONFIG_PATH_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "dataset_dir",
+    "deepspeed",
+    "tokenized_path",
+    "media_dir",
+    "output_dir",
+)
 
 
 class LaunchError(HpcstageError):
@@ -120,8 +125,15 @@ class LaunchRequest:
 _OWN_OPTIONS = {
     "train": ("train_config", "train_command", "train_extra_args"),
     "eval": ("eval_command", "eval_gpus", "eval_time_limit"),
-    "datagen": ("datagen_script", "datagen_extra_args", "datagen_engine", "trace_input_path", "chunk_size",
-                "max_parallel", "datagen_target_repo"),
+    "datagen": (
+        "datagen_script",
+        "datagen_extra_args",
+        "datagen_engine",
+        "trace_input_path",
+        "chunk_size",
+        "max_parallel",
+        "datagen_target_repo",
+    ),
     "consolidate": ("checkpoint_dir",),
     "run": ("command",),
 }
@@ -147,8 +159,9 @@ class Artifact:
         if self.path:
             return self.path
         if self.state == "would fetch":  # dry run: the snapshot the ref will name once staged
-            return Shell(f'"$HF_HUB_CACHE/{cache_folder}/snapshots/$(cat "$HF_HUB_CACHE/{cache_folder}/refs/'
-                         f'{self.revision}")"')
+            return Shell(
+                f'"$HF_HUB_CACHE/{cache_folder}/snapshots/$(cat "$HF_HUB_CACHE/{cache_folder}/refs/{self.revision}")"'
+            )
         return self.source  # online: the repo id, fetched by the job
 
 
@@ -198,15 +211,17 @@ class Launch:
         out = []
         for job in self.jobs:
             for attempt, argv in enumerate(job.sbatch):
-                out.append({
-                    "key": job.key,
-                    "attempt": attempt,
-                    "job_id": job.ids[attempt] if attempt < len(job.ids) else None,
-                    "script": job.script.name if job.script else None,
-                    "array": job.array,
-                    "dependency": next((a.split("=", 1)[1] for a in argv if a.startswith("--dependency=")), None),
-                    "sbatch": argv,
-                })
+                out.append(
+                    {
+                        "key": job.key,
+                        "attempt": attempt,
+                        "job_id": job.ids[attempt] if attempt < len(job.ids) else None,
+                        "script": job.script.name if job.script else None,
+                        "array": job.array,
+                        "dependency": next((a.split("=", 1)[1] for a in argv if a.startswith("--dependency=")), None),
+                        "sbatch": argv,
+                    }
+                )
         return out
 
 
@@ -232,9 +247,11 @@ def resolve_cluster(name: str | None, partition: str | None = None, account: str
 def check_account(cluster: Cluster) -> None:
     """A cluster that charges jobs to a budget gets one: --account, the registry, or SBATCH_ACCOUNT."""
     if cluster.account_required and not cluster.account and not any(os.environ.get(v) for v in ACCOUNT_ENV):
-        raise BadInput(f"{cluster.name} charges every job to a project budget: pass --account BUDGET (or export "
-                       f"SBATCH_ACCOUNT=BUDGET, or set account under [{cluster.name}] in "
-                       "~/.config/hpcstage/clusters.toml)")
+        raise BadInput(
+            f"{cluster.name} charges every job to a project budget: pass --account BUDGET (or export "
+            f"SBATCH_ACCOUNT=BUDGET, or set account under [{cluster.name}] in "
+            "~/.config/hpcstage/clusters.toml)"
+        )
 
 
 def partition_limit(cluster: Cluster, partition: str | None, live: bool) -> tuple[bool, str | None, str]:
@@ -248,8 +265,14 @@ def partition_limit(cluster: Cluster, partition: str | None, live: bool) -> tupl
     return most is not None, most, f"the {cluster.name} registry"
 
 
-def preflight_time(cluster: Cluster, partition: str | None, limit: str | None, option: str,
-                   live: bool | None = None, default: str | None = None) -> str:
+def preflight_time(
+    cluster: Cluster,
+    partition: str | None,
+    limit: str | None,
+    option: str,
+    live: bool | None = None,
+    default: str | None = None,
+) -> str:
     """The time limit to ask for: ``limit`` if the partition accepts it, else BadInput naming the fix;
     unset, ``default`` capped at the partition's limit (no default: the partition's limit)."""
     if live is None:
@@ -266,8 +289,10 @@ def preflight_time(cluster: Cluster, partition: str | None, limit: str | None, o
         raise BadInput(f"{option}: {e}") from None
     if most is not None and seconds > slurm_time_seconds(most):
         where = f"partition {partition}" if partition else cluster.name
-        raise BadInput(f"{option} {limit} is over {where}'s limit of {most} (from {source}); "
-                       f"ask for {most} or less, or pick a partition with a longer limit (--partition)")
+        raise BadInput(
+            f"{option} {limit} is over {where}'s limit of {most} (from {source}); "
+            f"ask for {most} or less, or pick a partition with a longer limit (--partition)"
+        )
     return limit
 
 
@@ -294,8 +319,9 @@ def resolve_after(values: list[str]) -> list[list[str]]:
         last = records[-1]["key"]
         groups.append([str(r["job_id"]) for r in records if r["key"] == last])
     if len(groups) > 1 and any(len(g) > 1 for g in groups):
-        raise BadInput("--after: an experiment whose last job has restarts cannot be combined with another --after; "
-                       "name one")
+        raise BadInput(
+            "--after: an experiment whose last job has restarts cannot be combined with another --after; name one"
+        )
     return groups
 
 
@@ -314,15 +340,22 @@ def check_after(values: list[str], groups: list[list[str]]) -> None:
         mine = {i: [s for s in states.values() if belongs(s, i)] for i in group}
         unknown = [i for i, found in mine.items() if not found]
         if len(unknown) == len(group):
-            raise BadInput(f"--after {value}: job {', '.join(unknown)} is unknown to squeue and sacct (a typo?); "
-                           "`squeue --me` lists your jobs")
-        failed = {i: next((s for s in found if s.never_runs or (s.done and s.state != "COMPLETED")), None)
-                  for i, found in mine.items() if found}
+            raise BadInput(
+                f"--after {value}: job {', '.join(unknown)} is unknown to squeue and sacct (a typo?); "
+                "`squeue --me` lists your jobs"
+            )
+        failed = {
+            i: next((s for s in found if s.never_runs or (s.done and s.state != "COMPLETED")), None)
+            for i, found in mine.items()
+            if found
+        }
         if failed and all(failed.values()):
             s = next(s for s in failed.values() if s is not None)
             how = f"is PENDING ({s.reason}) and will never start" if s.never_runs else f"ended {s.state}"
-            raise BadInput(f"--after {value}: job {s.job_id} {how}, so a job after it would never start; "
-                           "launch after a job that can still succeed, or without --after")
+            raise BadInput(
+                f"--after {value}: job {s.job_id} {how}, so a job after it would never start; "
+                "launch after a job that can still succeed, or without --after"
+            )
 
 
 # --- artifacts and staging --------------------------------------------------------------------
@@ -332,8 +365,14 @@ def _is_local(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or os.path.exists(value)
 
 
-def staged_snapshot(cache_dir: Path, repo_type: str, repo: str, revision: str,
-                    include: list[str] | None = None, exclude: list[str] | None = None) -> tuple[str, Path] | None:
+def staged_snapshot(
+    cache_dir: Path,
+    repo_type: str,
+    repo: str,
+    revision: str,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> tuple[str, Path] | None:
     """(commit, snapshot) when the cache holds every selected file of the revision; no network."""
     from hpcstage.hfcache import RepoCache
     from hpcstage.sources.hub import select
@@ -386,8 +425,16 @@ def _artifacts(request: LaunchRequest, manifest, model: str | None) -> list[Arti
     out = []
     if manifest is not None:
         for e in manifest.entries:
-            out.append(Artifact("model" if e.repo_type == "model" else "dataset", e.repo, e.repo_type, e.revision,
-                                e.include, e.exclude))
+            out.append(
+                Artifact(
+                    "model" if e.repo_type == "model" else "dataset",
+                    e.repo,
+                    e.repo_type,
+                    e.revision,
+                    e.include,
+                    e.exclude,
+                )
+            )
     for role, value in (("model", model), ("dataset", request.dataset)):
         if not value:
             continue
@@ -428,10 +475,12 @@ def _stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline:
         missing = [a for a in hub if a.state != "staged"]
         for a in (a for a in missing if a.role == "eval"):
             revision = f" --revision {shlex.quote(a.revision)}" if a.revision and a.revision != "main" else ""
-            raise LaunchError(f"eval task {', '.join(a.tasks or [])} loads dataset {a.source}@{a.revision}, which is not "
-                              f"staged in {cache_dir}: run `hpcstage pull --cache-dir {shlex.quote(str(cache_dir))} "
-                              f"--repo-type dataset {shlex.quote(a.source)}{revision}` (launch prebuilds it) or drop "
-                              "--no-stage; nothing submitted")
+            raise LaunchError(
+                f"eval task {', '.join(a.tasks or [])} loads dataset {a.source}@{a.revision}, which is not "
+                f"staged in {cache_dir}: run `hpcstage pull --cache-dir {shlex.quote(str(cache_dir))} "
+                f"--repo-type dataset {shlex.quote(a.source)}{revision}` (launch prebuilds it) or drop "
+                "--no-stage; nothing submitted"
+            )
         if missing:
             names = ", ".join(f"{a.repo_type} {a.source}@{a.revision}" for a in missing)
             raise LaunchError(f"not staged in {cache_dir}: {names}; run `hpcstage pull` first or drop --no-stage")
@@ -478,14 +527,23 @@ def _job_manifest(artifacts: list[Artifact], manifest, cache_dir: Path):
     """The manifest plus the Hub repos named by --model/--dataset: what prebuild and check look at."""
     from hpcstage.manifest import Manifest, hub_entry
 
-    extra = [hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision, load=load)
-             for a in artifacts if a.repo_type and not _in_manifest(a, manifest) for load in (a.loads or (None,))]
+    extra = [
+        hub_entry(repo=a.source, repo_type=a.repo_type, revision=a.revision, load=load)
+        for a in artifacts
+        if a.repo_type and not _in_manifest(a, manifest)
+        for load in (a.loads or (None,))
+    ]
     models = [e for e in extra if e.repo_type == "model"]
     datasets = [e for e in extra if e.repo_type == "dataset"]
     if manifest is None:
         return Manifest(cache_dir=cache_dir, models=models, datasets=datasets)
-    return manifest.model_copy(update={"cache_dir": cache_dir, "models": [*manifest.models, *models],
-                                       "datasets": [*manifest.datasets, *datasets]})
+    return manifest.model_copy(
+        update={
+            "cache_dir": cache_dir,
+            "models": [*manifest.models, *models],
+            "datasets": [*manifest.datasets, *datasets],
+        }
+    )
 
 
 def _job_python(request: LaunchRequest, manifest, cluster: Cluster) -> tuple[str | None, str | None]:
@@ -540,10 +598,19 @@ def _split(text: str | None) -> list[str]:
         raise BadInput(f"cannot split {text!r} into words ({e}); balance the quotes") from None
 
 
-def _resources(request: LaunchRequest, cluster: Cluster, gpus_default: int, *, partition: str | None = None,
-               gpus: int | None = None, gpus_option: str = "--gpus-per-node", time_limit: str | None = None,
-               time_option: str = "--time-limit", time_default: str | None = None,
-               live: bool = False) -> dict[str, Any]:
+def _resources(
+    request: LaunchRequest,
+    cluster: Cluster,
+    gpus_default: int,
+    *,
+    partition: str | None = None,
+    gpus: int | None = None,
+    gpus_option: str = "--gpus-per-node",
+    time_limit: str | None = None,
+    time_option: str = "--time-limit",
+    time_default: str | None = None,
+    live: bool = False,
+) -> dict[str, Any]:
     """GPUs, CPUs, time limit and partition of one job, each checked against the partition's node and limit."""
     partition = partition or cluster.partition
     node_cpus, node_gpus = cluster.node_shape(partition)
@@ -569,8 +636,9 @@ def _existing_file(path: Path | None, option: str) -> Path:
     return path
 
 
-def _eval_job(request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, after_job: str | None,
-              live: bool) -> Job:
+def _eval_job(
+    request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, after_job: str | None, live: bool
+) -> Job:
     """lm_eval on its own resources: --eval-gpus (default 1) and --eval-time-limit, not the train job's."""
     from hpcstage.evaltasks import task_spec
 
@@ -580,14 +648,39 @@ def _eval_job(request: LaunchRequest, cluster: Cluster, exp: Path, model: Any, a
         gpus = request.gpus_per_node if request.job_type == "eval" and request.gpus_per_node is not None else 1
     head = _split(request.eval_command) or [PYTHON, "-m", "lm_eval"]
     model_args = '"pretrained=$HPCSTAGE_EVAL_MODEL' + (',parallelize=True"' if gpus > 1 else '"')
-    argv = [*head, "--model", "hf", "--model_args", Shell(model_args), "--tasks", tasks,
-            "--output_path", str(exp / "eval"), "--batch_size", "auto"]
-    resources = _resources(request, cluster, 1, gpus=gpus, gpus_option="--eval-gpus",
-                           time_limit=request.eval_time_limit, time_option="--eval-time-limit",
-                           time_default=EVAL_TIME_LIMIT, live=live)
-    return Job("eval", f"eval: lm_eval tasks {tasks}", 1, **resources,
-               context={"eval_model": model, "eval_argv": argv}, after_job=after_job,
-               modules=() if request.eval_command else ("lm_eval",))
+    argv = [
+        *head,
+        "--model",
+        "hf",
+        "--model_args",
+        Shell(model_args),
+        "--tasks",
+        tasks,
+        "--output_path",
+        str(exp / "eval"),
+        "--batch_size",
+        "auto",
+    ]
+    resources = _resources(
+        request,
+        cluster,
+        1,
+        gpus=gpus,
+        gpus_option="--eval-gpus",
+        time_limit=request.eval_time_limit,
+        time_option="--eval-time-limit",
+        time_default=EVAL_TIME_LIMIT,
+        live=live,
+    )
+    return Job(
+        "eval",
+        f"eval: lm_eval tasks {tasks}",
+        1,
+        **resources,
+        context={"eval_model": model, "eval_argv": argv},
+        after_job=after_job,
+        modules=() if request.eval_command else ("lm_eval",),
+    )
 
 
 def _config_overrides(source: Path, config: dict[str, Any], exp: Path, warnings: list[str]) -> dict[str, str]:
@@ -597,8 +690,11 @@ def _config_overrides(source: Path, config: dict[str, Any], exp: Path, warnings:
         value = config.get(key)
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
-        if key in ("model_name_or_path", "adapter_name_or_path") and not _is_local(value) \
-                and not (source.parent / value).exists():
+        if (
+            key in ("model_name_or_path", "adapter_name_or_path")
+            and not _is_local(value)
+            and not (source.parent / value).exists()
+        ):
             continue  # a Hub repo id
         here, there = source.parent / value, Path.cwd() / value
         if key == "output_dir" or here.exists():
@@ -606,13 +702,16 @@ def _config_overrides(source: Path, config: dict[str, Any], exp: Path, warnings:
         elif there.exists():
             out[key] = str(there.resolve())
         else:
-            warnings.append(f"--train-config {source.name}: {key}: {value} exists neither beside the config "
-                            f"({source.parent}) nor here ({Path.cwd()}); the job will look for it in {Path.cwd()}")
+            warnings.append(
+                f"--train-config {source.name}: {key}: {value} exists neither beside the config "
+                f"({source.parent}) nor here ({Path.cwd()}); the job will look for it in {Path.cwd()}"
+            )
     return out
 
 
-def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool = False,
-               warnings: list[str] | None = None) -> list[Job]:
+def build_jobs(
+    request: LaunchRequest, cluster: Cluster, exp: Path, live: bool = False, warnings: list[str] | None = None
+) -> list[Job]:
     """The jobs of a launch, in submission order (files they need are written into ``exp``)."""
     kind = request.job_type
     nodes = request.num_nodes
@@ -627,21 +726,33 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         if not config.get("output_dir"):
             paths["output_dir"] = str(exp / "checkpoints")
         output_dir = paths.get("output_dir", config.get("output_dir"))
-        overrides: list[Any] = [f"{key}={value}" for key, value in paths.items()
-                                if not (key == "model_name_or_path" and request.model)]
+        overrides: list[Any] = [
+            f"{key}={value}" for key, value in paths.items() if not (key == "model_name_or_path" and request.model)
+        ]
         if request.model or _config_repo(source, config):
             overrides.insert(0, Shell('"model_name_or_path=$HPCSTAGE_MODEL"'))
         if request.max_restarts and config.get("overwrite_output_dir") is True:
-            warnings.append(f"--max-restarts {request.max_restarts} with overwrite_output_dir: true in "
-                            f"{source.name}: each restart trains from scratch; drop overwrite_output_dir (llama-factory "
-                            "then resumes from the last checkpoint in output_dir) or set resume_from_checkpoint")
-        argv = [*(_split(request.train_command) or DEFAULT_TRAIN_COMMAND), str(exp / "train_config.yaml"),
-                *overrides, *_split(request.train_extra_args)]
-        jobs = [Job("train", f"train: {source.name} on {nodes} node(s)", nodes,
-                    **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
-                                 **own),
-                    context={"train_argv": argv, "master_port": MASTER_PORT},
-                    tools=() if request.train_command else DEFAULT_TRAIN_COMMAND[:1])]
+            warnings.append(
+                f"--max-restarts {request.max_restarts} with overwrite_output_dir: true in "
+                f"{source.name}: each restart trains from scratch; drop overwrite_output_dir (llama-factory "
+                "then resumes from the last checkpoint in output_dir) or set resume_from_checkpoint"
+            )
+        argv = [
+            *(_split(request.train_command) or DEFAULT_TRAIN_COMMAND),
+            str(exp / "train_config.yaml"),
+            *overrides,
+            *_split(request.train_extra_args),
+        ]
+        jobs = [
+            Job(
+                "train",
+                f"train: {source.name} on {nodes} node(s)",
+                nodes,
+                **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1], **own),
+                context={"train_argv": argv, "master_port": MASTER_PORT},
+                tools=() if request.train_command else DEFAULT_TRAIN_COMMAND[:1],
+            )
+        ]
         if request.eval_tasks:
             jobs.append(_eval_job(request, cluster, exp, output_dir, "train", live))
         return jobs
@@ -654,32 +765,50 @@ def build_jobs(request: LaunchRequest, cluster: Cluster, exp: Path, live: bool =
         argv = [PYTHON, str(script)]
         argv += ["--engine", request.datagen_engine] if request.datagen_engine else []
         argv += _split(request.datagen_extra_args)
-        context: dict[str, Any] = {"datagen_argv": argv, "chunk_map": None,
-                                   "target_repo": request.datagen_target_repo}
+        context: dict[str, Any] = {"datagen_argv": argv, "chunk_map": None, "target_repo": request.datagen_target_repo}
         array = None
         if (request.trace_input_path is None) != (request.chunk_size is None):
             raise BadInput("--trace-input-path and --chunk-size go together")
         if request.trace_input_path is not None:
             array, context["chunk_map"] = _chunk_map(request, exp)
-        return [Job("datagen", f"datagen: {script.name}", nodes,
-                    **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1],
-                                 **own),
-                    context=context, array=array,
-                    imports=("huggingface_hub",) if request.datagen_target_repo else ())]
+        return [
+            Job(
+                "datagen",
+                f"datagen: {script.name}",
+                nodes,
+                **_resources(request, cluster, cluster.node_shape(request.partition or cluster.partition)[1], **own),
+                context=context,
+                array=array,
+                imports=("huggingface_hub",) if request.datagen_target_repo else (),
+            )
+        ]
     if kind == "consolidate":
         if request.checkpoint_dir is None:
             raise BadInput("--job-type consolidate needs --checkpoint-dir")
         ckpt = Path(request.checkpoint_dir).expanduser().resolve()
         # CPU work: the registry's CPU partition where it names one (a GPU partition charges the GPUs too).
         partition = request.partition or cluster.cpu_partition or cluster.partition
-        return [Job("consolidate", f"consolidate: ZeRO shards of {ckpt.name} to fp32", 1,
-                    **_resources(request, cluster, 0, partition=partition, **own),
-                    context={"checkpoint_dir": str(ckpt), "output_dir": str(ckpt / "fp32")})]
+        return [
+            Job(
+                "consolidate",
+                f"consolidate: ZeRO shards of {ckpt.name} to fp32",
+                1,
+                **_resources(request, cluster, 0, partition=partition, **own),
+                context={"checkpoint_dir": str(ckpt), "output_dir": str(ckpt / "fp32")},
+            )
+        ]
     if kind == "run":
         if not request.command:
             raise BadInput('--job-type run needs --command "..."')
-        return [Job("run", "run: a command", nodes, **_resources(request, cluster, 0, **own),
-                    context={"command": request.command})]
+        return [
+            Job(
+                "run",
+                "run: a command",
+                nodes,
+                **_resources(request, cluster, 0, **own),
+                context={"command": request.command},
+            )
+        ]
     raise BadInput(f"unknown job type {kind!r}; choose one of {', '.join(JOB_TYPES)}")
 
 
@@ -693,7 +822,7 @@ def _chunk_map(request: LaunchRequest, exp: Path) -> tuple[str, str]:
     if not folders:
         raise BadInput(f"--trace-input-path {root} has no task folders")
     size = request.chunk_size
-    chunks = [folders[i:i + size] for i in range(0, len(folders), size)]
+    chunks = [folders[i : i + size] for i in range(0, len(folders), size)]
     path = exp / "chunk_map.json"
     _write_json(path, {"input": str(root), "chunk_size": size, "tasks": len(folders), "chunks": chunks})
     array = f"0-{len(chunks) - 1}"
@@ -719,7 +848,9 @@ def _validate(request: LaunchRequest) -> None:
     for name in ("num_nodes", "cpus_per_task", "chunk_size", "max_parallel", "eval_gpus"):
         value = getattr(request, name)
         if value is not None and value < (0 if name == "eval_gpus" else 1):  # 0 must not mean "the default"
-            raise BadInput(f"--{name.replace('_', '-')} must be at least {0 if name == 'eval_gpus' else 1} (got {value})")
+            raise BadInput(
+                f"--{name.replace('_', '-')} must be at least {0 if name == 'eval_gpus' else 1} (got {value})"
+            )
     if request.max_restarts < 0:
         raise BadInput("--max-restarts must be 0 or more")
     if request.name is not None and not _NAME.fullmatch(request.name):
@@ -747,8 +878,9 @@ def _experiment_dir(request: LaunchRequest) -> tuple[Path, bool]:
     return exp, fresh
 
 
-def _job_env(artifacts: list[Artifact], offline: bool, manifest, request: LaunchRequest,
-             model: str | None) -> dict[str, str]:
+def _job_env(
+    artifacts: list[Artifact], offline: bool, manifest, request: LaunchRequest, model: str | None
+) -> dict[str, str]:
     from hpcstage import offline as offline_env
     from hpcstage.layout import repo_folder_name
 
@@ -813,16 +945,28 @@ def launch(request: LaunchRequest) -> Launch:
     artifacts = _artifacts(request, manifest, model)
     exp, fresh = _experiment_dir(request)
     try:
-        return _launch_into(request, cluster, offline, manifest, artifacts, model, exp, after, live,
-                            secrets[0] if secrets else None, names)
+        return _launch_into(
+            request,
+            cluster,
+            offline,
+            manifest,
+            artifacts,
+            model,
+            exp,
+            after,
+            live,
+            secrets[0] if secrets else None,
+            names,
+        )
     except BadInput:
         if fresh:  # refused: leave nothing behind
             shutil.rmtree(exp, ignore_errors=True)
         raise
 
 
-def _check_upload(request: LaunchRequest, cluster: Cluster, offline: bool, secrets: tuple[Path, str] | None,
-                  names: list[str]) -> None:
+def _check_upload(
+    request: LaunchRequest, cluster: Cluster, offline: bool, secrets: tuple[Path, str] | None, names: list[str]
+) -> None:
     """--datagen-target-repo needs compute nodes with internet and a token in the secrets file."""
     repo = request.datagen_target_repo
     if not repo:
@@ -833,23 +977,27 @@ def _check_upload(request: LaunchRequest, cluster: Cluster, offline: bool, secre
         raise BadInput(f"--datagen-target-repo: {e}") from None
     if offline:
         why = "--offline was given" if request.offline else f"{cluster.name}'s compute nodes have no internet"
-        raise BadInput(f"--datagen-target-repo: {why}, so the job cannot upload; launch on a cluster with internet, "
-                       f"or upload the experiment's output/ folder from the login node afterwards "
-                       f"(`hf upload --repo-type dataset {repo} EXPERIMENT/output`)")
+        raise BadInput(
+            f"--datagen-target-repo: {why}, so the job cannot upload; launch on a cluster with internet, "
+            f"or upload the experiment's output/ folder from the login node afterwards "
+            f"(`hf upload --repo-type dataset {repo} EXPERIMENT/output`)"
+        )
     if not secrets or not set(names) & set(TOKEN_VARIABLES):
         where = f"{secrets[0]} names no HF_TOKEN" if secrets else "no secrets file is set"
-        raise BadInput(f"--datagen-target-repo: the job uploads with HF_TOKEN from your secrets file, and {where}; "
-                       f"add a line HF_TOKEN=hf_... to a private file (chmod 600) named by ${environment.SECRETS_ENV} "
-                       "or by secrets_file in ~/.config/hpcstage/clusters.toml")
+        raise BadInput(
+            f"--datagen-target-repo: the job uploads with HF_TOKEN from your secrets file, and {where}; "
+            f"add a line HF_TOKEN=hf_... to a private file (chmod 600) named by ${environment.SECRETS_ENV} "
+            "or by secrets_file in ~/.config/hpcstage/clusters.toml"
+        )
 
 
-def _job_environments(request: LaunchRequest, cluster: Cluster, jobs: list[Job], exp: Path, python: str | None,
-                      secrets: Path | None) -> None:
+def _job_environments(
+    request: LaunchRequest, cluster: Cluster, jobs: list[Job], exp: Path, python: str | None, secrets: Path | None
+) -> None:
     """Each job's activation, env files and secrets file; with an activation, the job's interpreter is the one the
     activation provides (unless one was named) and the login node's checks run through `<exp>/<job>.python`."""
     for job in jobs:
-        job.env = environment.for_job(cluster, job.key, request.activate, [Path(f) for f in request.env_files],
-                                      secrets)
+        job.env = environment.for_job(cluster, job.key, request.activate, [Path(f) for f in request.env_files], secrets)
         job.python = python if python or job.env.activate else sys.executable
         if job.env.activate:
             job.shim = exp / f"{job.key}.python"
@@ -857,40 +1005,61 @@ def _job_environments(request: LaunchRequest, cluster: Cluster, jobs: list[Job],
             safefs.write_atomic(exp, job.shim, text.encode(), mode=0o755)
 
 
-def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manifest, artifacts: list[Artifact],
-                 model: str | None, exp: Path, after: list[list[str]], live: bool, secrets: Path | None = None,
-                 secret_names: list[str] | None = None) -> Launch:
+def _launch_into(
+    request: LaunchRequest,
+    cluster: Cluster,
+    offline: bool,
+    manifest,
+    artifacts: list[Artifact],
+    model: str | None,
+    exp: Path,
+    after: list[list[str]],
+    live: bool,
+    secrets: Path | None = None,
+    secret_names: list[str] | None = None,
+) -> Launch:
     from hpcstage import offline as offline_env
 
     warnings: list[str] = []
     jobs = build_jobs(request, cluster, exp, live, warnings)  # resources and limits are checked before staging
     loads = {e.repo for e in manifest.datasets if e.load is not None} if manifest is not None else set()
     if offline and request.dataset and not _is_local(request.dataset) and request.dataset not in loads:
-        warnings.append(f"--dataset {request.dataset} has no `load:` entry, so no load_dataset call was prebuilt or "
-                        f"checked: offline, load_dataset({request.dataset!r}, ...) fails in the job; load "
-                        "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with "
-                        "`load: {split: ...}` (-f)")
+        warnings.append(
+            f"--dataset {request.dataset} has no `load:` entry, so no load_dataset call was prebuilt or "
+            f"checked: offline, load_dataset({request.dataset!r}, ...) fails in the job; load "
+            "$HPCSTAGE_DATASET (the snapshot folder) instead, or name it in a manifest with "
+            "`load: {split: ...}` (-f)"
+        )
     python, check_python = _job_python(request, manifest, cluster)
     _job_environments(request, cluster, jobs, exp, python, secrets)
     if jobs[0].shim:  # prebuild and check run in the job's interpreter as its activation sets it up
         check_python = str(jobs[0].shim)
     withheld = environment.withheld(os.environ, secret_names or [])
-    if not offline and any(n in withheld for n in TOKEN_VARIABLES) and \
-            not set(TOKEN_VARIABLES) & set(secret_names or []):
-        warnings.append("HF_TOKEN of this shell is not passed to the job (Slurm would store it with the job); "
-                        "a job that needs it gets it from your secrets file: add HF_TOKEN=... to a private file "
-                        f"named by ${environment.SECRETS_ENV}")
+    if (
+        not offline
+        and any(n in withheld for n in TOKEN_VARIABLES)
+        and not set(TOKEN_VARIABLES) & set(secret_names or [])
+    ):
+        warnings.append(
+            "HF_TOKEN of this shell is not passed to the job (Slurm would store it with the job); "
+            "a job that needs it gets it from your secrets file: add HF_TOKEN=... to a private file "
+            f"named by ${environment.SECRETS_ENV}"
+        )
     problems = missing_tools(jobs, python or sys.executable)
     if problems:
-        text = (f"{'; '.join(problems)}: install what is missing into the job's environment (or fix its "
-                "activation), or pass --python of the environment that has them")
+        text = (
+            f"{'; '.join(problems)}: install what is missing into the job's environment (or fix its "
+            "activation), or pass --python of the environment that has them"
+        )
         if not request.dry_run:
             raise BadInput(text)  # before anything is staged or submitted
         warnings.append(text)
     elif offline and any(j.key == "eval" for j in jobs) and not request.eval_command:
         evaluation = next(j for j in jobs if j.key == "eval")  # asked through its activation when it has one
-        artifacts = [*artifacts, *eval_artifacts(request.eval_tasks,
-                                                 str(evaluation.shim) if evaluation.shim else python or sys.executable)]
+        artifacts = [
+            *artifacts,
+            *eval_artifacts(request.eval_tasks, str(evaluation.shim) if evaluation.shim else python or sys.executable),
+        ]
     cache_dir = Path(offline_env.env(manifest, cache_dir=request.cache_dir)["HF_HUB_CACHE"])
     _stage(request, artifacts, manifest, offline, cache_dir)
     env = _job_env(artifacts, offline, manifest, request, model)
@@ -902,13 +1071,28 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
     for job in jobs:
         name = f"{exp.name}-{job.key}"
         output = str(exp / "logs" / ("%x-%A_%a.out" if job.array else "%x-%j.out"))
-        directives = sbatch_directives(cluster.model_copy(update={"partition": job.partition}), name=name,
-                                       nodes=job.nodes, gpus=job.gpus, cpus=job.cpus, time_limit=job.time_limit,
-                                       output=output, array=job.array)
+        directives = sbatch_directives(
+            cluster.model_copy(update={"partition": job.partition}),
+            name=name,
+            nodes=job.nodes,
+            gpus=job.gpus,
+            cpus=job.cpus,
+            time_limit=job.time_limit,
+            output=output,
+            array=job.array,
+        )
         context = {
-            "job": {"key": job.key, "name": name, "description": job.description, "nodes": job.nodes,
-                    "gpus": job.gpus, "cpus": job.cpus, "time_limit": job.time_limit, "array": job.array,
-                    "directives": directives},
+            "job": {
+                "key": job.key,
+                "name": name,
+                "description": job.description,
+                "nodes": job.nodes,
+                "gpus": job.gpus,
+                "cpus": job.cpus,
+                "time_limit": job.time_limit,
+                "array": job.array,
+                "directives": directives,
+            },
             "cluster": cluster,
             "experiment_dir": str(exp),
             "python": job.python,
@@ -931,16 +1115,16 @@ def _launch_into(request: LaunchRequest, cluster: Cluster, offline: bool, manife
     if request.dry_run:
         for job in jobs:
             dependency = _dependency(job, by_key, symbolic=True)
-            job.sbatch = [_sbatch_args(job, n, dependency, f"{{{job.key}#{n - 1}}}")
-                          for n in range(job.restarts + 1)]
+            job.sbatch = [_sbatch_args(job, n, dependency, f"{{{job.key}#{n - 1}}}") for n in range(job.restarts + 1)]
     else:
         _submit_all(jobs, by_key, withheld, exp)
     _write_records(result, request)
     return result
 
 
-_FIND_MODULES = ("import importlib.util, sys\n"
-                 "print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))")
+_FIND_MODULES = (
+    "import importlib.util, sys\nprint(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+)
 _FIND_TOOLS = "import shutil, sys\nprint(' '.join(t for t in sys.argv[1:] if shutil.which(t) is None))"
 
 
@@ -960,8 +1144,10 @@ def eval_artifacts(specs: list[str], python: str) -> list[Artifact]:
     staged, prebuilt and checked like the job's own."""
     from hpcstage import evaltasks
 
-    return [Artifact("eval", d.repo, "dataset", d.revision, loads=d.loads, tasks=d.tasks)
-            for d in evaltasks.resolve(specs, python)]
+    return [
+        Artifact("eval", d.repo, "dataset", d.revision, loads=d.loads, tasks=d.tasks)
+        for d in evaltasks.resolve(specs, python)
+    ]
 
 
 def missing_tools(jobs: list[Job], python: str) -> list[str]:
@@ -986,11 +1172,15 @@ def missing_tools(jobs: list[Job], python: str) -> list[str]:
         runner = str(job.shim) if job.shim else python
         shown = f"{job.python or 'python'} (after its activation)" if job.shim else python
         if job.modules:
-            problems += [f"the {job.key} job runs `{shown} -m {m}`, which that interpreter cannot import"
-                         for m in _missing(runner, _FIND_MODULES, job.modules)[0]]
+            problems += [
+                f"the {job.key} job runs `{shown} -m {m}`, which that interpreter cannot import"
+                for m in _missing(runner, _FIND_MODULES, job.modules)[0]
+            ]
         if job.imports:
-            problems += [f"the {job.key} job imports {m} in `{shown}`, which cannot import it"
-                         for m in _missing(runner, _FIND_MODULES, job.imports)[0]]
+            problems += [
+                f"the {job.key} job imports {m} in `{shown}`, which cannot import it"
+                for m in _missing(runner, _FIND_MODULES, job.imports)[0]
+            ]
     return problems
 
 
@@ -1019,8 +1209,7 @@ def _submit_all(jobs: list[Job], by_key: dict[str, Job], withheld: list[str], ex
 
 def _write_records(result: Launch, request: LaunchRequest) -> None:
     exp = result.experiment_dir
-    jobs = {"experiment": exp.name, "cluster": result.cluster.name, "dry_run": result.dry_run,
-            "jobs": result.records()}
+    jobs = {"experiment": exp.name, "cluster": result.cluster.name, "dry_run": result.dry_run, "jobs": result.records()}
     _write_json(exp / "jobs.json", jobs)
     config = {
         "hpcstage": __version__,
@@ -1062,15 +1251,17 @@ def experiment_status(experiment_dir: str | os.PathLike[str]) -> list[dict[str, 
     rows = []
     for r in records:
         job_id = r.get("job_id")
-        mine = sorted((s for s in states.values()
-                       if job_id and (s.job_id == job_id or s.job_id.startswith(f"{job_id}_"))),
-                      key=lambda s: (len(s.job_id), s.job_id))
+        mine = sorted(
+            (s for s in states.values() if job_id and (s.job_id == job_id or s.job_id.startswith(f"{job_id}_"))),
+            key=lambda s: (len(s.job_id), s.job_id),
+        )
         base = {"key": r["key"], "attempt": r["attempt"]}
         if not job_id:
             rows.append({**base, "job_id": None, "state": "NOT SUBMITTED (dry run)", "reason": None, "exit_code": None})
         elif not mine:
-            rows.append({**base, "job_id": job_id, "state": "UNKNOWN", "reason": "forgotten by Slurm",
-                         "exit_code": None})
+            rows.append(
+                {**base, "job_id": job_id, "state": "UNKNOWN", "reason": "forgotten by Slurm", "exit_code": None}
+            )
         for s in mine:
             rows.append({**base, "job_id": s.job_id, "state": s.state, "reason": s.reason, "exit_code": s.exit_code})
     return rows

@@ -9,6 +9,7 @@ Then `finish` (afterany on the whole array) pulls whatever is still missing (not
 did their job), which also writes refs and the ledger, and verifies every hash; `report` (afterany on
 finish) prints the status whatever happened. Slurm is the engine; nothing here schedules.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,11 @@ from hpcstage.slurm.jobs import job_states
 from hpcstage.slurm.render import Shell, render, sbatch_directives
 from hpcstage.slurm.submit import submit
 
-PASSED_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE")  # not secrets; HF_TOKEN reaches jobs only through sbatch's environment
+PASSED_ENV = (
+    "HF_ENDPOINT",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+)  # not secrets; HF_TOKEN reaches jobs only through sbatch's environment
 
 
 class NeverRunsError(HpcstageError):
@@ -45,28 +50,44 @@ class ArrayRun:
     report_id: str
 
 
-def _script(folder: Path, name: str, cluster: Cluster, commands: list[list[str]], time_limit: str,
-            array: str | None = None) -> Path:
+def _script(
+    folder: Path, name: str, cluster: Cluster, commands: list[list[str]], time_limit: str, array: str | None = None
+) -> Path:
     """One job script: `hpcstage` sub-commands run with the job's Python, one after the other."""
     python = cluster.python or sys.executable
-    directives = sbatch_directives(cluster, name=f"hpcstage-{name}", nodes=1, gpus=0, cpus=2, time_limit=time_limit,
-                                   output=str(folder / f"{name}-%A_%a.out" if array else folder / f"{name}-%j.out"),
-                                   array=array)
-    text = render("run", {
-        "job": {"directives": directives, "description": f"hpcstage staging: {name}"},
-        "cluster": cluster, "experiment_dir": str(folder), "python": python, "chain_file": None,
-        "jobenv": JobEnvironment(),  # staging workers: no activation line, env files or secrets (base.sbatch.j2)
-        "env": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)},
-        "command": Shell(" && ".join(" ".join(['"$HPCSTAGE_PYTHON" -m hpcstage', *map(shlex.quote, c)])
-                                     for c in commands)),
-    })
+    directives = sbatch_directives(
+        cluster,
+        name=f"hpcstage-{name}",
+        nodes=1,
+        gpus=0,
+        cpus=2,
+        time_limit=time_limit,
+        output=str(folder / f"{name}-%A_%a.out" if array else folder / f"{name}-%j.out"),
+        array=array,
+    )
+    text = render(
+        "run",
+        {
+            "job": {"directives": directives, "description": f"hpcstage staging: {name}"},
+            "cluster": cluster,
+            "experiment_dir": str(folder),
+            "python": python,
+            "chain_file": None,
+            "jobenv": JobEnvironment(),  # staging workers: no activation line, env files or secrets (base.sbatch.j2)
+            "env": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)},
+            "command": Shell(
+                " && ".join(" ".join(['"$HPCSTAGE_PYTHON" -m hpcstage', *map(shlex.quote, c)]) for c in commands)
+            ),
+        },
+    )
     path = folder / f"{name}.sbatch"
     safefs.write_atomic(folder, path, text.encode(), mode=0o755)
     return path
 
 
-def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_limit: str = "24:00:00",
-                 cache_dir: Path | None = None) -> ArrayRun:
+def submit_array(
+    manifest: Manifest, workers: int, *, cluster: Cluster, time_limit: str = "24:00:00", cache_dir: Path | None = None
+) -> ArrayRun:
     """Submit the workers, `finish` and `report` for a manifest already planned into its lockfile."""
     if workers < 1:
         raise BadInput("--slurm-array needs at least 1 worker")
@@ -75,8 +96,9 @@ def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_lim
     assert manifest.path is not None  # planned into its lockfile, so read from a file
     m = str(manifest.path.resolve())
     cache = ["--cache-dir", str(cache_dir)] if cache_dir else []
-    worker = _script(folder, "worker", cluster, [["pull", "-f", m, "--worker", *cache]], time_limit,
-                     array=f"0-{workers - 1}")
+    worker = _script(
+        folder, "worker", cluster, [["pull", "-f", m, "--worker", *cache]], time_limit, array=f"0-{workers - 1}"
+    )
     finish = _script(folder, "finish", cluster, [["pull", "-f", m, *cache], ["verify", "-f", m, *cache]], time_limit)
     report = _script(folder, "report", cluster, [["status", "-f", m, *cache]], "00:10:00")
     try:
@@ -88,7 +110,9 @@ def submit_array(manifest: Manifest, workers: int, *, cluster: Cluster, time_lim
     except SlurmError as e:
         raise HpcstageError(str(e)) from None
     run = ArrayRun(folder, workers, array_id, finish_id, report_id)
-    safefs.write_atomic(folder, folder / "jobs.json", json.dumps({**asdict(run), "folder": str(folder)}, indent=1).encode())
+    safefs.write_atomic(
+        folder, folder / "jobs.json", json.dumps({**asdict(run), "folder": str(folder)}, indent=1).encode()
+    )
     return run
 
 
@@ -98,8 +122,11 @@ def follow(run: ArrayRun, manifest: Manifest, cache_dir: Path, *, quiet: bool = 
     from hpcstage.progress import Progress
 
     lock = load_lock(manifest.lock_path)
-    files = [(RepoCache(cache_dir, e.repo_type, e.repo), e.commit, f) for e in lock.entries.values()
-             for f in e.cached_files()]
+    files = [
+        (RepoCache(cache_dir, e.repo_type, e.repo), e.commit, f)
+        for e in lock.entries.values()
+        for f in e.cached_files()
+    ]
     left = list(files)
     with Progress(sum(f.size for *_, f in files), len(files), label="array", quiet=quiet) as progress:
         while True:

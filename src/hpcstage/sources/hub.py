@@ -4,6 +4,7 @@ The three metadata calls are made here rather than through `HfApi` because `HfAp
 no timeout (FACTS.md: a stalled server hangs it forever) and retries differently from content requests;
 huggingface_hub still provides the endpoint, token, headers and pattern rules.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,18 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from hpcstage import __version__, policy
-from hpcstage.errors import (BadInput, DisabledRepo, EntryNotFound, GatedRepo, HpcstageError, HubError, InvalidToken,
-                             RepoNotFound, RevisionNotFound, TransferError)
+from hpcstage.errors import (
+    BadInput,
+    DisabledRepo,
+    EntryNotFound,
+    GatedRepo,
+    HpcstageError,
+    HubError,
+    InvalidToken,
+    RepoNotFound,
+    RevisionNotFound,
+    TransferError,
+)
 from hpcstage.hfcache import CachedFile, listed_xet_hash
 from hpcstage.transfer import Http, Response
 
@@ -78,7 +89,7 @@ def parse_hub_url(url: str) -> tuple[RepoRef, str | None, str | None] | None:
     base = endpoint() + "/"
     if not url.startswith(base):
         return None
-    segments = urlsplit(url).path[len(urlsplit(base).path):].split("/")
+    segments = urlsplit(url).path[len(urlsplit(base).path) :].split("/")
     if segments[:1] == ["api"] and segments[1:2] in (["models"], ["datasets"]) and len(segments) >= 4:
         repo_type, rest = segments[1][:-1], segments[2:]
         revision = unquote(rest[3]) if len(rest) >= 4 and rest[2] in ("revision", "tree") else None
@@ -107,8 +118,13 @@ def _hf_error(resp: Response, url: str) -> Exception | None:
 
 def error_for(resp: Response, url: str) -> HpcstageError | None:
     """The typed error for an error answer of the Hub (Http's `errors` hook); None for other URLs."""
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = parse_hub_url(url)
     if where is None:
@@ -117,10 +133,15 @@ def error_for(resp: Response, url: str) -> HpcstageError | None:
     status, message = resp.status, (resp.headers.get("X-Error-Message") or "").strip()
     fields: dict[str, Any] = {"repo": ref.repo_id, "path": path, "status": status}
     if status == 401 and message == "Invalid credentials in Authorization header":  # huggingface_hub's test too
-        hint = (f"create a read token at {ref.endpoint}/settings/tokens, then `hf auth login` (or export "
-                "HF_TOKEN=...); for public repos, unset HF_TOKEN")
-        return InvalidToken(f"the Hub rejected your token (HF_TOKEN or the token file) as invalid or expired; {hint}",
-                            hint=hint, **fields)
+        hint = (
+            f"create a read token at {ref.endpoint}/settings/tokens, then `hf auth login` (or export "
+            "HF_TOKEN=...); for public repos, unset HF_TOKEN"
+        )
+        return InvalidToken(
+            f"the Hub rejected your token (HF_TOKEN or the token file) as invalid or expired; {hint}",
+            hint=hint,
+            **fields,
+        )
     found = _hf_error(resp, url)
     if isinstance(found, GatedRepoError):
         if resp.sent_auth:
@@ -129,23 +150,32 @@ def error_for(resp: Response, url: str) -> HpcstageError | None:
         hint = f"log in (`hf auth login` or HF_TOKEN) and request access at {ref.page}"
         return GatedRepo(f"{ref.repo_id} is gated: {hint}", hint=hint, **fields)
     if isinstance(found, DisabledRepoError):
-        return DisabledRepo(f"{ref.repo_type} repo {ref.repo_id} is disabled on the Hub ({message or 'disabled'}); "
-                            "nothing can be downloaded from it", **fields)
+        return DisabledRepo(
+            f"{ref.repo_type} repo {ref.repo_id} is disabled on the Hub ({message or 'disabled'}); "
+            "nothing can be downloaded from it",
+            **fields,
+        )
     if isinstance(found, RevisionNotFoundError):
         hint = "check --revision"
-        return RevisionNotFound(f"revision {revision!r} not found in {ref.repo_type} repo {ref.repo_id}; {hint}",
-                                hint=hint, **fields)
+        return RevisionNotFound(
+            f"revision {revision!r} not found in {ref.repo_type} repo {ref.repo_id}; {hint}", hint=hint, **fields
+        )
     if isinstance(found, RemoteEntryNotFoundError):
-        return EntryNotFound(f"{ref.repo_id}/{path} not found at {revision}: the listing named a file the Hub "
-                             "does not have", **fields)
+        return EntryNotFound(
+            f"{ref.repo_id}/{path} not found at {revision}: the listing named a file the Hub does not have", **fields
+        )
     if isinstance(found, RepositoryNotFoundError):
         hint = "check the id and --repo-type; private or gated repos need HF_TOKEN"
-        return RepoNotFound(f"{ref.repo_type} repo {ref.repo_id} not found at {ref.endpoint} ({hint})", hint=hint,
-                            **fields)
+        return RepoNotFound(
+            f"{ref.repo_type} repo {ref.repo_id} not found at {ref.endpoint} ({hint})", hint=hint, **fields
+        )
     if 400 <= status < 500 and status not in (408, 429):
         detail = resp.headers.get("X-Error-Code") or message
-        return HubError(f"{ref.repo_id}{'/' + path if path else ''}: the Hub answered {status}"
-                        + (f" ({detail})" if detail else ""), **fields)
+        return HubError(
+            f"{ref.repo_id}{'/' + path if path else ''}: the Hub answered {status}"
+            + (f" ({detail})" if detail else ""),
+            **fields,
+        )
     return None
 
 
@@ -159,7 +189,10 @@ def _json(http: Http, url: str, ref: RepoRef, revision: str, what: str):
         try:
             return json.loads(body), resp.headers
         except ValueError:
-            raise TransferError(f"{what}: the endpoint answered 200 with something that is not JSON; is HF_ENDPOINT ({endpoint()}) a Hub?") from None
+            raise TransferError(
+                f"{what}: the endpoint answered 200 with something that is not JSON; "
+                f"is HF_ENDPOINT ({endpoint()}) a Hub?"
+            ) from None
     error = error_for(resp, url)
     raise error or HubError(f"{what}: the Hub answered {resp.status}", repo=ref.repo_id, status=resp.status)
 
@@ -183,8 +216,12 @@ def warn_if_gated(ref: RepoRef, info: dict, token: str | None) -> bool:
     """At plan time, before any download: a gated repo (the API says so) and no token cannot work."""
     if not info.get("gated") or token:
         return False
-    logger.warning("%s is gated and no token is set: its files will be refused; log in (`hf auth login` or "
-                   "HF_TOKEN) and request access at %s", ref.repo_id, ref.page)
+    logger.warning(
+        "%s is gated and no token is set: its files will be refused; log in (`hf auth login` or "
+        "HF_TOKEN) and request access at %s",
+        ref.repo_id,
+        ref.page,
+    )
     return True
 
 
@@ -203,11 +240,19 @@ def list_files(http: Http, ref: RepoRef, commit: str) -> list[CachedFile]:
             path = policy.check_relative_path(item.get("path", ""), f"path from the {ref.repo_id} listing")
             try:
                 lfs = item.get("lfs")
-                files.append(CachedFile(path, int(item["size"]), item["oid"], lfs["oid"] if lfs else None,
-                                        listed_xet_hash(item.get("xetHash")) if lfs else None))
+                files.append(
+                    CachedFile(
+                        path,
+                        int(item["size"]),
+                        item["oid"],
+                        lfs["oid"] if lfs else None,
+                        listed_xet_hash(item.get("xetHash")) if lfs else None,
+                    )
+                )
             except (KeyError, TypeError, ValueError) as e:
-                raise HubError(f"list {ref.repo_id}@{commit[:12]}: malformed entry for {path!r} ({e}); "
-                               "nothing was written") from None
+                raise HubError(
+                    f"list {ref.repo_id}@{commit[:12]}: malformed entry for {path!r} ({e}); nothing was written"
+                ) from None
         url = _next_link(headers.get("Link", ""))
     return files
 

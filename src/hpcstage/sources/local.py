@@ -6,6 +6,7 @@ an in-place edit of the source shows in the copy; `verify`/the lockfile hashes c
 streamed copy with progress. Every placed file is hashed (sha256) and, when it is a separate copy,
 compared with the source's hash.
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,9 +15,9 @@ import hashlib
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.hfcache import digest_file
@@ -47,6 +48,7 @@ def scan(source: Path) -> list[SourceFile]:
         raise BadInput(f"local source {source} is not a file or folder; fix the `local:` path")
     out: list[SourceFile] = []
     seen_dirs = {(st.st_dev, st.st_ino)}
+
     def unreadable(e: OSError) -> None:  # os.walk would skip the folder silently: a copy missing files
         raise BadInput(f"local source {e.filename} cannot be read ({e.strerror}); fix its permissions")
 
@@ -65,8 +67,9 @@ def scan(source: Path) -> list[SourceFile]:
             except FileNotFoundError:
                 continue  # a dangling symlink: nothing to copy
             if not stat.S_ISREG(fst.st_mode):
-                raise BadInput(f"local source {p} is not a regular file (device, FIFO or socket); remove it "
-                               "from the source folder")
+                raise BadInput(
+                    f"local source {p} is not a regular file (device, FIFO or socket); remove it from the source folder"
+                )
             out.append(SourceFile(p.relative_to(source).as_posix(), p, fst.st_size, fst.st_mtime_ns))
     return out
 
@@ -119,6 +122,7 @@ def place(src: Path, dst: Path, on_bytes: Callable[[int], None], allow_hardlink:
     shutil.copystat(src, dst)
     digest = digest_file(dst)
     if digest != h.hexdigest():
-        raise HpcstageError(f"copy of {src} to {dst} does not read back the same bytes; check the filesystem "
-                            "and run pull again")
+        raise HpcstageError(
+            f"copy of {src} to {dst} does not read back the same bytes; check the filesystem and run pull again"
+        )
     return "copy", digest, copied

@@ -6,18 +6,18 @@ the client here has no Authorization header. The partial is named by the URL *an
 (ETag, else Last-Modified, plus the size), so a source that changed between runs discards the old
 partial instead of splicing two versions; one process downloads a URL at a time (a lease per URL).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from hpcstage import __version__
-from hpcstage import safefs
+from hpcstage import __version__, safefs
 from hpcstage.errors import HashMismatch, TransferError
 from hpcstage.hfcache import digest_file
 from hpcstage.layout import DATA_STATE, LEASE_SUFFIX, LEASE_TTL, PARTIAL_SUFFIX, ranges_record
@@ -25,11 +25,17 @@ from hpcstage.locks import Lease
 from hpcstage.transfer import CHUNK, DROPPED, MAX_CONNECTIONS, Http, RetryPolicy, fetch
 
 
-def client(*, workers: int = 4, timeout: float = 30.0, retry: RetryPolicy | None = None,
-           max_connections: int = MAX_CONNECTIONS) -> Http:
+def client(
+    *, workers: int = 4, timeout: float = 30.0, retry: RetryPolicy | None = None, max_connections: int = MAX_CONNECTIONS
+) -> Http:
     """An HTTP client for arbitrary URLs: our user agent, no token."""
-    return Http({"user-agent": f"hpcstage/{__version__}"}, pool_size=workers + max_connections, read_timeout=timeout,
-                retry=retry, max_connections=max_connections)
+    return Http(
+        {"user-agent": f"hpcstage/{__version__}"},
+        pool_size=workers + max_connections,
+        read_timeout=timeout,
+        retry=retry,
+        max_connections=max_connections,
+    )
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,11 @@ def unchanged(http: Http, url: str, fingerprint: str) -> bool:
 
 
 def _status_error(url: str, status: int) -> TransferError:
-    hint = {404: "check the url", 401: "the server wants credentials, which hpcstage never sends to URLs",
-            403: "access denied; check the url"}.get(status, "try again later or check the url")
+    hint = {
+        404: "check the url",
+        401: "the server wants credentials, which hpcstage never sends to URLs",
+        403: "access denied; check the url",
+    }.get(status, "try again later or check the url")
     return TransferError(f"{url}: the server answered {status}; {hint}")
 
 
@@ -139,8 +148,15 @@ def _key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
-def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_bytes: Callable[[int], None],
-             before_fetch: Callable[[Probe], None] = lambda p: None) -> Download:
+def download(
+    http: Http,
+    url: str,
+    data_dir: Path,
+    *,
+    sha256: str | None,
+    on_bytes: Callable[[int], None],
+    before_fetch: Callable[[Probe], None] = lambda p: None,
+) -> Download:
     """Fetch `url` into the downloads folder; returns the complete, hash-checked file. `sha256`, when
     known (manifest or lockfile), is checked; wrong bytes are deleted. `before_fetch` sees the probe
     (the caller's space check) before any content byte is requested."""
@@ -173,8 +189,18 @@ def download(http: Http, url: str, data_dir: Path, *, sha256: str | None, on_byt
 
         digests: list[str] = []
         if p.ranges and p.size:
-            fetched = fetch(http, url, partial, size=p.size, expected=sha256, sha256="sha256", on_bytes=counted,
-                            label=url, on_digest=digests.append, root=data_dir)
+            fetched = fetch(
+                http,
+                url,
+                partial,
+                size=p.size,
+                expected=sha256,
+                sha256="sha256",
+                on_bytes=counted,
+                label=url,
+                on_digest=digests.append,
+                root=data_dir,
+            )
         else:
             fetched = _stream(http, url, d, partial.name, counted, digests)
             if sha256 is not None and digests[0] != sha256:
@@ -195,8 +221,9 @@ def _regular(d: safefs.Dir, name: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
-def _stream(http: Http, url: str, d: safefs.Dir, partial: str, on_bytes: Callable[[int], None],
-            digests: list[str]) -> int:
+def _stream(
+    http: Http, url: str, d: safefs.Dir, partial: str, on_bytes: Callable[[int], None], digests: list[str]
+) -> int:
     """No size or no ranges: one GET from the start (nothing to resume), hashed on the way."""
     d.unlink(ranges_record(partial))
     resp = http.request("GET", url, what=f"download {url}")
@@ -212,11 +239,11 @@ def _stream(http: Http, url: str, d: safefs.Dir, partial: str, on_bytes: Callabl
                 n += len(chunk)
                 on_bytes(len(chunk))
     except DROPPED as e:
-        raise TransferError(f"download {url}: connection dropped ({type(e).__name__}); the server offers no "
-                            "byte ranges, so run pull again to start over") from None
+        raise TransferError(
+            f"download {url}: connection dropped ({type(e).__name__}); the server offers no "
+            "byte ranges, so run pull again to start over"
+        ) from None
     finally:
         resp.release_conn()
     digests.append(h.hexdigest())
     return n
-
-

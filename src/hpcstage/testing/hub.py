@@ -43,12 +43,13 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,9 @@ class _Response(NamedTuple):
 
 
 def _json_response(status: int, obj, headers: dict | None = None) -> _Response:
-    return _Response(status, {"Content-Type": "application/json; charset=utf-8", **(headers or {})},
-                     json.dumps(obj).encode())
+    return _Response(
+        status, {"Content-Type": "application/json; charset=utf-8", **(headers or {})}, json.dumps(obj).encode()
+    )
 
 
 def _error_response(error: _HubError) -> _Response:
@@ -259,13 +261,15 @@ class _Revision:
             entry["lastCommit"] = {"id": self.commit, "title": f"Revision {self.name}", "date": self.last_modified}
         return entry
 
-    def tree(self, folder: str, recursive: bool, expand: bool, xet: Callable[[FileInfo], str] | None = None) -> list[dict]:
+    def tree(
+        self, folder: str, recursive: bool, expand: bool, xet: Callable[[FileInfo], str] | None = None
+    ) -> list[dict]:
         if folder and folder not in self.dirs:
             raise _HubError(404, "EntryNotFound", f"{folder!r} is not a folder at revision {self.name}")
         prefix = f"{folder}/" if folder else ""
         paths = [p for p in (*self.dirs, *self.files) if p.startswith(prefix)]
         if not recursive:
-            paths = [p for p in paths if "/" not in p[len(prefix):]]
+            paths = [p for p in paths if "/" not in p[len(prefix) :]]
         return [e for p in sorted(paths) if (e := self.entry(p, expand, xet)) is not None]
 
     def info(self, repo_id: str, kind: str) -> dict:
@@ -273,14 +277,26 @@ class _Revision:
         for path, f in self.files.items():
             sibling = {"rfilename": path, "size": f.size, "blobId": f.oid}
             if f.sha256:
-                sibling["lfs"] = {"sha256": f.sha256, "size": f.size,
-                                  "pointerSize": len(_lfs_pointer(f.sha256, f.size))}
+                sibling["lfs"] = {
+                    "sha256": f.sha256,
+                    "size": f.size,
+                    "pointerSize": len(_lfs_pointer(f.sha256, f.size)),
+                }
             siblings.append(sibling)
         info = {
-            "id": repo_id, "author": repo_id.split("/")[0], "sha": self.commit, "private": False,
-            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-            "lastModified": self.last_modified, "createdAt": self.last_modified,
-            "usedStorage": sum(f.size for f in self.files.values()), "siblings": siblings,
+            "id": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": self.commit,
+            "private": False,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "lastModified": self.last_modified,
+            "createdAt": self.last_modified,
+            "usedStorage": sum(f.size for f in self.files.values()),
+            "siblings": siblings,
         }
         if kind == "models":
             info["modelId"] = repo_id
@@ -359,8 +375,9 @@ class _Repos:
         # A large repo's scan costs (~0.15 s per 10,000 files): trusted for RESCAN_SHARE times that, so that
         # rescanning never takes more than ~5% of the server's time (at 20,000 files, rescanning every second
         # was all it did and a pull crawled).
-        return self._revisions.get(key, lambda: self._read(*key),
-                                   max_age=max(RESCAN_AFTER, RESCAN_SHARE * self._scan_seconds.get(key, 0.0)))
+        return self._revisions.get(
+            key, lambda: self._read(*key), max_age=max(RESCAN_AFTER, RESCAN_SHARE * self._scan_seconds.get(key, 0.0))
+        )
 
     def _read(self, kind: str, repo_id: str, name: str, folder: Path) -> _Revision:
         """Walk the folder (one lstat per plain file); when no file's size or mtime changed since the last
@@ -541,11 +558,20 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away, or stop() cut the connection
             self.close_connection = True
         finally:
-            owner._record(RequestRecord(
-                server=role, method=method, path=url.path, query=url.query, range=self.headers.get("Range"),
-                status=self._status, bytes_sent=self._sent, has_auth="Authorization" in self.headers,
-                time=arrived, duration=time.monotonic() - started,
-            ))
+            owner._record(
+                RequestRecord(
+                    server=role,
+                    method=method,
+                    path=url.path,
+                    query=url.query,
+                    range=self.headers.get("Range"),
+                    status=self._status,
+                    bytes_sent=self._sent,
+                    has_auth="Authorization" in self.headers,
+                    time=arrived,
+                    duration=time.monotonic() - started,
+                )
+            )
 
     def _hub_rules(self, path: str, query: str, extra: dict[str, str]) -> _Response | None:
         """The real Hub's answers before any content: rate limit (resolver requests), the token, renamed,
@@ -570,11 +596,19 @@ class _Handler(BaseHTTPRequestHandler):
         if resolver and repo_id in owner.gated:
             noun = kind[:-1]
             if token is None:
-                raise _HubError(401, "GatedRepo", f"Access to {noun} {repo_id} is restricted. You must have access to "
-                                                  "it and be authenticated to access it. Please log in.")
+                raise _HubError(
+                    401,
+                    "GatedRepo",
+                    f"Access to {noun} {repo_id} is restricted. You must have access to "
+                    "it and be authenticated to access it. Please log in.",
+                )
             if token not in owner.gated[repo_id]:
-                raise _HubError(403, "GatedRepo", f"Access to {noun} {repo_id} is restricted and you are not in the "
-                                                  f"authorized list. Visit {owner.url}/{repo_id} to ask for access.")
+                raise _HubError(
+                    403,
+                    "GatedRepo",
+                    f"Access to {noun} {repo_id} is restricted and you are not in the "
+                    f"authorized list. Visit {owner.url}/{repo_id} to ask for access.",
+                )
         return None
 
     def _answer(self, method: str, path: str, query: str, body: bytes) -> _Response:
@@ -593,17 +627,28 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.role == "cdn":
             if method in ("GET", "HEAD") and len(segments) == 2 and segments[0] == "lfs":
                 return self._cdn(segments[1], parse_qs(query))
-        elif (segments[:2] == ["api", "resolve-cache"] and len(segments) >= 7 and segments[2] in _KINDS.values()
-              and method in ("GET", "HEAD")):
-            return self._resolve_cache(segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}",
-                                       unquote(segments[5]), segments[6:])
+        elif (
+            segments[:2] == ["api", "resolve-cache"]
+            and len(segments) >= 7
+            and segments[2] in _KINDS.values()
+            and method in ("GET", "HEAD")
+        ):
+            return self._resolve_cache(
+                segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}", unquote(segments[5]), segments[6:]
+            )
         elif segments == ["api", "repos", "create"] and method == "POST":
             from hpcstage.testing import uploads  # the write API (create_repo, upload_folder), in its own module
 
             return uploads.create_repo(self.server.owner, self.headers, body)
         elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
-            return self._api(method, segments[1], f"{unquote(segments[2])}/{unquote(segments[3])}",
-                             segments[4:], parse_qs(query, keep_blank_values=True), body)
+            return self._api(
+                method,
+                segments[1],
+                f"{unquote(segments[2])}/{unquote(segments[3])}",
+                segments[4:],
+                parse_qs(query, keep_blank_values=True),
+                body,
+            )
         elif method in ("GET", "HEAD"):
             kind, rest = ("datasets", segments[1:]) if segments[:1] == ["datasets"] else ("models", segments)
             if len(rest) >= 5 and rest[2] == "resolve":
@@ -645,7 +690,7 @@ class _Handler(BaseHTTPRequestHandler):
             next_query = urlencode({**query, "cursor": [str(cursor + page_size)]}, doseq=True)
             host = self.headers.get("Host") or self.server.owner.url.split("//")[1]
             headers["Link"] = f'<{self.server.scheme}://{host}{urlsplit(self.path).path}?{next_query}>; rel="next"'
-        return _json_response(200, entries[cursor:cursor + page_size], headers)
+        return _json_response(200, entries[cursor : cursor + page_size], headers)
 
     def _paths_info(self, revision: _Revision, body: bytes) -> _Response:
         if self.headers.get("Content-Type", "").startswith("application/json"):
@@ -671,7 +716,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not owner.resolve_cache:
                 return self._file(f, headers)
             # The real Hub: a 307 with a relative Location to the resolve cache (another resolver request).
-            location = f"/api/resolve-cache/{kind}/{repo_id}/{revision.commit}/{quote(path)}?{urlencode({'etag': f.oid})}"
+            location = (
+                f"/api/resolve-cache/{kind}/{repo_id}/{revision.commit}/{quote(path)}?{urlencode({'etag': f.oid})}"
+            )
             return _Response(307, {**headers, "Location": location}, b"")
         host = (self.headers.get("Host") or "127.0.0.1").rsplit(":", 1)[0]
         cdn = owner._listeners[1].scheme
@@ -758,14 +805,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()  # the head first
         step = max(16 * 1024, int(rate / 50))
         stopping, started = self.server.owner._stopping, time.monotonic()
-        with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
+        with open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext() as f:
             while self._sent < length and not stopping.is_set():
                 n = min(step, length - self._sent)
                 if isinstance(body, _FileSlice):
                     assert f is not None  # opened above for a file
                     sent = self.connection.sendfile(f, body.offset + self._sent, n)
                 else:
-                    self.connection.sendall(body[self._sent:self._sent + n])
+                    self.connection.sendall(body[self._sent : self._sent + n])
                     sent = n
                 if not sent:
                     break
@@ -780,7 +827,7 @@ class _Handler(BaseHTTPRequestHandler):
         stopping = self.server.owner._stopping
         started = time.monotonic()
         self.wfile.flush()  # the head first
-        with (open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext()) as f:
+        with open(body.path, "rb") if isinstance(body, _FileSlice) else nullcontext() as f:
             if f is not None and isinstance(body, _FileSlice):
                 f.seek(body.offset)
             while self._sent < limit and not stopping.is_set():
@@ -789,7 +836,7 @@ class _Handler(BaseHTTPRequestHandler):
                     assert f is not None  # opened above for a file
                     data = bytearray(f.read(n))
                 else:
-                    data = bytearray(body[self._sent:self._sent + n])
+                    data = bytearray(body[self._sent : self._sent + n])
                 if not data:
                     break
                 if fault.corrupt:
@@ -837,8 +884,12 @@ class _Listener(ThreadingHTTPServer):
             self.socket = tls.wrap_socket(self.socket, server_side=True)
 
     def process_request(self, request, client_address):
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name=f"hpcstage-serve-{self.role}-conn", daemon=self.daemon_threads)
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=f"hpcstage-serve-{self.role}-conn",
+            daemon=self.daemon_threads,
+        )
         with self._connections_lock:
             self._connections[request] = thread
             self.peak = max(self.peak, len(self._connections))
@@ -870,9 +921,17 @@ class _Listener(ThreadingHTTPServer):
 class HubServer:
     """The hub listener and its CDN listener (another port, hence another origin for LFS redirects)."""
 
-    def __init__(self, root: Path | str, host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0,
-                 page_size: int = 1000, log_file: Path | str | None = None,
-                 tls: dict[str, ssl.SSLContext] | None = None, resolve_cache: bool = True):
+    def __init__(
+        self,
+        root: Path | str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        cdn_port: int = 0,
+        page_size: int = 1000,
+        log_file: Path | str | None = None,
+        tls: dict[str, ssl.SSLContext] | None = None,
+        resolve_cache: bool = True,
+    ):
         """`tls`: a server-side SSLContext per listener ('hub', 'cdn') to serve over https (tests)."""
         self.root = Path(root)
         # Real-Hub behaviours (module docstring); attributes a test may change while the server runs.
@@ -916,11 +975,17 @@ class HubServer:
         self._stopping.clear()
         if self._log_path:
             self._log_stream = open(self._log_path, "a", encoding="utf-8")
-        self._listeners = [_Listener((self.host, p), self, role, self._tls.get(role))
-                           for p, role in zip(self._ports, ("hub", "cdn"), strict=True)]
+        self._listeners = [
+            _Listener((self.host, p), self, role, self._tls.get(role))
+            for p, role in zip(self._ports, ("hub", "cdn"), strict=True)
+        ]
         for listener in self._listeners:
-            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.05},
-                                      name=f"hpcstage-serve-{listener.role}", daemon=True)
+            thread = threading.Thread(
+                target=listener.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"hpcstage-serve-{listener.role}",
+                daemon=True,
+            )
             thread.start()
             self._threads.append(thread)
         return self
@@ -1006,8 +1071,10 @@ class HubServer:
         reset = int(start + (current + 1) * window - now)  # whole seconds, rounded down: 0 in the last second
         if self.rate_limit_reset is not None:  # a server that always says t=N, whatever is left of the window
             reset = self.rate_limit_reset
-        said = {"RateLimit": f'"resolvers";r={max(0, quota - count)};t={reset}',
-                "RateLimit-Policy": f'"fixed window";"resolvers";q={quota};w={int(window)}'}
+        said = {
+            "RateLimit": f'"resolvers";r={max(0, quota - count)};t={reset}',
+            "RateLimit-Policy": f'"fixed window";"resolvers";q={quota};w={int(window)}',
+        }
         if count > quota:
             raise _HubError(429, None, "You have exceeded the rate limit for resolver requests", said)
         if self.rate_limit_on_success:
@@ -1090,8 +1157,13 @@ class HubServer:
                 self._log_stream.flush()
 
 
-def serve_forever(root: Path | str, host: str = "127.0.0.1", port: int = 0, log_file: Path | str | None = None,
-                  setup: Callable[[HubServer], None] | None = None) -> None:
+def serve_forever(
+    root: Path | str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    log_file: Path | str | None = None,
+    setup: Callable[[HubServer], None] | None = None,
+) -> None:
     """Serve `root` until SIGINT/SIGTERM; print one line with the URL first (`hpcstage serve`). `setup`
     switches real-Hub behaviours on (gated repos, tokens, rate limit, ...) before the first request."""
     stop = threading.Event()

@@ -48,8 +48,12 @@ def make_samples(root: Path) -> dict:
         _write_if_changed(dataset / name, content)
     for name, content in _boolq_files().items():
         _write_if_changed(root / "datasets" / EVAL_DATASET_ID / name, content)
-    return {"model": MODEL_ID, "dataset": DATASET_ID, "eval_dataset": EVAL_DATASET_ID,
-            "model_revisions": ["main", MODEL_TAG]}
+    return {
+        "model": MODEL_ID,
+        "dataset": DATASET_ID,
+        "eval_dataset": EVAL_DATASET_ID,
+        "model_revisions": ["main", MODEL_TAG],
+    }
 
 
 def _write_if_changed(path: Path, content: bytes) -> None:
@@ -100,8 +104,15 @@ def _model_files(seed: int, overrides: dict) -> dict[str, bytes]:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for i, t in enumerate(_SPECIAL)
         ],
         "normalizer": {"type": "Lowercase"},
@@ -118,8 +129,14 @@ def _model_files(seed: int, overrides: dict) -> dict[str, bytes]:
         "config.json": _json(config),
         "generation_config.json": _json({"bos_token_id": 2, "eos_token_id": 3, "max_new_tokens": 16}),
         "tokenizer.json": _json(tokenizer),
-        "tokenizer_config.json": _json({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128,
-                                        "clean_up_tokenization_spaces": False, **special}),
+        "tokenizer_config.json": _json(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": 128,
+                "clean_up_tokenization_spaces": False,
+                **special,
+            }
+        ),
         "special_tokens_map.json": _json(special),
         "README.md": readme.encode(),
         "model.safetensors": _safetensors(_llama_weights(seed)),
@@ -193,7 +210,7 @@ def _dataset_files() -> dict[str, bytes]:
         {"id": n, "text": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))), "label": rng.randint(0, 1)}
         for n in range(sum(DATASET_SPLITS.values()))
     ]
-    train, test = rows[: DATASET_SPLITS["train"]], rows[DATASET_SPLITS["train"]:]
+    train, test = rows[: DATASET_SPLITS["train"]], rows[DATASET_SPLITS["train"] :]
     half = len(train) // 2
     return {
         "README.md": _DATASET_README.encode(),
@@ -225,13 +242,23 @@ Yes/no questions about a passage, in the columns of super_glue's boolq (passage,
 
 def _boolq_files() -> dict[str, bytes]:
     rng = random.Random(11)
-    rows = [{"passage": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14))),
-             "question": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 6))),
-             "idx": n % 8 if n < 8 else n - 8, "label": rng.randint(0, 1)} for n in range(20)]
-    schema = pa.schema([("passage", pa.string()), ("question", pa.string()), ("idx", pa.int32()),
-                        ("label", pa.int64())])
-    return {"README.md": _BOOLQ_README.encode(), "data/train-00000-of-00001.parquet": _parquet(rows[:8], schema),
-            "data/validation-00000-of-00001.parquet": _parquet(rows[8:], schema)}
+    rows = [
+        {
+            "passage": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14))),
+            "question": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 6))),
+            "idx": n % 8 if n < 8 else n - 8,
+            "label": rng.randint(0, 1),
+        }
+        for n in range(20)
+    ]
+    schema = pa.schema(
+        [("passage", pa.string()), ("question", pa.string()), ("idx", pa.int32()), ("label", pa.int64())]
+    )
+    return {
+        "README.md": _BOOLQ_README.encode(),
+        "data/train-00000-of-00001.parquet": _parquet(rows[:8], schema),
+        "data/validation-00000-of-00001.parquet": _parquet(rows[8:], schema),
+    }
 
 
 def _parquet(rows: list[dict], schema: pa.Schema | None = None) -> bytes:

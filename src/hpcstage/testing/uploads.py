@@ -24,8 +24,16 @@ import tempfile
 import threading
 from pathlib import Path
 
-from hpcstage.testing.hub import (INVALID_CREDENTIALS, _KINDS, _NAME, _git_oid, _HubError, _json_response, _repo_path,
-                            _Response)
+from hpcstage.testing.hub import (
+    _KINDS,
+    _NAME,
+    INVALID_CREDENTIALS,
+    _git_oid,
+    _HubError,
+    _json_response,
+    _repo_path,
+    _Response,
+)
 
 _WRITE = threading.Lock()  # one write at a time: commits to one repo from parallel jobs apply in turn
 
@@ -122,8 +130,15 @@ def commit(owner, kind: str, repo_id: str, revision: str, headers, body: bytes) 
             _write(folder, path, data)
     owner.refresh()
     new = owner._repos.revision(kind, repo_id, "main").commit
-    return _json_response(200, {"success": True, "commitOid": new, "pullRequestUrl": None,
-                                "commitUrl": f"{owner.url}/{_prefix(kind)}{repo_id}/commit/{new}"})
+    return _json_response(
+        200,
+        {
+            "success": True,
+            "commitOid": new,
+            "pullRequestUrl": None,
+            "commitUrl": f"{owner.url}/{_prefix(kind)}{repo_id}/commit/{new}",
+        },
+    )
 
 
 def _write(folder: Path, path: str, data: bytes) -> None:
