@@ -95,6 +95,18 @@ class _RepoPlan:
     files: list[CachedFile]  # the selected files
     all_files: list[CachedFile] | None  # full listing for trees/<commit>.json; None when already on disk
 
+    def staged(self) -> StagedRepo:
+        """This repo as a pull's summary reports it: its snapshot and what was selected."""
+        return StagedRepo(
+            self.entry.repo_type,
+            self.entry.repo,
+            self.entry.revision,
+            self.commit,
+            self.cache.snapshot(self.commit),
+            len(self.files),
+            sum(f.size for f in self.files),
+        )
+
 
 @dataclass(frozen=True)
 class Options:
@@ -306,17 +318,7 @@ class _Run:
                 p.cache.write_tree(p.commit, p.all_files)
             if not policy.is_commit(p.entry.revision):
                 p.cache.write_ref(p.entry.revision, p.commit)
-            self.summary.repos.append(
-                StagedRepo(
-                    p.entry.repo_type,
-                    p.entry.repo,
-                    p.entry.revision,
-                    p.commit,
-                    p.cache.snapshot(p.commit),
-                    len(p.files),
-                    sum(f.size for f in p.files),
-                )
-            )
+            self.summary.repos.append(p.staged())
 
     def _check_space(self, jobs: list[tuple[_RepoPlan, CachedFile]]) -> None:
         """Refuse early, with the numbers, when what is left to fetch cannot fit."""
@@ -904,17 +906,7 @@ def plan_manifest(manifest: Manifest, opts: Options | None = None, update: Updat
         if p.all_files is not None:
             p.cache.write_tree(p.commit, p.all_files)
         missing = [f for f in p.files if not p.cache.is_linked(p.commit, f)]
-        run.summary.repos.append(
-            StagedRepo(
-                p.entry.repo_type,
-                p.entry.repo,
-                p.entry.revision,
-                p.commit,
-                p.cache.snapshot(p.commit),
-                len(p.files),
-                sum(f.size for f in p.files),
-            )
-        )
+        run.summary.repos.append(p.staged())
         run.summary.files += len(p.files)
         run.summary.bytes += sum(f.size for f in p.files)
         run.summary.downloaded_files += len(missing)
