@@ -35,9 +35,25 @@ MODULES: dict[str, list[str]] = {
     "archive": ["tests/test_archive.py", "tests/test_guarantees.py::test_hardlinked_members_count_toward_the_unpacked_size_limit"],
     "locks": ["tests/test_locks.py", "tests/test_guarantees.py::test_a_lease_lost_after_the_download_stops_the_commit"],
     "safefs": ["tests/test_planted_links.py"],
+    "xetstore": ["tests/test_xet_store.py"],
     "hfcache": ["tests/test_pull.py", "tests/test_verify.py"],
     "transfer": ["tests/test_transfer.py", "tests/test_guarantees.py"],
     "offline": ["tests/test_check.py", "tests/test_guarantees.py::test_the_check_child_has_no_network_and_the_offline_flags"],
+}
+# module -> the functions/classes ("Class" or "Class.method") behind the guarantees: only mutants inside them
+# run. The whole of the large modules (progress text, proxies, permissions) would take hours on 2 cores, one
+# test run per mutant; a module not listed here is mutated whole.
+SCOPES: dict[str, list[str]] = {
+    "archive": ["clean_name", "_link_inside", "_Writer.member", "_Writer.grow", "_Writer._check_parents",
+                "_Writer.hardlink", "_Writer.symlink"],
+    "locks": ["_dead_local", "_stale", "Lease.held", "Lease.lost", "Lease.check", "break_expired"],
+    "hfcache": ["new_hasher", "digest_file", "RepoCache.commit_blob", "RepoCache.link", "RepoCache.write_ref"],
+    "transfer": ["RetryPolicy", "parse_retry_after", "ratelimit_wait", "_check_content_range"],
+    "offline": ["job_env", "netns_available", "isolated_command"],
+    "xetstore": ["XetStore.publish"],
+}
+# Mutants that cannot change behaviour, by (module, operator, the mutated line's text): never counted.
+EQUIVALENT: dict[tuple[str, str, str], str] = {
 }
 WORK = REPO / "mutants"
 
@@ -55,7 +71,7 @@ def _copy(dest: Path) -> None:
             shutil.copy2(src, dest / name.decode())
 
 
-def run(module: str, timeout: float) -> dict:
+def run(module: str, timeout: float, count_only: bool = False) -> dict:
     copy = WORK / module
     _copy(copy)
     tests = " ".join(MODULES[module])
@@ -74,13 +90,64 @@ def run(module: str, timeout: float) -> dict:
     cr = [sys.executable, "-m", "cosmic_ray.cli"]
     started = time.monotonic()
     subprocess.run([*cr, "init", str(config), str(session)], cwd=copy, env=env, check=True)
+    source = (copy / f"src/hpcstage/{module}.py").read_text()
+    if module in SCOPES:
+        _keep_only(session, _scope_lines(source, SCOPES[module]))
     _skip_annotations(session, copy / f"src/hpcstage/{module}.py")
+    _skip_equivalent(session, module, source)
+    if count_only:
+        db = sqlite3.connect(session)
+        n = db.execute("SELECT COUNT(*) FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)")
+        return {"module": module, "pending": n.fetchone()[0]}
     baseline = subprocess.run([*cr, "baseline", str(config)], cwd=copy, env=env, capture_output=True, text=True)
     if baseline.returncode != 0:
         raise SystemExit(f"{module}: the tests fail without any mutant; fix them first\n{baseline.stdout[-2000:]}")
     subprocess.run([*cr, "exec", str(config), str(session)], cwd=copy, env=env, check=True)
     seconds = time.monotonic() - started
     return {"module": module, "seconds": round(seconds), **_results(session, copy)}
+
+
+def _scope_lines(source: str, names: list[str]) -> set[int]:
+    """The source lines of the named top-level functions/classes and "Class.method"s (decorators included)."""
+    import ast
+
+    tree = ast.parse(source)
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    lines: set[int] = set()
+    for name in names:
+        scope, found = tree.body, None
+        for part in name.split("."):
+            found = next((n for n in scope if isinstance(n, defs) and n.name == part), None)
+            if found is None:
+                raise SystemExit(f"scripts/mutants.py: no {name} in the module; fix SCOPES")
+            scope = found.body
+        start = min([found.lineno, *(d.lineno for d in found.decorator_list)])
+        lines.update(range(start, found.end_lineno + 1))
+    return lines
+
+
+def _keep_only(session: Path, lines: set[int]) -> None:
+    """Remove the work items whose mutation lies outside `lines` before anything runs."""
+    db = sqlite3.connect(session)
+    with db:
+        rows = db.execute("SELECT job_id, start_pos_row FROM mutation_specs").fetchall()
+        gone = [(job,) for job, row in rows if row not in lines]
+        for table in ("work_results", "mutation_specs", "work_items"):
+            db.executemany(f"DELETE FROM {table} WHERE job_id = ?", gone)
+    db.close()
+
+
+def _skip_equivalent(session: Path, module: str, source: str) -> None:
+    """Mark the known-equivalent mutants (EQUIVALENT) as skipped."""
+    text = source.splitlines()
+    db = sqlite3.connect(session)
+    with db:
+        rows = db.execute("SELECT job_id, operator_name, start_pos_row FROM mutation_specs").fetchall()
+        for job, op, row in rows:
+            if (module, op.split("/")[-1], text[row - 1].strip()) in EQUIVALENT:
+                db.execute("DELETE FROM work_results WHERE job_id = ?", (job,))
+                db.execute("INSERT INTO work_results (job_id, worker_outcome) VALUES (?, 'SKIPPED')", (job,))
+    db.close()
 
 
 def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -132,6 +199,7 @@ def _results(session: Path, copy: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--list", action="store_true", help="only count the mutants in scope per module")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULES))
@@ -139,6 +207,10 @@ def main() -> None:
         parser.error(f"unknown module {', '.join(unknown)}; pick from {', '.join(MODULES)}")
     args.modules = args.modules or list(MODULES)
     WORK.mkdir(exist_ok=True)
+    if args.list:
+        for module in args.modules:
+            print(f"{module}: {run(module, args.timeout, count_only=True)['pending']} mutants to run", flush=True)
+        return
     results = []
     for module in args.modules:
         r = run(module, args.timeout)
