@@ -375,3 +375,25 @@ def test_lease_age_follows_the_filesystems_clock_not_this_nodes(tmp_path, monkey
     lease = Lease(lock, ttl=30)
     assert lease.try_acquire()
     lease.release()
+
+
+def test_a_live_pid_counts_as_its_holder_only_with_its_start_time(tmp_path):
+    """Pids are reused: a live process whose start time differs by more than a second from the one the
+    lease names is someone else, and the lease is taken over at once; pids that say nothing (0, negative,
+    missing, not a number) count as alive, and the ttl decides."""
+    import psutil
+
+    lock = tmp_path / "x.lock"
+    started = psutil.Process().create_time()
+    ours = {"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS, "pid": os.getpid(),
+            "token": "theirs", "created": time.time(), "ttl": 30}
+    for start, dead in [(started, False), (started + 0.5, False), (started - 0.5, False), (None, False),
+                        (started + 1.5, True), (started - 1.5, True), (started + 900, True)]:
+        lock.write_text(json.dumps({**ours, "start": start} if start is not None else ours))
+        assert read_lease(lock).expired is dead, (start - started if start else None, dead)
+        assert break_expired(lock) is dead and lock.exists() is not dead
+    for pid in (0, -1, "12", True, None):
+        lock.write_text(json.dumps({**ours, "pid": pid, "start": 1.0}))
+        assert read_lease(lock).expired is False, pid
+        assert not break_expired(lock) and lock.exists()
+        assert not Lease(lock, ttl=30).try_acquire()
