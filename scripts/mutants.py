@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
               + ["tests/test_guarantees.py::test_a_lease_lost_after_the_download_stops_the_commit"],
     "safefs": ["tests/test_planted_links.py"],
     "xetstore": ["tests/test_xet_store.py"],
-    "hfcache": ["tests/test_pull.py", "tests/test_verify.py"],
+    "hfcache": ["tests/test_cache_commits.py"],
     "transfer": ["tests/test_retry_rules.py", "tests/test_guarantees.py::test_retry_after_is_waited_out",
                  "tests/test_guarantees.py::test_errors_without_a_hint_back_off"],
     "offline": ["tests/test_check.py::test_a_job_environment_is_offline_whatever_the_callers_hf_variables_say",
