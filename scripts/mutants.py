@@ -32,7 +32,13 @@ MODULES: dict[str, list[str]] = {
                "tests/test_guarantees.py::test_a_hostile_lockfile_path_is_refused_and_nothing_is_written",
                "tests/test_security.py::test_hostile_tree_entries_are_refused_and_nothing_is_written_outside_the_cache",
                "tests/test_security.py::test_site_policy_refuses_with_exit_2_before_any_request"],
-    "archive": ["tests/test_archive.py", "tests/test_guarantees.py::test_hardlinked_members_count_toward_the_unpacked_size_limit"],
+    "archive": [f"tests/test_archive.py::{t}" for t in (  # not the bombs (300 MB of zeros each): the limits
+        "test_each_limit_allows_exactly_its_value_and_refuses_one_more",  # test covers the same checks
+        "test_hostile_tar_is_refused_with_nothing_written_outside_and_no_dest",
+        "test_hostile_zip_is_refused_with_nothing_written", "test_links_inside_the_tree_are_kept",
+        "test_too_many_members_is_refused", "test_zip_unpacks_byte_exact_and_strip_components",
+        "test_every_tar_format_unpacks_byte_exact_with_hashes", "test_setuid_setgid_and_group_write_bits_are_stripped_not_refused")]
+                + ["tests/test_guarantees.py::test_hardlinked_members_count_toward_the_unpacked_size_limit"],
     "locks": [f"tests/test_locks.py::{t}" for t in (  # not the slow many-process races: acquire is out of SCOPES
         "test_sigkilled_holder_is_taken_over_at_once_on_same_host", "test_foreign_host_lease_waits_for_its_ttl_by_fs_clock",
         "test_holder_sees_lost_when_taken_over", "test_release_never_deletes_someone_elses_lease",
