@@ -34,7 +34,7 @@ def test_retry_after_as_an_http_date_counts_from_now_and_never_below_zero():
 
 
 def test_a_servers_hint_replaces_backoff_and_backoff_doubles_up_to_the_cap():
-    policy = RetryPolicy(base=1.0, cap=16.0)
+    policy = RetryPolicy()  # the defaults: 1 s, doubling, at most 16 s
     assert policy.delay(5, "3") == 3.0
     for attempt, full in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 16.0), (6, 16.0)]:
         waits = [policy.delay(attempt, None) for _ in range(50)]
@@ -42,6 +42,11 @@ def test_a_servers_hint_replaces_backoff_and_backoff_doubles_up_to_the_cap():
         assert max(waits) > full * 0.75 and min(waits) < full * 0.75  # jitter spreads over half to all of it
     assert RetryPolicy(base=0.5, cap=3.0).delay(1, None) <= 1.0  # base scales it
     assert RetryPolicy(base=1.0, cap=3.0).delay(4, None) <= 3.0  # the cap bounds it
+
+
+def test_the_default_tries_and_budget_are_the_documented_ones():
+    """README: errors are retried (6 tries) within --retry-budget (default 900), for library callers too."""
+    assert (RetryPolicy().attempts, RetryPolicy().budget) == (6, 900.0)
 
 
 def test_a_429s_wait_is_the_larger_of_retry_after_and_the_windows_reset_plus_one():
