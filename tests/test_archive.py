@@ -105,6 +105,15 @@ def test_links_inside_the_tree_are_kept(tmp_path):
     assert (out / "hard.txt").read_bytes() == b"hello"
 
 
+def test_a_later_copy_of_a_name_wins_as_tar_does(tmp_path):
+    a = make_tar(tmp_path / "a.tar", [reg("d/f", b"first"), reg("d/f", b"second"), reg("g", b"x"),
+                                      special("d/h", tarfile.LNKTYPE, "g"), special("d/h", tarfile.LNKTYPE, "d/f")], "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    extract_into(a, out)
+    assert tree(out) == {"d/f": b"second", "d/h": b"second", "g": b"x"}
+
+
 def _zip(path: Path, entries: list[tuple[str, bytes, int | None]]) -> Path:
     """(name, data, unix mode or None)."""
     with zipfile.ZipFile(path, "w") as zf:
@@ -125,6 +134,9 @@ HOSTILE_TARS = {
     "symlink climbing out": ([special("up", tarfile.SYMTYPE, "../../.."), reg("up/x", b"pwned")], "points outside"),
     "file over an earlier symlink": ([reg("sub/a", b"a"), special("link", tarfile.SYMTYPE, "sub"), reg("link", b"b")],
                                      "goes through the symlink"),
+    "file under a file": ([reg("a", b"a"), reg("a/b", b"b")], "goes through the file member"),
+    "symlink over a file": ([reg("x", b"x"), special("x", tarfile.SYMTYPE, "y")], "both a symlink"),
+    "symlink over a folder": ([special("d", tarfile.DIRTYPE), special("d", tarfile.SYMTYPE, "y")], "both a symlink"),
     "symlink to the parent": ([special("d/up", tarfile.SYMTYPE, "../.."), reg("ok.txt", b"ok")], "points outside"),
     "write through an inside symlink": (
         [reg("sub/a", b"a"), special("link", tarfile.SYMTYPE, "sub"), reg("link/b", b"b")], "goes through the symlink"),
