@@ -57,6 +57,7 @@ MODULES: dict[str, list[str]] = {
     "transfer": ["tests/test_retry_rules.py", "tests/test_guarantees.py::test_retry_after_is_waited_out",
                  "tests/test_guarantees.py::test_errors_without_a_hint_back_off"],
     "offline": ["tests/test_check.py::test_a_job_environment_is_offline_whatever_the_callers_hf_variables_say",
+                "tests/test_check.py::test_netns_available_says_whether_unshare_n_can_start_a_process_here",
                 "tests/test_check.py::test_isolated_commands_run_the_given_python_with_the_network_off",
                 "tests/test_check.py::test_the_check_process_really_has_no_network",
                 "tests/test_guarantees.py::test_the_check_child_has_no_network_and_the_offline_flags"],

@@ -139,3 +139,14 @@ def test_isolated_commands_run_the_given_python_with_the_network_off():
     guarded = offline.isolated_command("print(1)", "guard")
     assert guarded[:2] == [sys.executable, "-c"] and guarded[2].endswith("print(1)") and guarded[2] != "print(1)"
     assert offline.isolated_command("x", "netns")[2] == sys.executable
+
+
+def test_netns_available_says_whether_unshare_n_can_start_a_process_here(monkeypatch):
+    if shutil.which("unshare") is None:
+        works = False
+    else:
+        works = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=60).returncode == 0
+    monkeypatch.setattr(offline, "_netns", None)
+    assert offline.netns_available() is works
+    monkeypatch.setattr(offline.subprocess, "run", None)  # asked once per process: the answer is kept
+    assert offline.netns_available() is works
