@@ -397,3 +397,20 @@ def test_a_live_pid_counts_as_its_holder_only_with_its_start_time(tmp_path):
         assert read_lease(lock).expired is False, pid
         assert not break_expired(lock) and lock.exists()
         assert not Lease(lock, ttl=30).try_acquire()
+
+
+def test_a_holder_that_cannot_be_inspected_counts_as_alive(tmp_path, monkeypatch):
+    """psutil refusing to look at the pid (another user's process under hidepid, say) proves nothing."""
+    import psutil
+
+    class Hidden:
+        def __init__(self, pid):
+            raise psutil.AccessDenied(pid)
+
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS,
+                                "pid": dead_pid(), "start": 1.0, "token": "theirs", "created": time.time(), "ttl": 30}))
+    assert read_lease(lock).expired is True  # control: a dead pid of this host is provably gone
+    monkeypatch.setattr(locks.psutil, "Process", Hidden)
+    assert read_lease(lock).expired is False
+    assert not break_expired(lock) and lock.exists()
