@@ -105,6 +105,14 @@ def test_links_inside_the_tree_are_kept(tmp_path):
     assert (out / "hard.txt").read_bytes() == b"hello"
 
 
+def test_a_colon_after_a_digit_is_a_plain_name_not_a_drive(tmp_path):
+    a = _zip(tmp_path / "a.zip", [("1:a", b"one", None)])
+    out = tmp_path / "out"
+    out.mkdir()
+    extract_into(a, out)
+    assert tree(out) == {"1:a": b"one"}
+
+
 def test_a_later_copy_of_a_name_wins_as_tar_does(tmp_path):
     a = make_tar(tmp_path / "a.tar", [reg("d/f", b"first"), reg("d/f", b"second"), reg("g", b"x"),
                                       special("d/h", tarfile.LNKTYPE, "g"), special("d/h", tarfile.LNKTYPE, "d/f")], "w")
@@ -169,7 +177,7 @@ HOSTILE_ZIPS = {
     "deep dotdot": ([("a/../../escaped.txt", b"pwned", None)], "climbs out"),
     "absolute": ([("/tmp/hpcstage-absolute-zip.txt", b"pwned", None)], "absolute path"),
     "windows path": ([("..\\..\\escaped.txt", b"pwned", None)], "Windows path"),
-    "drive letter": ([("C:/hpcstage-drive.txt", b"pwned", None)], "absolute path"),
+    "drive letter": ([("C:/hpcstage-drive-1", b"pwned", None)], "absolute path"),
     "backslash root": ([("\\hpcstage-root.txt", b"pwned", None)], "absolute path"),
     "symlink out": ([("etc", b"/etc", stat.S_IFLNK | 0o777), ("etc/hpcstage-pwned", b"x", None)], "absolute path '/etc'"),
     "fifo": ([("pipe", b"", stat.S_IFIFO | 0o644)], "FIFO"),

@@ -1,6 +1,7 @@
 """Lease locks with real processes: exclusion, dead and expired holders, heartbeat, loss, takeover races."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -414,3 +415,25 @@ def test_a_holder_that_cannot_be_inspected_counts_as_alive(tmp_path, monkeypatch
     monkeypatch.setattr(locks.psutil, "Process", Hidden)
     assert read_lease(lock).expired is False
     assert not break_expired(lock) and lock.exists()
+
+
+def test_break_expired_keeps_a_lease_renewed_before_it_took_the_guard(tmp_path, monkeypatch):
+    """Judged stale, then renewed by its holder before the guard was ours: the re-check under the guard
+    keeps it (cleanup must never remove a live lease)."""
+    lock = tmp_path / "x.lock"
+    write_foreign(lock, ttl=30, token="holder")
+    age_file(lock, 60)
+    real_guarded = locks._guarded
+
+    @contextlib.contextmanager
+    def renewed_meanwhile(d, name, wait):
+        os.utime(lock)  # the holder's heartbeat lands between the first look and the guard
+        with real_guarded(d, name, wait) as ok:
+            yield ok
+
+    monkeypatch.setattr(locks, "_guarded", renewed_meanwhile)
+    assert break_expired(lock) is False
+    assert read_lease(lock).token == "holder" and not read_lease(lock).expired
+    monkeypatch.setattr(locks, "_guarded", real_guarded)
+    age_file(lock, 60)  # control: still expired under the guard, it goes
+    assert break_expired(lock) is True and not lock.exists()
