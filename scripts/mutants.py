@@ -49,7 +49,9 @@ MODULES: dict[str, list[str]] = {
         "test_lease_age_follows_the_filesystems_clock_not_this_nodes",
         "test_a_live_pid_counts_as_its_holder_only_with_its_start_time",
         "test_a_holder_that_cannot_be_inspected_counts_as_alive",
-        "test_break_expired_keeps_a_lease_renewed_before_it_took_the_guard")]
+        "test_break_expired_keeps_a_lease_renewed_before_it_took_the_guard",
+        "test_break_expired_without_a_lease_or_its_folder_removes_nothing",
+        "test_a_link_planted_at_a_lease_name_is_an_expired_lease_of_nobody")]
               + ["tests/test_guarantees.py::test_a_lease_lost_after_the_download_stops_the_commit"],
     "safefs": ["tests/test_planted_links.py"],
     "xetstore": [f"tests/test_xet_store.py::{t}" for t in (
@@ -82,6 +84,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("archive", "for i in range(1, len(parts) << 1):"):
         "2n >= n + 1 for n >= 1 parts: the extra rounds re-check the whole name, as round n did",
     ("archive", "for i in range(1, len(parts) + 2):"): "the extra round re-checks the whole name, as round n did",
+    ("archive", "if i != len(parts) and prefix in self.files:"): "i runs 1..n, so i != n is i < n",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

@@ -111,15 +111,17 @@ def test_a_colon_after_a_digit_is_a_plain_name_not_a_drive(tmp_path):
     out.mkdir()
     extract_into(a, out)
     assert tree(out) == {"1:a": b"one"}
+    assert [archive.clean_name(n, "a.zip") for n in ("", ".", "./", "a", "./a//b/")] == [None, None, None, "a", "a/b"]
 
 
 def test_a_later_copy_of_a_name_wins_as_tar_does(tmp_path):
     a = make_tar(tmp_path / "a.tar", [reg("d/f", b"first"), reg("d/f", b"second"), reg("g", b"x"),
-                                      special("d/h", tarfile.LNKTYPE, "g"), special("d/h", tarfile.LNKTYPE, "d/f")], "w")
+                                      special("d/h", tarfile.LNKTYPE, "g"), special("d/h", tarfile.LNKTYPE, "d/f"),
+                                      special("n/e/w/h", tarfile.LNKTYPE, "g")], "w")
     out = tmp_path / "out"
     out.mkdir()
     extract_into(a, out)
-    assert tree(out) == {"d/f": b"second", "d/h": b"second", "g": b"x"}
+    assert tree(out) == {"d/f": b"second", "d/h": b"second", "g": b"x", "n/e/w/h": b"x"}
 
 
 def _zip(path: Path, entries: list[tuple[str, bytes, int | None]]) -> Path:

@@ -425,15 +425,34 @@ def test_break_expired_keeps_a_lease_renewed_before_it_took_the_guard(tmp_path, 
     age_file(lock, 60)
     real_guarded = locks._guarded
 
+    real_time = time.time
+
     @contextlib.contextmanager
     def renewed_meanwhile(d, name, wait):
-        os.utime(lock)  # the holder's heartbeat lands between the first look and the guard
+        os.utime(lock)  # the holder's heartbeat lands between the first look and the guard ...
+        monkeypatch.setattr(locks.time, "time", lambda: real_time() + 1000)  # ... and this node's clock jumps
         with real_guarded(d, name, wait) as ok:
             yield ok
 
     monkeypatch.setattr(locks, "_guarded", renewed_meanwhile)
-    assert break_expired(lock) is False
+    assert break_expired(lock) is False  # judged again under the guard, by the filesystem's clock
+    monkeypatch.setattr(locks.time, "time", real_time)
     assert read_lease(lock).token == "holder" and not read_lease(lock).expired
     monkeypatch.setattr(locks, "_guarded", real_guarded)
     age_file(lock, 60)  # control: still expired under the guard, it goes
     assert break_expired(lock) is True and not lock.exists()
+
+
+def test_break_expired_without_a_lease_or_its_folder_removes_nothing(tmp_path):
+    assert break_expired(tmp_path / "none.lock") is False
+    assert break_expired(tmp_path / "no-such-folder" / "x.lock") is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_planted_at_a_lease_name_is_an_expired_lease_of_nobody(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("keep")
+    lock = tmp_path / "x.lock"
+    lock.symlink_to(target)
+    assert break_expired(lock) is True
+    assert not lock.is_symlink() and target.read_text() == "keep"
