@@ -85,6 +85,10 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "2n >= n + 1 for n >= 1 parts: the extra rounds re-check the whole name, as round n did",
     ("archive", "for i in range(1, len(parts) + 2):"): "the extra round re-checks the whole name, as round n did",
     ("archive", "if i != len(parts) and prefix in self.files:"): "i runs 1..n, so i != n is i < n",
+    ("transfer", "if info is not None and info.remaining <= 0:"):
+        "huggingface_hub parses r= as digits only: remaining is never below 0",
+    ("hfcache", "fd = blobs.open(partial.name, os.O_RDONLY ^ os.O_NONBLOCK)  # a link planted meanwhile: ELOOP, not moved"):
+        "O_RDONLY is 0: 0 ^ x == 0 | x",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"
