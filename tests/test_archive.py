@@ -112,6 +112,7 @@ def test_a_colon_after_a_digit_is_a_plain_name_not_a_drive(tmp_path):
     extract_into(a, out)
     assert tree(out) == {"1:a": b"one"}
     assert [archive.clean_name(n, "a.zip") for n in ("", ".", "./", "a", "./a//b/")] == [None, None, None, "a", "a/b"]
+    assert archive.clean_name("dir\\name", "a.tar") == "dir\\name"  # in a tar a backslash is part of a name
 
 
 def test_a_later_copy_of_a_name_wins_as_tar_does(tmp_path):
@@ -147,6 +148,7 @@ HOSTILE_TARS = {
     "file under a file": ([reg("a", b"a"), reg("a/b", b"b")], "goes through the file member"),
     "symlink over a file": ([reg("x", b"x"), special("x", tarfile.SYMTYPE, "y")], "both a symlink"),
     "symlink over a folder": ([special("d", tarfile.DIRTYPE), special("d", tarfile.SYMTYPE, "y")], "both a symlink"),
+    "symlink to nothing": ([special("x", tarfile.SYMTYPE, "")], "empty or invalid target"),
     "symlink to the parent": ([special("d/up", tarfile.SYMTYPE, "../.."), reg("ok.txt", b"ok")], "points outside"),
     "write through an inside symlink": (
         [reg("sub/a", b"a"), special("link", tarfile.SYMTYPE, "sub"), reg("link/b", b"b")], "goes through the symlink"),

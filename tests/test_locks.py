@@ -456,3 +456,13 @@ def test_a_link_planted_at_a_lease_name_is_an_expired_lease_of_nobody(tmp_path):
     lock.symlink_to(target)
     assert break_expired(lock) is True
     assert not lock.is_symlink() and target.read_text() == "keep"
+
+
+def test_break_expired_judges_by_the_filesystems_clock_even_after_this_nodes_clock_jumps(tmp_path, monkeypatch):
+    lock = tmp_path / "x.lock"
+    write_foreign(lock, ttl=30)
+    age_file(lock, 60)
+    assert read_lease(lock).expired  # measures and keeps this node's offset to the filesystem's clock
+    real_time = time.time
+    monkeypatch.setattr(locks.time, "time", lambda: real_time() - 1000)  # then the local clock jumps back
+    assert break_expired(lock) is True and not lock.exists()
