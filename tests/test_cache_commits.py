@@ -68,6 +68,7 @@ def test_a_committed_blob_is_the_partials_bytes_under_its_hash_readable_by_all(t
     assert not partial.exists() and blob.read_bytes() == DATA and cache.has_blob(f)
 
 
+@pytest.mark.timeout(30)  # opening the FIFO without O_NONBLOCK would wait for a writer for ever
 def test_a_partial_that_is_no_regular_file_is_never_moved_into_place(tmp_path):
     cache, f = _cache(tmp_path)
     cache.create_partial(f.etag)
