@@ -466,3 +466,37 @@ def test_break_expired_judges_by_the_filesystems_clock_even_after_this_nodes_clo
     real_time = time.time
     monkeypatch.setattr(locks.time, "time", lambda: real_time() - 1000)  # then the local clock jumps back
     assert break_expired(lock) is True and not lock.exists()
+
+
+def test_a_lease_exactly_its_ttl_old_is_still_live_and_one_gone_meanwhile_is_left_alone(tmp_path, monkeypatch):
+    lock = tmp_path / "x.lock"
+    write_foreign(lock, ttl=30)
+    os.utime(lock, (1_000_000_000, 1_000_000_000))
+    monkeypatch.setattr(locks, "fs_now", lambda d: 1_000_000_030.0)  # the filesystem's clock, held still
+    locks._offsets.clear()  # measure against the held clock, not an offset kept from before
+    info = read_lease(lock)
+    assert info.age == 30.0 and not info.expired
+    assert break_expired(lock) is False and lock.exists()
+    monkeypatch.setattr(locks, "fs_now", lambda d: 1_000_000_030.5)
+    real_guarded = locks._guarded
+
+    @contextlib.contextmanager
+    def removed_meanwhile(d, name, wait):
+        lock.unlink()  # its holder released it between the first look and the guard
+        with real_guarded(d, name, wait) as ok:
+            yield ok
+
+    monkeypatch.setattr(locks, "_guarded", removed_meanwhile)
+    assert break_expired(lock) is False and not lock.exists()
+
+
+def test_pid_1_is_judged_like_any_other_pid(tmp_path):
+    import psutil
+
+    lock = tmp_path / "x.lock"
+    meta = {"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS, "pid": 1,
+            "token": "theirs", "created": time.time(), "ttl": 30}
+    lock.write_text(json.dumps({**meta, "start": psutil.Process(1).create_time()}))
+    assert read_lease(lock).expired is False
+    lock.write_text(json.dumps({**meta, "start": psutil.Process(1).create_time() + 60}))
+    assert read_lease(lock).expired is True  # pid 1 is alive, but not the process that took the lease
