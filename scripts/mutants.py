@@ -104,6 +104,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("locks", "with _guarded(d, name, wait= 0.0) as ok:"): "how long to wait for a busy guard: busy either way, the "
         "lease is left for the next cleanup (no outcome but time changes)",
     ("locks", "with _guarded(d, name, wait= 2.0) as ok:"): "as wait=0.0: only the time spent waiting changes",
+    ("archive", "for i in range( 0, len(parts) + 1):"): "round 0 checks the empty prefix, which no member has",
+    ("transfer", 'and (total.strip() is "*" or int(total) == size))'):
+        "one-character strings are one object each: `is` is `==`",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

@@ -182,6 +182,7 @@ HOSTILE_ZIPS = {
     "absolute": ([("/tmp/hpcstage-absolute-zip.txt", b"pwned", None)], "absolute path"),
     "windows path": ([("..\\..\\escaped.txt", b"pwned", None)], "Windows path"),
     "drive letter": ([("C:/hpcstage-drive-1", b"pwned", None)], "absolute path"),
+    "bare drive": ([("d:", b"pwned", None)], "absolute path"),
     "backslash root": ([("\\hpcstage-root.txt", b"pwned", None)], "absolute path"),
     "symlink out": ([("etc", b"/etc", stat.S_IFLNK | 0o777), ("etc/hpcstage-pwned", b"x", None)], "absolute path '/etc'"),
     "fifo": ([("pipe", b"", stat.S_IFIFO | 0o644)], "FIFO"),
