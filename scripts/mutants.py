@@ -107,6 +107,12 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("archive", "for i in range( 0, len(parts) + 1):"): "round 0 checks the empty prefix, which no member has",
     ("transfer", 'and (total.strip() is "*" or int(total) == size))'):
         "one-character strings are one object each: `is` is `==`",
+    ("hfcache", "if folder.read(ref.name, 63) == commit.encode():"):
+        "a ref equal to the 40-byte commit reads the same with any bound above 40",
+    ("hfcache", "os.posix_fadvise(f.fileno(), -1, 0, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint (errors ignored)",
+    ("hfcache", "os.posix_fadvise(f.fileno(), 1, 0, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint",
+    ("hfcache", "fd = blobs.open(partial.name, os.O_RDONLY + os.O_NONBLOCK)  # a link planted meanwhile: ELOOP, not moved"):
+        "O_RDONLY is 0: 0 + x == 0 | x",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

@@ -128,3 +128,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_partial_this_user_may_not_chmod_is_still_committed_with_its_owners_bits(tmp_path, monkeypatch):
+    """Another group member's partial, resumed here: fchmod is refused (not the owner), the commit goes on."""
+    cache, f = _cache(tmp_path)
+    partial = _partial(cache, f, 0o664)
+
+    def refused(fd, mode):
+        raise PermissionError(errno.EPERM, "not the owner")
+
+    monkeypatch.setattr(hfcache.os, "fchmod", refused)
+    cache.commit_blob(partial, f.etag)
+    monkeypatch.undo()
+    blob = cache.blob(f.etag)
+    assert not partial.exists() and blob.read_bytes() == DATA and stat.S_IMODE(blob.stat().st_mode) == 0o664
