@@ -66,6 +66,7 @@ MODULES: dict[str, list[str]] = {
                  "tests/test_guarantees.py::test_errors_without_a_hint_back_off"],
     "offline": ["tests/test_check.py::test_a_job_environment_is_offline_whatever_the_callers_hf_variables_say",
                 "tests/test_check.py::test_netns_available_says_whether_unshare_n_can_start_a_process_here",
+                "tests/test_check.py::test_without_a_working_unshare_the_guard_is_used_and_nothing_is_printed",
                 "tests/test_check.py::test_isolated_commands_run_the_given_python_with_the_network_off",
                 "tests/test_check.py::test_the_check_process_really_has_no_network",
                 "tests/test_guarantees.py::test_the_check_child_has_no_network_and_the_offline_flags"],
@@ -113,6 +114,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("hfcache", "os.posix_fadvise(f.fileno(), 1, 0, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint",
     ("hfcache", "fd = blobs.open(partial.name, os.O_RDONLY + os.O_NONBLOCK)  # a link planted meanwhile: ELOOP, not moved"):
         "O_RDONLY is 0: 0 + x == 0 | x",
+    ("hfcache", "except (CosmicRayTestingException, OSError):"):
+        "AttributeError: only where os has no posix_fadvise (not Linux)",
+    ("offline", 'if isolation is "netns":'): "callers pass the literal: one interned object, `is` is `==`",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

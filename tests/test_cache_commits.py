@@ -103,6 +103,8 @@ def test_the_snapshot_link_is_what_huggingface_hub_resolves_and_a_wrong_one_is_r
     (cache.blob(other.etag)).write_bytes(b"old")
     cache.link(COMMIT, other)  # a link to another blob: replaced by the one asked for
     assert os.readlink(link) == "../../../../blobs/" + "d" * 40 and link.read_bytes() == b"old"
+    cache.link(COMMIT, f)  # and back (one of the two targets sorts after the other)
+    assert os.readlink(link) == "../../../../blobs/" + f.etag
     link.unlink()
     link.write_bytes(b"a plain file where the link belongs")
     cache.link(COMMIT, f)

@@ -127,6 +127,8 @@ def test_a_job_environment_is_offline_whatever_the_callers_hf_variables_say(tmp_
     assert (out["PATH"], out["HF_HOME"], out["HF_TOKEN"], out["HF_TOKEN_PATH"]) == \
         ("/usr/bin", "/home/u/hf", "t", "/home/u/tok")
     assert out["HF_HUB_DISABLE_PROGRESS_BARS"] == out["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    with pytest.raises(TypeError):
+        offline.job_env(None, tmp_path)  # cache folders by keyword only: a swapped pair cannot slip through
     os.environ["HPCSTAGE_TEST_MARK"] = "here"  # default base: this process's environment
     try:
         assert offline.job_env(cache_dir=tmp_path)["HPCSTAGE_TEST_MARK"] == "here"
@@ -150,3 +152,15 @@ def test_netns_available_says_whether_unshare_n_can_start_a_process_here(monkeyp
     assert offline.netns_available() is works
     monkeypatch.setattr(offline.subprocess, "run", None)  # asked once per process: the answer is kept
     assert offline.netns_available() is works
+
+
+def test_without_a_working_unshare_the_guard_is_used_and_nothing_is_printed(tmp_path, monkeypatch, capfd):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "unshare").write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    (fake / "unshare").chmod(0o755)
+    for path, why in [(str(fake), "refused"), (str(tmp_path / "empty"), "missing")]:
+        monkeypatch.setenv("PATH", path)
+        monkeypatch.setattr(offline, "_netns", None)
+        assert offline.netns_available() is False, why
+    assert capfd.readouterr() == ("", "")
