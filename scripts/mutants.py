@@ -119,6 +119,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("offline", 'if isolation is "netns":'): "callers pass the literal: one interned object, `is` is `==`",
     ("locks", "if seen is None or not _stale(seen, d, DEFAULT_TTL, fresh=False):"):
         "under the guard: the claim's own predicate (_still_stale) judges again by the filesystem's clock",
+    ("offline", '_netns = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout= 11).returncode == 0'):
+        "a bound on how long `unshare -n true` may take: 10 or 11 s, the same answer",
+    ("offline", '_netns = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout= 9).returncode == 0'):
+        "as timeout 11",
+    ("offline", 'if isolation >= "netns":'): "isolation is 'netns' or 'guard', and 'guard' sorts before 'netns'",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

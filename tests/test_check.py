@@ -159,7 +159,11 @@ def test_without_a_working_unshare_the_guard_is_used_and_nothing_is_printed(tmp_
     fake.mkdir()
     (fake / "unshare").write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
     (fake / "unshare").chmod(0o755)
-    for path, why in [(str(fake), "refused"), (str(tmp_path / "empty"), "missing")]:
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "unshare").write_text("#!/bin/sh\nkill -9 $$\n")  # a negative return code: not a success either
+    (killed / "unshare").chmod(0o755)
+    for path, why in [(str(fake), "refused"), (str(killed), "killed"), (str(tmp_path / "empty"), "missing")]:
         monkeypatch.setenv("PATH", path)
         monkeypatch.setattr(offline, "_netns", None)
         assert offline.netns_available() is False, why
