@@ -124,6 +124,13 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("offline", '_netns = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout= 9).returncode == 0'):
         "as timeout 11",
     ("offline", 'if isolation >= "netns":'): "isolation is 'netns' or 'guard', and 'guard' sorts before 'netns'",
+    ("hfcache", "if folder.read(ref.name, 65) == commit.encode():"): "as 63: any bound above 40 bytes",
+    ("hfcache", 'with open(path, "rb", buffering= 1) as f:'):
+        "binary files cannot be line-buffered: Python warns and buffers as usual; the bytes read are the same",
+    ("hfcache", "except (AttributeError, CosmicRayTestingException):"):
+        "the read-ahead hint fails only on pipes; digest_file reads regular files",
+    ("hfcache", "if folder.lstat(name).st_gid is not self.sharing.gid:"):
+        "differs from != only by giving a link the group it already has: nothing changes",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

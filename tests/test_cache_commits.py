@@ -145,3 +145,29 @@ def test_a_partial_this_user_may_not_chmod_is_still_committed_with_its_owners_bi
     monkeypatch.undo()
     blob = cache.blob(f.etag)
     assert not partial.exists() and blob.read_bytes() == DATA and stat.S_IMODE(blob.stat().st_mode) == 0o664
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to other groups: needs root")
+@pytest.mark.parametrize("folder_gid", [5000, 3000])
+def test_a_link_in_a_folder_of_another_group_gets_the_shared_group(tmp_path, folder_gid):
+    """A snapshot folder made before the cache was shared (another group, setgid): the new link is given
+    the shared group, its owner kept."""
+    sharing = hfcache.Sharing(4242, "g4242")
+    cache = RepoCache(tmp_path / "hub", "model", REPO, sharing)
+    f = CachedFile("a/b.bin", 3, "b" * 40)
+    folder = cache.snapshot(COMMIT) / "a"
+    folder.mkdir(parents=True)
+    os.chown(folder, -1, folder_gid)
+    os.chmod(folder, 0o2755)
+    cache.link(COMMIT, f)
+    st = os.lstat(folder / "b.bin")
+    assert (st.st_gid, st.st_uid) == (4242, os.geteuid())
+
+
+def test_a_folder_where_the_link_belongs_is_refused_and_no_temporary_is_left(tmp_path):
+    cache, f = _cache(tmp_path)
+    where = cache.snapshot(COMMIT) / f.path
+    (where / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        cache.link(COMMIT, f)
+    assert sorted(p.name for p in where.parent.iterdir()) == ["model.bin"] and (where / "inside").is_dir()
