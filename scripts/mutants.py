@@ -131,6 +131,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "the read-ahead hint fails only on pipes; digest_file reads regular files",
     ("hfcache", "if folder.lstat(name).st_gid is not self.sharing.gid:"):
         "differs from != only by giving a link the group it already has: nothing changes",
+    ("xetstore", "fd = blobs.open(partial, os.O_RDONLY ^ os.O_NONBLOCK)"): "O_RDONLY is 0: 0 ^ x == 0 | x",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"

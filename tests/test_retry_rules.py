@@ -70,7 +70,7 @@ def test_a_206_with_the_bytes_asked_for_passes(value):
 
 @pytest.mark.parametrize("value", ["bytes 101-199/1000", "bytes 100-200/1000", "bytes 100-198/1000",
                                    "bytes 100-199/999", "items 100-199/1000", "byte 100-199/1000",
-                                   "bytes 100-199/1001", "bytes 100-199/", "bytes 100-x/1000", "bytes",
+                                   "bytes 100-199/1001", "bytes 100-199/", "bytes 99-199/1000", "bytes 100-x/1000", "bytes",
                                    "bytes 0-999/1000"])
 def test_a_206_with_other_bytes_is_refused_naming_what_came(value):
     with pytest.raises(TransferError) as e:
