@@ -155,6 +155,7 @@ def test_listing_whose_xet_hash_does_not_match_the_content_publishes_nothing(twi
     twins.listed_xet[w.sha256] = "0" * 64
     r = hpcstage("pull", BASE, "--cache-dir", str(cache), "-q", env=client_env(twins, tmp_path))
     assert r.returncode == 1 and "xetHash" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert f"instead of {'0' * 12}…" in r.stderr  # the listed hash, as far as a reader needs to compare it
     assert store_files(cache) == []
     blobs = cache / FOLDER[BASE] / "blobs"
     assert sorted(p.name for p in blobs.iterdir()) == [twins.files_of("model", BASE)["config.json"].oid]
