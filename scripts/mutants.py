@@ -132,6 +132,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("hfcache", "if folder.lstat(name).st_gid is not self.sharing.gid:"):
         "differs from != only by giving a link the group it already has: nothing changes",
     ("xetstore", "fd = blobs.open(partial, os.O_RDONLY ^ os.O_NONBLOCK)"): "O_RDONLY is 0: 0 ^ x == 0 | x",
+    ("xetstore", "fd = blobs.open(partial, os.O_RDONLY + os.O_NONBLOCK)"): "O_RDONLY is 0: 0 + x == 0 | x",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"
