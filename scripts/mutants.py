@@ -133,6 +133,13 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "differs from != only by giving a link the group it already has: nothing changes",
     ("xetstore", "fd = blobs.open(partial, os.O_RDONLY ^ os.O_NONBLOCK)"): "O_RDONLY is 0: 0 ^ x == 0 | x",
     ("xetstore", "fd = blobs.open(partial, os.O_RDONLY + os.O_NONBLOCK)"): "O_RDONLY is 0: 0 + x == 0 | x",
+    ("hfcache", 'with open(path, "rb", buffering= -1) as f:'): "-1 is the default buffering: the same reads",
+    ("hfcache", 'h = new_hasher(algo >= "sha256", os.fstat(f.fileno()).st_size)'):
+        "algo is 'sha256' or 'git', and 'git' sorts before",
+    ("hfcache", 'h = new_hasher(algo is "sha256", os.fstat(f.fileno()).st_size)'):
+        "callers pass the literal: one interned object, `is` is `==`",
+    ("hfcache", "os.posix_fadvise(f.fileno(), 0, -1, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint",
+    ("hfcache", "os.posix_fadvise(f.fileno(), 0, 1, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint",
     ("locks", 'pid = int(_num(meta, "pid", -1))'): "a missing pid, 0 or -1, is refused alike by `pid <= 0`",
 }
 WORK = REPO / "mutants"
