@@ -105,6 +105,26 @@ def test_links_inside_the_tree_are_kept(tmp_path):
     assert (out / "hard.txt").read_bytes() == b"hello"
 
 
+def test_a_colon_after_a_digit_is_a_plain_name_not_a_drive(tmp_path):
+    a = _zip(tmp_path / "a.zip", [("1:a", b"one", None)])
+    out = tmp_path / "out"
+    out.mkdir()
+    extract_into(a, out)
+    assert tree(out) == {"1:a": b"one"}
+    assert [archive.clean_name(n, "a.zip") for n in ("", ".", "./", "a", "./a//b/")] == [None, None, None, "a", "a/b"]
+    assert archive.clean_name("dir\\name", "a.tar") == "dir\\name"  # in a tar a backslash is part of a name
+
+
+def test_a_later_copy_of_a_name_wins_as_tar_does(tmp_path):
+    a = make_tar(tmp_path / "a.tar", [reg("d/f", b"first"), reg("d/f", b"second"), reg("g", b"x"),
+                                      special("d/h", tarfile.LNKTYPE, "g"), special("d/h", tarfile.LNKTYPE, "d/f"),
+                                      special("n/e/w/h", tarfile.LNKTYPE, "g")], "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    extract_into(a, out)
+    assert tree(out) == {"d/f": b"second", "d/h": b"second", "g": b"x", "n/e/w/h": b"x"}
+
+
 def _zip(path: Path, entries: list[tuple[str, bytes, int | None]]) -> Path:
     """(name, data, unix mode or None)."""
     with zipfile.ZipFile(path, "w") as zf:
@@ -123,6 +143,13 @@ HOSTILE_TARS = {
     "symlink to /etc then write through it": (
         [special("etc", tarfile.SYMTYPE, "/etc"), reg("etc/hpcstage-pwned", b"pwned")], "absolute path '/etc'"),
     "symlink climbing out": ([special("up", tarfile.SYMTYPE, "../../.."), reg("up/x", b"pwned")], "points outside"),
+    "file over an earlier symlink": ([reg("sub/a", b"a"), special("link", tarfile.SYMTYPE, "sub"), reg("link", b"b")],
+                                     "goes through the symlink"),
+    "file under a file": ([reg("a", b"a"), reg("a/b", b"b")], "goes through the file member"),
+    "symlink over a file": ([reg("x", b"x"), special("x", tarfile.SYMTYPE, "y")], "both a symlink"),
+    "symlink over a folder": ([special("d", tarfile.DIRTYPE), special("d", tarfile.SYMTYPE, "y")], "both a symlink"),
+    "symlink to nothing": ([special("x", tarfile.SYMTYPE, "")], "empty or invalid target"),
+    "symlink to the parent": ([special("d/up", tarfile.SYMTYPE, "../.."), reg("ok.txt", b"ok")], "points outside"),
     "write through an inside symlink": (
         [reg("sub/a", b"a"), special("link", tarfile.SYMTYPE, "sub"), reg("link/b", b"b")], "goes through the symlink"),
     "symlink chain out": ([special("d", tarfile.SYMTYPE, "."), special("e", tarfile.SYMTYPE, "d/..")], "through other links"),
@@ -154,6 +181,9 @@ HOSTILE_ZIPS = {
     "deep dotdot": ([("a/../../escaped.txt", b"pwned", None)], "climbs out"),
     "absolute": ([("/tmp/hpcstage-absolute-zip.txt", b"pwned", None)], "absolute path"),
     "windows path": ([("..\\..\\escaped.txt", b"pwned", None)], "Windows path"),
+    "drive letter": ([("C:/hpcstage-drive-1", b"pwned", None)], "absolute path"),
+    "bare drive": ([("d:", b"pwned", None)], "absolute path"),
+    "backslash root": ([("\\hpcstage-root.txt", b"pwned", None)], "absolute path"),
     "symlink out": ([("etc", b"/etc", stat.S_IFLNK | 0o777), ("etc/hpcstage-pwned", b"x", None)], "absolute path '/etc'"),
     "fifo": ([("pipe", b"", stat.S_IFIFO | 0o644)], "FIFO"),
 }
@@ -262,3 +292,22 @@ def test_expect_names_what_is_missing(tmp_path):
         "websight/images/*.png matches 3 files, expected 4", "*.png matches 3 files, expected 4",
     ]
     assert check_expect(tmp_path / "absent", ok) == [f"{tmp_path / 'absent'} does not exist"]
+
+
+def test_each_limit_allows_exactly_its_value_and_refuses_one_more(tmp_path):
+    a = make_tar(tmp_path / "a.tar", [reg("a", b"x" * 60), reg("d/b", b"y" * 40)], "w")
+    assert a.stat().st_size == 10240  # one tar record: 100 bytes unpack from 10240 packed, exactly 5/512 of it
+    fits = [Limits(max_bytes=100), Limits(max_members=2), Limits(ratio_floor=100, max_ratio=0.001),
+            Limits(ratio_floor=0, max_ratio=5 / 512)]
+    for i, limits in enumerate(fits):
+        out = tmp_path / f"fits{i}"
+        out.mkdir()
+        assert extract_into(a, out, limits=limits).bytes == 100
+        assert tree(out) == {"a": b"x" * 60, "d/b": b"y" * 40}
+    over = [(Limits(max_bytes=99), "max_unpacked_bytes"), (Limits(max_members=1), "more than 1 members"),
+            (Limits(ratio_floor=99, max_ratio=0.001), "archive bomb"), (Limits(ratio_floor=0, max_ratio=4 / 512), "archive bomb")]
+    for i, (limits, words) in enumerate(over):
+        out = tmp_path / f"over{i}"
+        out.mkdir()
+        with pytest.raises(ArchiveError, match=words):
+            extract_into(a, out, limits=limits)

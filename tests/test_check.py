@@ -110,3 +110,61 @@ def test_a_newer_build_of_another_commit_is_named_and_prebuild_puts_ours_back_on
     r = hpcstage("prebuild", "-f", str(manifest), "--json", env=env)
     assert [x["status"] for x in json.loads(r.stdout)["results"]] == ["skipped", "skipped"]
     assert hpcstage("check", "-f", str(manifest), env=env).returncode == 0
+
+
+def test_a_job_environment_is_offline_whatever_the_callers_hf_variables_say(tmp_path):
+    """The caller's own HF_* settings (online flags, another endpoint or cache) never reach a job; its
+    credentials and HF_HOME do, and the rest of its environment is kept."""
+    base = {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+            "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": "/elsewhere", "HUGGING_FACE_HUB_TOKEN": "old",
+            "HF_HOME": "/home/u/hf", "HF_TOKEN": "t", "HF_TOKEN_PATH": "/home/u/tok"}
+    out = offline.job_env(cache_dir=tmp_path / "hub", datasets_cache_dir=tmp_path / "ds", base=base)
+    assert {k: out[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")} == \
+        {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    assert out["HF_HUB_CACHE"] == str((tmp_path / "hub").resolve())
+    assert out["HF_DATASETS_CACHE"] == str((tmp_path / "ds").resolve())
+    assert "HF_ENDPOINT" not in out and "HUGGING_FACE_HUB_TOKEN" not in out
+    assert (out["PATH"], out["HF_HOME"], out["HF_TOKEN"], out["HF_TOKEN_PATH"]) == \
+        ("/usr/bin", "/home/u/hf", "t", "/home/u/tok")
+    assert out["HF_HUB_DISABLE_PROGRESS_BARS"] == out["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    with pytest.raises(TypeError):
+        offline.job_env(None, tmp_path)  # cache folders by keyword only: a swapped pair cannot slip through
+    os.environ["HPCSTAGE_TEST_MARK"] = "here"  # default base: this process's environment
+    try:
+        assert offline.job_env(cache_dir=tmp_path)["HPCSTAGE_TEST_MARK"] == "here"
+    finally:
+        del os.environ["HPCSTAGE_TEST_MARK"]
+
+
+def test_isolated_commands_run_the_given_python_with_the_network_off():
+    assert offline.isolated_command("print(1)", "netns", "/opt/py") == ["unshare", "-n", "/opt/py", "-c", "print(1)"]
+    guarded = offline.isolated_command("print(1)", "guard")
+    assert guarded[:2] == [sys.executable, "-c"] and guarded[2].endswith("print(1)") and guarded[2] != "print(1)"
+    assert offline.isolated_command("x", "netns")[2] == sys.executable
+
+
+def test_netns_available_says_whether_unshare_n_can_start_a_process_here(monkeypatch):
+    if shutil.which("unshare") is None:
+        works = False
+    else:
+        works = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=60).returncode == 0
+    monkeypatch.setattr(offline, "_netns", None)
+    assert offline.netns_available() is works
+    monkeypatch.setattr(offline.subprocess, "run", None)  # asked once per process: the answer is kept
+    assert offline.netns_available() is works
+
+
+def test_without_a_working_unshare_the_guard_is_used_and_nothing_is_printed(tmp_path, monkeypatch, capfd):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "unshare").write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    (fake / "unshare").chmod(0o755)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "unshare").write_text("#!/bin/sh\nkill -9 $$\n")  # a negative return code: not a success either
+    (killed / "unshare").chmod(0o755)
+    for path, why in [(str(fake), "refused"), (str(killed), "killed"), (str(tmp_path / "empty"), "missing")]:
+        monkeypatch.setenv("PATH", path)
+        monkeypatch.setattr(offline, "_netns", None)
+        assert offline.netns_available() is False, why
+    assert capfd.readouterr() == ("", "")

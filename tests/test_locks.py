@@ -1,6 +1,7 @@
 """Lease locks with real processes: exclusion, dead and expired holders, heartbeat, loss, takeover races."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -375,3 +376,127 @@ def test_lease_age_follows_the_filesystems_clock_not_this_nodes(tmp_path, monkey
     lease = Lease(lock, ttl=30)
     assert lease.try_acquire()
     lease.release()
+
+
+def test_a_live_pid_counts_as_its_holder_only_with_its_start_time(tmp_path):
+    """Pids are reused: a live process whose start time differs by more than a second from the one the
+    lease names is someone else, and the lease is taken over at once; pids that say nothing (0, negative,
+    missing, not a number) count as alive, and the ttl decides."""
+    import psutil
+
+    lock = tmp_path / "x.lock"
+    started = psutil.Process().create_time()
+    ours = {"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS, "pid": os.getpid(),
+            "token": "theirs", "created": time.time(), "ttl": 30}
+    for start, dead in [(started, False), (started + 0.5, False), (started - 0.5, False), (None, False),
+                        (started + 1.5, True), (started - 1.5, True), (started + 900, True)]:
+        lock.write_text(json.dumps({**ours, "start": start} if start is not None else ours))
+        assert read_lease(lock).expired is dead, (start - started if start else None, dead)
+        assert break_expired(lock) is dead and lock.exists() is not dead
+    for pid in (0, -1, "12", True, None):
+        lock.write_text(json.dumps({**ours, "pid": pid, "start": 1.0}))
+        assert read_lease(lock).expired is False, pid
+        assert not break_expired(lock) and lock.exists()
+        assert not Lease(lock, ttl=30).try_acquire()
+
+
+def test_a_holder_that_cannot_be_inspected_counts_as_alive(tmp_path, monkeypatch):
+    """psutil refusing to look at the pid (another user's process under hidepid, say) proves nothing."""
+    import psutil
+
+    class Hidden:
+        def __init__(self, pid):
+            raise psutil.AccessDenied(pid)
+
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS,
+                                "pid": dead_pid(), "start": 1.0, "token": "theirs", "created": time.time(), "ttl": 30}))
+    assert read_lease(lock).expired is True  # control: a dead pid of this host is provably gone
+    monkeypatch.setattr(locks.psutil, "Process", Hidden)
+    assert read_lease(lock).expired is False
+    assert not break_expired(lock) and lock.exists()
+
+
+def test_break_expired_keeps_a_lease_renewed_before_it_took_the_guard(tmp_path, monkeypatch):
+    """Judged stale, then renewed by its holder before the guard was ours: the re-check under the guard
+    keeps it (cleanup must never remove a live lease)."""
+    lock = tmp_path / "x.lock"
+    write_foreign(lock, ttl=30, token="holder")
+    age_file(lock, 60)
+    real_guarded = locks._guarded
+
+    real_time = time.time
+
+    @contextlib.contextmanager
+    def renewed_meanwhile(d, name, wait):
+        os.utime(lock)  # the holder's heartbeat lands between the first look and the guard ...
+        monkeypatch.setattr(locks.time, "time", lambda: real_time() + 1000)  # ... and this node's clock jumps
+        with real_guarded(d, name, wait) as ok:
+            yield ok
+
+    monkeypatch.setattr(locks, "_guarded", renewed_meanwhile)
+    assert break_expired(lock) is False  # judged again under the guard, by the filesystem's clock
+    monkeypatch.setattr(locks.time, "time", real_time)
+    assert read_lease(lock).token == "holder" and not read_lease(lock).expired
+    monkeypatch.setattr(locks, "_guarded", real_guarded)
+    age_file(lock, 60)  # control: still expired under the guard, it goes
+    assert break_expired(lock) is True and not lock.exists()
+
+
+def test_break_expired_without_a_lease_or_its_folder_removes_nothing(tmp_path):
+    assert break_expired(tmp_path / "none.lock") is False
+    assert break_expired(tmp_path / "no-such-folder" / "x.lock") is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_planted_at_a_lease_name_is_an_expired_lease_of_nobody(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("keep")
+    lock = tmp_path / "x.lock"
+    lock.symlink_to(target)
+    assert break_expired(lock) is True
+    assert not lock.is_symlink() and target.read_text() == "keep"
+
+
+def test_break_expired_judges_by_the_filesystems_clock_even_after_this_nodes_clock_jumps(tmp_path, monkeypatch):
+    lock = tmp_path / "x.lock"
+    write_foreign(lock, ttl=30)
+    age_file(lock, 60)
+    assert read_lease(lock).expired  # measures and keeps this node's offset to the filesystem's clock
+    real_time = time.time
+    monkeypatch.setattr(locks.time, "time", lambda: real_time() - 1000)  # then the local clock jumps back
+    assert break_expired(lock) is True and not lock.exists()
+
+
+def test_a_lease_exactly_its_ttl_old_is_still_live_and_one_gone_meanwhile_is_left_alone(tmp_path, monkeypatch):
+    lock = tmp_path / "x.lock"
+    write_foreign(lock, ttl=30)
+    os.utime(lock, (1_000_000_000, 1_000_000_000))
+    monkeypatch.setattr(locks, "fs_now", lambda d: 1_000_000_030.0)  # the filesystem's clock, held still
+    locks._offsets.clear()  # measure against the held clock, not an offset kept from before
+    info = read_lease(lock)
+    assert info.age == 30.0 and not info.expired
+    assert break_expired(lock) is False and lock.exists()
+    monkeypatch.setattr(locks, "fs_now", lambda d: 1_000_000_030.5)
+    real_guarded = locks._guarded
+
+    @contextlib.contextmanager
+    def removed_meanwhile(d, name, wait):
+        lock.unlink()  # its holder released it between the first look and the guard
+        with real_guarded(d, name, wait) as ok:
+            yield ok
+
+    monkeypatch.setattr(locks, "_guarded", removed_meanwhile)
+    assert break_expired(lock) is False and not lock.exists()
+
+
+def test_pid_1_is_judged_like_any_other_pid(tmp_path):
+    import psutil
+
+    lock = tmp_path / "x.lock"
+    meta = {"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS, "pid": 1,
+            "token": "theirs", "created": time.time(), "ttl": 30}
+    lock.write_text(json.dumps({**meta, "start": psutil.Process(1).create_time()}))
+    assert read_lease(lock).expired is False
+    lock.write_text(json.dumps({**meta, "start": psutil.Process(1).create_time() + 60}))
+    assert read_lease(lock).expired is True  # pid 1 is alive, but not the process that took the lease

@@ -6,6 +6,7 @@ checks are huggingface_hub's own store functions and cache tools, and its offlin
 from __future__ import annotations
 
 import json
+import re
 import os
 import random
 import subprocess
@@ -155,6 +156,8 @@ def test_listing_whose_xet_hash_does_not_match_the_content_publishes_nothing(twi
     twins.listed_xet[w.sha256] = "0" * 64
     r = hpcstage("pull", BASE, "--cache-dir", str(cache), "-q", env=client_env(twins, tmp_path))
     assert r.returncode == 1 and "xetHash" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the content's and the listed hash, as far as a reader needs to compare them
+    assert re.search(r"\([0-9a-f]{12}… instead of 0{12}…\)", r.stderr), r.stderr
     assert store_files(cache) == []
     blobs = cache / FOLDER[BASE] / "blobs"
     assert sorted(p.name for p in blobs.iterdir()) == [twins.files_of("model", BASE)["config.json"].oid]
