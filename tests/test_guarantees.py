@@ -228,10 +228,13 @@ def test_status_shows_locked_while_a_pull_runs_and_partial_after_it_is_killed(mi
     m = tmp_path / "hpcstage.yaml"
     m.write_text(f"cache_dir: cache\nmodels:\n  - repo: {REPO}\n")
     env = client_env(mid_hub, tmp_path / "h")
-    mid_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=2_000_000))  # ~2 s per 4 MiB piece
+    # the first piece arrives, every later request stalls: the pull holds its lease for as long as the test
+    # needs (no race between the download and `status`, however loaded the machine)
+    mid_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", method="GET", times=1))
+    mid_hub.add_fault(FaultRule(path=r"/lfs/", server="cdn", method="GET", stall=True))
     sha = mid_hub.files_of("model", REPO)["model.safetensors"].sha256
     record = tmp_path / "cache" / REPO_DIR / "blobs" / f"{sha}.hpcstage-partial.ranges"
-    # one stream: the pieces come one after another, so the pull outlasts `status` by seconds
+    # one stream: the first piece is the first GET
     proc = subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(m), "-q", "--max-connections", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
