@@ -231,7 +231,7 @@ def test_repair_fetches_with_the_callers_token_and_retry_policy(hub, tmp_path, m
     for exactly as often as the caller's retry policy says (the default would ask 6 times, seconds apart)."""
     from hpcstage.errors import HpcstageError
     from hpcstage.manifest import hub_entry
-    from hpcstage.serve import FaultRule
+    from hpcstage.testing.hub import FaultRule
     from hpcstage.staging import Options, pull
     from hpcstage.transfer import RetryPolicy
 
