@@ -266,15 +266,11 @@ class XetStore:
         if not self.has(h, f.size):
             return False
         blobs = cache.folder(cache.blob(f.etag).parent)
-        tmp = blobs.tmp_name(f.etag)
-        try:
-            blobs.symlink(self.link_target(h), tmp)
-        except OSError:
+        tmp = self._temp_link(blobs, h, f.etag)
+        if tmp is None:
             return False
         try:
-            self.add_ref(h, cache, f.etag)
-            blobs.replace(tmp, f.etag)
-            self._share_link(blobs, f.etag)
+            self._commit_link(blobs, tmp, h, cache, f.etag)
         finally:
             blobs.unlink(tmp)
         return True
@@ -300,10 +296,8 @@ class XetStore:
         prefix = self._folder(h[:2])
         if prefix is None:
             return False
-        tmp = blobs.tmp_name(f.etag)
-        try:
-            blobs.symlink(self.link_target(h), tmp)
-        except OSError:
+        tmp = self._temp_link(blobs, h, f.etag)
+        if tmp is None:
             return False  # no symlinks here (some FUSE mounts): a per-repo blob it is
         try:
             if self.has(h, f.size):  # someone else (huggingface_hub, another user) stored it meanwhile
@@ -320,12 +314,26 @@ class XetStore:
                 finally:
                     os.close(fd)
                 blobs.replace(partial, h, prefix)
-            self.add_ref(h, cache, f.etag)
-            blobs.replace(tmp, f.etag)
-            self._share_link(blobs, f.etag)
+            self._commit_link(blobs, tmp, h, cache, f.etag)
         finally:
             blobs.unlink(tmp)
         return True
+
+    def _temp_link(self, blobs: safefs.Dir, h: str, etag: str) -> str | None:
+        """A link to the entry under a temporary name beside `etag`; None where links cannot be made."""
+        tmp = blobs.tmp_name(etag)
+        try:
+            blobs.symlink(self.link_target(h), tmp)
+        except OSError:
+            return None
+        return tmp
+
+    def _commit_link(self, blobs: safefs.Dir, tmp: str, h: str, cache: RepoCache, etag: str) -> None:
+        """Name the link in the entry's `.refs` first (so huggingface_hub's deletion never misses it), then
+        rename it over `blobs/<etag>`."""
+        self.add_ref(h, cache, etag)
+        blobs.replace(tmp, etag)
+        self._share_link(blobs, etag)
 
     def add_ref(self, h: str, cache: RepoCache, etag: str) -> None:
         """Append `<repo>/blobs/<etag>` to the entry's manifest and flush it, before the link appears."""
