@@ -337,9 +337,10 @@ class XetStore:
 
     def add_ref(self, h: str, cache: RepoCache, etag: str) -> None:
         """Append `<repo>/blobs/<etag>` to the entry's manifest and flush it, before the link appears."""
-        line = f"{cache.folder_name}/blobs/{etag}\n".encode()
-        if line.decode().rstrip("\n") in {str(p.relative_to(self.cache_dir)) for p in self.links_of(h)}:
+        link = self.cache_dir / cache.folder_name / "blobs" / etag
+        if link in self.links_of(h):
             return
+        line = f"{cache.folder_name}/blobs/{etag}\n".encode()
         prefix = self._folder(h[:2])
         assert prefix is not None
         fd = prefix.open(f"{h}{REFS_SUFFIX}", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
