@@ -306,7 +306,7 @@ def test_two_users_share_a_group_cache_and_neither_can_redirect_the_others_write
         # mallory stages first (the folders are the group's), then plants links where alice writes next
         r = as_user(mallory, "mkdir", "-p", str(cache / REPO_DIR / "blobs"))
         assert r.returncode == 0, r.stderr
-        r = as_user(mallory, python, "-c", "from hpcstage.hfcache import Sharing, share_cache; "
+        r = as_user(mallory, python, "-c", "from hpcstage.hfcache import share_cache; "
                     f"share_cache({str(cache)!r}, {group!r})")
         assert r.returncode == 0, r.stderr
         big = _names(mid_hub)["big"]

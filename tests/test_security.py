@@ -321,7 +321,8 @@ def test_shared_group_cache_is_read_offline_and_verified_by_another_member(hub, 
 
 
 def test_repo_cache_writes_carry_the_shared_group_bits_even_under_a_private_umask(tmp_path):
-    from hpcstage.hfcache import CachedFile, RepoCache, Sharing
+    from hpcstage.hfcache import CachedFile, RepoCache
+    from hpcstage.safefs import Sharing
 
     group = grp.getgrgid(100 if os.geteuid() == 0 else os.getgid()).gr_name
     sharing = Sharing.for_group(group)

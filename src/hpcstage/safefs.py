@@ -22,6 +22,9 @@ experiments folder) hpcstage writes only through `Dir`s:
 * Folders that hpcstage builds and then publishes whole (extraction, copies) are made 0700 while being
   built (`private_dir`): nobody else can plant anything inside, so path-based code may work in them.
 
+`Sharing` (the group and bits of a `shared_group` cache) lives here too: every `Dir` applies it by
+descriptor as it makes a folder or file, and hfcache/xetstore only pass it along.
+
 What a group member can still do (by design of a group-writable folder): delete or replace finished
 files and links; `verify` detects changed content. See README "Security".
 """
@@ -30,19 +33,17 @@ from __future__ import annotations
 
 import collections
 import errno
+import grp
 import os
 import pwd
 import secrets
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from hpcstage.errors import HpcstageError
+from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.layout import TMP_SUFFIX
-
-if TYPE_CHECKING:
-    from hpcstage.hfcache import Sharing
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -374,3 +375,87 @@ def walk_names(root: Path, pattern: str, min_depth: int = 0) -> list[Path]:
         if depth >= min_depth:
             found += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
     return sorted(found)
+
+
+# The group bits a shared cache's writes get: applied here, by descriptor, as each folder or file is made.
+@dataclass(frozen=True)
+class Sharing:
+    """A group-shared cache: folders setgid and group-writable, files and trees group-readable, all owned
+    by one group, so everyone in it can read (and add to) what anyone staged."""
+
+    gid: int
+    group: str
+
+    @classmethod
+    def for_group(cls, group: str | int) -> Sharing:
+        """Resolve a group name (or gid); checked before anything is written."""
+        try:
+            entry = grp.getgrgid(int(group)) if str(group).isdigit() else grp.getgrnam(str(group))
+        except (KeyError, ValueError):
+            raise BadInput(f"unknown group {group!r} for --shared-group; pick one of yours (`id -Gn`)") from None
+        if os.geteuid() != 0 and entry.gr_gid not in (os.getegid(), *os.getgroups()):
+            raise BadInput(f"you are not a member of group {entry.gr_name!r}; pick one of yours (`id -Gn`)")
+        return cls(entry.gr_gid, entry.gr_name)
+
+    def dir_fd(self, fd: int) -> None:
+        """Give the open folder `fd` the group and the shared bits (by descriptor: no link is followed)."""
+        st = os.fstat(fd)
+        if st.st_gid != self.gid:
+            os.fchown(fd, -1, self.gid)
+        want = stat.S_IMODE(st.st_mode) | SHARED_DIR_BITS
+        if stat.S_IMODE(st.st_mode) != want or st.st_gid != self.gid:  # chown may clear setgid
+            os.fchmod(fd, want)
+
+    def file_fd(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if st.st_gid != self.gid:
+            os.fchown(fd, -1, self.gid)
+        mode = stat.S_IMODE(st.st_mode)
+        want = mode | SHARED_FILE_BITS | (0o010 if mode & 0o100 else 0)
+        if mode != want:
+            os.fchmod(fd, want)
+
+    def dir(self, path: Path | str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.dir_fd(fd)
+        finally:
+            os.close(fd)
+
+    def file(self, path: Path | str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.file_fd(fd)
+        finally:
+            os.close(fd)
+
+    def entry(self, dir_fd: int, name: str) -> None:
+        """Whatever `name` in the open folder `dir_fd` is (folder, file, symlink), opened without
+        following a link, gets the shared group and bits. Other users' entries are left as they are."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_gid != self.gid:
+                    os.chown(name, -1, self.gid, dir_fd=dir_fd, follow_symlinks=False)
+                return
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                return
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0), dir_fd=dir_fd)
+        except (FileNotFoundError, PermissionError):
+            return
+        except OSError as e:
+            if is_link_error(e):  # swapped for a link meanwhile: not ours to touch
+                return
+            raise
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() and os.geteuid() != 0:
+                return  # only the owner may chmod; another member's pull mends its own files
+            (self.dir_fd if stat.S_ISDIR(st.st_mode) else self.file_fd)(fd)
+        finally:
+            os.close(fd)
+
+
+SHARED_DIR_BITS = stat.S_ISGID | 0o070  # setgid: new entries inherit the group; rwx for the group
+SHARED_FILE_BITS = 0o040  # group-readable

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError, PolicyError
-from hpcstage.hfcache import CachedFile, RepoCache, Sharing, default_cache_dir, digest_file, new_hasher, share_cache
+from hpcstage.hfcache import CachedFile, RepoCache, default_cache_dir, digest_file, new_hasher, share_cache
 from hpcstage.layout import LEASE_TTL, repo_of_folder
+from hpcstage.safefs import Sharing
 from hpcstage.xetstore import XetStore
 
 if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used

@@ -36,9 +36,10 @@ from pathlib import Path
 
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch
-from hpcstage.hfcache import CachedFile, RepoCache, Sharing
+from hpcstage.hfcache import CachedFile, RepoCache
 from hpcstage.layout import LEASE_SUFFIX
 from hpcstage.layout import XET_LEASES as LEASES
+from hpcstage.safefs import Sharing
 
 MARKER = ".huggingface-shared-blobs"
 LAYOUT_VERSION = b"1\n"
