@@ -49,8 +49,22 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+from hpcstage.testing import uploads  # the write API (create_repo, upload_folder), in its own module
+from hpcstage.testing.wire import (
+    _KINDS,
+    _NAME,
+    INVALID_CREDENTIALS,
+    _error_response,
+    _FileSlice,
+    _git_oid,
+    _HubError,
+    _json_response,
+    _repo_path,
+    _Response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +77,7 @@ RESCAN_AFTER = 1.0  # seconds a revision's listing is trusted before its folder 
 RESCAN_SHARE = 20  # ... or this many times its last scan's duration, when that is longer (large repos)
 CORRUPT_STRIDE = 4096  # a `corrupt` fault flips the body's first byte and every CORRUPT_STRIDE-th after it
 
-_KINDS = {"model": "models", "dataset": "datasets"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # org, repo name and revision folder names
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")  # refs/pr/1 too
-INVALID_CREDENTIALS = "Invalid credentials in Authorization header"  # the real Hub's X-Error-Message
 DISABLED = "Access to this resource is disabled."
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -138,40 +149,6 @@ class RequestRecord:
     duration: float  # seconds until the answer was sent or abandoned
 
 
-class _HubError(Exception):
-    """An error answer in the Hub's shape: status, `X-Error-Code`, JSON `{"error": ...}`."""
-
-    def __init__(self, status: int, code: str | None, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.headers = status, code, headers or {}
-
-
-class _FileSlice(NamedTuple):
-    path: Path
-    offset: int
-    length: int
-
-
-class _Response(NamedTuple):
-    status: int
-    headers: dict[str, str]
-    body: bytes | _FileSlice
-
-
-def _json_response(status: int, obj, headers: dict | None = None) -> _Response:
-    return _Response(
-        status, {"Content-Type": "application/json; charset=utf-8", **(headers or {})}, json.dumps(obj).encode()
-    )
-
-
-def _error_response(error: _HubError) -> _Response:
-    headers = dict(error.headers)
-    if error.code:
-        headers["X-Error-Code"] = error.code
-    headers["X-Error-Message"] = str(error).encode("ascii", "backslashreplace").decode()  # headers are latin-1
-    return _json_response(error.status, {"error": str(error)}, headers)
-
-
 class _Once:
     """Compute a value once per key (again once it is `max_age` seconds old), even when many threads ask
     for it at the same moment."""
@@ -204,10 +181,6 @@ class _Once:
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
-
-
-def _git_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _lfs_pointer(sha256: str, size: int) -> bytes:
@@ -460,14 +433,6 @@ def _is_lfs(path: str, rules: list[tuple[str, bool]]) -> bool:
     return lfs
 
 
-def _repo_path(segments: list[str]) -> str:
-    """A path inside a repo from URL segments; refuses anything that could leave the repo folder."""
-    path = "/".join(unquote(s) for s in segments).rstrip("/")
-    if "\0" in path or "\\" in path or (path and any(p in ("", ".", "..") for p in path.split("/"))):
-        raise _HubError(400, None, f"Invalid path {path!r}")
-    return path
-
-
 def _target(path: str) -> tuple[str, str, bool] | None:
     """(kind, repo id, is a resolver request) for the hub's repo routes, else None."""
     segments = path.split("/")[1:]
@@ -637,8 +602,6 @@ class _Handler(BaseHTTPRequestHandler):
                 segments[2], f"{unquote(segments[3])}/{unquote(segments[4])}", unquote(segments[5]), segments[6:]
             )
         elif segments == ["api", "repos", "create"] and method == "POST":
-            from hpcstage.testing import uploads  # the write API (create_repo, upload_folder), in its own module
-
             return uploads.create_repo(self.server.owner, self.headers, body)
         elif segments[:1] == ["api"] and len(segments) >= 4 and segments[1] in _KINDS.values():
             return self._api(
@@ -671,8 +634,6 @@ class _Handler(BaseHTTPRequestHandler):
             revision = repos.revision(kind, repo_id, unquote(rest[1]))
             return self._paths_info(revision, body)
         if method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit"):
-            from hpcstage.testing import uploads
-
             write = uploads.preupload if rest[0] == "preupload" else uploads.commit
             return write(self.server.owner, kind, repo_id, unquote(rest[1]), self.headers, body)
         raise _HubError(404, None, f"Not found: {method} {self.path}")

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from hpcstage.testing.hub import (
+from hpcstage.testing.wire import (
     _KINDS,
     _NAME,
     INVALID_CREDENTIALS,
