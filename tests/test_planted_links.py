@@ -226,7 +226,7 @@ def test_a_build_folder_is_private_until_it_is_published(tmp_path):
 
 @pytest.mark.parametrize("where", ["marker", "marker folder", "lease"])
 def test_prebuild_records_are_never_written_through_a_planted_link(tmp_path, outside, where):
-    from hpcstage import arrowcache
+    from hpcstage import arrowbuilds, arrowcache
 
     from hpcstage.manifest import load_manifest
 
@@ -239,7 +239,7 @@ def test_prebuild_records_are_never_written_through_a_planted_link(tmp_path, out
     from importlib.metadata import version
 
     # markers are per datasets version of the job's interpreter (here hpcstage's own: no python:)
-    link = {"marker": arrowcache.marker_path(ds, build, version("datasets")), "marker folder": ds / arrowcache.MARKER_DIR,
+    link = {"marker": arrowbuilds.marker_path(ds, build, version("datasets")), "marker folder": ds / arrowbuilds.MARKER_DIR,
             "lease": arrowcache.lease_path(ds, build)}[where]
     plant(link, outside / ("folder" if where == "marker folder" else "precious"))
     r = hpcstage("prebuild", "-f", str(m), env=client_env(_NoHub(), tmp_path / "h"))

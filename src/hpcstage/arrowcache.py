@@ -24,13 +24,13 @@ call once, before any job starts:
   on; while that marker holds for the job stack's datasets version, the build is skipped without
   importing `datasets` (the version comes from the installed distribution's metadata).
 
+What a call is (`Build`) and its markers' names and contents are arrowbuilds.py's (check reads them too).
+
 The library call is `hpcstage.prebuild(...)` (hpcstage.api); the CLI's is `hpcstage prebuild`.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import os
 import stat
@@ -41,59 +41,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hpcstage import offline, safefs
+from hpcstage.arrowbuilds import (
+    Build,
+    failure_path,
+    hub_build,
+    local_build,
+    read_marker,
+    write_marker,
+)
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.layout import ARROW_LEASE_SUFFIX, LEASE_TTL
 from hpcstage.layout import ARROW_LOCK_DIR as LOCK_DIR
-from hpcstage.layout import ARROW_MARKER_DIR as MARKER_DIR
 from hpcstage.locks import Lease
-from hpcstage.manifest import HubEntry, Lockfile, Manifest, load_lock
+from hpcstage.manifest import Manifest, load_lock
 from hpcstage.yamlfile import read_yaml
 
-MARKER_VERSION = 2  # 2: one marker per datasets version, written after an offline proof
 POLL = 0.2  # seconds between looks at builds other processes hold
-# datasets' packaged builders: their data_files are local paths; any other `path` is a Hub repo id
-PACKAGED = frozenset(
-    "json csv parquet text arrow pandas webdataset xml sql imagefolder audiofolder videofolder pdffolder".split()
-)
-_GLOB_CHARS = frozenset("*?[")
 
 
 class PrebuildError(HpcstageError):
     """The build child could not be started or died without answering."""
-
-
-@dataclass(frozen=True)
-class Build:
-    """One `load_dataset(path, **kwargs)` call, as a job will make it (with the locked commit for Hub
-    repos). `label` is what the log names: the Hub repo id, or the local data file."""
-
-    path: str
-    kwargs: dict[str, Any] = field(hash=False)
-    label: str = ""
-    local_files: tuple[str, ...] = ()  # absolute local data files (their mtimes key datasets' cache)
-    missing: tuple[str, ...] = ()  # local data files named but absent
-
-    @property
-    def key(self) -> str:
-        """Stable across processes and nodes: a hash of the call (not of the label or of mtimes)."""
-        text = json.dumps({"path": self.path, "kwargs": self.kwargs}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-    @property
-    def call(self) -> str:
-        args = [repr(self.path)] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
-        return f"load_dataset({', '.join(args)})"
-
-    def fingerprint(self) -> list[list]:
-        """[path, size, mtime_ns] of each local data file: what datasets hashes besides the arguments."""
-        out = []
-        for p in self.local_files:
-            st = os.stat(p)
-            out.append([p, st.st_size, st.st_mtime_ns])
-        return out
 
 
 @dataclass
@@ -136,67 +105,6 @@ class PrebuildSummary:
 
 
 # -- what to build -----------------------------------------------------------------------------------
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    return []
-
-
-def _absolute(value: Any, base: Path) -> Any:
-    """data_files with relative local paths made absolute against `base` (the manifest's folder)."""
-    if isinstance(value, str):
-        return value if "://" in value or os.path.isabs(value) else str((base / value).absolute())
-    if isinstance(value, (list, tuple)):
-        return [_absolute(v, base) for v in value]
-    if isinstance(value, dict):
-        return {k: _absolute(v, base) for k, v in value.items()}
-    return value
-
-
-def local_build(spec: dict[str, Any], base: Path, where: str = "prebuild") -> Build:
-    """A `prebuild:` entry: `{path: json, data_files: ..., field: test, split: train}`."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-        raise BadInput(
-            f"{where}: each prebuild entry is a mapping with a `path:` (e.g. "
-            "{path: json, data_files: /data/eval.json, split: train})"
-        )
-    kwargs = {k: v for k, v in spec.items() if k != "path"}
-    path = spec["path"]
-    local_path = path not in PACKAGED and os.path.exists(base / path)
-    if path not in PACKAGED and not local_path:  # a Hub repo id: data_files are paths inside the repo
-        names = _strings(kwargs.get("data_files"))
-        return Build(
-            path, kwargs, label=f"{path} data_files={names[0] if len(names) == 1 else names}" if names else path
-        )
-    if local_path:
-        path = str((base / path).absolute())
-    if "data_files" in kwargs:
-        kwargs["data_files"] = _absolute(kwargs["data_files"], base)
-    files, missing = [], []
-    for pattern in _strings(kwargs.get("data_files")):
-        if "://" in pattern:
-            continue
-        if _GLOB_CHARS & set(pattern):
-            found = sorted(glob.glob(pattern, recursive=True))
-            (files.extend(found) if found else missing.append(pattern))
-        else:
-            (files.append(pattern) if os.path.isfile(pattern) else missing.append(pattern))
-    names = _strings(kwargs.get("data_files"))
-    label = names[0] if len(names) == 1 else f"{path} {names}" if names else path
-    return Build(path, kwargs, label=label, local_files=tuple(files), missing=tuple(missing))
-
-
-def hub_build(entry: HubEntry, lock: Lockfile | None) -> Build:
-    """A `datasets:` entry's `load:` call, at its locked commit (else its revision)."""
-    locked = lock.entries.get(entry.key) if lock else None
-    revision = locked.commit if locked else entry.revision
-    return Build(entry.repo, {"revision": revision, **(entry.load or {})}, label=entry.repo)
 
 
 def builds_from_manifest(manifest: Manifest) -> list[Build]:
@@ -244,79 +152,11 @@ def _unique(builds: list[Build]) -> list[Build]:
     return list(seen.values())
 
 
-# -- markers -----------------------------------------------------------------------------------------
-
-
-def marker_path(datasets_cache_dir: Path, build: Build, datasets_version: str) -> Path:
-    """One marker per build and job stack's datasets version: a build proven for 5.2 says nothing of 4.0."""
-    safe = "".join(c if c.isalnum() or c in ".-+" else "_" for c in datasets_version)
-    return Path(datasets_cache_dir) / MARKER_DIR / f"{build.key}.datasets-{safe}.json"
-
-
-def failure_path(datasets_cache_dir: Path, build: Build, datasets_version: str) -> Path:
-    """Why the last build of this call for this datasets version could not be proven offline (check names it)."""
-    return marker_path(datasets_cache_dir, build, datasets_version).with_suffix(".failed")
-
-
-def read_failure(datasets_cache_dir: Path, build: Build, datasets_version: str) -> str | None:
-    """The reason recorded by the last failed proof, while the local data files are unchanged."""
-    try:
-        record = json.loads(failure_path(datasets_cache_dir, build, datasets_version).read_text())
-        return record["error"] if record.get("fingerprint") == build.fingerprint() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+# -- build leases ------------------------------------------------------------------------------------
 
 
 def lease_path(datasets_cache_dir: Path, build: Build) -> Path:
     return Path(datasets_cache_dir) / LOCK_DIR / f"{build.key}{ARROW_LEASE_SUFFIX}"
-
-
-def read_marker(datasets_cache_dir: Path, build: Build, datasets_version: str) -> dict | None:
-    """The marker of a finished, proven build for this datasets version if it still holds: same local data
-    files (size, mtime), every recorded cache file present with its size, and the config alias (if one
-    was made) still in place. A few stats: well under a millisecond per build."""
-    try:
-        marker = json.loads(marker_path(datasets_cache_dir, build, datasets_version).read_text())
-        if marker.get("version") != MARKER_VERSION or marker.get("fingerprint") != build.fingerprint():
-            return None
-        for f in marker["files"]:
-            if os.stat(f["path"]).st_size != f["size"]:
-                return None
-        if marker.get("alias") and not os.path.isdir(marker["alias"]):
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return marker
-
-
-def _write_marker(
-    datasets_cache_dir: Path, build: Build, cache_dir: str, seconds: float, datasets_version: str, alias: str | None
-) -> None:
-    folder = Path(cache_dir)
-    files = [
-        {"path": str(p), "size": p.stat().st_size}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and (p.suffix == ".arrow" or p.name == "dataset_info.json")
-    ]
-    marker = {
-        "version": MARKER_VERSION,
-        "key": build.key,
-        "path": build.path,
-        "kwargs": build.kwargs,
-        "datasets": datasets_version,
-        "fingerprint": build.fingerprint(),
-        "cache_dir": str(folder),
-        "files": files,
-        "alias": alias,
-        "proven": True,
-        "built_at": time.time(),
-        "seconds": round(seconds, 3),
-    }
-    safefs.write_atomic(
-        datasets_cache_dir,
-        marker_path(datasets_cache_dir, build, datasets_version),
-        json.dumps(marker, indent=1, default=str).encode(),
-    )
 
 
 def alias_config(datasets_cache_dir: Path, cache_dir: str | Path, config_id: str) -> Path | None:
@@ -627,7 +467,7 @@ def _build_one(
     if lease.lost:  # we stalled past the ttl: someone else may have built alongside; do not vouch for it
         return failed(f"lease {lease.path} was lost during the build; run `hpcstage prebuild` again")
     seconds = time.perf_counter() - t0
-    _write_marker(ds_dir, b, cache_dir, seconds, version, str(alias) if alias else None)
+    write_marker(ds_dir, b, cache_dir, seconds, version, str(alias) if alias else None)
     folder, name = safefs.parent_of(ds_dir, failure_path(ds_dir, b, version))
     folder.unlink(name)
     return BuildResult(b.label, b.key, b.call, "built", seconds, cache_dir, alias=str(alias) if alias else None)

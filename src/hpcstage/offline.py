@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hpcstage import arrowbuilds
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.hfcache import default_cache_dir, default_datasets_cache_dir
 from hpcstage.manifest import Manifest
@@ -386,7 +387,6 @@ def check(
 
     isolation: "netns" (`unshare -n`), "guard" (socket connect patched in the child) or "auto" (netns
     where it works, else guard)."""
-    from hpcstage import arrowcache
     from hpcstage.manifest import load_lock
 
     started = time.monotonic()
@@ -417,7 +417,7 @@ def check(
             label = f"dataset {entry.repo} load({', '.join(f'{k}={v!r}' for k, v in entry.load.items())})"
             tasks.append({"kind": "load", "path": entry.repo, "kwargs": entry.load})
             explain.append(
-                (label, "load", arrowcache.read_marker(ds_cache, arrowcache.hub_build(entry, lock), stack.datasets))
+                (label, "load", arrowbuilds.read_marker(ds_cache, arrowbuilds.hub_build(entry, lock), stack.datasets))
             )
             continue
         task, extra = _model_task(manifest, entry, hub_cache, lock)
@@ -433,7 +433,7 @@ def check(
             )
             explain.append(EntryCheck(label, not problems, problems, fix if problems else None))
     for i, spec in enumerate(manifest.prebuild):
-        build = arrowcache.local_build(
+        build = arrowbuilds.local_build(
             spec, manifest.path.parent if manifest.path else Path.cwd(), where=f"{m}: prebuild[{i}]"
         )
         label = f"prebuild {build.label}"
@@ -446,8 +446,8 @@ def check(
                     f"restore the file, or fix prebuild[{i}] in {m}",
                 )
             )
-        elif (marker := arrowcache.read_marker(ds_cache, build, stack.datasets)) is None:
-            reason = arrowcache.read_failure(ds_cache, build, stack.datasets)
+        elif (marker := arrowbuilds.read_marker(ds_cache, build, stack.datasets)) is None:
+            reason = arrowbuilds.read_failure(ds_cache, build, stack.datasets)
             if reason:  # prebuild built it but could not make it load offline: rerunning it changes nothing
                 explain.append(
                     EntryCheck(
