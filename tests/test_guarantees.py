@@ -17,7 +17,10 @@ import pytest
 
 from conftest import MID_MODEL
 from helpers import client_env, hpcstage, sha256, wait_for
-from hpcstage import staging
+from hpcstage.hub import engine
+from hpcstage.hub.pull import pull
+from hpcstage.manifest import HubEntry
+from hpcstage.options import Options
 from hpcstage.errors import HpcstageError
 from hpcstage.testing.hub import FaultRule, HubServer
 
@@ -30,15 +33,15 @@ def test_a_lease_lost_after_the_download_stops_the_commit(mid_hub, tmp_path, mon
     must not be committed under the blob's name, since the other may be writing the same partial."""
     for k, v in client_env(mid_hub, tmp_path / "h").items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(staging, "LEASE_TTL", 0.9)  # heartbeat every 0.3 s: the loss is seen quickly
+    monkeypatch.setattr(engine, "LEASE_TTL", 0.9)  # heartbeat every 0.3 s: the loss is seen quickly
     leases: list = []
 
-    class Recorded(staging.Lease):
+    class Recorded(engine.Lease):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             leases.append(self)
 
-    real_fetch = staging.fetch
+    real_fetch = engine.fetch
 
     def fetch_then_lose_the_lease(*a, **kw):
         n = real_fetch(*a, **kw)
@@ -50,11 +53,11 @@ def test_a_lease_lost_after_the_download_stops_the_commit(mid_hub, tmp_path, mon
         wait_for(lambda: lease.lost, 10, "the heartbeat to notice the takeover")
         return n
 
-    monkeypatch.setattr(staging, "Lease", Recorded)
-    monkeypatch.setattr(staging, "fetch", fetch_then_lose_the_lease)
+    monkeypatch.setattr(engine, "Lease", Recorded)
+    monkeypatch.setattr(engine, "fetch", fetch_then_lose_the_lease)
     cache = tmp_path / "cache"
     with pytest.raises(HpcstageError, match="lost"):
-        staging.pull([staging.HubEntry(repo=REPO)], staging.Options(cache_dir=cache, quiet=True))
+        pull([HubEntry(repo=REPO)], Options(cache_dir=cache, quiet=True))
     sha = mid_hub.files_of("model", REPO)["model.safetensors"].sha256
     assert not (cache / REPO_DIR / "blobs" / sha).exists()  # never committed
     assert not (cache / REPO_DIR / "snapshots").exists() or not any((cache / REPO_DIR / "snapshots").rglob("*.safetensors"))

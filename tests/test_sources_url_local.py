@@ -334,7 +334,7 @@ def test_not_enough_space_for_archive_plus_unpacked_is_refused_before_any_conten
     from hpcstage.datadir import Stager
     from hpcstage.errors import TransferError
     from hpcstage.manifest import load_manifest
-    from hpcstage.staging import Options
+    from hpcstage.options import Options
 
     m = manifest_at(tmp_path, f"""
   - url: {resolve_url(ahub, "websight.tar.gz")}

@@ -14,7 +14,7 @@ from helpers import client_env, sha256
 
 from hpcstage import transfer
 from hpcstage.testing.hub import FaultRule, HubServer
-from hpcstage.staging import InFlight
+from hpcstage.hub.engine import InFlight
 from hpcstage.transfer import Http, RetryPolicy, fetch
 
 

@@ -232,7 +232,8 @@ def test_repair_fetches_with_the_callers_token_and_retry_policy(hub, tmp_path, m
     from hpcstage.errors import HpcstageError
     from hpcstage.manifest import hub_entry
     from hpcstage.testing.hub import FaultRule
-    from hpcstage.staging import Options, pull
+    from hpcstage.hub.pull import pull
+    from hpcstage.options import Options
     from hpcstage.transfer import RetryPolicy
 
     for name in [k for k in os.environ if k.startswith(("HF_", "HUGGING_FACE_"))]:

@@ -43,11 +43,11 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
         RevisionNotFound,
         TransferError,
     )
+    from hpcstage.hub.pull import PullSummary
     from hpcstage.offline import CheckReport
     from hpcstage.slurm import SlurmError
     from hpcstage.slurm.clusters import RegistryError
     from hpcstage.slurm.launch import Launch
-    from hpcstage.staging import PullSummary
     from hpcstage.verification import VerifyReport
 
 _API = {
@@ -56,7 +56,7 @@ _API = {
         for name in ("stage", "stage_manifest", "verify", "prebuild", "check_offline", "job_env", "launch")
     },
     # what the calls return
-    "PullSummary": "hpcstage.staging",
+    "PullSummary": "hpcstage.hub.pull",
     "VerifyReport": "hpcstage.verification",
     "PrebuildSummary": "hpcstage.arrowcache",
     "CheckReport": "hpcstage.offline",

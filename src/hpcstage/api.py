@@ -19,11 +19,11 @@ from hpcstage.errors import BadInput
 
 if TYPE_CHECKING:
     from hpcstage.arrowcache import PrebuildSummary
+    from hpcstage.hub.pull import PullSummary
     from hpcstage.manifest import Manifest
     from hpcstage.offline import CheckReport
     from hpcstage.progress import ProgressCallback
     from hpcstage.slurm.launch import Launch
-    from hpcstage.staging import PullSummary
     from hpcstage.verification import VerifyReport
 
 PathLike = str | os.PathLike
@@ -88,8 +88,9 @@ def stage(
         TransferError: files failed after retries (`HashMismatch`: wrong bytes, discarded; `ProxyError`);
             finished files are kept and the same call continues the rest.
     """
+    from hpcstage.hub.pull import pull
     from hpcstage.manifest import hub_entry
-    from hpcstage.staging import Options, pull
+    from hpcstage.options import Options
 
     if workers < 1:
         raise BadInput(f"workers={workers}: at least 1 file at a time")
@@ -143,7 +144,8 @@ def stage_manifest(
         PolicyError (a `BadInput`): a repo the allowlist refuses, before any request.
         RepoRefused subclasses, TransferError: as for `stage`; the error's `summary` says what did get staged.
     """
-    from hpcstage.staging import Options, entry_names, pull_manifest
+    from hpcstage.options import Options, entry_names
+    from hpcstage.staging import pull_manifest
 
     if workers < 1:
         raise BadInput(f"workers={workers}: at least 1 file at a time")
@@ -208,7 +210,7 @@ def verify(
 
     options = None
     if repair:  # staging (pydantic, the network code) only for a repair
-        from hpcstage.staging import Options
+        from hpcstage.options import Options
 
         options = Options(token=token)
     return run(

@@ -33,8 +33,10 @@ def _common(p: argparse.ArgumentParser, workers: str | None = None) -> None:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
+    from hpcstage.hub.pull import pull
     from hpcstage.manifest import load_manifest
-    from hpcstage.staging import Options, pull, pull_manifest
+    from hpcstage.options import Options
+    from hpcstage.staging import pull_manifest
     from hpcstage.transfer import RetryPolicy
 
     updates = args.update or []
@@ -76,7 +78,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
                 f"{args.manifest} lists no models: or datasets: entries, so there is nothing to pull; "
                 "add entries (see the Manifest section of the README)"
             )
-        from hpcstage.staging import entry_names
+        from hpcstage.options import entry_names
 
         known = {n for e in [*manifest.entries, *manifest.data_entries] for n in entry_names(e)}
         unknown = [u for u in updates if u != "*" and u not in known]
@@ -101,7 +103,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     else:
         summary, _ = pull(entries, opts, files=named)
         if args.local_dir is not None:
-            from hpcstage.staging import materialise
+            from hpcstage.hub.pull import materialise
 
             copied = materialise(summary.repos[0].snapshot, args.local_dir, entries[0])
             if not args.json and not args.quiet:
@@ -299,8 +301,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.retry_budget < 0:
         raise BadInput("--timeout must be more than 0 seconds and --retry-budget not negative")
     options = None
-    if args.repair:  # the repair's fetches: the same settings a pull takes (staging is imported only then)
-        from hpcstage.staging import Options
+    if args.repair:  # the repair's fetches: the same settings a pull takes (imported only then)
+        from hpcstage.options import Options
         from hpcstage.transfer import RetryPolicy
 
         options = Options(timeout=args.timeout, retry=RetryPolicy(budget=args.retry_budget))
@@ -367,10 +369,9 @@ def _staging_status(args: argparse.Namespace) -> int:
     """What is staged, partial, locked or failed: per manifest entry, or every artifact pulled into the cache."""
     from dataclasses import asdict
 
-    from hpcstage.hfcache import default_cache_dir
+    from hpcstage.hfcache import check_cache_dir, default_cache_dir
     from hpcstage.ledger import ArtifactStatus, Unreadable, artifact_status, read_all_checked
     from hpcstage.manifest import load_lock, load_manifest
-    from hpcstage.staging import check_cache_dir
 
     if args.manifest:
         manifest = load_manifest(args.manifest)
@@ -452,8 +453,8 @@ def _staging_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from hpcstage.hfcache import default_cache_dir
-    from hpcstage.staging import check_cache_dir, cleanup
+    from hpcstage.cleanup import cleanup
+    from hpcstage.hfcache import check_cache_dir, default_cache_dir
 
     if args.older_than < 0:
         raise BadInput(f"--older-than {args.older_than:g}: an age in hours is 0 or more")

@@ -47,6 +47,7 @@ from hpcstage.manifest import (
     Update,
     UrlEntry,
 )
+from hpcstage.options import refuse_offline, wants_update
 from hpcstage.progress import Progress, human_bytes
 
 
@@ -168,7 +169,7 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 
 
 class Stager:
-    """Stages data entries for one pull; `opts` is staging.Options (workers, timeout, retry, quiet)."""
+    """Stages data entries for one pull; `opts` is options.Options (workers, timeout, retry, quiet)."""
 
     def __init__(
         self,
@@ -182,7 +183,7 @@ class Stager:
     ):
         self.data_dir = Path(data_dir)
         self.opts = opts
-        self.updates = update  # True/False, or the names given to `--update NAME` (staging.wants_update)
+        self.updates = update  # True/False, or the names given to `--update NAME` (options.wants_update)
         self.update = bool(update)  # for the entry being staged
         self.rebuild = rebuild  # `verify --repair`: build again even when the source is unchanged (the copy is bad)
         self.manifest_path, self.cache_flag = manifest_path, cache_flag  # for the commands that fix a failure
@@ -192,7 +193,6 @@ class Stager:
     def http(self):
         if self._http is None:
             from hpcstage.sources import url
-            from hpcstage.staging import refuse_offline
 
             refuse_offline()
 
@@ -206,8 +206,6 @@ class Stager:
 
     def stage(self, entry: DataEntry, locked: LockedData | None) -> tuple[LockedData, DataResult]:
         """Stage one entry; returns its lock record. ExpectationFailed leaves the data and records nothing."""
-        from hpcstage.staging import refuse_offline, wants_update
-
         self.update = wants_update(self.updates, entry)
         dest = self.data_dir / entry.dest
         known = locked if locked is not None and locked.matches(entry) else None
@@ -430,7 +428,7 @@ class Stager:
     def _hub_file(
         self, entry: HubFileEntry, known: LockedData | None, dest: Path, lease: Lease
     ) -> tuple[LockedData, DataResult]:
-        from hpcstage import staging
+        from hpcstage.hub.pull import pull
         from hpcstage.sources import local
 
         hub_entry = entry.hub_entry()
@@ -454,7 +452,7 @@ class Stager:
                     )
                 }
             )
-        summary, new_lock = staging.pull([hub_entry], self.opts, hub_lock, self.update)
+        summary, new_lock = pull([hub_entry], self.opts, hub_lock, self.update)
         locked = new_lock.entries[hub_entry.key]
         match = [f for f in locked.files if f["path"] == entry.file]
         if not match:

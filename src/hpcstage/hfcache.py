@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstage import safefs
-from hpcstage.errors import PolicyError
+from hpcstage.errors import BadInput, PolicyError
 from hpcstage.layout import LEASE_SUFFIX, PARTIAL_SUFFIX, repo_folder_name
 from hpcstage.policy import check_relative_path
 from hpcstage.safefs import Sharing
@@ -81,6 +81,16 @@ def default_cache_dir() -> Path:
 def default_datasets_cache_dir() -> Path:
     """The `datasets` Arrow cache: HF_DATASETS_CACHE, else HF_HOME/datasets, as datasets computes it."""
     return _env_path("HF_DATASETS_CACHE") or hf_home() / "datasets"
+
+
+def check_cache_dir(folder: Path) -> None:
+    """A cache path that is a file (or lies under one) is bad input, found before any request."""
+    for p in (folder, *folder.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == folder else f"lies under {p}, which is a file"
+                raise BadInput(f"cache folder {folder} {what}; pass --cache-dir (or `cache_dir:`) naming a folder")
+            return
 
 
 def fix_permissions(path: Path | str, group: str | int | Sharing) -> int:

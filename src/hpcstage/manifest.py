@@ -21,7 +21,7 @@ from hpcstage.errors import BadInput, ManifestError, PolicyError
 from hpcstage.hfcache import CachedFile
 from hpcstage.yamlfile import read_yaml
 
-# `--update`: every entry (True), none (False), or the entries these names pick (staging.entry_names)
+# `--update`: every entry (True), none (False), or the entries these names pick (options.entry_names)
 Update = bool | Collection[str]
 
 LOCK_NAME = "hpcstage.lock"

@@ -10,7 +10,7 @@ batches of up to 256, each file read with one call, so 20,000 small files cost a
 20,000 futures. A blob is hashed once however many snapshots point at it.
 
 Nothing here touches the network except `--repair`, which removes only the bad files (never anything
-outside the repo's own folders) and fetches exactly those again through `staging.pull`.
+outside the repo's own folders) and fetches exactly those again through `hub.pull.pull`.
 
 The library call is `hpcstage.verify(...)` (hpcstage.api); the CLI's is `hpcstage verify`.
 """
@@ -41,7 +41,7 @@ from hpcstage.xetstore import XetStore
 
 if TYPE_CHECKING:  # the manifest (pydantic, yaml) is imported only when one is used
     from hpcstage.manifest import HubEntry, Manifest
-    from hpcstage.staging import Options
+    from hpcstage.options import Options
 
 logger = logging.getLogger(__name__)
 
@@ -861,7 +861,7 @@ def _repair_options(
     manifest's allowlist, when it has one, over the caller's."""
     import dataclasses
 
-    from hpcstage.staging import Options
+    from hpcstage.options import Options
 
     options = options or Options()
     return dataclasses.replace(
@@ -955,7 +955,7 @@ def verify(
     if repair and not report.ok:
         before = report.problems
         if any(p.kind in REPAIRABLE or p.repo_type == "data" for p in before):
-            from hpcstage.staging import refuse_offline
+            from hpcstage.options import refuse_offline
 
             refuse_offline()  # refetching needs the network: say so before deleting anything
         entries = _remove_bad(plan, before, good)
@@ -972,7 +972,7 @@ def verify(
                 _repair_options(options, folder, workers, quiet),
             )
         if entries:
-            from hpcstage.staging import pull  # the network, only now
+            from hpcstage.hub.pull import pull  # the network, only now
 
             allow = manifest.allow if manifest is not None else None
             pull(entries, _repair_options(options, folder, workers, quiet, allow))
