@@ -23,6 +23,10 @@ Uploads (`create_repo`, `upload_folder`) write into the served folder: hpcstage/
 A real link's per-connection rate (a CDN's cap, one TCP stream over a long path) is `conn_rate`;
 `peak_connections` says how many connections each listener held open at once (on the CDN, a ranged
 download's stream count).
+
+Why over 500 lines: one request handler answers every read route of the protocol, and each real-Hub
+behaviour and fault above must act inside the route it changes (a gate inside resolve, a rate limit
+across resolve and the CDN); the write side is uploads.py, the shared answer shapes wire.py.
 """
 
 from __future__ import annotations
