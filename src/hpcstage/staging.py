@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from hpcstage import datadir
 from hpcstage.hub.pull import PullSummary, lock_with, plan_entries, pull, staged
 from hpcstage.manifest import Lockfile, Manifest, Update, load_lock, save_lock
 from hpcstage.options import Options
@@ -53,6 +52,8 @@ def pull_manifest(
     if not manifest.data_entries:
         _save(manifest, old, new)
         return summary
+    from hpcstage import datadir  # archive, tarfile, zipfile: ~20 ms a manifest without data entries skips
+
     started = time.monotonic()
     hub_lock = new.model_copy(update={"data": old.data})
     _save(manifest, old, hub_lock)
