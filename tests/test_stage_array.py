@@ -156,3 +156,38 @@ def test_array_time_over_the_partitions_limit_is_refused_before_any_sbatch(clust
                         "show partition short`); ask for 00:10:00 or less, or pick a partition with a longer limit "
                         "(--partition)\n")
     assert not (tmp_path / "array" / "hpcstage-array").exists() and not (tmp_path / "array" / "hpcstage.lock").exists()
+
+
+def test_two_workers_without_slurm_share_the_plan_and_fetch_each_file_once(array_hub, tmp_path, monkeypatch):
+    """What each array task runs (`pull -f M --worker`), here as two local processes started together: the
+    planned lockfile is their only metadata, batch leases split the small files between them, and every
+    file arrives once. Runs without the Slurm cluster, so the worker path is covered wherever tests run."""
+    from hpcstage.manifest import load_manifest
+    from hpcstage.staging import plan_manifest
+
+    manifest = manifest_in(tmp_path / "array")
+    env = client_env(array_hub, tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    plan = plan_manifest(load_manifest(manifest))
+    assert plan.downloaded_files == SMALL_FILES + 2  # all still to fetch
+    assert not (tmp_path / "array" / "cache" / "models--demo-org--array-model" / "blobs").exists()
+    array_hub.clear_log()
+    import subprocess
+    import sys
+
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "hpcstage", "pull", "-f", str(manifest), "--worker", "-q"],
+                         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for w in workers:
+        out, err = w.communicate(timeout=600)
+        assert w.returncode == 0, out + err
+    gets = content_gets(array_hub)
+    assert len(gets) == len(set(gets))  # no byte range of any file asked twice
+    assert len({path for path, _ in gets}) == SMALL_FILES + 2  # and every file was fetched
+    metadata = [rec.path for rec in array_hub.log if "/api/" in rec.path and "/api/resolve-cache/" not in rec.path]
+    assert not metadata  # the workers asked no metadata: the lockfile is their plan
+    v = hpcstage("verify", "-f", str(manifest), env=env)
+    assert v.returncode == 0, v.stdout + v.stderr
