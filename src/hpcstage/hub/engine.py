@@ -324,6 +324,9 @@ class Scheduler:
         self.tally = Tally()
 
     def execute(self, plans: list[RepoPlan]) -> None:
+        """Stage every planned file not linked yet (each content fetched once), then point the refs at
+        the commits. The trees are written first, so that a failed run's `status` and `verify` know what
+        is missing."""
         stager = self.stager
         todo: list[FilePlan] = []
         dups: list[FilePlan] = []  # a blob wanted by two entries is fetched once, then linked for the second
