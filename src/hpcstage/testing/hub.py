@@ -92,9 +92,10 @@ class FaultRule:
 
     `method` ('GET', 'HEAD', ...) and `server` ('hub' or 'cdn') narrow the match; `times` is how many
     matching requests it applies to (None: all). Effects, applied in this order: wait `delay` seconds;
-    wait until the test sets `hold` (an event: the request has arrived and is held until the test is ready
-    for it to go on, without guessing how long that takes); `reset` the connection before any header; `stall` (never answer until the client leaves or the server
-    stops); answer `status` (with `Retry-After: retry_after`); otherwise answer normally but send the body
+    wait until the test sets `hold` (an event: the request is held until the test is ready for it to go
+    on, without guessing how long that takes); `reset` the connection before any header; `stall` (never
+    answer until the client leaves or the server stops); answer `status` (with `Retry-After:
+    retry_after`); otherwise answer normally but send the body
     at `rate` bytes/s, with bytes flipped if `corrupt`, closing the connection after `drop_after` bytes.
     """
 
