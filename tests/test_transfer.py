@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import client_env, sha256
 
-from hpcstage import transfer
 from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.staging import InFlight
-from hpcstage.transfer import Http, RetryPolicy, fetch
+from hpcstage.transfer import Http, RetryPolicy, concurrency, fetch
 
 
 def test_a_keep_alive_connection_closed_by_the_server_is_replaced_without_a_retry(hub):
@@ -136,7 +135,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(hub, tmp_path, 
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args, **kw)
 
-    monkeypatch.setattr(transfer.os, "open", no_direct)
+    monkeypatch.setattr(os, "open", no_direct)
     _fetch(hub, tmp_path / "blob.partial")
     assert refused  # the direct descriptor was asked for, and its refusal was not an error
 
@@ -151,7 +150,7 @@ def _direct_fds(monkeypatch) -> set[int]:
             fds.add(fd)
         return fd
 
-    monkeypatch.setattr(transfer.os, "open", track)
+    monkeypatch.setattr(os, "open", track)
     return fds
 
 
@@ -163,7 +162,7 @@ def test_o_direct_accepted_at_open_but_refused_at_write_falls_back(hub, tmp_path
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(transfer.os, "pwrite", refuse)
+    monkeypatch.setattr(os, "pwrite", refuse)
     _fetch(hub, tmp_path / "blob.partial")
     assert direct_fds
 
@@ -175,7 +174,7 @@ def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, mo
         writes.append((fd in direct_fds, offset, len(data)))
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(transfer.os, "pwrite", record)
+    monkeypatch.setattr(os, "pwrite", record)
     _fetch(hub, tmp_path / "blob.partial")
     _, info = _lfs_file(hub)
     aligned = info.size - info.size % 4096
@@ -184,7 +183,7 @@ def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, mo
 
 def test_large_files_at_once_share_one_buffer_budget(hub, tmp_path, monkeypatch):
     """With room for only 2 piece buffers in the process, 3 files fetched at once still all finish."""
-    monkeypatch.setattr(transfer, "_BUFFERS", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(concurrency, "BUFFER_BUDGET", threading.BoundedSemaphore(2))
     errors = []
 
     def one(n):
@@ -199,4 +198,4 @@ def test_large_files_at_once_share_one_buffer_budget(hub, tmp_path, monkeypatch)
     for t in threads:
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
-    assert transfer._BUFFERS._value == 2  # every buffer given back
+    assert concurrency.BUFFER_BUDGET._value == 2  # every buffer given back
