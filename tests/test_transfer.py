@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from helpers import client_env, sha256
 
 from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.staging import InFlight
-from hpcstage.transfer import Http, RetryPolicy, concurrency, fetch
+from hpcstage.errors import HashMismatch
+from hpcstage.transfer import Http, RetryPolicy, concurrency, fetch, fetch_small
 
 
 def test_a_keep_alive_connection_closed_by_the_server_is_replaced_without_a_retry(hub):
@@ -120,7 +122,7 @@ def _lfs_file(hub):
 
 def _fetch(hub, partial: Path):
     url, info = _lfs_file(hub)
-    fetched = fetch(Http({}), url, partial, size=info.size, expected=info.sha256, sha256="sha256")
+    fetched = fetch(Http({}), url, partial, size=info.size, expected=info.sha256, algorithm="sha256")
     assert fetched == info.size and sha256(partial) == info.sha256
     assert not Path(str(partial) + ".ranges").exists()
 
@@ -199,3 +201,39 @@ def test_large_files_at_once_share_one_buffer_budget(hub, tmp_path, monkeypatch)
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
     assert concurrency.BUFFER_BUDGET._value == 2  # every buffer given back
+
+
+# -- the hash: named by the caller, not guessed -------------------------------------------------------------
+
+
+def _git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_the_caller_names_the_hash_a_small_file_is_checked_with(hub):
+    files = hub.files_of("model", "demo-org/tiny-model")
+    path, info = max(((p, f) for p, f in files.items() if f.sha256 is None), key=lambda kv: kv[1].size)
+    url, http = f"{hub.url}/demo-org/tiny-model/resolve/main/{path}", Http({})
+    data = fetch_small(http, url, size=info.size, expected=info.oid, algorithm="git")
+    assert data == info.local.read_bytes() and _git_sha1(data) == info.oid
+    with pytest.raises(HashMismatch):  # the same bytes under sha256 do not hash to the git blob sha1
+        fetch_small(http, url, size=info.size, expected=info.oid, algorithm="sha256")
+    asked = len(hub.log)
+    with pytest.raises(ValueError, match="'sha1'"):  # not silently the git sha1, and before any request
+        fetch_small(http, url, size=info.size, expected=info.oid, algorithm="sha1")  # type: ignore[arg-type]
+    assert len(hub.log) == asked
+
+
+def test_the_caller_names_the_hash_a_large_file_is_checked_with(hub, tmp_path):
+    url, info = _lfs_file(hub)
+    content, digests = info.local.read_bytes(), []
+    partial = tmp_path / "blob.partial"
+    fetch(Http({}), url, partial, size=info.size, expected=None, algorithm="git", on_digest=digests.append)
+    assert digests == [_git_sha1(content)] and partial.read_bytes() == content
+    partial.unlink()
+    with pytest.raises(HashMismatch):  # the sha256 asked for, hashed as git: wrong, and nothing kept
+        fetch(Http({}), url, partial, size=info.size, expected=info.sha256, algorithm="git")
+    assert not partial.exists() and not Path(f"{partial}.ranges").exists()
+    with pytest.raises(ValueError, match="'md5'"):
+        fetch(Http({}), url, partial, size=info.size, expected=None, algorithm="md5")  # type: ignore[arg-type]
+    assert not partial.exists()

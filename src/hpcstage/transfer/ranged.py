@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal, get_args
 
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch, TransferError
@@ -34,15 +35,30 @@ SMALL = 8 << 20  # files below this are fetched whole into memory: no partial, n
 PIECE = 4 << 20
 RECORD_EVERY = 0.25  # seconds between saves of the resume record while pieces arrive
 DIRECT_ALIGN = 4096  # O_DIRECT alignment that every Linux filesystem accepts
+# How a file's content is hashed: "sha256" (LFS files, URLs) or "git", the git blob sha1 regular Hub files are
+# named by (`hfcache.new_hasher`).
+Algorithm = Literal["sha256", "git"]
 logger = logging.getLogger(__name__)
+
+
+def _known(algorithm: str) -> None:
+    """A name that is no Algorithm fails before any request (not silently as the git sha1)."""
+    if algorithm not in get_args(Algorithm):
+        raise ValueError(f"hash algorithm {algorithm!r}: use one of {', '.join(get_args(Algorithm))}")
+
+
+def _hasher(algorithm: Algorithm, size: int):
+    return new_hasher(algorithm == "sha256", size)
 
 
 def _hash_mismatch(label: str) -> HashMismatch:
     return HashMismatch(f"download {label}: content hash mismatch (wrong bytes discarded)")
 
 
-def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str | None, label: str = "") -> bytes:
-    """A small file in one request, checked in memory: no partial, no lease, nothing to resume."""
+def fetch_small(http: Http, url: str, *, size: int, expected: str, algorithm: Algorithm, label: str = "") -> bytes:
+    """A small file in one request, its content hashed by `algorithm` and checked against `expected` in
+    memory: no partial, no lease, nothing to resume."""
+    _known(algorithm)
     label = label or url
     attempts = Attempts(http.retry, f"download {label}")
     mismatched = False
@@ -60,7 +76,7 @@ def fetch_small(http: Http, url: str, *, size: int, expected: str, sha256: str |
         if len(data) != size:
             attempts.wait(f"got {len(data)} of {size} bytes")
             continue
-        hasher = new_hasher(sha256, size)
+        hasher = _hasher(algorithm, size)
         hasher.update(data)
         if hasher.hexdigest() == expected:
             return data
@@ -188,229 +204,364 @@ def fetch(
     *,
     size: int,
     expected: str | None,
-    sha256: str | None,
+    algorithm: Algorithm,
     on_bytes: Callable[[int], None] = lambda n: None,
     label: str = "",
     on_digest: Callable[[str], None] | None = None,
     root: Path | None = None,
 ) -> int:
-    """Download `url` into `partial` until it holds `size` bytes hashing to `expected`; returns the
-    bytes fetched (less than `size` when pieces were already there).
+    """Download `url` into `partial` until it holds `size` bytes hashing to `expected` by `algorithm`
+    ("sha256": LFS files, URLs; "git": the git blob sha1 of regular Hub files); returns the bytes fetched
+    (less than `size` when pieces were already there). `expected` None (a URL whose hash is not known yet)
+    skips the comparison; `on_digest` receives the hex digest. How: `RangedDownload`."""
+    return RangedDownload(
+        http,
+        url,
+        partial,
+        size=size,
+        expected=expected,
+        algorithm=algorithm,
+        on_bytes=on_bytes,
+        label=label,
+        on_digest=on_digest,
+        root=root,
+    ).run()
 
-    `sha256` truthy selects a sha256 content hash (LFS files, URLs), else the git blob sha1. `expected`
-    None (a URL whose hash is not known yet) skips the comparison; `on_digest` receives the hex digest.
+
+class RangedDownload:
+    """One large file's download into its partial file, in parallel Range pieces.
 
     PIECE-sized pieces are handed out in order to parallel Range requests, as many as `http.streams` gives
     this file (it adapts the count to what the link carries, and shares it between the client's large
-    files); each is read into its own buffer and written in place, and this thread hashes the buffers in
-    order, so the bytes are hashed from memory as they arrive instead of read back from disk. A file holds
+    files); each is read into its own buffer and written in place, and the calling thread hashes the buffers
+    in order, so the bytes are hashed from memory as they arrive instead of read back from disk. A file holds
     at most its streams + 2 buffers, and all files of the process together BUFFERS (the memory bound,
     whatever --workers is): a stream that is ahead waits for a free one. Pieces already done by this
     or a dead process (the `.ranges` record) are not fetched again, only read back for the hash. On a hash
-    mismatch the partial is deleted and TransferError raised: wrong bytes are never kept. The caller holds
+    mismatch the partial is deleted and HashMismatch raised: wrong bytes are never kept. The caller holds
     the blob's lease, so no one else writes `partial` meanwhile. `root` is the trusted folder `partial` lives
     below (the hub cache, a data_dir): no link another user planted below it is written through (safefs).
-    """
-    label = label or url
-    folder = safefs.opendir(root or partial.parent, partial.parent)
-    record = ranges_record(partial.name)
-    pieces = _Pieces(folder, record, size)
-    if folder.exists(partial.name):
-        pieces.load()
-    resumed = frozenset(pieces.done)
-    out = _PartialFile(folder, partial.name, size)
-    finished = False
-    owned = [0]  # buffers this file holds of the process-wide budget
-    streams, me = http.streams, object()
-    try:
-        todo = deque(i for i in range(pieces.count) if i not in resumed)
-        kept = sum(b - a for a, b in map(pieces.bounds, resumed))
-        reported = [0]  # bytes told to on_bytes, taken back if the file has to be streamed again
 
-        def counted(n: int) -> None:
-            reported[0] += n
-            on_bytes(n)
+    The state below is shared by the range threads and the hasher, under `cond`."""
 
-        counted(kept)
-        cond = threading.Condition()
-        failed: list[BaseException] = []
-        ready: dict[int, memoryview] = {}  # fetched and written, waiting for the hasher
-        free: list[memoryview] = []
-        source = [url]  # where the pieces are fetched from (the CDN, after the first redirect)
-        resolving = threading.Lock()  # one request at a time through `url` until it has redirected
+    to_fetch: deque[int]  # pieces not handed to a range thread yet, in file order
+    resumed: frozenset[int]  # pieces complete on disk before this run: read back for the hash only
+    kept: int  # bytes of those pieces
+    ready: dict[int, memoryview]  # fetched and written, waiting for the hasher
+    free: list[memoryview]  # this file's buffers not in use
+    owned: int  # buffers this file holds of the process-wide budget (concurrency.BUFFER_BUDGET)
+    running: int  # range threads of this file
+    reported: int  # bytes told to on_bytes, taken back if the file has to be streamed again
+    error: BaseException | None  # the first failure of any thread: every other one stops
+    source: str  # where the pieces are fetched from (the CDN, after the first redirect)
+    pieces: _Pieces  # the pieces complete on disk, saved in the `.ranges` record
+    out: _PartialFile  # the partial file the range threads write into
 
-        running = [0]  # range threads of this file
-        threads: list[threading.Thread] = []
+    def __init__(
+        self,
+        http: Http,
+        url: str,
+        partial: Path,
+        *,
+        size: int,
+        expected: str | None,
+        algorithm: Algorithm,
+        on_bytes: Callable[[int], None] = lambda n: None,
+        label: str = "",
+        on_digest: Callable[[str], None] | None = None,
+        root: Path | None = None,
+    ):
+        _known(algorithm)
+        self.http, self.url, self.partial, self.root = http, url, partial, root
+        self.size, self.expected, self.algorithm = size, expected, algorithm
+        self.on_bytes, self.on_digest = on_bytes, on_digest
+        self.label = label or url
+        self.streams = http.streams
+        self.cond = threading.Condition()
+        self.resolving = threading.Lock()  # one request at a time through `url` until it has redirected
+        self.threads: list[threading.Thread] = []
+        self.to_fetch, self.resumed, self.kept = deque(), frozenset(), 0
+        self.ready, self.free = {}, []
+        self.owned = self.running = self.reported = 0
+        self.error = None
+        self.source = url
 
-        def take() -> tuple[int, memoryview] | None:
-            """A buffer first, then the next piece: the piece the hasher waits for always has a buffer, so
-            every file holding buffers moves on and, at its end, gives them back to the others. None: this
-            thread ends (nothing left, a failure, or the file's part of the streams shrank)."""
-            with cond:
-                while not failed and todo and running[0] <= streams.share(me):
-                    if free:
-                        return todo.popleft(), free.pop()
-                    if owned[0] < streams.share(me) + 2 and concurrency.BUFFER_BUDGET.acquire(blocking=False):
-                        owned[0] += 1
-                        return todo.popleft(), _piece_buffer()
-                    # wait for our hasher to free one; while we hold none, also look at the budget again
-                    cond.wait(timeout=None if owned[0] else 0.05)
-                running[0] -= 1
-                while free and owned[0] > streams.share(me) + 2:  # fewer streams: spare buffers to the others
-                    free.pop()
-                    owned[0] -= 1
-                    concurrency.BUFFER_BUDGET.release()
-                return None
-
-        def grow() -> None:
-            """Start range threads up to the file's part of the streams (the caller holds `cond`)."""
-            while not failed and running[0] < min(streams.share(me), len(todo)):
-                running[0] += 1
-                t = threading.Thread(target=worker, name=f"range-{len(threads)}", daemon=True)
-                threads.append(t)
-                t.start()
-
-        def recycle(buf: memoryview) -> None:
-            """A hashed piece's buffer: kept for the next piece, or given back when the file's part shrank."""
-            if owned[0] > streams.share(me) + 2:
-                owned[0] -= 1
-                concurrency.BUFFER_BUDGET.release()
-            else:
-                free.append(buf)
-
-        def arrived(n: int) -> None:
-            streams.moved(n)
-            counted(n)
-
-        def worker() -> None:
-            try:
-                while (job := take()) is not None:
-                    i, buf = job
-                    start, end = pieces.bounds(i)
-                    view = buf[: end - start]
-                    began = time.monotonic()
-                    _fetch_piece(
-                        http,
-                        source,
-                        url,
-                        view,
-                        start,
-                        size,
-                        arrived,
-                        label,
-                        lambda: bool(failed),
-                        resolving,
-                        streams.trouble,
-                    )
-                    streams.piece_done(time.monotonic() - began)
-                    out.write(view, start)
-                    with cond:
-                        ready[i] = buf
-                        pieces.add(i)
-                        cond.notify_all()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                with cond:
-                    running[0] -= 1
-                    failed.append(e)
-                    cond.notify_all()
-
-        def wake() -> None:
-            with cond:
-                cond.notify_all()
-
-        streams.join(me, wake)
-        with cond:
-            grow()
+    def run(self) -> int:
+        """The bytes fetched; the partial is complete and hash-checked when this returns."""
+        folder = safefs.opendir(self.root or self.partial.parent, self.partial.parent)
+        record = ranges_record(self.partial.name)
+        self.pieces = pieces = _Pieces(folder, record, self.size)
+        if folder.exists(self.partial.name):
+            pieces.load()
+        self.resumed = frozenset(pieces.done)
+        self.out = out = _PartialFile(folder, self.partial.name, self.size)
+        finished = False
         try:
-            digest = _hash_in_order(
-                out.fd, pieces, resumed, new_hasher(sha256, size), cond, ready, failed, recycle, grow, streams.hashed
-            )
-        except BaseException as e:
-            with cond:
-                failed.append(e)
-                cond.notify_all()
-            raise
-        finally:
-            streams.leave(me)
-            while threads:
-                threads.pop().join()
-        if failed and isinstance(failed[0], _RangeIgnored):
-            # A mirror or caching proxy that answers 200 with the whole body to a ranged request: one
-            # stream from the start, hashed as it arrives (what arrived in pieces is counted again).
-            logger.info("%s: the server ignores Range (200 to a ranged request); fetching it as one stream", label)
-            on_bytes(-reported[0])
-            for _ in range(owned[0]):  # the stream needs one buffer of its own, not the pieces' ones
-                concurrency.BUFFER_BUDGET.release()
-            owned[0] = 0
-            pieces.done.clear()
-            folder.unlink(record)
-            kept, resumed = 0, frozenset()
-            digest = _stream_whole(http, url, out, size, sha256, on_bytes, label)
-        elif failed:
-            raise failed[0]
-        if on_digest is not None and digest is not None:
-            on_digest(digest)
-        if expected is not None and digest != expected:
-            out.close()
-            folder.unlink(partial.name)
+            self.to_fetch = deque(i for i in range(pieces.count) if i not in self.resumed)
+            self.kept = sum(b - a for a, b in map(pieces.bounds, self.resumed))
+            self._counted(self.kept)
+            self.streams.join(self, self._wake)
+            with self.cond:
+                self._grow()
+            try:
+                digest = self._hash_in_order(_hasher(self.algorithm, self.size))
+            except BaseException as e:
+                with self.cond:
+                    self._fail(e)
+                raise
+            finally:
+                self.streams.leave(self)
+                while self.threads:
+                    self.threads.pop().join()
+            if isinstance(self.error, _RangeIgnored):
+                # A mirror or caching proxy that answers 200 with the whole body to a ranged request: one
+                # stream from the start, hashed as it arrives (what arrived in pieces is counted again).
+                logger.info(
+                    "%s: the server ignores Range (200 to a ranged request); fetching it as one stream", self.label
+                )
+                self.on_bytes(-self.reported)
+                self._release_buffers()  # the stream needs one buffer of its own, not the pieces' ones
+                pieces.done.clear()
+                folder.unlink(record)
+                self.kept, self.resumed = 0, frozenset()
+                digest = self._stream_whole()
+            elif self.error is not None:
+                raise self.error
+            if self.on_digest is not None and digest is not None:
+                self.on_digest(digest)
+            if self.expected is not None and digest != self.expected:
+                out.close()
+                folder.unlink(self.partial.name)
+                folder.unlink(record)
+                finished = True
+                raise _hash_mismatch(self.label)
             folder.unlink(record)
             finished = True
-            raise _hash_mismatch(label)
-        folder.unlink(record)
-        finished = True
-        return size - kept
-    finally:
-        for _ in range(owned[0]):
+            return self.size - self.kept
+        finally:
+            self._release_buffers()
+            out.close()
+            if not finished:
+                pieces.save()  # stopped early: what is on disk is what the next run continues from
+
+    # -- the range threads --------------------------------------------------------------------------
+
+    def _counted(self, n: int) -> None:
+        self.reported += n
+        self.on_bytes(n)
+
+    def _arrived(self, n: int) -> None:
+        self.streams.moved(n)
+        self._counted(n)
+
+    def _fail(self, e: BaseException) -> None:
+        """Keep the first failure and wake everyone (the caller holds `cond`)."""
+        if self.error is None:
+            self.error = e
+        self.cond.notify_all()
+
+    def _wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _share(self) -> int:
+        return self.streams.share(self)
+
+    def _take(self) -> tuple[int, memoryview] | None:
+        """A buffer first, then the next piece: the piece the hasher waits for always has a buffer, so
+        every file holding buffers moves on and, at its end, gives them back to the others. None: this
+        thread ends (nothing left, a failure, or the file's part of the streams shrank)."""
+        with self.cond:
+            while self.error is None and self.to_fetch and self.running <= self._share():
+                if self.free:
+                    return self.to_fetch.popleft(), self.free.pop()
+                if self.owned < self._share() + 2 and concurrency.BUFFER_BUDGET.acquire(blocking=False):
+                    self.owned += 1
+                    return self.to_fetch.popleft(), _piece_buffer()
+                # wait for our hasher to free one; while we hold none, also look at the budget again
+                self.cond.wait(timeout=None if self.owned else 0.05)
+            self.running -= 1
+            while self.free and self.owned > self._share() + 2:  # fewer streams: spare buffers to the others
+                self.free.pop()
+                self.owned -= 1
+                concurrency.BUFFER_BUDGET.release()
+            return None
+
+    def _grow(self) -> None:
+        """Start range threads up to the file's part of the streams (the caller holds `cond`)."""
+        while self.error is None and self.running < min(self._share(), len(self.to_fetch)):
+            self.running += 1
+            t = threading.Thread(target=self._range_thread, name=f"range-{len(self.threads)}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _recycle(self, buf: memoryview) -> None:
+        """A hashed piece's buffer: kept for the next piece, or given back when the file's part shrank
+        (the caller holds `cond`)."""
+        if self.owned > self._share() + 2:
+            self.owned -= 1
             concurrency.BUFFER_BUDGET.release()
-        out.close()
-        if not finished:
-            pieces.save()  # stopped early: what is on disk is what the next run continues from
+        else:
+            self.free.append(buf)
 
+    def _release_buffers(self) -> None:
+        for _ in range(self.owned):
+            concurrency.BUFFER_BUDGET.release()
+        self.owned = 0
 
-def _hash_in_order(
-    fd: int,
-    pieces: _Pieces,
-    resumed: frozenset[int],
-    hasher,
-    cond: threading.Condition,
-    ready: dict[int, memoryview],
-    failed: list,
-    recycle: Callable[[memoryview], None],
-    grow: Callable[[], None],
-    on_hashed: Callable[[bool], None],
-) -> str | None:
-    """Hash pieces in order as they arrive, from their buffers; pieces from an earlier run are read back.
-    Before each piece and whenever it wakes, it starts range threads if the file's part of the streams grew
-    (`grow`); `recycle` takes each hashed buffer (both under `cond`). `on_hashed` hears, per piece, whether
-    the hasher had to wait for it (the stream count holds while the hash, not the link, is behind)."""
-    scratch: memoryview | None = None
-    for i in range(pieces.count):
-        start, end = pieces.bounds(i)
-        if i in resumed:
-            scratch = scratch or memoryview(bytearray(CHUNK * 4))
-            pos = start
-            while pos < end:
-                n = os.preadv(fd, [scratch[: min(len(scratch), end - pos)]], pos)
-                if n <= 0:
-                    raise OSError(f"partial file shorter than recorded ({pos} of {end})")
-                hasher.update(scratch[:n])
-                pos += n
-            continue
-        with cond:
-            grow()
-            waited = i not in ready
-            while i not in ready and not failed:
-                cond.wait()
-                grow()
-            if failed:
-                return None
-            buf = ready.pop(i)
-        on_hashed(waited)
-        hasher.update(buf[: end - start])
-        with cond:
-            recycle(buf)
-            cond.notify_all()
-    return hasher.hexdigest()
+    def _range_thread(self) -> None:
+        pieces, out = self.pieces, self.out
+        try:
+            while (job := self._take()) is not None:
+                i, buf = job
+                start, end = pieces.bounds(i)
+                view = buf[: end - start]
+                began = time.monotonic()
+                self._fetch_piece(view, start)
+                self.streams.piece_done(time.monotonic() - began)
+                out.write(view, start)
+                with self.cond:
+                    self.ready[i] = buf
+                    pieces.add(i)
+                    self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through `error`
+            with self.cond:
+                self.running -= 1
+                self._fail(e)
+
+    # -- the hasher (the calling thread) ------------------------------------------------------------
+
+    def _hash_in_order(self, hasher) -> str | None:
+        """Hash pieces in order as they arrive, from their buffers; pieces from an earlier run are read back.
+        Before each piece and whenever it wakes, it starts range threads if the file's part of the streams
+        grew; each hashed buffer is recycled. The stream count hears, per piece, whether the hasher had to
+        wait for it (the count holds while the hash, not the link, is behind). None: a thread failed."""
+        pieces, fd = self.pieces, self.out.fd
+        scratch: memoryview | None = None
+        for i in range(pieces.count):
+            start, end = pieces.bounds(i)
+            if i in self.resumed:
+                scratch = scratch or memoryview(bytearray(CHUNK * 4))
+                pos = start
+                while pos < end:
+                    n = os.preadv(fd, [scratch[: min(len(scratch), end - pos)]], pos)
+                    if n <= 0:
+                        raise OSError(f"partial file shorter than recorded ({pos} of {end})")
+                    hasher.update(scratch[:n])
+                    pos += n
+                continue
+            with self.cond:
+                self._grow()
+                waited = i not in self.ready
+                while i not in self.ready and self.error is None:
+                    self.cond.wait()
+                    self._grow()
+                if self.error is not None:
+                    return None
+                buf = self.ready.pop(i)
+            self.streams.hashed(waited)
+            hasher.update(buf[: end - start])
+            with self.cond:
+                self._recycle(buf)
+                self.cond.notify_all()
+        return hasher.hexdigest()
+
+    # -- the requests -------------------------------------------------------------------------------
+
+    def _fetch_piece(self, view: memoryview, start: int) -> None:
+        """Bytes [start, start + len(view)) of the file into `view`; a dropped connection continues where it
+        broke.
+
+        `source` is where the bytes last came from: after the first piece's redirect, the others go to the
+        CDN directly instead of asking the Hub to redirect each of them (back to `url` if that link expired).
+        Until a request through `url` has answered, the others wait for it (`resolving`): a large file costs
+        one resolver request of the Hub's rate limit, not one per connection, and a refused repo one refusal.
+        The body is read with `readinto` straight into the piece's buffer when the connection allows it: a
+        new bytes object per chunk costs about a CPU second per GiB (bench/README.md). The stream count hears
+        every drop and retry (`trouble`: it backs off)."""
+        http, url, size, label = self.http, self.url, self.size, self.label
+        attempts = Attempts(http.retry, f"download {label}")
+        end = start + len(view)
+        filled = 0
+        while start + filled < end:
+            pos = start + filled
+            whole = pos == 0 and end == size
+            headers = {} if whole else {"Range": f"bytes={pos}-{end - 1}"}
+            with self.resolving if self.source == url else nullcontext():
+                if self.error is not None:
+                    raise _Stopped()
+                target = self.source
+                resp = http.request(
+                    "GET", target, headers=headers, what=f"download {label}", on_retry=self.streams.trouble
+                )
+                if resp.status in (200, 206):
+                    self.source = resp.url or target
+            dropped: BaseException | None = None
+            try:
+                if resp.status in _EXPIRED and target != url:
+                    self.source = url
+                    continue
+                if resp.status == 200 and not whole:
+                    raise _RangeIgnored()
+                if resp.status not in (200, 206):
+                    raise http.status_error(resp, url, f"download {label}")
+                if resp.status == 206:
+                    _check_content_range(resp.headers.get("Content-Range"), pos, end, size, label)
+                while filled < len(view):
+                    if self.error is not None:
+                        raise _Stopped()
+                    try:
+                        n = resp.readinto(view[filled : filled + CHUNK])
+                    except DROPPED as e:
+                        dropped = e
+                        break
+                    if not n:
+                        break
+                    filled += n
+                    self._arrived(n)
+            finally:
+                resp.release_conn()
+            if dropped is not None:
+                self.streams.trouble()
+                attempts.wait(f"connection dropped at byte {start + filled} ({type(dropped).__name__})")
+            elif filled < len(view):
+                self.streams.trouble()
+                attempts.wait(f"connection closed at byte {start + filled} of {size}")
+
+    def _stream_whole(self) -> str:
+        """The whole file in one GET from the start, written in place and hashed as it arrives; a broken stream
+        starts over (a server that ignores Range cannot continue one)."""
+        http, url, size, label, out = self.http, self.url, self.size, self.label, self.out
+        attempts = Attempts(http.retry, f"download {label}")
+        buf = _piece_buffer()
+        while True:
+            hasher = _hasher(self.algorithm, size)
+            resp = http.request("GET", url, what=f"download {label}")
+            got, why = 0, ""
+            try:
+                if resp.status != 200:
+                    raise http.status_error(resp, url, f"download {label}")
+                while got < size:
+                    want, filled = min(PIECE, size - got), 0
+                    try:
+                        while filled < want and (n := resp.readinto(buf[filled:want])):
+                            filled += n
+                            self.on_bytes(n)
+                    except DROPPED as e:
+                        why = f"connection dropped ({type(e).__name__})"
+                    hasher.update(buf[:filled])
+                    out.write(buf[:filled], got)
+                    got += filled
+                    if filled < want:
+                        break
+            finally:
+                resp.release_conn()
+            if got == size:
+                return hasher.hexdigest()
+            self.on_bytes(-got)
+            attempts.wait(
+                f"{why or 'connection closed'} at byte {got} of {size} (one stream: the server ignores Range)"
+            )
 
 
 _EXPIRED = (401, 403, 404, 410)  # what a CDN says to a signed URL past its expiry
@@ -418,41 +569,6 @@ _EXPIRED = (401, 403, 404, 410)  # what a CDN says to a signed URL past its expi
 
 class _RangeIgnored(Exception):
     """The server answered 200 (the whole body) to a ranged request."""
-
-
-def _stream_whole(
-    http: Http, url: str, out: _PartialFile, size: int, sha256: str | None, on_bytes: Callable[[int], None], label: str
-) -> str:
-    """The whole file in one GET from the start, written in place and hashed as it arrives; a broken stream
-    starts over (a server that ignores Range cannot continue one)."""
-    attempts = Attempts(http.retry, f"download {label}")
-    buf = _piece_buffer()
-    while True:
-        hasher = new_hasher(sha256, size)
-        resp = http.request("GET", url, what=f"download {label}")
-        got, why = 0, ""
-        try:
-            if resp.status != 200:
-                raise http.status_error(resp, url, f"download {label}")
-            while got < size:
-                want, filled = min(PIECE, size - got), 0
-                try:
-                    while filled < want and (n := resp.readinto(buf[filled:want])):
-                        filled += n
-                        on_bytes(n)
-                except DROPPED as e:
-                    why = f"connection dropped ({type(e).__name__})"
-                hasher.update(buf[:filled])
-                out.write(buf[:filled], got)
-                got += filled
-                if filled < want:
-                    break
-        finally:
-            resp.release_conn()
-        if got == size:
-            return hasher.hexdigest()
-        on_bytes(-got)
-        attempts.wait(f"{why or 'connection closed'} at byte {got} of {size} (one stream: the server ignores Range)")
 
 
 def _check_content_range(value: str | None, start: int, end: int, size: int, label: str) -> None:
@@ -476,72 +592,3 @@ def _check_content_range(value: str | None, start: int, end: int, size: int, lab
             f"download {label}: asked for bytes {start}-{end - 1} of {size}, the server sent "
             f"Content-Range {value!r}; the server or a proxy between is broken"
         )
-
-
-def _fetch_piece(
-    http: Http,
-    source: list[str],
-    url: str,
-    view: memoryview,
-    start: int,
-    size: int,
-    on_bytes: Callable[[int], None],
-    label: str,
-    stop: Callable[[], bool],
-    resolving: threading.Lock,
-    trouble: Callable[[], None] = lambda: None,
-) -> None:
-    """Bytes [start, start + len(view)) of the file into `view`; a dropped connection continues where it broke.
-
-    `source[0]` is where the bytes last came from: after the first piece's redirect, the others go to the
-    CDN directly instead of asking the Hub to redirect each of them (back to `url` if that link expired).
-    Until a request through `url` has answered, the others wait for it (`resolving`): a large file costs one
-    resolver request of the Hub's rate limit, not one per connection, and a refused repo one refusal.
-    The body is read with `readinto` straight into the piece's buffer when the connection allows it: a new
-    bytes object per chunk costs about a CPU second per GiB (bench/README.md). `trouble` hears every drop
-    and retry (the stream count backs off)."""
-    attempts = Attempts(http.retry, f"download {label}")
-    end = start + len(view)
-    filled = 0
-    while start + filled < end:
-        pos = start + filled
-        whole = pos == 0 and end == size
-        headers = {} if whole else {"Range": f"bytes={pos}-{end - 1}"}
-        with resolving if source[0] == url else nullcontext():
-            if stop():
-                raise _Stopped()
-            target = source[0]
-            resp = http.request("GET", target, headers=headers, what=f"download {label}", on_retry=trouble)
-            if resp.status in (200, 206):
-                source[0] = resp.url or target
-        dropped: BaseException | None = None
-        try:
-            if resp.status in _EXPIRED and target != url:
-                source[0] = url
-                continue
-            if resp.status == 200 and not whole:
-                raise _RangeIgnored()
-            if resp.status not in (200, 206):
-                raise http.status_error(resp, url, f"download {label}")
-            if resp.status == 206:
-                _check_content_range(resp.headers.get("Content-Range"), pos, end, size, label)
-            while filled < len(view):
-                if stop():
-                    raise _Stopped()
-                try:
-                    n = resp.readinto(view[filled : filled + CHUNK])
-                except DROPPED as e:
-                    dropped = e
-                    break
-                if not n:
-                    break
-                filled += n
-                on_bytes(n)
-        finally:
-            resp.release_conn()
-        if dropped is not None:
-            trouble()
-            attempts.wait(f"connection dropped at byte {start + filled} ({type(dropped).__name__})")
-        elif filled < len(view):
-            trouble()
-            attempts.wait(f"connection closed at byte {start + filled} of {size}")
