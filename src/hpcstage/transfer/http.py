@@ -4,6 +4,11 @@ policy with a time budget, and pacing under the server's rate limits (`Http`).
 Why not huggingface_hub's downloader (FACTS.md): its repo-info and tree calls have no timeout (a stalled
 server hangs forever), and its content GET does not retry a 503. Here every request has connect and read
 timeouts and one retry policy with a time budget.
+
+Why one module of about 650 lines: every part acts on each request of the one client, in one loop
+(`Http.request`, `_send`): the proxy decides the connection, TLS wraps it, the pacer holds the request back
+under the rate limit, redirects decide where Authorization goes, the retry policy repeats it. Apart, each
+part would reach into `Http`'s pool of idle connections and its `Response`.
 """
 
 from __future__ import annotations

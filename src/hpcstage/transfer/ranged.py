@@ -3,6 +3,11 @@ and nodes through the `.ranges` record (`fetch`); small files in one request (`f
 
 Why not huggingface_hub's downloader (FACTS.md): across processes it restarts every file from zero. Here a
 partial file survives its process, and the next one, on any node, continues where it stopped.
+
+Why one module of about 600 lines: `RangedDownload` (its range threads, the in-order hasher, the fallback
+for servers that ignore Range) is half of it, and the rest is what it alone uses: the partial file's
+writer (`_PartialFile`, O_DIRECT), the resume record's pieces (`_Pieces`; status and cleanup read the
+record through `layout`), the Content-Range check; plus `fetch_small`, its counterpart for small files.
 """
 
 from __future__ import annotations
