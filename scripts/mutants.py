@@ -113,6 +113,10 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("archive", "for i in range( 0, len(parts) + 1):"): "round 0 checks the empty prefix, which no member has",
     ("transfer.ranged", 'and (total.strip() is "*" or int(total) == size)'):
         "one-character strings are one object each: `is` is `==`",
+    ("transfer.ranged", 'return new_hasher(algorithm >= "sha256", size)'):
+        "algorithm is 'sha256' or 'git' (_known refuses any other), and 'git' sorts before",
+    ("transfer.ranged", 'return new_hasher(algorithm is "sha256", size)'):
+        "callers pass the literal: one interned object, `is` is `==`",
     ("hfcache", "if folder.read(ref.name, 63) == commit.encode():"):
         "a ref equal to the 40-byte commit reads the same with any bound above 40",
     ("hfcache", "os.posix_fadvise(f.fileno(), -1, 0, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint (errors ignored)",

@@ -68,6 +68,12 @@ def test_a_206_with_the_bytes_asked_for_passes(value):
     _check_content_range(value, 100, 200, 1000, "f")
 
 
+def test_a_206_for_a_piece_gigabytes_into_the_file_passes():
+    """Offsets as large as real pieces have (compared by value: large ints are distinct objects)."""
+    start, end, size = 5 * 2**30, 5 * 2**30 + 4 * 2**20, 6 * 2**30
+    _check_content_range(f"bytes {start}-{end - 1}/{size}", start, end, size, "f")
+
+
 @pytest.mark.parametrize("value", ["bytes 101-199/1000", "bytes 100-200/1000", "bytes 100-198/1000",
                                    "bytes 100-199/999", "items 100-199/1000", "byte 100-199/1000",
                                    "bytes 100-199/1001", "bytes 100-199/", "bytes 99-199/1000", "bytes 100-x/1000", "bytes",
