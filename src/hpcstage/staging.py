@@ -498,7 +498,14 @@ class _Run:
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
             with self.in_flight.timed():
-                data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
+                data = fetch_small(
+                    self.http,
+                    url,
+                    size=f.size,
+                    expected=f.etag,
+                    algorithm="sha256" if f.sha256 else "git",
+                    label=label,
+                )
                 if store is None:
                     cache.write_blob(f.etag, data)
                 else:  # checked against its xetHash from a file, then moved into the store
@@ -528,7 +535,7 @@ class _Run:
                     cache.partial(f.etag),
                     size=f.size,
                     expected=f.etag,
-                    sha256=f.sha256,
+                    algorithm="sha256" if f.sha256 else "git",
                     on_bytes=on_bytes,
                     label=label,
                     root=self.cache_dir,
