@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hpcstage.streams import START  # noqa: E402
+from hpcstage.transfer.concurrency import START  # noqa: E402
 from common import (  # noqa: E402
     BENCH, HUB, MANY_FILES, SMALL_FILES, SMALL_SIZE, VENV_BIN, WORK, Run, Server, big_repo, clean_env,
     make_big, make_many, make_mixed, make_small, many_repo, mixed_repo, python, rmtree, run_timed, small_repo,

@@ -6,7 +6,7 @@ test files that cover the module; a mutant the tests do not notice "survives" an
 applied to a copy of the checkout (cosmic-ray edits files in place), and the tests' subprocesses import
 that copy (PYTHONPATH), so CLI tests see the mutant too.
 
-    python scripts/mutants.py [MODULE ...]      # default: all of MODULES; e.g. `policy archive`
+    python scripts/mutants.py [MODULE ...]      # default: all of MODULES; e.g. `policy archive transfer.http`
     make mutants MUTANTS="policy locks"
 
 Slow by nature (one test run per mutant): not part of `make test`. Prints per module the mutants killed,
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# module -> the test selection that covers it (fast enough to run once per mutant)
+# module (dotted below src/hpcstage: `transfer.http` is src/hpcstage/transfer/http.py) -> the test selection that
+# covers it (fast enough to run once per mutant)
 MODULES: dict[str, list[str]] = {
     "policy": ["tests/test_policy.py", "tests/test_manifest.py", "tests/test_security.py::test_bad_site_policy_is_exit_2_naming_the_file",
                "tests/test_guarantees.py::test_a_hostile_revision_is_refused_before_any_request",
@@ -62,8 +63,11 @@ MODULES: dict[str, list[str]] = {
         "test_base_and_finetune_share_one_stored_copy_that_huggingface_hub_accepts_and_deletes",
         "test_two_nodes_publishing_the_same_content_at_once_leave_one_entry_and_two_links")],
     "hfcache": ["tests/test_cache_commits.py"],
-    "transfer": ["tests/test_retry_rules.py", "tests/test_guarantees.py::test_retry_after_is_waited_out",
-                 "tests/test_guarantees.py::test_errors_without_a_hint_back_off"],
+    "transfer.http": ["tests/test_retry_rules.py", "tests/test_guarantees.py::test_retry_after_is_waited_out",
+                      "tests/test_guarantees.py::test_errors_without_a_hint_back_off"],
+    "transfer.ranged": ["tests/test_retry_rules.py",
+                        "tests/test_transfer.py::test_the_caller_names_the_hash_a_small_file_is_checked_with",
+                        "tests/test_transfer.py::test_the_caller_names_the_hash_a_large_file_is_checked_with"],
     "offline": ["tests/test_check.py::test_a_job_environment_is_offline_whatever_the_callers_hf_variables_say",
                 "tests/test_check.py::test_netns_available_says_whether_unshare_n_can_start_a_process_here",
                 "tests/test_check.py::test_without_a_working_unshare_the_guard_is_used_and_nothing_is_printed",
@@ -79,7 +83,8 @@ SCOPES: dict[str, list[str]] = {
                 "_Writer.hardlink", "_Writer.symlink"],
     "locks": ["_dead_local", "_stale", "Lease.held", "Lease.lost", "Lease.check", "break_expired"],
     "hfcache": ["new_hasher", "digest_file", "RepoCache.commit_blob", "RepoCache.link", "RepoCache.write_ref"],
-    "transfer": ["RetryPolicy", "parse_retry_after", "ratelimit_wait", "_check_content_range"],
+    "transfer.http": ["RetryPolicy", "parse_retry_after", "ratelimit_wait"],
+    "transfer.ranged": ["_check_content_range", "_known", "_hasher"],
     "offline": ["job_env", "netns_available", "isolated_command"],
     "xetstore": ["XetStore.publish"],
 }
@@ -89,7 +94,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "2n >= n + 1 for n >= 1 parts: the extra rounds re-check the whole name, as round n did",
     ("archive", "for i in range(1, len(parts) + 2):"): "the extra round re-checks the whole name, as round n did",
     ("archive", "if i != len(parts) and prefix in self.files:"): "i runs 1..n, so i != n is i < n",
-    ("transfer", "if info is not None and info.remaining <= 0:"):
+    ("transfer.http", "if info is not None and info.remaining <= 0:"):
         "huggingface_hub parses r= as digits only: remaining is never below 0",
     ("hfcache", "fd = blobs.open(partial.name, os.O_RDONLY ^ os.O_NONBLOCK)  # a link planted meanwhile: ELOOP, not moved"):
         "O_RDONLY is 0: 0 ^ x == 0 | x",
@@ -106,8 +111,12 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "lease is left for the next cleanup (no outcome but time changes)",
     ("locks", "with _guarded(d, name, wait= 2.0) as ok:"): "as wait=0.0: only the time spent waiting changes",
     ("archive", "for i in range( 0, len(parts) + 1):"): "round 0 checks the empty prefix, which no member has",
-    ("transfer", 'and (total.strip() is "*" or int(total) == size))'):
+    ("transfer.ranged", 'and (total.strip() is "*" or int(total) == size)'):
         "one-character strings are one object each: `is` is `==`",
+    ("transfer.ranged", 'return new_hasher(algorithm >= "sha256", size)'):
+        "algorithm is 'sha256' or 'git' (_known refuses any other), and 'git' sorts before",
+    ("transfer.ranged", 'return new_hasher(algorithm is "sha256", size)'):
+        "callers pass the literal: one interned object, `is` is `==`",
     ("hfcache", "if folder.read(ref.name, 63) == commit.encode():"):
         "a ref equal to the 40-byte commit reads the same with any bound above 40",
     ("hfcache", "os.posix_fadvise(f.fileno(), -1, 0, os.POSIX_FADV_SEQUENTIAL)"): "an advisory read-ahead hint (errors ignored)",
@@ -145,6 +154,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
 WORK = REPO / "mutants"
 
 
+def module_file(module: str) -> str:
+    """The module's file in the checkout (`transfer.http` -> src/hpcstage/transfer/http.py)."""
+    return f"src/hpcstage/{module.replace('.', '/')}.py"
+
+
 def _copy(dest: Path) -> None:
     """The tracked files of the checkout as they are now (uncommitted edits included)."""
     if dest.exists():
@@ -164,7 +178,7 @@ def run(module: str, timeout: float, count_only: bool = False, again: bool = Fal
     if again:  # keep the last run's session: only its survivors run again, with the tests as they are now
         if not session.exists():
             raise SystemExit(f"{module}: no earlier run to take the survivors from; run it without --again")
-        kept, before, spent = session.read_bytes(), (copy / f"src/hpcstage/{module}.py").read_text(), _seconds(copy)
+        kept, before, spent = session.read_bytes(), (copy / module_file(module)).read_text(), _seconds(copy)
     _copy(copy)
     if again:
         (copy / "seconds").write_text(f"{spent}\n")
@@ -172,7 +186,7 @@ def run(module: str, timeout: float, count_only: bool = False, again: bool = Fal
     config = copy / "cosmic-ray.toml"
     config.write_text(
         "[cosmic-ray]\n"
-        f'module-path = "src/hpcstage/{module}.py"\n'
+        f'module-path = "{module_file(module)}"\n'
         f"timeout = {timeout}\n"
         "excluded-modules = []\n"
         f'test-command = "{sys.executable} -m pytest -x -q -p no:cacheprovider -p no:randomly {tests}"\n'
@@ -182,10 +196,10 @@ def run(module: str, timeout: float, count_only: bool = False, again: bool = Fal
     env = {**os.environ, "PYTHONPATH": str(copy / "src")}  # the tests' subprocesses import the mutant too
     cr = [sys.executable, "-m", "cosmic_ray.cli"]
     started = time.monotonic()
-    source = (copy / f"src/hpcstage/{module}.py").read_text()
+    source = (copy / module_file(module)).read_text()
     if again:
         if source != before:
-            raise SystemExit(f"{module}: src/hpcstage/{module}.py changed since its last run; run it without --again")
+            raise SystemExit(f"{module}: {module_file(module)} changed since its last run; run it without --again")
         session.write_bytes(kept)
         db = sqlite3.connect(session)
         with db:
@@ -195,7 +209,7 @@ def run(module: str, timeout: float, count_only: bool = False, again: bool = Fal
         subprocess.run([*cr, "init", str(config), str(session)], cwd=copy, env=env, check=True)
         if module in SCOPES:
             _keep_only(session, _scope_lines(source, SCOPES[module]))
-        _skip_annotations(session, copy / f"src/hpcstage/{module}.py")
+        _skip_annotations(session, copy / module_file(module))
     if count_only:
         db = sqlite3.connect(session)
         n = db.execute("SELECT COUNT(*) FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)")
@@ -206,7 +220,7 @@ def run(module: str, timeout: float, count_only: bool = False, again: bool = Fal
     subprocess.run([*cr, "exec", str(config), str(session)], cwd=copy, env=env, check=True)
     seconds = round(time.monotonic() - started)
     (copy / "seconds").write_text(f"{seconds}\n" if not again else f"{_seconds(copy) + seconds}\n")
-    return {"module": module, "seconds": seconds, **_results(session, copy)}
+    return {"module": module, "seconds": seconds, **_results(module, session)}
 
 
 def _seconds(copy: Path) -> int:
@@ -280,13 +294,12 @@ def _skip_annotations(session: Path, module: Path) -> None:
                     break
 
 
-def _results(session: Path, copy: Path) -> dict:
+def _results(module: str, session: Path) -> dict:
     db = sqlite3.connect(session)
     rows = db.execute(
         "SELECT m.module_path, m.operator_name, m.start_pos_row, r.test_outcome, r.diff FROM mutation_specs m "
         "JOIN work_results r ON r.job_id = m.job_id"
     ).fetchall()
-    module = Path(rows[0][0]).stem if rows else ""
     equivalent = [row for row in rows if row[3] == "SURVIVED" and any(
         (module, line[1:].strip()) in EQUIVALENT for line in (row[4] or "").splitlines()
         if line.startswith("+") and not line.startswith("+++"))]
@@ -322,7 +335,7 @@ def main() -> None:
         if args.report:
             if not (WORK / module / "session.sqlite").exists():
                 continue
-            r = {"module": module, "seconds": _seconds(WORK / module), **_results(WORK / module / "session.sqlite", WORK)}
+            r = {"module": module, "seconds": _seconds(WORK / module), **_results(module, WORK / module / "session.sqlite")}
         else:
             r = run(module, args.timeout, again=args.again)
         results.append(r)

@@ -28,7 +28,7 @@ def hub(sample_root):
 
 
 BIG_MODEL = "demo-org/big-model"
-BIG_SIZE = 100 * 2**20 + 1234  # 13 range pieces of transfer.PIECE (8 MiB): the last one short and not block-aligned
+BIG_SIZE = 100 * 2**20 + 1234  # 26 range pieces of transfer.PIECE (4 MiB): the last one short and not block-aligned
 
 
 def _one_lfs_file_repo(root: Path, repo_id: str, size: int, seed: int) -> Path:

@@ -8,7 +8,8 @@ from huggingface_hub.file_download import repo_folder_name as hf_repo_folder_nam
 
 from hpcstage import layout, safefs
 from hpcstage.hfcache import RepoCache
-from hpcstage.transfer import PIECE, _Pieces
+from hpcstage.transfer import PIECE
+from hpcstage.transfer.ranged import _Pieces
 
 
 @pytest.mark.parametrize("repo_type,repo_id", [("model", "demo-org/tiny-model"), ("dataset", "a-b/c_d.e")])

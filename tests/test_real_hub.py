@@ -257,9 +257,10 @@ def test_a_429_waits_for_the_window_and_spends_no_tries(hub, tmp_path):
 
 def test_rate_limit_waits_spend_the_budget_time_not_tries():
     from hpcstage.errors import TransferError
-    from hpcstage.transfer import RetryPolicy, _Attempts
+    from hpcstage.transfer import RetryPolicy
+    from hpcstage.transfer.http import Attempts
 
-    attempts = _Attempts(RetryPolicy(attempts=2, budget=100), "x")
+    attempts = Attempts(RetryPolicy(attempts=2, budget=100), "x")
     for _ in range(20):  # far more 429s than tries
         assert attempts.rate_limited(1.0) == 1.0
     with pytest.raises(TransferError, match="--retry-budget"):
@@ -292,13 +293,13 @@ def test_a_server_that_ignores_range_still_gives_byte_exact_large_files(big_hub,
 
 def test_a_wrong_content_range_is_refused(big_hub, tmp_path, monkeypatch):
     """A 206 whose Content-Range is not the bytes asked for never lands in the file."""
-    from hpcstage import transfer
     from hpcstage.errors import TransferError
+    from hpcstage.transfer import ranged
 
     with pytest.raises(TransferError, match="Content-Range"):
-        transfer._check_content_range("bytes 0-99/1000", 100, 200, 1000, "x")
-    transfer._check_content_range("bytes 100-199/1000", 100, 200, 1000, "x")
-    transfer._check_content_range("bytes 100-199/*", 100, 200, 1000, "x")
+        ranged._check_content_range("bytes 0-99/1000", 100, 200, 1000, "x")
+    ranged._check_content_range("bytes 100-199/1000", 100, 200, 1000, "x")
+    ranged._check_content_range("bytes 100-199/*", 100, 200, 1000, "x")
 
 
 def test_hpcstage_serve_models_a_gated_repo_and_a_rate_limit(tmp_path):
@@ -334,7 +335,7 @@ def test_the_pacer_keeps_an_array_workers_share_and_waits_for_the_window():
 
     from huggingface_hub.utils import parse_ratelimit_headers
 
-    from hpcstage.transfer import _PastDeadline, _Pacer
+    from hpcstage.transfer.http import _PastDeadline, _Pacer
 
     said: list = []
     pacer = _Pacer("https://hub", share=0.25, announce=said.append)  # one of 4 array workers

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from hpcstage import transfer
 from hpcstage.errors import TransferError
 from hpcstage.transfer import RetryPolicy, parse_retry_after, ratelimit_wait
+from hpcstage.transfer.ranged import _check_content_range
 
 
 def _headers(**fields: str) -> http.client.HTTPMessage:
@@ -65,7 +65,13 @@ def test_a_429s_wait_is_the_larger_of_retry_after_and_the_windows_reset_plus_one
 
 @pytest.mark.parametrize("value", [None, "bytes 100-199/1000", "bytes 100-199/*", " bytes 100-199/1000 "])
 def test_a_206_with_the_bytes_asked_for_passes(value):
-    transfer._check_content_range(value, 100, 200, 1000, "f")
+    _check_content_range(value, 100, 200, 1000, "f")
+
+
+def test_a_206_for_a_piece_gigabytes_into_the_file_passes():
+    """Offsets as large as real pieces have (compared by value: large ints are distinct objects)."""
+    start, end, size = 5 * 2**30, 5 * 2**30 + 4 * 2**20, 6 * 2**30
+    _check_content_range(f"bytes {start}-{end - 1}/{size}", start, end, size, "f")
 
 
 @pytest.mark.parametrize("value", ["bytes 101-199/1000", "bytes 100-200/1000", "bytes 100-198/1000",
@@ -74,5 +80,5 @@ def test_a_206_with_the_bytes_asked_for_passes(value):
                                    "bytes 0-999/1000"])
 def test_a_206_with_other_bytes_is_refused_naming_what_came(value):
     with pytest.raises(TransferError) as e:
-        transfer._check_content_range(value, 100, 200, 1000, "f")
+        _check_content_range(value, 100, 200, 1000, "f")
     assert "asked for bytes 100-199 of 1000" in str(e.value) and repr(value) in str(e.value)

@@ -17,7 +17,7 @@ from conftest import BIG_MODEL, GIB_MODEL, MID_MODEL
 from helpers import client_env, hpcstage, sha256
 
 from hpcstage.testing.hub import FaultRule, HubServer
-from hpcstage.streams import MIN_WINDOW, START, Streams
+from hpcstage.transfer.concurrency import MIN_WINDOW, START, Streams
 from hpcstage.transfer import PIECE
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 from helpers import client_env, sha256
 
-from hpcstage import transfer
 from hpcstage.testing.hub import FaultRule, HubServer
+from hpcstage.errors import HashMismatch
 from hpcstage.hub.engine import InFlight
-from hpcstage.transfer import Http, RetryPolicy, fetch
+from hpcstage.transfer import Http, RetryPolicy, concurrency, fetch, fetch_small
 
 
 def test_a_keep_alive_connection_closed_by_the_server_is_replaced_without_a_retry(hub):
@@ -121,7 +122,7 @@ def _lfs_file(hub):
 
 def _fetch(hub, partial: Path):
     url, info = _lfs_file(hub)
-    fetched = fetch(Http({}), url, partial, size=info.size, expected=info.sha256, sha256="sha256")
+    fetched = fetch(Http({}), url, partial, size=info.size, expected=info.sha256, algorithm="sha256")
     assert fetched == info.size and sha256(partial) == info.sha256
     assert not Path(str(partial) + ".ranges").exists()
 
@@ -136,7 +137,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(hub, tmp_path, 
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args, **kw)
 
-    monkeypatch.setattr(transfer.os, "open", no_direct)
+    monkeypatch.setattr(os, "open", no_direct)
     _fetch(hub, tmp_path / "blob.partial")
     assert refused  # the direct descriptor was asked for, and its refusal was not an error
 
@@ -151,7 +152,7 @@ def _direct_fds(monkeypatch) -> set[int]:
             fds.add(fd)
         return fd
 
-    monkeypatch.setattr(transfer.os, "open", track)
+    monkeypatch.setattr(os, "open", track)
     return fds
 
 
@@ -163,7 +164,7 @@ def test_o_direct_accepted_at_open_but_refused_at_write_falls_back(hub, tmp_path
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(transfer.os, "pwrite", refuse)
+    monkeypatch.setattr(os, "pwrite", refuse)
     _fetch(hub, tmp_path / "blob.partial")
     assert direct_fds
 
@@ -175,7 +176,7 @@ def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, mo
         writes.append((fd in direct_fds, offset, len(data)))
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(transfer.os, "pwrite", record)
+    monkeypatch.setattr(os, "pwrite", record)
     _fetch(hub, tmp_path / "blob.partial")
     _, info = _lfs_file(hub)
     aligned = info.size - info.size % 4096
@@ -184,7 +185,7 @@ def test_o_direct_writes_the_aligned_part_and_buffers_the_tail(hub, tmp_path, mo
 
 def test_large_files_at_once_share_one_buffer_budget(hub, tmp_path, monkeypatch):
     """With room for only 2 piece buffers in the process, 3 files fetched at once still all finish."""
-    monkeypatch.setattr(transfer, "_BUFFERS", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(concurrency, "BUFFER_BUDGET", threading.BoundedSemaphore(2))
     errors = []
 
     def one(n):
@@ -199,4 +200,40 @@ def test_large_files_at_once_share_one_buffer_budget(hub, tmp_path, monkeypatch)
     for t in threads:
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
-    assert transfer._BUFFERS._value == 2  # every buffer given back
+    assert concurrency.BUFFER_BUDGET._value == 2  # every buffer given back
+
+
+# -- the hash: named by the caller, not guessed -------------------------------------------------------------
+
+
+def _git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_the_caller_names_the_hash_a_small_file_is_checked_with(hub):
+    files = hub.files_of("model", "demo-org/tiny-model")
+    path, info = max(((p, f) for p, f in files.items() if f.sha256 is None), key=lambda kv: kv[1].size)
+    url, http = f"{hub.url}/demo-org/tiny-model/resolve/main/{path}", Http({})
+    data = fetch_small(http, url, size=info.size, expected=info.oid, algorithm="git")
+    assert data == info.local.read_bytes() and _git_sha1(data) == info.oid
+    with pytest.raises(HashMismatch):  # the same bytes under sha256 do not hash to the git blob sha1
+        fetch_small(http, url, size=info.size, expected=info.oid, algorithm="sha256")
+    asked = len(hub.log)
+    with pytest.raises(ValueError, match="'sha1'"):  # not silently the git sha1, and before any request
+        fetch_small(http, url, size=info.size, expected=info.oid, algorithm="sha1")  # type: ignore[arg-type]
+    assert len(hub.log) == asked
+
+
+def test_the_caller_names_the_hash_a_large_file_is_checked_with(hub, tmp_path):
+    url, info = _lfs_file(hub)
+    content, digests = info.local.read_bytes(), []
+    partial = tmp_path / "blob.partial"
+    fetch(Http({}), url, partial, size=info.size, expected=None, algorithm="git", on_digest=digests.append)
+    assert digests == [_git_sha1(content)] and partial.read_bytes() == content
+    partial.unlink()
+    with pytest.raises(HashMismatch):  # the sha256 asked for, hashed as git: wrong, and nothing kept
+        fetch(Http({}), url, partial, size=info.size, expected=info.sha256, algorithm="git")
+    assert not partial.exists() and not Path(f"{partial}.ranges").exists()
+    with pytest.raises(ValueError, match="'md5'"):
+        fetch(Http({}), url, partial, size=info.size, expected=None, algorithm="md5")  # type: ignore[arg-type]
+    assert not partial.exists()

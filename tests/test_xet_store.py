@@ -11,12 +11,14 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import threading
 from pathlib import Path
 
 import pytest
 
 from hpcstage.testing.hub import FaultRule, HubServer
-from helpers import client_env, hpcstage, run_python, sha256
+from helpers import client_env, hpcstage, run_python, sha256, wait_for, wait_for
 
 BASE, TUNED = "demo-org/base-model", "demo-org/base-model-tuned"
 SHARED_SIZE = 64 << 20
@@ -208,11 +210,29 @@ def test_two_nodes_publishing_the_same_content_at_once_leave_one_entry_and_two_l
     cache = tmp_path / "cache"
     env = client_env(twins, tmp_path)
     w = weights(twins)
-    twins.add_fault(FaultRule(path=r"/lfs/", server="cdn", rate=40_000_000))  # ~1.6 s: both are at it at once
+    # Whoever takes the entry's lease first has its download of the shared weights held until the other pull
+    # has fetched its other files; its large file was queued first, so by then it has met the lease. The two
+    # overlap however slowly either starts (no throttled window to outrun on a loaded machine).
+    go = threading.Event()
+    twins.add_fault(FaultRule(path=w.sha256, server="cdn", method="GET", hold=go))
     argv = ["pull", "--cache-dir", str(cache), "-q"]
     procs = [subprocess.Popen([sys.executable, "-m", "hpcstage", *argv, BASE], env=env, stderr=subprocess.PIPE, text=True),
              subprocess.Popen([sys.executable, "-c", ANOTHER_NODE, *argv, TUNED], env=env, stderr=subprocess.PIPE,
                               text=True)]
+    others = {BASE: [f"/{BASE}/resolve/{twins.commit_of('model', BASE)}/config.json"],
+              TUNED: [f"/{TUNED}/resolve/{twins.commit_of('model', TUNED)}/config.json",
+                      twins.files_of("model", TUNED)["adapter.safetensors"].etag]}
+
+    def other_pull_got_its_other_files() -> bool:
+        paths = [rec.path for rec in twins.log if rec.method == "GET"]
+        holder = [r for r in (BASE, TUNED) if any(p.startswith(f"/{r}/resolve/") and "model.safetensors" in p
+                                                    for p in paths)]
+        other = {BASE: TUNED, TUNED: BASE}[holder[0]] if len(holder) == 1 else None
+        return (other is not None and all(any(o in p for p in paths) for o in others[other])) or any(
+            p.poll() is not None for p in procs)
+
+    wait_for(other_pull_got_its_other_files, timeout=120, what="the second pull to fetch its other files")
+    go.set()
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
     import hf_xet
@@ -222,7 +242,7 @@ def test_two_nodes_publishing_the_same_content_at_once_leave_one_entry_and_two_l
     assert store_files(cache) == sorted([cache / "blobs" / h[:2] / h, cache / "blobs" / ha[:2] / ha])
     links = [f"{FOLDER[repo]}/blobs/{w.sha256}" for repo in (BASE, TUNED)]
     refs = (cache / "blobs" / h[:2] / f"{h}.refs").read_text().splitlines()
-    assert sorted(refs) == sorted(links)
+    assert sorted(refs) == sorted(links), (refs, [p.stderr.read() for p in procs])
     view = hf(twins, cache, STORE_VIEW.format(cache=str(cache), links=links, h=h, size=SHARED_SIZE))
     assert view["targets"] == [str(cache / "blobs" / h[:2] / h)] * 2 and view["unreferenced"] == []
     gets = [rec for rec in twins.log if rec.server == "cdn" and rec.method == "GET" and w.sha256 in rec.path]
@@ -469,3 +489,39 @@ def test_a_pull_from_the_lockfile_links_from_the_store_without_a_download(twins,
     assert r.returncode == 0, r.stderr
     assert not [rec for rec in twins.log if w.sha256 in rec.path]  # the weights came from the store
     assert os.readlink(tmp_path / "cache" / FOLDER[TUNED] / "blobs" / w.sha256).endswith(entry.name)
+
+
+def test_a_store_another_process_is_marking_right_now_is_shared_and_its_temps_left_alone(tmp_path):
+    from hpcstage.xetstore import MARKER, XetStore
+
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    theirs = [blobs / f"{MARKER}.0123abcd.tmp", blobs / ".probe.89abcdef.hpcstage-tmp"]  # mid-way through marking
+    theirs[0].write_bytes(b"1")
+    theirs[1].symlink_to(MARKER)
+    assert XetStore(tmp_path / "cache").usable() is None
+    assert (blobs / MARKER).read_bytes() == b"1\n" and all(p.is_symlink() or p.is_file() for p in theirs)
+
+
+def _race_to_mark(args) -> list[str | None]:
+    from hpcstage.xetstore import XetStore
+
+    barrier, caches = args
+    answers = []
+    for cache in caches:
+        barrier.wait()
+        answers.append(XetStore(cache).usable())
+    return answers
+
+
+def test_workers_marking_a_fresh_store_at_once_all_get_to_use_it(tmp_path):
+    """An array's workers starting on a fresh cache: none may judge the store foreign because of another's
+    temp files (each would then keep a per-repo copy of the content)."""
+    import multiprocessing
+
+    caches = [tmp_path / f"cache{i}" for i in range(30)]
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        answers = pool.map(_race_to_mark, [(barrier, caches)] * 4)
+    assert answers == [[None] * len(caches)] * 4

@@ -1,4 +1,8 @@
-"""The `hpcstage` command: argument parsing and printing only; the work is in the library."""
+"""The `hpcstage` command: argument parsing and printing only; the work is in the library.
+
+Why one module of about 800 lines: every command's options and help text are in one parser (`build_parser`,
+about 200 lines), so each option's spelling, default and help text are defined in one place; each `_cmd_*`
+is one command's thin shell (parse, call the library, print, exit code), none longer than about 100 lines."""
 
 from __future__ import annotations
 

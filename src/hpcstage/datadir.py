@@ -14,9 +14,10 @@ An entry counts as staged only when its `expect:` passed: then its record goes t
 next pull builds it again. A later pull with the record and every file in place (sizes) does nothing: no
 request, no copy.
 
-Why over 500 lines: the three sources (url, local, a Hub file) share one build protocol (lease on the dest,
-private build folder, extract or copy, `expect:`, rename into place, record), and that protocol is only
-safe as a whole; the sources' own transfers are in sources/, the archive rules in archive.py.
+Why one module of about 680 lines: the three sources (url, local, a Hub file) share one build protocol
+(lease on the dest, private build folder, extract or copy, `expect:`, rename into place, record), and that
+protocol is only safe as a whole; the sources' own transfers are in sources/, the archive rules in
+archive.py.
 """
 
 from __future__ import annotations

@@ -26,6 +26,12 @@ that cannot apply here says so with status "ok" and a "skipped: ..." detail). Th
 Nothing here prints, and nothing is written but the probe file and probe link. The plan comes from
 `hpcstage.lock` and the cache, never from the network; the two network checks run concurrently in daemon
 threads under one deadline, so a hung DNS lookup or a black-holed endpoint cannot hold the whole report past it.
+
+Why one module of about 1,000 lines: fifteen checks, each a short function with its own fix text, sharing
+one context (`_Context`: the manifest, the cache folder, its mount and free space, whether this is a Slurm
+job) and one order (CHECK_NAMES); the parsers of `/proc/self/mountinfo` and `quota` output sit beside the
+checks that use them, as pure functions tests call directly. Split per check, the context and the order
+would be spread over as many files.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Errors name `file:line`, the key and the nearest valid key, because a typo found at submit time costs a
 day in the queue. The lockfile is JSON: a warm `pull` of a 2,000-file repo reads it in milliseconds.
+
+Why one module of about 570 lines: most of it is the manifest's and the lockfile's pydantic models (their
+fields, each with its comment, and the validators that are their rules), plus the `file:line` error
+machinery (`_lines_of`, `_where`, `_explain`) the manifest is validated with.
 """
 
 from __future__ import annotations

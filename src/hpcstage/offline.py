@@ -3,7 +3,7 @@
 huggingface_hub, datasets and transformers read their HF_* variables at import time, so setting them in
 a running interpreter is too late; jobs and `check` get them in their environment from here.
 
-Why over 500 lines: `check` is here with the environment it checks (the job's interpreter, the offline
+Why one module of about 570 lines: `check` is here with the environment it checks (the job's interpreter, the offline
 flags, the network switched off by `unshare -n` or the socket guard) because it runs its child with exactly
 that environment; Slurm job scripts (slurm/launch.py) import both from here. Which builds are proven is
 arrowbuilds.py's.

@@ -13,6 +13,11 @@ Nothing here touches the network except `--repair`, which removes only the bad f
 outside the repo's own folders) and fetches exactly those again through `hub.pull.pull`.
 
 The library call is `hpcstage.verify(...)` (hpcstage.api); the CLI's is `hpcstage verify`.
+
+Why one module of about 1,000 lines: its four sections (hashing, what is expected, checking, repair: the
+`# --` headers below) are the steps of one `verify` call; checking and repair work on the private plan the
+second section builds (`_Plan`) and report `Problem`s in one `VerifyReport`. From outside only `verify`
+and `VerifyReport` are used.
 """
 
 from __future__ import annotations

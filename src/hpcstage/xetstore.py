@@ -37,11 +37,13 @@ from pathlib import Path
 from hpcstage import safefs
 from hpcstage.errors import HashMismatch
 from hpcstage.hfcache import CachedFile, RepoCache
-from hpcstage.layout import LEASE_SUFFIX
+from hpcstage.layout import LEASE_SUFFIX, TMP_SUFFIX
 from hpcstage.layout import XET_LEASES as LEASES
 from hpcstage.safefs import Sharing
 
 MARKER = ".huggingface-shared-blobs"
+# What marking a fresh store leaves while it runs: the marker, a marker temp (huggingface_hub's or ours), our probe.
+_MARKING = re.compile(rf"{re.escape(MARKER)}(\.[0-9a-f]{{8}}\.tmp)?|\.probe\.[0-9a-f]{{8}}{re.escape(TMP_SUFFIX)}")
 LAYOUT_VERSION = b"1\n"
 REFS_SUFFIX = ".refs"
 _XET_HASH = re.compile(r"[0-9a-f]{64}")
@@ -217,11 +219,12 @@ class XetStore:
         dir_mode, file_mode = self._modes()
         store = top.child("blobs", sharing=self.sharing)
         if store.read(MARKER, 16) != LAYOUT_VERSION:
-            leftovers = os.listdir(store.proc_path)
-            if any(not re.fullmatch(re.escape(MARKER) + r"\.[0-9a-f]{8}\.tmp", n) for n in leftovers):
-                return None
-            for n in leftovers:  # a marker write that died half-way (huggingface_hub's temp name)
-                store.unlink(n)
+            # Other processes (an array's workers on a fresh cache) may be marking it at this very moment:
+            # their marker and probe temps, and the marker itself, are ours to share, never to delete (a
+            # deleted temp fails their rename, and they would fall back to per-repo copies of the content).
+            if any(not _MARKING.fullmatch(n) for n in os.listdir(store.proc_path)):
+                if store.read(MARKER, 16) != LAYOUT_VERSION:  # not marked meanwhile by one of them
+                    return None
             self._chmod_dir(store, dir_mode)
             tmp = f"{MARKER}.{secrets.token_hex(4)}.tmp"
             fd = store.create(tmp, file_mode)

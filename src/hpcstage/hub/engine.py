@@ -5,7 +5,7 @@ written by one process at a time under its lease; a unit another process holds i
 while workers take other units, then linked when its writer is done. Small files travel in batches (one
 thread hand-off per batch), and `InFlight` decides how many of them are fetched at once.
 
-Why over 500 lines: the scheduler, the stager and in-flight control share one pull's state (the HTTP
+Why one module of about 600 lines: the scheduler, the stager and in-flight control share one pull's state (the HTTP
 client, the Hub's refusals, the cancel event, the lease a unit holds while its files are staged) and are
 each only correct together with the others (a lease taken by the scheduler is checked by the stager after
 the download; Ctrl-C stops both); the failure report at the end names what each of them saw.
@@ -256,7 +256,14 @@ class Stager:
         if f.size < SMALL:
             # Racing another process for a small blob costs a few kB twice at worst; a lease costs more.
             with self.in_flight.timed():
-                data = fetch_small(self.http, url, size=f.size, expected=f.etag, sha256=f.sha256, label=label)
+                data = fetch_small(
+                    self.http,
+                    url,
+                    size=f.size,
+                    expected=f.etag,
+                    algorithm="sha256" if f.sha256 else "git",
+                    label=label,
+                )
                 if store is None:
                     cache.write_blob(f.etag, data)
                 else:  # checked against its xetHash from a file, then moved into the store
@@ -286,7 +293,7 @@ class Stager:
                     cache.partial(f.etag),
                     size=f.size,
                     expected=f.etag,
-                    sha256=f.sha256,
+                    algorithm="sha256" if f.sha256 else "git",
                     on_bytes=on_bytes,
                     label=label,
                     root=self.cache_dir,

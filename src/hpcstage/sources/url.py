@@ -195,7 +195,7 @@ def download(
                 partial,
                 size=p.size,
                 expected=sha256,
-                sha256="sha256",
+                algorithm="sha256",
                 on_bytes=counted,
                 label=url,
                 on_digest=digests.append,

@@ -24,7 +24,7 @@ A real link's per-connection rate (a CDN's cap, one TCP stream over a long path)
 `peak_connections` says how many connections each listener held open at once (on the CDN, a ranged
 download's stream count).
 
-Why over 500 lines: one request handler answers every read route of the protocol, and each real-Hub
+Why one module of about 1,150 lines: one request handler answers every read route of the protocol, and each real-Hub
 behaviour and fault above must act inside the route it changes (a gate inside resolve, a rate limit
 across resolve and the CDN); the write side is uploads.py, the shared answer shapes wire.py.
 """
@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -107,8 +107,10 @@ class FaultRule:
 
     `method` ('GET', 'HEAD', ...) and `server` ('hub' or 'cdn') narrow the match; `times` is how many
     matching requests it applies to (None: all). Effects, applied in this order: wait `delay` seconds;
-    `reset` the connection before any header; `stall` (never answer until the client leaves or the server
-    stops); answer `status` (with `Retry-After: retry_after`); otherwise answer normally but send the body
+    wait until the test sets `hold` (an event: the request is held until the test is ready for it to go
+    on, without guessing how long that takes); `reset` the connection before any header; `stall` (never
+    answer until the client leaves or the server stops); answer `status` (with `Retry-After:
+    retry_after`); otherwise answer normally but send the body
     at `rate` bytes/s, with bytes flipped if `corrupt`, closing the connection after `drop_after` bytes.
     """
 
@@ -120,6 +122,7 @@ class FaultRule:
     retry_after: int | str | None = None
     delay: float = 0.0
     stall: bool = False
+    hold: threading.Event | None = field(default=None, compare=False)
     drop_after: int | None = None
     reset: bool = False
     rate: float | None = None
@@ -507,6 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
             fault = owner._take_fault(role, method, url.path)
             if fault and fault.delay:
                 owner._stopping.wait(fault.delay)
+            if fault and fault.hold:
+                while not (fault.hold.wait(0.1) or owner._stopping.is_set()):
+                    pass
             if fault and fault.reset:
                 self._reset()
             elif fault and fault.stall:

@@ -1,11 +1,12 @@
-"""How many range requests one client runs at once for its large files: as many as raise the throughput.
+"""In-flight control of large files: how many range requests one client runs at once (`Streams`), and the
+piece buffers all of a process's large files share (`BUFFER_BUDGET`, the memory bound).
 
-Why adaptive: one TCP stream over a long path, or from a CDN that caps each connection, carries a small
-part of a login node's uplink, so a fixed count leaves most of the pipe empty exactly where a pull is
-long (hundreds of GB over the WAN); over a fast link more streams only add overhead. Nothing in
-huggingface_hub or the standard library decides this for plain HTTP ranges (hf_xet adapts its own
-protocol's fetches), hence this small controller, in the manner of TCP's slow start and AIMD but on the
-aggregate byte rate of all large files of the client:
+The stream count adapts: as many streams as raise the throughput. Why: one TCP stream over a long path, or
+from a CDN that caps each connection, carries a small part of a login node's uplink, so a fixed count leaves
+most of the pipe empty exactly where a pull is long (hundreds of GB over the WAN); over a fast link more
+streams only add overhead. Nothing in huggingface_hub or the standard library decides this for plain HTTP
+ranges (hf_xet adapts its own protocol's fetches), hence this small controller, in the manner of TCP's slow
+start and AIMD but on the aggregate byte rate of all large files of the client:
 
 - start at START streams; after a change, let a piece's time pass (new streams connect and ask), then
   measure the rate over a window (at least MIN_WINDOW, and at least one piece's time, so that every
@@ -34,6 +35,9 @@ import threading
 import time
 from collections.abc import Callable
 
+MAX_CONNECTIONS = 32  # range requests at once for all large files of a client (--max-connections)
+BUFFERS = 32  # PIECE buffers for all large files of a process at once: 128 MiB (peak RSS <= 200 MB)
+BUFFER_BUDGET = threading.BoundedSemaphore(BUFFERS)  # taken per buffer by `ranged`, whatever --workers is
 START = 4  # streams before anything is measured (the fixed count of earlier versions: right on loopback)
 # A step up must add at least this fraction of its proportional gain: each new stream a quarter of what an old
 # one carries. Low, because too few streams on a capped link cost far more than a few too many on a fast one,
