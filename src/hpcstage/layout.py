@@ -81,7 +81,7 @@ def ranges_record(partial_name: str) -> str:
 
 
 def ranges_payload(size: int, segment: int, done: list[int]) -> bytes:
-    """The resume record transfer.py writes: the file's size, the piece size, and the pieces complete."""
+    """The resume record transfer/ranged.py writes: the file's size, the piece size, and the pieces complete."""
     return json.dumps({"size": size, "segment": segment, "done": done}).encode()
 
 
