@@ -32,17 +32,19 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hpcstage import __version__, safefs
+from hpcstage import safefs
 from hpcstage.errors import BadInput
 from hpcstage.slurm import LaunchError, SlurmError, environment, jobtypes
+from hpcstage.slurm.after import check_after, resolve_after
 from hpcstage.slurm.artifacts import Artifact, artifacts_of, is_local, job_env, prebuild_and_check, stage
 from hpcstage.slurm.clusters import Cluster, RegistryError, detect, is_here, load_registry
 from hpcstage.slurm.jobtypes.base import Attempt, Job, Site
 from hpcstage.slurm.limits import partition_limit, preflight_time
+from hpcstage.slurm.records import write_records
 from hpcstage.slurm.render import render, sbatch_directives
 from hpcstage.slurm.submit import cancel, release, submit
 from hpcstage.slurm.toolcheck import missing_tools
@@ -54,7 +56,6 @@ __all__ = [
     "LaunchError",
     "LaunchRequest",
     "Preflight",
-    "experiment_status",
     "launch",
     "make_request",
     "partition_limit",
@@ -186,68 +187,6 @@ def check_account(cluster: Cluster) -> None:
         )
 
 
-_JOB_ID = re.compile(r"\d+(_\d+)?")
-
-
-def resolve_after(values: list[str]) -> list[list[str]]:
-    """--after values as groups of job ids: a job id is a group of one; an experiment folder is its last
-    job (every attempt of it: any one succeeding satisfies the dependency)."""
-    groups = []
-    for value in values:
-        if _JOB_ID.fullmatch(value):
-            groups.append([value])
-            continue
-        jobs_file = Path(value).expanduser() / "jobs.json"
-        if not jobs_file.is_file():
-            raise BadInput(f"--after {value!r} is not a Slurm job id nor an experiment folder (one with jobs.json)")
-        try:
-            records = [r for r in json.loads(jobs_file.read_text())["jobs"] if r.get("job_id")]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise BadInput(f"--after {value}: {jobs_file} is unreadable; name a job id instead") from None
-        if not records:
-            raise BadInput(f"--after {value}: nothing of that experiment was submitted (a dry run?); launch it first")
-        last = records[-1]["key"]
-        groups.append([str(r["job_id"]) for r in records if r["key"] == last])
-    if len(groups) > 1 and any(len(g) > 1 for g in groups):
-        raise BadInput(
-            "--after: an experiment whose last job has restarts cannot be combined with another --after; name one"
-        )
-    return groups
-
-
-def check_after(values: list[str], groups: list[list[str]]) -> None:
-    """Each --after names jobs Slurm knows, and not all of a group have failed (afterok would never be met)."""
-    from hpcstage.slurm.jobs import belongs, job_states
-
-    ids = [i for g in groups for i in g]
-    if not ids:
-        return
-    try:
-        states = job_states(ids)
-    except SlurmError as e:
-        raise LaunchError(f"cannot check --after: {e}") from None
-    for value, group in zip(values, groups, strict=False):
-        mine = {i: [s for s in states.values() if belongs(s, i)] for i in group}
-        unknown = [i for i, found in mine.items() if not found]
-        if len(unknown) == len(group):
-            raise BadInput(
-                f"--after {value}: job {', '.join(unknown)} is unknown to squeue and sacct (a typo?); "
-                "`squeue --me` lists your jobs"
-            )
-        failed = {
-            i: next((s for s in found if s.never_runs or (s.done and s.state != "COMPLETED")), None)
-            for i, found in mine.items()
-            if found
-        }
-        if failed and all(failed.values()):
-            s = next(s for s in failed.values() if s is not None)
-            how = f"is PENDING ({s.reason}) and will never start" if s.never_runs else f"ended {s.state}"
-            raise BadInput(
-                f"--after {value}: job {s.job_id} {how}, so a job after it would never start; "
-                "launch after a job that can still succeed, or without --after"
-            )
-
-
 # --- the launch -----------------------------------------------------------------------------------
 
 
@@ -376,7 +315,7 @@ def _launch_into(
             job.attempts = [_attempt(job, n, dependency, f"{{{job.key}#{n - 1}}}") for n in range(job.restarts + 1)]
     else:
         _submit_all(jobs, by_key, withheld, exp)
-    _write_records(result, request)
+    write_records(result, request)
     return result
 
 
@@ -508,73 +447,3 @@ def _experiment_dir(request: LaunchRequest) -> tuple[Path, bool]:
         if launched:
             raise BadInput(f"experiment {exp} was launched already; pick another --name")
     return exp, fresh
-
-
-def _write_records(result: Launch, request: LaunchRequest) -> None:
-    exp = result.experiment_dir
-    jobs = {"experiment": exp.name, "cluster": result.cluster.name, "dry_run": result.dry_run, "jobs": result.records()}
-    _write_json(exp / "jobs.json", jobs)
-    config = {
-        "hpcstage": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "request": {k: _plain(v) for k, v in _flat(request).items()},
-        "cluster": result.cluster.model_dump(),
-        "offline": result.offline,
-        "artifacts": [asdict(a) for a in result.artifacts],
-        "env": dict(result.env),
-        "jobs": {job.key: {"python": job.python, **asdict(job.env)} for job in result.jobs},
-        "sbatch_withheld": result.withheld,  # names only: sbatch's --export list is the rest of the shell's
-    }
-    _write_json(exp / "config.json", config)
-
-
-def _flat(request: LaunchRequest) -> dict[str, Any]:
-    """The request as the CLI's flat option names: the generic ones, then the job type's."""
-    generic = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "options"}
-    return {**generic, **asdict(request.options)}
-
-
-def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-
-
-def _write_json(path: Path, data: Any) -> None:
-    safefs.write_atomic(path.parent, path, (json.dumps(data, indent=1) + "\n").encode())
-
-
-# --- status -----------------------------------------------------------------------------------------
-
-
-def experiment_status(experiment_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Each recorded job (array tasks one by one) with its state now, from squeue/sacct."""
-    from hpcstage.slurm.jobs import job_states
-
-    path = Path(experiment_dir) / "jobs.json"
-    try:
-        records = json.loads(path.read_text())["jobs"]
-        if not all(isinstance(r, dict) and "key" in r and "attempt" in r for r in records):
-            raise ValueError("a job record lacks key/attempt")
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BadInput(f"{path} is missing or unreadable: is {experiment_dir} an experiment folder?") from None
-    ids = [r["job_id"] for r in records if r.get("job_id")]
-    try:
-        states = job_states(ids) if ids else {}
-    except SlurmError as e:
-        raise LaunchError(str(e)) from None
-    rows = []
-    for r in records:
-        job_id = r.get("job_id")
-        mine = sorted(
-            (s for s in states.values() if job_id and (s.job_id == job_id or s.job_id.startswith(f"{job_id}_"))),
-            key=lambda s: (len(s.job_id), s.job_id),
-        )
-        base = {"key": r["key"], "attempt": r["attempt"]}
-        if not job_id:
-            rows.append({**base, "job_id": None, "state": "NOT SUBMITTED (dry run)", "reason": None, "exit_code": None})
-        elif not mine:
-            rows.append(
-                {**base, "job_id": job_id, "state": "UNKNOWN", "reason": "forgotten by Slurm", "exit_code": None}
-            )
-        for s in mine:
-            rows.append({**base, "job_id": s.job_id, "state": s.state, "reason": s.reason, "exit_code": s.exit_code})
-    return rows
