@@ -5,8 +5,8 @@
             ──► <experiment>/
 
 This module is the generic part (submitit's shape): a job type says only which jobs it renders and with what
-(``jobtypes/<type>.py``: an ``Options`` dataclass and ``jobs()``); checks, environments, rendering, dependencies,
-restart chains, submission and records are the same for all of them here.
+(``jobtypes/<type>.py``: an ``Options`` dataclass and ``jobs()``); checks (``--after``: after.py), environments,
+rendering, dependencies, restart chains, submission and records (records.py) are the same for all of them here.
 
 Everything a launch decided is written to ``<experiments-dir>/<name>/``: the scripts, ``jobs.json`` (job
 ids, dependencies, the sbatch argument lists) and ``config.json`` (the resolved request, cluster and
