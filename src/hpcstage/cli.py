@@ -1,8 +1,4 @@
-"""The `hpcstage` command: argument parsing and printing only; the work is in the library.
-
-Over 500 lines because it holds the parser and the printer of every command but launch and clusters
-(slurm/commands.py): pull (and --slurm-array), prebuild, check, verify, status, cleanup, doctor, serve, each
-short; DESIGN.md's cli/ package, one module per command group, is the step that splits it."""
+"""The `hpcstage` command: argument parsing and printing only; the work is in the library."""
 
 from __future__ import annotations
 
