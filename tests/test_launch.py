@@ -704,3 +704,41 @@ def test_an_activate_table_naming_an_unknown_job_type_is_refused(tmp_path, capsy
     assert code == 2 and not (tmp_path / "experiments" / "typo").exists()
     assert err.strip().endswith("activate: Value error, unknown job type trian; use train, datagen, consolidate, "
                                 "eval, run or default")
+
+
+# -- job types as modules (slurm/jobtypes/)
+
+
+def test_each_job_type_takes_only_its_own_options_and_the_record_keeps_them_by_flag_name(tmp_path, capsys):
+    """One registry maps --job-type to its module; an option of another job type is refused naming the job types
+    it is for (train takes the eval options of the eval it chains), from the CLI and the library alike."""
+    import hpcstage as api
+    from hpcstage.slurm import JOB_TYPES, jobtypes
+
+    assert tuple(jobtypes.REGISTRY) == JOB_TYPES
+    for args, message in (
+        (["--job-type", "run", "--command", "true", "--eval-command", "x"],
+         "--eval-command is for --job-type train (a chained eval) or eval"),
+        (["--job-type", "eval", "--model", MODEL, "--eval-tasks", "x", "--train-config", "sft.yaml"],
+         "--train-config is for --job-type train"),
+        (["--job-type", "datagen", "--datagen-script", "gen.py", "--command", "true"], "--command is for --job-type run"),
+    ):
+        code, _, err = hpcstage("launch", *args, "--cluster", "jureca", "--name", "other", "--dry-run", capsys=capsys)
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "experiments" / "other").exists()
+    with pytest.raises(api.BadInput, match="--checkpoint-dir is for --job-type consolidate"):
+        api.launch("run", cluster="jureca", command="true", checkpoint_dir="ckpt", dry_run=True)
+    with pytest.raises(api.BadInput, match="did you mean 'chunk_size'"):
+        api.launch("datagen", cluster="jureca", chunk_sise=3, dry_run=True)
+
+    done = api.launch("train", cluster="jureca", train_config=train_config(tmp_path), eval_tasks=["hellaswag"],
+                           eval_gpus=2, name="flat", dry_run=True)
+    from hpcstage.slurm.jobtypes.train import Options
+
+    with pytest.raises(AttributeError):  # frozen: what was checked is what runs
+        Options(eval_gpus=2).eval_gpus = 5  # type: ignore[misc]
+    done_options = json.loads((done.experiment_dir / "config.json").read_text())["request"]
+    assert [j.key for j in done.jobs] == ["train", "eval"] and done.jobs[1].gpus == 2
+    assert done_options["job_type"] == "train" and done_options["eval_gpus"] == 2
+    assert done_options["eval_tasks"] == ["hellaswag"] and done_options["train_config"] == str(train_config(tmp_path))
+    assert "command" not in done_options and "chunk_size" not in done_options  # other job types' options: none

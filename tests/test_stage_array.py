@@ -191,3 +191,77 @@ def test_two_workers_without_slurm_share_the_plan_and_fetch_each_file_once(array
     assert not metadata  # the workers asked no metadata: the lockfile is their plan
     v = hpcstage("verify", "-f", str(manifest), env=env)
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+GATED = "demo-org/array-gated"
+
+
+def _state_environments(job_id: str) -> list[Path]:
+    """slurmctld's saved copy of a job's environment (readable here: the test cluster runs as this user)."""
+    import subprocess
+
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
+    location = next(line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
+                    if line.startswith("StateSaveLocation"))
+    return sorted(Path(location).glob(f"hash.*/job.{job_id}/environment"))
+
+
+def test_workers_pull_a_gated_repo_with_the_token_of_the_secrets_file_and_slurm_never_holds_it(cluster, tmp_path):
+    """The token reaches the workers only by the secrets file they source at run time: not through sbatch's
+    environment (slurmctld stores it), a script, a record or a log. Without a secrets file naming it, the
+    submitting shell's HF_TOKEN is withheld and pull says so."""
+    token = f"hf_CANARY{os.urandom(8).hex()}"
+    root = tmp_path / "repos"
+    repo = root / "models" / GATED
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"model_type": "llama"}\n')
+    for i in range(3):
+        (repo / f"shard-{i}.bin").write_bytes(random.Random(i).randbytes(64 << 10))
+    with HubServer(root) as hub:
+        hub.gate(GATED, granted=(token,))
+        hub.add_fault(FaultRule(path=r"/resolve/", server="hub", delay=1.0))  # the jobs stay queued a while
+        folder = tmp_path / "array"
+        folder.mkdir()
+        manifest = folder / "hpcstage.yaml"
+        manifest.write_text(f"cache_dir: cache\nmodels:\n  - repo: {GATED}\n")
+        secrets = tmp_path / "secrets.env"
+        fd = os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, f"export HF_TOKEN={token}\n".encode())
+        os.close(fd)
+        env = online_nodes(tmp_path, client_env(hub, tmp_path, HF_TOKEN=token))
+        env["HPCSTAGE_SECRETS_FILE"] = str(secrets)
+        r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "2", "--cluster", "local", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "warning" not in r.stderr, r.stderr
+        jobs = json.loads(next((folder / "hpcstage-array").glob("*/jobs.json")).read_text())
+        saved = _state_environments(jobs["report_id"])  # pending until the workers and finish are done
+        assert saved, "slurmctld's copy of the report job's environment was not found"
+        saved_env = saved[0].read_bytes()
+        assert f"HF_ENDPOINT={hub.url}".encode() in saved_env  # the right file: it holds what sbatch exported
+        states = wait([jobs["finish_id"], jobs["report_id"]], timeout=240, poll=0.5)
+        assert states[jobs["finish_id"]].state == "COMPLETED", states
+        gated = [rec for rec in hub.log if GATED in rec.path and "/resolve/" in rec.path]
+        assert gated and all(rec.has_auth and rec.status < 400 for rec in gated), [(g.path, g.status) for g in gated]
+    v = hpcstage("verify", "-f", str(manifest), env=env)
+    assert v.returncode == 0, v.stdout + v.stderr
+    scripts = list(Path(jobs["folder"]).glob("*.sbatch"))
+    assert len(scripts) == 3 and all(f"hpcstage_secrets={secrets}" in p.read_text() for p in scripts)
+    texts = {"pull output": r.stdout + r.stderr, "slurmctld state": saved_env.decode(errors="replace")}
+    texts.update({str(p): p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file()
+                  and "cache" not in p.relative_to(folder).parts})
+    assert [where for where, text in texts.items() if token in text] == []
+
+    # no secrets file: the shell's HF_TOKEN is not handed to Slurm, and pull says where the token belongs
+    del env["HPCSTAGE_SECRETS_FILE"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "hpcstage.yaml").write_text(f"cache_dir: cache\nmodels:\n  - repo: {GATED}\n")
+    with HubServer(root) as hub:
+        hub.gate(GATED, granted=(token,))
+        env = {**env, **client_env(hub, tmp_path, HF_TOKEN=token)}
+        r = hpcstage("pull", "-f", str(other / "hpcstage.yaml"), "--slurm-array", "1", "--cluster", "local", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "HF_TOKEN of this shell is not passed to the array workers" in r.stderr
+        jobs = json.loads(next((other / "hpcstage-array").glob("*/jobs.json")).read_text())
+        cancel([jobs["array_id"], jobs["finish_id"], jobs["report_id"]])
+        assert all(token not in p.read_text() for p in Path(jobs["folder"]).glob("*.sbatch"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -340,7 +339,7 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
     Args:
         job_type: "train", "datagen", "consolidate", "eval" or "run".
         dry_run: write and return everything, stage and submit nothing.
-        **options: the fields of `hpcstage.slurm.launch.LaunchRequest` (the CLI's flags with `_` for `-`),
+        **options: the CLI's flags with `_` for `-` (`hpcstage.slurm.launch.option_names()`),
             e.g. `cluster="local", partition="debug", command="python train.py", time_limit="00:10:00",
             experiments_dir="experiments", manifest="hpcstage.yaml"`.
 
@@ -355,10 +354,10 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
         SlurmError: `sbatch` refused a job (nothing of this launch is left queued).
         HpcstageError: staging or the offline check failed.
     """
-    from hpcstage.slurm.launch import LaunchRequest
     from hpcstage.slurm.launch import launch as run
+    from hpcstage.slurm.launch import make_request, option_names
 
-    valid = {f.name for f in fields(LaunchRequest)} - {"job_type", "dry_run", "quiet"}
+    valid = option_names() - {"dry_run", "quiet"}
     for name in options:
         if name not in valid:
             near = difflib.get_close_matches(name, sorted(valid), n=1)
@@ -378,4 +377,4 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
             options[name] = Path(options[name])
     if isinstance(options.get("after"), str):
         options["after"] = [options["after"]]
-    return run(LaunchRequest(job_type=job_type, dry_run=dry_run, quiet=True, **options))
+    return run(make_request(job_type, dry_run=dry_run, quiet=True, **options))

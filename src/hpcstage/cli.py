@@ -161,8 +161,9 @@ def _command_line_entries(args: argparse.Namespace) -> tuple[list, dict[str, lis
 
 def _pull_array(args: argparse.Namespace, manifest, opts, update=False) -> int:
     from hpcstage.hfcache import default_cache_dir
-    from hpcstage.slurm.launch import check_account, preflight_time, resolve_cluster
-    from hpcstage.slurm.stage_array import follow, submit_array
+    from hpcstage.slurm.launch import check_account, resolve_cluster
+    from hpcstage.slurm.limits import preflight_time
+    from hpcstage.slurm.stage_array import follow, submit_array, worker_environment
     from hpcstage.staging import plan_manifest
 
     cluster = resolve_cluster(args.cluster, args.partition, args.account)  # bad input: refused before any request
@@ -175,13 +176,18 @@ def _pull_array(args: argparse.Namespace, manifest, opts, update=False) -> int:
         )
     time_limit = preflight_time(cluster, cluster.partition, args.time, "--time")
     check_account(cluster)
+    env = worker_environment(cluster)  # a secrets file others can read is refused before anything is planned
+    for warning in env.warnings:
+        print(f"hpcstage: warning: {warning}", file=sys.stderr)
     plan = plan_manifest(manifest, opts, update=update)
     print(
         f"planned {plan.files} files ({human_bytes(plan.bytes)}) into {manifest.lock_path}; "
         f"{plan.downloaded_files} to fetch ({human_bytes(plan.downloaded_bytes)})",
         flush=True,
     )
-    run = submit_array(manifest, args.slurm_array, cluster=cluster, time_limit=time_limit, cache_dir=args.cache_dir)
+    run = submit_array(
+        manifest, args.slurm_array, cluster=cluster, time_limit=time_limit, cache_dir=args.cache_dir, env=env
+    )
     print(
         f"submitted {args.slurm_array} workers as array {run.array_id} on {cluster.name}; finish {run.finish_id} "
         f"(pull leftovers + verify), report {run.report_id} (status); scripts and logs in {run.folder}",
@@ -345,7 +351,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from hpcstage.slurm.launch import experiment_status
+    from hpcstage.slurm.records import experiment_status
 
     if args.experiment and args.manifest:
         raise BadInput("give either -f MANIFEST (staging) or --experiment DIR (jobs), not both")

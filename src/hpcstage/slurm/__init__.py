@@ -4,6 +4,9 @@
   plus site and user overrides).
 - ``submit``: ``sbatch`` and ``scancel``.
 - ``jobs``: job states from ``squeue`` and ``sacct``; waiting for jobs to end.
+- ``launch``: the generic launcher; ``jobtypes``: one module per ``--job-type``; ``artifacts``: what the jobs
+  name and its staging; ``limits``: partition time limits; ``environment``: activation, env and secrets files;
+  ``render``: templates; ``stage_array``: ``pull --slurm-array``; ``commands``: the CLI of launch and clusters.
 
 Every Slurm command runs from an argument list, never through a shell, and with a timeout:
 a controller that does not answer must not hang a launch forever.
@@ -27,6 +30,10 @@ class SlurmError(HpcstageError):
         super().__init__(message, hint=hint)
         self.argv = list(argv)
         self.stderr = stderr
+
+
+class LaunchError(HpcstageError):
+    """Staging, the offline check or a submission failed; nothing is left queued by this launch."""
 
 
 def run_command(

@@ -132,10 +132,10 @@ def add_launch_parser(sub) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from hpcstage.slurm.launch import LaunchRequest, launch
+    from hpcstage.slurm.launch import launch, make_request
 
-    request = LaunchRequest(
-        job_type=args.job_type,
+    request = make_request(
+        args.job_type,
         cluster=args.cluster,
         partition=args.partition,
         account=args.account,

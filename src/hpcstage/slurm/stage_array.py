@@ -8,6 +8,11 @@ failure) leaves its units to the others once its leases expire, and its partial 
 Then `finish` (afterany on the whole array) pulls whatever is still missing (nothing, when the workers
 did their job), which also writes refs and the ledger, and verifies every hash; `report` (afterany on
 finish) prints the status whatever happened. Slurm is the engine; nothing here schedules.
+
+The jobs get the environment a launched `run` job gets (slurm/environment.py): the cluster's activation line
+and env file for `run`, and the user's secrets file sourced at run time, which is where a worker finds HF_TOKEN
+for gated or private repos. sbatch exports an explicit list without credentials: the token is never in an
+sbatch argv or environment (Slurm stores that with the job), a rendered script or a record.
 """
 
 from __future__ import annotations
@@ -17,28 +22,50 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpcstage import safefs
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.manifest import Manifest, load_lock
-from hpcstage.slurm import SlurmError
+from hpcstage.slurm import SlurmError, environment
 from hpcstage.slurm.clusters import Cluster
-from hpcstage.slurm.environment import JobEnvironment
 from hpcstage.slurm.jobs import job_states
 from hpcstage.slurm.render import Shell, render, sbatch_directives
 from hpcstage.slurm.submit import submit
 
-PASSED_ENV = (
-    "HF_ENDPOINT",
-    "HF_HOME",
-    "HF_HUB_CACHE",
-)  # not secrets; HF_TOKEN reaches jobs only through sbatch's environment
+PASSED_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE")  # not secrets: written into the scripts
 
 
 class NeverRunsError(HpcstageError):
     """A job of the array is pending for a reason that never clears (PartitionTimeLimit...)."""
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    """What the array's jobs run with: their activation, env files and secrets file (a path), and sbatch's own
+    environment (credentials withheld, the rest listed in SBATCH_EXPORT)."""
+
+    jobenv: environment.JobEnvironment
+    sbatch_env: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def worker_environment(cluster: Cluster, environ: dict[str, str] | os._Environ = os.environ) -> WorkerEnvironment:
+    """The jobs' environment on ``cluster``; a secrets file others can read is refused (BadInput)."""
+    secrets = environment.secrets_file(cluster, environ)
+    names = environment.secret_names(secrets[0]) if secrets else []
+    jobenv = environment.for_job(cluster, "run", None, [], secrets[0] if secrets else None)
+    withheld = environment.withheld(environ, names)
+    warnings = []
+    tokens = environment.TOKEN_VARIABLES
+    if any(n in withheld for n in tokens) and not set(tokens) & set(names):
+        warnings.append(
+            "HF_TOKEN of this shell is not passed to the array workers (Slurm would store it with the jobs); "
+            "workers that need it (gated or private repos) get it from your secrets file: add HF_TOKEN=... to a "
+            f"private file (chmod 600) named by ${environment.SECRETS_ENV}"
+        )
+    return WorkerEnvironment(jobenv, environment.sbatch_environment(environ, withheld), warnings)
 
 
 @dataclass
@@ -51,7 +78,13 @@ class ArrayRun:
 
 
 def _script(
-    folder: Path, name: str, cluster: Cluster, commands: list[list[str]], time_limit: str, array: str | None = None
+    folder: Path,
+    name: str,
+    cluster: Cluster,
+    jobenv: environment.JobEnvironment,
+    commands: list[list[str]],
+    time_limit: str,
+    array: str | None = None,
 ) -> Path:
     """One job script: `hpcstage` sub-commands run with the job's Python, one after the other."""
     python = cluster.python or sys.executable
@@ -73,7 +106,7 @@ def _script(
             "experiment_dir": str(folder),
             "python": python,
             "chain_file": None,
-            "jobenv": JobEnvironment(),  # staging workers: no activation line, env files or secrets (base.sbatch.j2)
+            "jobenv": jobenv,
             "env": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)},
             "command": Shell(
                 " && ".join(" ".join(['"$HPCSTAGE_PYTHON" -m hpcstage', *map(shlex.quote, c)]) for c in commands)
@@ -86,27 +119,37 @@ def _script(
 
 
 def submit_array(
-    manifest: Manifest, workers: int, *, cluster: Cluster, time_limit: str = "24:00:00", cache_dir: Path | None = None
+    manifest: Manifest,
+    workers: int,
+    *,
+    cluster: Cluster,
+    time_limit: str = "24:00:00",
+    cache_dir: Path | None = None,
+    env: WorkerEnvironment | None = None,
 ) -> ArrayRun:
-    """Submit the workers, `finish` and `report` for a manifest already planned into its lockfile."""
+    """Submit the workers, `finish` and `report` for a manifest already planned into its lockfile, in ``env``
+    (default: ``worker_environment(cluster)``)."""
     if workers < 1:
         raise BadInput("--slurm-array needs at least 1 worker")
+    env = env or worker_environment(cluster)
     folder = manifest.lock_path.parent / "hpcstage-array" / time.strftime("%Y%m%d-%H%M%S")
     safefs.opendir(manifest.lock_path.parent, folder)  # no link another user planted beside the manifest is followed
     assert manifest.path is not None  # planned into its lockfile, so read from a file
     m = str(manifest.path.resolve())
     cache = ["--cache-dir", str(cache_dir)] if cache_dir else []
-    worker = _script(
-        folder, "worker", cluster, [["pull", "-f", m, "--worker", *cache]], time_limit, array=f"0-{workers - 1}"
+    jobenv = env.jobenv
+    pull = [["pull", "-f", m, "--worker", *cache]]
+    worker = _script(folder, "worker", cluster, jobenv, pull, time_limit, array=f"0-{workers - 1}")
+    finish = _script(
+        folder, "finish", cluster, jobenv, [["pull", "-f", m, *cache], ["verify", "-f", m, *cache]], time_limit
     )
-    finish = _script(folder, "finish", cluster, [["pull", "-f", m, *cache], ["verify", "-f", m, *cache]], time_limit)
-    report = _script(folder, "report", cluster, [["status", "-f", m, *cache]], "00:10:00")
+    report = _script(folder, "report", cluster, jobenv, [["status", "-f", m, *cache]], "00:10:00")
     try:
-        array_id = submit(worker)
+        array_id = submit(worker, env=env.sbatch_env)
         # afterany, not afterok: one cancelled worker fails the whole array for Slurm, yet its units were
         # finished by the others; the finish job's pull fetches only what is still missing (usually nothing).
-        finish_id = submit(finish, extra_args=[f"--dependency=afterany:{array_id}"])
-        report_id = submit(report, extra_args=[f"--dependency=afterany:{finish_id}"])
+        finish_id = submit(finish, extra_args=[f"--dependency=afterany:{array_id}"], env=env.sbatch_env)
+        report_id = submit(report, extra_args=[f"--dependency=afterany:{finish_id}"], env=env.sbatch_env)
     except SlurmError as e:
         raise HpcstageError(str(e)) from None
     run = ArrayRun(folder, workers, array_id, finish_id, report_id)
