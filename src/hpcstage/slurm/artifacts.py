@@ -8,15 +8,12 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hpcstage import policy
 from hpcstage.errors import BadInput, HpcstageError
 from hpcstage.slurm import LaunchError
 from hpcstage.slurm.render import Shell
-
-if TYPE_CHECKING:
-    from hpcstage.slurm.launch import LaunchRequest
+from hpcstage.slurm.request import LaunchRequest
 
 
 @dataclass
@@ -140,8 +137,10 @@ def stage(request: LaunchRequest, artifacts: list[Artifact], manifest, offline: 
             names = ", ".join(f"{a.repo_type} {a.source}@{a.revision}" for a in missing)
             raise LaunchError(f"not staged in {cache_dir}: {names}; run `hpcstage pull` first or drop --no-stage")
         return
+    from hpcstage.hub.pull import pull
     from hpcstage.manifest import hub_entry
-    from hpcstage.staging import Options, manifest_options, pull, pull_manifest
+    from hpcstage.options import Options
+    from hpcstage.staging import manifest_options, pull_manifest
 
     opts = Options(cache_dir=cache_dir, quiet=request.quiet)
     if manifest is not None:  # the extra repos below are held to the manifest's allowlist too

@@ -32,7 +32,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from hpcstage.slurm.artifacts import Artifact, artifacts_of, is_local, job_env, 
 from hpcstage.slurm.clusters import Cluster, RegistryError, detect, is_here, load_registry
 from hpcstage.slurm.jobtypes.base import Attempt, Job, Site
 from hpcstage.slurm.limits import partition_limit, preflight_time
-from hpcstage.slurm.records import write_records
+from hpcstage.slurm.records import Launch, write_records
 from hpcstage.slurm.render import render, sbatch_directives
+from hpcstage.slurm.request import LaunchRequest, Preflight
 from hpcstage.slurm.submit import cancel, release, submit
 from hpcstage.slurm.toolcheck import missing_tools
 
@@ -68,38 +69,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")  # sbatch takes the account from these too
 
 
-@dataclass(frozen=True)
-class LaunchRequest:
-    """What every launch takes, and the job type's own options (``jobtypes.<type>.Options``); ``make_request``
-    builds one from the CLI's flat option names."""
-
-    job_type: str
-    options: Any = None  # the job type's Options; None: its defaults
-    cluster: str | None = None  # default: the detected cluster
-    partition: str | None = None
-    account: str | None = None
-    experiments_dir: Path = Path("experiments")
-    name: str | None = None  # default: <job type>-<date>-<time>
-    after: list[str] = field(default_factory=list)  # job ids this launch waits for (afterok)
-    max_restarts: int = 0
-    dry_run: bool = False
-    offline: bool | None = None  # None: the registry's `internet` decides
-    manifest: Path | None = None
-    model: str | None = None  # Hub repo id or local path
-    dataset: str | None = None
-    stage: bool = True
-    templates: Path | None = None
-    cache_dir: Path | None = None
-    python: str | None = None  # interpreter for Python tools in jobs; default: registry, else this one
-    num_nodes: int = 1
-    time_limit: str | None = None  # default: the cluster's max_time
-    gpus_per_node: int | None = None  # default: all for train/eval/datagen, none for run/consolidate
-    cpus_per_task: int | None = None  # default: the node's CPUs per GPU asked for
-    quiet: bool = False
-    activate: str | None = None  # replaces the registry's activation line of every job
-    env_files: list[str] = field(default_factory=list)  # KEY=value files exported into the jobs
-
-
 def option_names() -> set[str]:
     """Every name ``make_request`` takes besides ``job_type``: the generic ones and every job type's."""
     return ({f.name for f in fields(LaunchRequest)} - {"job_type", "options"}) | jobtypes.option_names()
@@ -114,48 +83,6 @@ def make_request(job_type: str, **values: Any) -> LaunchRequest:
         raise BadInput(f"launch: unknown option {unknown[0]!r}")
     options = jobtypes.options(job_type, {k: v for k, v in values.items() if k not in generic})
     return LaunchRequest(job_type, options, **{k: v for k, v in values.items() if k in generic})
-
-
-@dataclass(frozen=True)
-class Preflight:
-    """What a job type's ``preflight`` hook checks its options against, before anything is written."""
-
-    cluster: Cluster
-    offline: bool
-    offline_given: bool  # --offline was given (rather than the registry saying so)
-    secrets: Path | None  # the secrets file, checked private
-    secret_names: list[str]  # the names it assigns
-
-
-@dataclass
-class Launch:
-    """What a launch did (or, dry, would do)."""
-
-    experiment_dir: Path
-    cluster: Cluster
-    offline: bool
-    dry_run: bool
-    artifacts: list[Artifact]
-    jobs: list[Job]
-    env: dict[str, str]
-    warnings: list[str] = field(default_factory=list)  # things that will not stop the job but may hurt it
-    withheld: list[str] = field(default_factory=list)  # names of this shell's variables sbatch does not export
-
-    def records(self) -> list[dict[str, Any]]:
-        """jobs.json's job list: one record per submitted attempt."""
-        return [
-            {
-                "key": job.key,
-                "attempt": n,
-                "job_id": attempt.job_id,
-                "script": job.script.name if job.script else None,
-                "array": job.array,
-                "dependency": attempt.dependency,
-                "sbatch": attempt.argv(job.script),
-            }
-            for job in self.jobs
-            for n, attempt in enumerate(job.attempts)
-        ]
 
 
 # --- the cluster ----------------------------------------------------------------------------

@@ -7,16 +7,48 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hpcstage import __version__, safefs
 from hpcstage.errors import BadInput
 from hpcstage.slurm import LaunchError, SlurmError
+from hpcstage.slurm.artifacts import Artifact
+from hpcstage.slurm.clusters import Cluster
+from hpcstage.slurm.jobtypes.base import Job
+from hpcstage.slurm.request import LaunchRequest
 
-if TYPE_CHECKING:
-    from hpcstage.slurm.launch import Launch, LaunchRequest
+
+@dataclass
+class Launch:
+    """What a launch did (or, dry, would do)."""
+
+    experiment_dir: Path
+    cluster: Cluster
+    offline: bool
+    dry_run: bool
+    artifacts: list[Artifact]
+    jobs: list[Job]
+    env: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # things that will not stop the job but may hurt it
+    withheld: list[str] = field(default_factory=list)  # names of this shell's variables sbatch does not export
+
+    def records(self) -> list[dict[str, Any]]:
+        """jobs.json's job list: one record per submitted attempt."""
+        return [
+            {
+                "key": job.key,
+                "attempt": n,
+                "job_id": attempt.job_id,
+                "script": job.script.name if job.script else None,
+                "array": job.array,
+                "dependency": attempt.dependency,
+                "sbatch": attempt.argv(job.script),
+            }
+            for job in self.jobs
+            for n, attempt in enumerate(job.attempts)
+        ]
 
 
 def write_records(result: Launch, request: LaunchRequest) -> None:

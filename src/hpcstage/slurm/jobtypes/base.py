@@ -15,7 +15,7 @@ from hpcstage.slurm.limits import preflight_time
 from hpcstage.slurm.render import Shell
 
 if TYPE_CHECKING:
-    from hpcstage.slurm.launch import LaunchRequest
+    from hpcstage.slurm.request import LaunchRequest
 
 PYTHON = Shell('"$HPCSTAGE_PYTHON"')
 

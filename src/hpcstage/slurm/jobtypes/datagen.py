@@ -14,7 +14,7 @@ from hpcstage.slurm import environment
 from hpcstage.slurm.jobtypes.base import PYTHON, Job, Site, at_least, existing_file, split_words
 
 if TYPE_CHECKING:
-    from hpcstage.slurm.launch import Preflight
+    from hpcstage.slurm.request import Preflight
 
 
 @dataclass(frozen=True)
