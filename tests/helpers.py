@@ -110,3 +110,10 @@ def job_stack(name: str) -> dict:
     module = _job_stacks()
     record = module.build(name, log=lambda text: print(text, flush=True))
     return {**record, "python": str(module.python_of(name))}
+
+
+def two_of_the_nodes_gpus(visible: str) -> bool:
+    """CUDA_VISIBLE_DEVICES as Slurm sets it for --gres=gpu:2 on the test node (4 GPUs): two distinct indices.
+    Which two depends on the other jobs holding GPUs at the time, so tests must not name them."""
+    ids = visible.split(",")
+    return len(ids) == 2 and len(set(ids)) == 2 and all(i in {"0", "1", "2", "3"} for i in ids)
