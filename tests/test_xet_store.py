@@ -503,25 +503,31 @@ def test_a_store_another_process_is_marking_right_now_is_shared_and_its_temps_le
     assert (blobs / MARKER).read_bytes() == b"1\n" and all(p.is_symlink() or p.is_file() for p in theirs)
 
 
-def _race_to_mark(args) -> list[str | None]:
-    from hpcstage.xetstore import XetStore
+RACE_TO_MARK = """
+import sys, time
+from pathlib import Path
+from hpcstage.xetstore import XetStore
 
-    barrier, caches = args
-    answers = []
-    for cache in caches:
-        barrier.wait()
-        answers.append(XetStore(cache).usable())
-    return answers
+me, n, gates, caches = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
+for i, cache in enumerate(caches):  # all n processes at the same cache at once: a barrier made of files
+    (gates / f"{i}-{me}").touch()
+    deadline = time.monotonic() + 120
+    while len(list(gates.glob(f"{i}-*"))) < n:
+        assert time.monotonic() < deadline, f"the others never reached cache {i}"
+        time.sleep(0.001)
+    print(XetStore(cache).usable())
+"""
 
 
 def test_workers_marking_a_fresh_store_at_once_all_get_to_use_it(tmp_path):
     """An array's workers starting on a fresh cache: none may judge the store foreign because of another's
     temp files (each would then keep a per-repo copy of the content)."""
-    import multiprocessing
-
-    caches = [tmp_path / f"cache{i}" for i in range(30)]
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Manager().Barrier(4)
-    with ctx.Pool(4) as pool:
-        answers = pool.map(_race_to_mark, [(barrier, caches)] * 4)
-    assert answers == [[None] * len(caches)] * 4
+    caches = [str(tmp_path / f"cache{i}") for i in range(30)]
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_TO_MARK, str(k), "4", str(gates), *caches],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert out.splitlines() == ["None"] * len(caches), out
