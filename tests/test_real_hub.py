@@ -91,6 +91,16 @@ def test_a_gated_repo_without_a_token_stops_at_once_and_says_where_to_ask(many_h
     assert "files not fetched" in line
 
 
+def test_a_refused_large_file_is_asked_for_once_however_many_streams_wait(many_hub, tmp_path):
+    """Its range streams wait for the first request through the Hub; when that one is refused, none of them
+    asks again (each would be one more refusal, and one more resolver request of the Hub's rate limit)."""
+    many_hub.gate("demo-org/many-files", granted=("hf_granted",))
+    r = pull(many_hub, tmp_path / "cache", "demo-org/many-files", "--include", "model.safetensors")
+    assert r.returncode == 1 and "is gated" in r.stderr, r.stderr
+    assert [(rec.path.rsplit("/", 1)[-1], rec.status) for rec in resolves(many_hub, "demo-org/many-files")] == [
+        ("model.safetensors", 401)]
+
+
 def test_a_token_without_access_to_a_gated_repo_is_told_to_request_it(many_hub, tmp_path):
     many_hub.gate("demo-org/many-files", granted=("hf_granted",))
     many_hub.tokens.add("hf_someone_else")

@@ -501,6 +501,11 @@ class RangedDownload:
                 )
                 if resp.status in (200, 206):
                     self.source = resp.url or target
+                elif target == url:  # the Hub's own final answer (refused, gone): told before the next may ask
+                    error = http.status_error(resp, url, f"download {label}")
+                    with self.cond:
+                        self._fail(error)
+                    raise error
             dropped: BaseException | None = None
             try:
                 if resp.status in _EXPIRED and target != url:
