@@ -89,7 +89,6 @@ def stage(
     """
     from hpcstage.hub.pull import pull
     from hpcstage.manifest import hub_entry
-    from hpcstage.options import Options
 
     if workers < 1:
         raise BadInput(f"workers={workers}: at least 1 file at a time")
@@ -100,13 +99,7 @@ def stage(
         include=_patterns(include, "include"),
         exclude=_patterns(exclude, "exclude"),
     )
-    opts = Options(
-        cache_dir=Path(cache_dir) if cache_dir is not None else None,
-        workers=workers,
-        token=token,
-        quiet=True,
-        progress=progress,
-    )
+    opts = _silent_options(cache_dir, workers, token, progress)
     summary, _ = pull([entry], opts)
     return Path(os.path.abspath(summary.repos[0].snapshot))
 
@@ -143,7 +136,7 @@ def stage_manifest(
         PolicyError (a `BadInput`): a repo the allowlist refuses, before any request.
         RepoRefused subclasses, TransferError: as for `stage`; the error's `summary` says what did get staged.
     """
-    from hpcstage.options import Options, entry_names
+    from hpcstage.options import entry_names
     from hpcstage.staging import pull_manifest
 
     if workers < 1:
@@ -161,13 +154,7 @@ def stage_manifest(
         if unknown:
             raise BadInput(f"update={unknown[0]!r}: no such entry in {path}; name one of {', '.join(sorted(known))}")
         update = names
-    opts = Options(
-        cache_dir=Path(cache_dir) if cache_dir is not None else None,
-        workers=workers,
-        token=token,
-        quiet=True,
-        progress=progress,
-    )
+    opts = _silent_options(cache_dir, workers, token, progress)
     return pull_manifest(manifest, opts, update=update)
 
 
@@ -378,3 +365,16 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
     if isinstance(options.get("after"), str):
         options["after"] = [options["after"]]
     return run(make_request(job_type, dry_run=dry_run, quiet=True, **options))
+
+
+def _silent_options(cache_dir, workers: int, token: str | None, progress):
+    """The pull options of a library call: no bars or lines of its own (progress goes to the callback)."""
+    from hpcstage.options import Options
+
+    return Options(
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        workers=workers,
+        token=token,
+        quiet=True,
+        progress=progress,
+    )

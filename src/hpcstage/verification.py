@@ -530,24 +530,15 @@ def _check_refs(plan: _Plan) -> None:
                 continue
             current = cache.read_ref(name)
             if current is None:
-                plan.problem(
-                    BAD_REF,
-                    cache,
-                    locked,
-                    f"refs/{name}",
-                    refs / name,
-                    f"missing, so offline loads of {name!r} fail; run `{plan.hints.repair(cache)}`",
-                )
+                why = f"missing, so offline loads of {name!r} fail; run `{plan.hints.repair(cache)}`"
             elif current.strip() != locked and policy.is_commit(current.strip()):
-                plan.problem(
-                    BAD_REF,
-                    cache,
-                    locked,
-                    f"refs/{name}",
-                    refs / name,
+                why = (
                     f"points at {current.strip()[:12]}, the lockfile at {locked[:12]}: offline loads of {name!r} "
-                    f"get other files; pass the commit as revision or run `{plan.hints.pull(cache, name)}`",
+                    f"get other files; pass the commit as revision or run `{plan.hints.pull(cache, name)}`"
                 )
+            else:
+                continue
+            plan.problem(BAD_REF, cache, locked, f"refs/{name}", refs / name, why)
 
 
 def _walk_snapshot(folder: Path | str) -> dict[str, bool]:
