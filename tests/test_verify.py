@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,48 @@ def test_batched_hashing_gives_each_file_its_own_digest(tmp_path):
         assert got[(str(p), "git")] == hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest(), p
         assert got[(str(p), "sha256")] == hashlib.sha256(raw).hexdigest(), p
     assert isinstance(got[(gone, "git")], FileNotFoundError) and len(got) == len(items)
+
+
+def test_small_files_are_read_to_their_real_end_whatever_size_was_listed(tmp_path):
+    """A small file is read with one call sized by its listing; a file that grew or shrank since is still
+    hashed whole (its digest then fails the comparison, never a digest of a prefix)."""
+    p = tmp_path / "f"
+    for real, listed in ((5000, 10), (10, 5000), (0, 0), (70_000, 1)):
+        raw = os.urandom(real)
+        p.write_bytes(raw)
+        assert verify_mod._digest_small(str(p), "sha256", listed) == hashlib.sha256(raw).hexdigest()
+        assert verify_mod._digest_small(str(p), "git", listed) == hashlib.sha1(b"blob %d\0" % real + raw).hexdigest()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001])
+def test_small_files_go_to_the_pool_only_where_each_open_is_a_round_trip(tmp_path, monkeypatch, delay):
+    """On a fast filesystem small files are hashed by the caller's thread (threads only fight over the GIL);
+    where each open takes a shared filesystem's round trip (1 ms here), the batches after the first are
+    hashed by the pool's threads, whose opens overlap. Digests are right either way."""
+    import threading
+
+    files = []
+    for i in range(4 * verify_mod.BATCH_FILES):
+        p = tmp_path / f"small-{i}"
+        p.write_bytes(os.urandom(100 + i))
+        files.append(p)
+    opened_by: list[str] = []
+    real_open = os.open
+
+    def open_with_latency(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            opened_by.append(threading.current_thread().name)
+            time.sleep(delay)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_with_latency)
+    got = verify_mod.hash_files([(str(p), "sha256") for p in files], workers=4)
+    assert all(got[(str(p), "sha256")] == hashlib.sha256(p.read_bytes()).hexdigest() for p in files)
+    pooled = sum(name.startswith("hpcstage-hash") for name in opened_by)
+    if delay:
+        assert pooled == len(files) - verify_mod.BATCH_FILES, "the batches after the first slow one are pooled"
+    else:
+        assert pooled == 0, "a fast filesystem's small files are hashed by the caller"
 
 
 def test_repair_fetches_with_the_callers_token_and_retry_policy(hub, tmp_path, monkeypatch):
