@@ -117,3 +117,19 @@ def two_of_the_nodes_gpus(visible: str) -> bool:
     Which two depends on the other jobs holding GPUs at the time, so tests must not name them."""
     ids = visible.split(",")
     return len(ids) == 2 and len(set(ids)) == 2 and all(i in {"0", "1", "2", "3"} for i in ids)
+
+
+def slurm_saved_environments(job_id: str) -> list[Path]:
+    """slurmctld's saved copy of a job's environment (readable here: the test cluster runs as this user)."""
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
+    location = next(line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
+                    if line.startswith("StateSaveLocation"))
+    return sorted(Path(location).glob(f"hash.*/job.{job_id}/environment"))
+
+
+def online_nodes(tmp_path: Path, env: dict) -> dict:
+    """The local cluster with internet = true (a site file): its nodes reach the emulator on 127.0.0.1, and
+    --slurm-array is refused on clusters whose compute nodes have no internet."""
+    site = tmp_path / "site-clusters.toml"
+    site.write_text("[local]\ninternet = true\n")
+    return {**env, "HPCSTAGE_CLUSTERS": str(site), "XDG_CONFIG_HOME": str(tmp_path / "config")}

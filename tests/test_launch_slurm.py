@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import client_env, two_of_the_nodes_gpus
+from helpers import client_env, slurm_saved_environments, two_of_the_nodes_gpus
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
 
@@ -424,14 +424,6 @@ def test_activate_enters_a_separate_venv_and_a_failing_activation_stops_the_job_
                    "hpcstage: the activate line failed (exit 3); fix it (--activate) and launch again\n")
 
 
-def _state_files(job_id: str) -> list[Path]:
-    """slurmctld's saved copy of a job's environment (readable here: the test cluster runs as this user)."""
-    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
-    location = next(line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
-                    if line.startswith("StateSaveLocation"))
-    return sorted(Path(location).glob(f"hash.*/job.{job_id}/environment"))
-
-
 SECRET_HASHES = """\
 import hashlib, json, os, sys
 names = ("WANDB_API_KEY", "HF_TOKEN", "MY_SERVICE_TOKEN", "JOBENV_MARKER")
@@ -463,7 +455,7 @@ def test_a_canary_in_the_secrets_file_reaches_the_job_and_no_script_record_log_o
             time.sleep(POLL)
         shown = subprocess.run(["scontrol", "show", "job", "-dd", job], capture_output=True, text=True, check=True)
         script = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True)
-        saved = _state_files(job)
+        saved = slurm_saved_environments(job)
         assert saved, "slurmctld's copy of the job's environment was not found"
         saved_env = saved[0].read_bytes()
     finally:

@@ -4,6 +4,7 @@ is a real one (tests/proxy.py); the client is the real CLI."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -81,6 +82,7 @@ def test_pull_through_a_connect_proxy_with_a_site_ca_is_byte_exact_and_loads_off
     env = client_env(tls_hub, tmp_path / "x", HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out = run_python(f"""
 import json
+import os
 from huggingface_hub import snapshot_download
 from datasets import load_dataset
 model = snapshot_download({MODEL!r}, local_files_only=True)
@@ -240,3 +242,78 @@ def test_update_asks_an_unchanged_url_source_conditionally_through_the_proxy(tls
     assert all(rec.method == "HEAD" and rec.bytes_sent == 0 for rec in seen), seen  # conditional, no body
     assert 304 in {rec.status for rec in seen}
     assert (tmp_path / "hpcstage.lock").read_bytes() == lock
+
+
+def test_withheld_names_cover_urls_with_a_password_and_the_secrets_file_fills_them():
+    """What sbatch must not export (slurmctld keeps it with the job): a proxy URL with a password, whatever
+    its name; a proxy without one is exported as before. Set by the secrets file, nothing is missing."""
+    from hpcstage.slurm import environment
+
+    environ = {"HTTPS_PROXY": f"http://{USER}:{QUOTED}@proxy.site:3128", "http_proxy": "http://proxy.site:3128",
+               "PIP_INDEX_URL": "https://bob:pw@pypi.site/simple", "HF_TOKEN": "hf_x", "PATH": "/usr/bin"}
+    withheld = environment.withheld(environ, [])
+    assert withheld == ["HF_TOKEN", "HTTPS_PROXY", "PIP_INDEX_URL"]
+    assert environment.not_passed(environ, withheld, []) == ["HF_TOKEN", "HTTPS_PROXY", "PIP_INDEX_URL"]
+    assert environment.not_passed(environ, withheld, ["HF_TOKEN", "HTTPS_PROXY"]) == ["PIP_INDEX_URL"]
+    both = {**environ, "https_proxy": environ["HTTPS_PROXY"]}  # sites often set both cases
+    assert environment.not_passed(both, environment.withheld(both, ["https_proxy"]), ["https_proxy"]) == [
+        "HF_TOKEN", "PIP_INDEX_URL"]
+    sbatch = environment.sbatch_environment(environ, withheld)
+    assert QUOTED not in repr(sbatch) and "pw@" not in repr(sbatch)
+    assert sbatch["SBATCH_EXPORT"] == "PATH,http_proxy"
+
+
+def _array_manifest(folder: Path) -> Path:
+    folder.mkdir()
+    manifest = folder / "hpcstage.yaml"
+    manifest.write_text(f"cache_dir: cache\nmodels:\n  - repo: {MODEL}\n")
+    return manifest
+
+
+def test_array_workers_reach_the_hub_through_a_proxy_whose_password_slurm_never_holds(cluster, tls_hub, site_ca,
+                                                                                      tmp_path):
+    """`pull --slurm-array` behind a proxy with a password: without a secrets file setting the proxy it stops
+    before planning or submitting, in one line naming the variable and the fix; with one, the workers tunnel
+    through the authenticating proxy and neither slurmctld's saved environment nor a script or record holds
+    the password."""
+    from helpers import online_nodes, slurm_saved_environments
+    from hpcstage.slurm.jobs import wait
+
+    with ForwardProxy({HOST: "127.0.0.1"}, USER, PASSWORD) as proxy:
+        env = online_nodes(tmp_path, proxied_env(tls_hub, tmp_path / "unused", proxy.url(USER, QUOTED), site_ca))
+        bare = _array_manifest(tmp_path / "bare")
+        r = hpcstage("pull", "-f", str(bare), "--slurm-array", "2", "--cluster", "local", env=env)
+        assert r.returncode == 2, r.stdout + r.stderr  # bad input
+        assert r.stderr.count("\n") == 1 and "HTTPS_PROXY carries a password" in r.stderr, r.stderr
+        assert "add HTTPS_PROXY=... to your secrets file" in r.stderr and QUOTED not in r.stderr
+        assert sorted(p.name for p in bare.parent.iterdir()) == ["hpcstage.yaml"]  # nothing planned or written
+        assert proxy.log == []
+
+        secrets = tmp_path / "secrets.env"
+        fd = os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, f"HTTPS_PROXY={proxy.url(USER, QUOTED)}\n".encode())
+        os.close(fd)
+        env["HPCSTAGE_SECRETS_FILE"] = str(secrets)
+        manifest = _array_manifest(tmp_path / "array")
+        r = hpcstage("pull", "-f", str(manifest), "--slurm-array", "2", "--cluster", "local", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "warning" not in r.stderr, r.stderr
+        jobs = json.loads(next((manifest.parent / "hpcstage-array").glob("*/jobs.json")).read_text())
+        saved = slurm_saved_environments(jobs["report_id"])  # pending until the workers and finish are done
+        assert saved, "slurmctld's copy of the report job's environment was not found"
+        saved_env = saved[0].read_text(errors="replace")
+        states = wait([jobs["array_id"], jobs["finish_id"], jobs["report_id"]], timeout=240, poll=0.5)
+        tunnels = [rec for rec in proxy.log if rec.method == "CONNECT"]
+    assert states[jobs["finish_id"]].state == "COMPLETED", states
+    assert f"HF_ENDPOINT=https://{HOST}:" in saved_env and "REQUESTS_CA_BUNDLE=" in saved_env  # the right file
+    assert "HTTPS_PROXY" not in saved_env and QUOTED not in saved_env
+    assert tunnels and all(rec.status == 200 and rec.authorized for rec in tunnels)
+    cdn_port = tls_hub.cdn_url.rsplit(":", 1)[1]
+    assert f"{HOST}:{cdn_port}" in {rec.target for rec in tunnels}  # content: fetched by the jobs, not the planner
+    cache = manifest.parent / "cache"
+    snapshot = next((cache / f"models--{MODEL.replace('/', '--')}" / "snapshots").iterdir())
+    for path, info in tls_hub.files_of("model", MODEL).items():
+        assert sha256(snapshot / path) == sha256(info.local), path
+    texts = {str(p): p.read_text(errors="replace") for p in manifest.parent.rglob("*") if p.is_file()
+             and "cache" not in p.relative_to(manifest.parent).parts}
+    assert [where for where, text in texts.items() if QUOTED in text or PASSWORD in text] == []

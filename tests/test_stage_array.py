@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import client_env, hpcstage, wait_for
+from helpers import client_env, hpcstage, online_nodes, slurm_saved_environments, wait_for
 from hpcstage.testing.hub import FaultRule, HubServer
 from hpcstage.slurm.jobs import job_states, wait
 from hpcstage.slurm.submit import cancel
@@ -53,14 +53,6 @@ def content_gets(server) -> list[tuple[str, str | None]]:
     """Content requests that delivered bytes (a 302 to the CDN is not content), with their byte range."""
     return [(rec.path, rec.range) for rec in server.log if rec.method == "GET" and rec.status in (200, 206)
             and (rec.server == "cdn" or "/resolve" in rec.path)]  # also /api/resolve-cache/ (regular files)
-
-
-def online_nodes(tmp_path: Path, env: dict) -> dict:
-    """The local cluster with internet = true (a site file): its nodes reach the emulator on 127.0.0.1, and
-    --slurm-array is refused on clusters whose compute nodes have no internet."""
-    site = tmp_path / "site-clusters.toml"
-    site.write_text("[local]\ninternet = true\n")
-    return {**env, "HPCSTAGE_CLUSTERS": str(site), "XDG_CONFIG_HOME": str(tmp_path / "config")}
 
 
 def test_four_workers_stage_each_file_once_and_verify_clean(cluster, array_hub, tmp_path):
@@ -196,16 +188,6 @@ def test_two_workers_without_slurm_share_the_plan_and_fetch_each_file_once(array
 GATED = "demo-org/array-gated"
 
 
-def _state_environments(job_id: str) -> list[Path]:
-    """slurmctld's saved copy of a job's environment (readable here: the test cluster runs as this user)."""
-    import subprocess
-
-    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
-    location = next(line.split("=", 1)[1].strip() for line in proc.stdout.splitlines()
-                    if line.startswith("StateSaveLocation"))
-    return sorted(Path(location).glob(f"hash.*/job.{job_id}/environment"))
-
-
 def test_workers_pull_a_gated_repo_with_the_token_of_the_secrets_file_and_slurm_never_holds_it(cluster, tmp_path):
     """The token reaches the workers only by the secrets file they source at run time: not through sbatch's
     environment (slurmctld stores it), a script, a record or a log. Without a secrets file naming it, the
@@ -234,7 +216,7 @@ def test_workers_pull_a_gated_repo_with_the_token_of_the_secrets_file_and_slurm_
         assert r.returncode == 0, r.stdout + r.stderr
         assert "warning" not in r.stderr, r.stderr
         jobs = json.loads(next((folder / "hpcstage-array").glob("*/jobs.json")).read_text())
-        saved = _state_environments(jobs["report_id"])  # pending until the workers and finish are done
+        saved = slurm_saved_environments(jobs["report_id"])  # pending until the workers and finish are done
         assert saved, "slurmctld's copy of the report job's environment was not found"
         saved_env = saved[0].read_bytes()
         assert f"HF_ENDPOINT={hub.url}".encode() in saved_env  # the right file: it holds what sbatch exported

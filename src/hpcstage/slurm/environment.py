@@ -32,6 +32,9 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Names that hold credentials by convention (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN...):
 # never exported by sbatch, never accepted in a non-secret env file. HF_TOKEN_PATH and the like are paths.
 CREDENTIAL = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)$|API_KEY|SECRET", re.IGNORECASE)
+# The proxy variables of requests, curl and huggingface_hub, in either case.
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+_URL_PASSWORD = re.compile(r"://[^/?#@\s]*:[^/?#\s]*@")  # scheme://user:password@host
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _LINE = re.compile(rf"\s*(?:export\s+)?({_NAME})=(.*)")
 _ASSIGNED = re.compile(rf"^\s*(?:export\s+)?({_NAME})=", re.MULTILINE)
@@ -152,9 +155,48 @@ def for_job(
     return out
 
 
+def carries_password(value: str) -> bool:
+    """Whether a value holds a URL with a password in it (`http://user:secret@proxy:3128`)."""
+    return bool(_URL_PASSWORD.search(value))
+
+
 def withheld(environ: dict[str, str] | os._Environ, secret_names: list[str]) -> list[str]:
-    """Names of the submitting environment sbatch must not export: credentials and the secrets file's names."""
-    return sorted(n for n in environ if n in TOKEN_VARIABLES or n in secret_names or is_credential(n))
+    """Names of the submitting environment sbatch must not export: credentials, URLs with a password in them
+    (a site proxy's) and the secrets file's names. slurmctld keeps what sbatch exports with the job."""
+    return sorted(
+        n
+        for n, v in environ.items()
+        if n in TOKEN_VARIABLES or n in secret_names or is_credential(n) or carries_password(v)
+    )
+
+
+def is_proxy(name: str) -> bool:
+    """Whether `name` is a proxy variable the HTTP clients read (`https_proxy` and `HTTPS_PROXY` alike)."""
+    return name.upper() in PROXY_VARIABLES
+
+
+def not_passed(environ: dict[str, str] | os._Environ, withheld_names: list[str], secret_names: list[str]) -> list[str]:
+    """What the jobs will lack: HF_TOKEN (one line for its two names) and each URL with a password, withheld
+    from sbatch and not set by the secrets file either (a proxy in either case: the clients read both)."""
+    given = set(secret_names) | {n.upper() for n in secret_names if is_proxy(n)}
+    out = [
+        n
+        for n in withheld_names
+        if carries_password(environ[n]) and n not in given and not (is_proxy(n) and n.upper() in given)
+    ]
+    if any(n in withheld_names for n in TOKEN_VARIABLES) and not set(TOKEN_VARIABLES) & set(secret_names):
+        out.insert(0, "HF_TOKEN")
+    return out
+
+
+def not_passed_warning(name: str, to: str) -> str:
+    """The line that says `name` stays behind and where the jobs (`to`) get it from."""
+    what = "" if name == "HF_TOKEN" else " carries a password and"
+    return (
+        f"{name} of this shell{what} is not passed to {to} (Slurm would store it with the jobs); if they need "
+        f"it, they get it from your secrets file: add {name}=... to a private file (chmod 600) named by "
+        f"${SECRETS_ENV}"
+    )
 
 
 def sbatch_environment(environ: dict[str, str] | os._Environ, withheld_names: list[str]) -> dict[str, str]:

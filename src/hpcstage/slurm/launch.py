@@ -64,7 +64,6 @@ __all__ = [
     "resolve_cluster",
 ]
 
-TOKEN_VARIABLES = environment.TOKEN_VARIABLES
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")  # sbatch takes the account from these too
 
@@ -206,12 +205,9 @@ def _launch_into(
     if jobs[0].shim:  # prebuild and check run in the job's interpreter as its activation sets it up
         check_python = str(jobs[0].shim)
     withheld = environment.withheld(os.environ, secret_names)
-    if not offline and any(n in withheld for n in TOKEN_VARIABLES) and not set(TOKEN_VARIABLES) & set(secret_names):
-        warnings.append(
-            "HF_TOKEN of this shell is not passed to the job (Slurm would store it with the job); "
-            "a job that needs it gets it from your secrets file: add HF_TOKEN=... to a private file "
-            f"named by ${environment.SECRETS_ENV}"
-        )
+    if not offline:
+        missing = environment.not_passed(os.environ, withheld, secret_names)
+        warnings += [environment.not_passed_warning(n, "the job") for n in missing]
     problems = missing_tools(jobs, python or sys.executable)
     if problems:
         text = (

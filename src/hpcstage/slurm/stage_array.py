@@ -57,14 +57,15 @@ def worker_environment(cluster: Cluster, environ: dict[str, str] | os._Environ =
     names = environment.secret_names(secrets[0]) if secrets else []
     jobenv = environment.for_job(cluster, "run", None, [], secrets[0] if secrets else None)
     withheld = environment.withheld(environ, names)
-    warnings = []
-    tokens = environment.TOKEN_VARIABLES
-    if any(n in withheld for n in tokens) and not set(tokens) & set(names):
-        warnings.append(
-            "HF_TOKEN of this shell is not passed to the array workers (Slurm would store it with the jobs); "
-            "workers that need it (gated or private repos) get it from your secrets file: add HF_TOKEN=... to a "
-            f"private file (chmod 600) named by ${environment.SECRETS_ENV}"
+    missing = environment.not_passed(environ, withheld, names)
+    proxies = [n for n in missing if environment.is_proxy(n)]
+    if proxies:  # the workers' whole job is to download: without the site proxy each one would fail in the queue
+        raise BadInput(
+            f"{proxies[0]} carries a password, which Slurm would store with the jobs, and the array workers need "
+            f"it to reach the Hub: add {proxies[0]}=... to your secrets file (a private file, chmod 600, named by "
+            f"${environment.SECRETS_ENV} or secrets_file in clusters.toml) and run again"
         )
+    warnings = [environment.not_passed_warning(n, "the array workers") for n in missing]
     return WorkerEnvironment(jobenv, environment.sbatch_environment(environ, withheld), warnings)
 
 
