@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-group", metavar="GROUP", help="give repaired repos this group's bits")
     p.add_argument("--timeout", type=float, default=30.0, help="--repair: as for pull (default 30)")
     p.add_argument("--retry-budget", type=float, default=900.0, help="--repair: as for pull (default 900)")
-    _common(p, workers="files hashed at once")
+    _common(p, workers="large files hashed at once (small ones: one thread unless the filesystem is slow)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("prebuild", help="build the datasets Arrow caches jobs will load offline, one writer each")
