@@ -400,6 +400,31 @@ def test_a_live_pid_counts_as_its_holder_only_with_its_start_time(tmp_path):
         assert not Lease(lock, ttl=30).try_acquire()
 
 
+def test_a_live_holder_stays_alive_when_the_wall_clock_is_stepped(tmp_path, monkeypatch):
+    """A process's start in wall time (psutil's create_time: boot time + ticks) moves whenever the clock is
+    stepped (a VM's time sync), for every process at once: a live holder must not then look like another
+    process on its pid (seen in CI: six lease tests of one pytest process failed at once). The start in
+    ticks since boot decides; a different tick count on the pid is a reused pid."""
+    import psutil
+
+    lock = tmp_path / "x.lock"
+    lease = Lease(lock, ttl=30, heartbeat=0.05)
+    assert lease.try_acquire()
+    stepped = psutil.Process.create_time
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: stepped(self) + 30.0)  # clock stepped 30 s
+    assert read_lease(lock).expired is False
+    assert not break_expired(lock) and lock.exists()
+    assert not Lease(lock, ttl=30).try_acquire()
+    lease.release()
+    ours = {"host": socket.gethostname(), "boot": locks._BOOT, "pidns": locks._PIDNS, "pid": os.getpid(),
+            "start": psutil.Process().create_time(), "token": "theirs", "created": time.time(), "ttl": 30}
+    ticks = locks._start_ticks(os.getpid())
+    assert isinstance(ticks, int) and ticks > 0
+    for other, dead in [(ticks, False), (ticks + 1, True), (ticks - 100, True), ("12", False), (True, False)]:
+        lock.write_text(json.dumps({**ours, "ticks": other}))  # a string or bool says nothing: wall time decides
+        assert read_lease(lock).expired is dead, other
+
+
 def test_a_holder_that_cannot_be_inspected_counts_as_alive(tmp_path, monkeypatch):
     """psutil refusing to look at the pid (another user's process under hidepid, say) proves nothing."""
     import psutil

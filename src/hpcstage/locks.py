@@ -11,7 +11,9 @@ time, ttl. While held, a heartbeat thread bumps the file's mtime every ttl/3 (af
 still carries our token; if not, the lease is `lost`). A lease is stale when
 
 * its owner is provably dead: same hostname, boot id and pid namespace as us, and the pid is gone, a
-  zombie, or a different process (start time differs). Judged at once, no waiting for the ttl; or
+  zombie, or a different process (its start, in clock ticks since boot, differs: a count the wall clock
+  never moves, where a start in wall time shifts whenever the clock is stepped). Judged at once, no
+  waiting for the ttl; or
 * `fs_now - mtime > ttl` (the owner's ttl), where fs_now is the mtime of a probe file touched now in the
   same directory. Both times come from the filesystem, so clock skew between nodes cancels where the
   server stamps times (NFS). Where clients stamp times, skew eats into the ttl: keep ttl far above it.
@@ -105,13 +107,27 @@ except OSError:
 _me_cache: dict[int, dict] = {}
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None where unreadable.
+    psutil's create_time adds the boot time the kernel derives from the wall clock: one clock step (a VM's
+    time sync) moves it for every process, and a live holder would look like another process on its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name before ")" may hold spaces
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _me() -> dict:
-    """Who we are, for the lock file. Cached per pid (a forked child is someone else)."""
+    """Who we are, for the lock file. Cached per pid (a forked child is someone else). `start` (wall time)
+    stays for readers of earlier versions; `ticks` is what this version compares."""
     pid = os.getpid()
     if pid not in _me_cache:
         _me_cache.clear()
         start = psutil.Process(pid).create_time()
-        _me_cache[pid] = {"host": _HOST, "boot": _BOOT, "pidns": _PIDNS, "pid": pid, "start": start}
+        me = {"host": _HOST, "boot": _BOOT, "pidns": _PIDNS, "pid": pid, "start": start, "ticks": _start_ticks(pid)}
+        _me_cache[pid] = me
     return _me_cache[pid]
 
 
@@ -136,7 +152,11 @@ def _dead_local(meta: dict) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: it will never heartbeat
             return True
-        return abs(proc.create_time() - _num(meta, "start", proc.create_time())) > 1.0  # pid reused
+        ticks, now = meta.get("ticks"), _start_ticks(pid)
+        if type(ticks) is int and now is not None:  # pid reused: another process started on it
+            return ticks != now
+        # a lease of an earlier version: its start in wall time, within a second
+        return abs(proc.create_time() - _num(meta, "start", proc.create_time())) > 1.0
     except psutil.NoSuchProcess:  # includes ZombieProcess
         return True
     except psutil.Error:  # access denied and the like: cannot tell
