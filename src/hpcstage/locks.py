@@ -41,6 +41,9 @@ revalidates attributes on open (close-to-open consistency), a bare stat may answ
 On a group-shared cache another member could plant a link at a lock's name or folder. Every operation
 works by descriptor in the lock's folder, opened from a trusted `root` by safefs's link rule, and never
 through a link at the name: a link found there reads as an expired lease of nobody and is removed.
+
+Why one module of about 500 lines: the lease, its guard, the claim step and the filesystem clock are one
+protocol (above); each part is correct only together with the others, so they are read and changed together.
 """
 
 from __future__ import annotations
