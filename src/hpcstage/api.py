@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from hpcstage.hub.pull import PullSummary
     from hpcstage.manifest import Manifest
     from hpcstage.offline import CheckReport
+    from hpcstage.options import Options
     from hpcstage.progress import ProgressCallback
     from hpcstage.slurm.launch import Launch
     from hpcstage.verification import VerifyReport
@@ -367,7 +368,9 @@ def launch(job_type: str, *, dry_run: bool = False, **options: Any) -> Launch:
     return run(make_request(job_type, dry_run=dry_run, quiet=True, **options))
 
 
-def _silent_options(cache_dir, workers: int, token: str | None, progress):
+def _silent_options(
+    cache_dir: PathLike | None, workers: int, token: str | None, progress: ProgressCallback | None
+) -> Options:
     """The pull options of a library call: no bars or lines of its own (progress goes to the callback)."""
     from hpcstage.options import Options
 

@@ -170,7 +170,7 @@ class _Hasher:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcstage-hash") if workers > 1 else None
         )
-        self._slow = False  # set by the first batch whose files took SLOW_OPEN each
+        self._slow = False  # set by the first batch whose median file took SLOW_OPEN; then it stays
         self._seen: set[tuple[str, str]] = set()
         self._batch: list[tuple[str, str, int]] = []
         self._held = 0
@@ -247,7 +247,7 @@ def _digest_small(path: str, algo: str, size: int) -> str:
                 chunks.append(chunk)
     finally:
         os.close(fd)
-    data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+    data = b"".join(chunks)  # one chunk: the very object, no copy
     h = new_hasher(algo == "sha256", len(data))
     h.update(data)
     return h.hexdigest()

@@ -32,8 +32,6 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Names that hold credentials by convention (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN...):
 # never exported by sbatch, never accepted in a non-secret env file. HF_TOKEN_PATH and the like are paths.
 CREDENTIAL = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)$|API_KEY|SECRET", re.IGNORECASE)
-# The proxy variables of requests, curl and huggingface_hub, in either case.
-PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 _URL_PASSWORD = re.compile(r"://[^/?#@\s]*:[^/?#\s]*@")  # scheme://user:password@host
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _LINE = re.compile(rf"\s*(?:export\s+)?({_NAME})=(.*)")
@@ -171,20 +169,22 @@ def withheld(environ: dict[str, str] | os._Environ, secret_names: list[str]) -> 
 
 
 def is_proxy(name: str) -> bool:
-    """Whether `name` is a proxy variable the HTTP clients read (`https_proxy` and `HTTPS_PROXY` alike)."""
-    return name.upper() in PROXY_VARIABLES
+    """Whether `name` names a proxy: the standard library's rule (`urllib.request.getproxies_environment`,
+    which transfer.http and requests follow): any `<scheme>_proxy`, in either case, but `no_proxy`."""
+    return name.lower().endswith("_proxy") and name.lower() != "no_proxy"
+
+
+def _meaning(name: str) -> str:
+    """What a variable stands for: HF_TOKEN for both token names, a proxy whatever the case of its name."""
+    return "HF_TOKEN" if name in TOKEN_VARIABLES else name.upper() if is_proxy(name) else name
 
 
 def not_passed(environ: dict[str, str] | os._Environ, withheld_names: list[str], secret_names: list[str]) -> list[str]:
     """What the jobs will lack: HF_TOKEN (one line for its two names) and each URL with a password, withheld
-    from sbatch and not set by the secrets file either (a proxy in either case: the clients read both)."""
-    given = set(secret_names) | {n.upper() for n in secret_names if is_proxy(n)}
-    out = [
-        n
-        for n in withheld_names
-        if carries_password(environ[n]) and n not in given and not (is_proxy(n) and n.upper() in given)
-    ]
-    if any(n in withheld_names for n in TOKEN_VARIABLES) and not set(TOKEN_VARIABLES) & set(secret_names):
+    from sbatch and not set by the secrets file either (by any name with the same meaning)."""
+    given = {_meaning(n) for n in secret_names}
+    out = [n for n in withheld_names if carries_password(environ[n]) and _meaning(n) not in given]
+    if any(n in withheld_names for n in TOKEN_VARIABLES) and "HF_TOKEN" not in given:
         out.insert(0, "HF_TOKEN")
     return out
 
